@@ -1,0 +1,28 @@
+"""klx: the Kullback-Leibler divergence on every array library.
+
+One implementation, written against the Python array API standard, serves NumPy,
+PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or under
+``jax.jit`` / ``torch.compile``. Importing klx imports no array library.
+
+* :func:`kl_div` -- number-for-number :func:`torch.nn.functional.kl_div`, without its NaNs.
+* :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
+* :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
+* :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
+"""
+
+from klx._config import is_validating, set_validation, validation
+from klx._divergences import js_divergence, kl_divergence
+from klx._kl_div import KLDivMeanWarning, kl_div
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KLDivMeanWarning",
+    "__version__",
+    "is_validating",
+    "js_divergence",
+    "kl_div",
+    "kl_divergence",
+    "set_validation",
+    "validation",
+]

@@ -1,0 +1,182 @@
+"""Argument checks: every error message names the argument, what was wrong, and the fix.
+
+These checks read shapes, dtypes and Python values only, never array values, so
+they cost nothing on a GPU and work under ``jax.jit`` and on lazy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+__all__ = [
+    "FORMS",
+    "KL_DIV_REDUCTIONS",
+    "REDUCTIONS",
+    "broadcast_shapes",
+    "check_beta",
+    "check_flag",
+    "check_float",
+    "check_form",
+    "check_reduction",
+    "check_temperature",
+    "check_where",
+    "normalize_axis",
+    "shape_size",
+]
+
+#: Reductions of the torch-compatible :func:`klx.kl_div`.
+KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+#: Reductions of :func:`klx.kl_divergence` and :func:`klx.js_divergence`.
+REDUCTIONS = ("none", "sum", "batchmean")
+#: The ways a distribution can be given.
+FORMS = ("probs", "log_probs", "logits")
+
+Shape = tuple[int | None, ...]
+
+
+def check_reduction(reduction: object, allowed: Sequence[str]) -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        valid = ", ".join(repr(r) for r in allowed)
+        hint = ""
+        if reduction == "mean" and "mean" not in allowed:
+            hint = (
+                "; 'mean' is not offered here because torch's 'mean' averages over every "
+                "element, which is not the KL divergence: use 'batchmean' for the mean over "
+                "distributions"
+            )
+        msg = f"`reduction` must be one of {valid}, got {reduction!r}{hint}."
+        raise ValueError(msg)
+    return reduction
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        msg = f"`{name}` must be True or False, got {value!r}."
+        raise TypeError(msg)
+    return value
+
+
+def check_float(xp: ModuleType, name: str, x: Any) -> None:
+    """Require a real floating-point dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        if xp.isdtype(x.dtype, "complex floating"):
+            fix = "take the real part or the magnitude first"
+        else:
+            fix = "convert it with `astype` to a floating dtype such as float32 first"
+        msg = (
+            f"`{name}` must have a real floating-point dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}; {fix}."
+        )
+        raise TypeError(msg)
+
+
+def broadcast_shapes(named: Sequence[tuple[str, Shape]]) -> Shape:
+    """Broadcast shapes by the array API rules, or raise a ValueError naming both shapes."""
+    result: list[int | None] = []
+    first_name, first_shape = named[0]
+    for name, shape in named:
+        padded_result = [1] * (len(shape) - len(result)) + result
+        padded_shape = [1] * (len(result) - len(shape)) + list(shape)
+        merged: list[int | None] = []
+        for a, b in zip(padded_result, padded_shape, strict=True):
+            if a == 1:
+                merged.append(b)
+            elif b == 1 or a == b or b is None:
+                merged.append(a)
+            elif a is None:
+                merged.append(b)
+            else:
+                msg = (
+                    f"`{first_name}` has shape {tuple(first_shape)} and `{name}` has shape "
+                    f"{tuple(shape)}, which do not broadcast together; give arrays of the "
+                    "same shape (or shapes that broadcast by the NumPy rules)."
+                )
+                raise ValueError(msg)
+        result = merged
+    return tuple(result)
+
+
+def normalize_axis(axis: object, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        msg = f"`axis` must be an int, got {axis!r}."
+        raise TypeError(msg)
+    if ndim == 0:
+        msg = (
+            "the distributions must have at least one dimension, got 0-d arrays; "
+            "give the probabilities along an axis."
+        )
+        raise ValueError(msg)
+    if not -ndim <= axis < ndim:
+        msg = f"`axis` {axis} is out of range for {ndim}-d arrays; use -{ndim} <= axis < {ndim}."
+        raise ValueError(msg)
+    return axis % ndim
+
+
+def check_form(name: str, form: object) -> str:
+    if not isinstance(form, str) or form not in FORMS:
+        valid = ", ".join(repr(f) for f in FORMS)
+        msg = f"`{name}` must be one of {valid}, got {form!r}."
+        raise ValueError(msg)
+    return form
+
+
+def check_temperature(temperature: object, forms: Sequence[str]) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        msg = f"`temperature` must be a positive real number, got {temperature!r}."
+        raise TypeError(msg)
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
+        msg = f"`temperature` must be positive and finite, got {temperature!r}."
+        raise ValueError(msg)
+    if t != 1.0 and "logits" not in forms:
+        msg = (
+            f"`temperature`={temperature!r} applies only to logits, but neither `p_form` nor "
+            "`q_form` is 'logits'; give logits with p_form='logits' / q_form='logits', "
+            "or leave temperature at 1."
+        )
+        raise ValueError(msg)
+    return t
+
+
+def check_beta(beta: object) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        msg = f"`beta` must be a real number in [0, 1], got {beta!r}."
+        raise TypeError(msg)
+    b = float(beta)
+    if not 0.0 <= b <= 1.0:
+        msg = f"`beta` must lie in [0, 1] (the weight of P in the mixture M), got {beta!r}."
+        raise ValueError(msg)
+    return b
+
+
+def check_where(xp: ModuleType, where: Any, batch_shape: Shape) -> None:
+    """`where` must be boolean and broadcast to the batch shape (the shape without `axis`)."""
+    if where.dtype != xp.bool:
+        msg = (
+            f"`where` must be a boolean array (True keeps a distribution), got dtype "
+            f"{where.dtype}; pass e.g. `mask != 0`."
+        )
+        raise TypeError(msg)
+    shape = tuple(where.shape)
+    ok = len(shape) <= len(batch_shape) and all(
+        w == 1 or w == b or w is None or b is None
+        for w, b in zip(reversed(shape), reversed(batch_shape), strict=False)
+    )
+    if not ok:
+        msg = (
+            f"`where` has shape {shape}, which does not broadcast to the batch shape "
+            f"{tuple(batch_shape)} (the inputs' shape without `axis`); give one boolean per "
+            "distribution."
+        )
+        raise ValueError(msg)
+
+
+def shape_size(shape: Shape) -> float:
+    """The number of elements of `shape` (NaN where a size is unknown, as in Dask)."""
+    size = 1.0
+    for s in shape:  # a plain loop: torch.compile cannot trace a generator here
+        size *= math.nan if s is None else s
+    return size

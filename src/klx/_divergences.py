@@ -1,0 +1,245 @@
+"""`kl_divergence` and `js_divergence`: the divergences in the order the formulas read."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from klx._agnostic import js_terms, kl_terms, mask_rows, reduce_rows
+from klx._checks import (
+    REDUCTIONS,
+    broadcast_shapes,
+    check_beta,
+    check_float,
+    check_form,
+    check_reduction,
+    check_temperature,
+    check_where,
+    normalize_axis,
+    shape_size,
+)
+from klx._config import resolve_validate
+from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
+from klx._namespace import array_namespace, check_same_device
+from klx._validation import check_distribution
+
+__all__ = ["js_divergence", "kl_divergence"]
+
+Array = Any
+
+_HINTS = {
+    "p": ("pass p_form='log_probs'", "pass p_form='probs'"),
+    "q": ("pass q_form='log_probs'", "pass q_form='probs'"),
+}
+
+
+def kl_divergence(
+    p: Array,
+    q: Array,
+    *,
+    axis: int = -1,
+    p_form: str = "probs",
+    q_form: str = "probs",
+    temperature: float = 1.0,
+    where: Array | None = None,
+    reduction: str = "none",
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""The Kullback-Leibler divergence KL(P || Q), in the order the formula reads.
+
+    .. math::
+
+        \mathrm{KL}(P \,\|\, Q) = \sum_i p_i \, (\log p_i - \log q_i)
+
+    summed over `axis`. Terms with :math:`p_i = 0` are 0 whatever :math:`q_i` is;
+    :math:`p_i > 0` with :math:`q_i = 0` gives ``+inf``; NaN propagates (the conventions
+    of :func:`scipy.special.rel_entr`). Gradients are finite with respect to every input
+    wherever the divergence is finite, including logits with ``-inf`` entries.
+
+    Parameters
+    ----------
+    p, q : array
+        The two distributions along `axis`, as probabilities, log-probabilities or
+        logits (see `p_form`, `q_form`). They broadcast against each other.
+    axis : int, optional
+        The axis that holds each distribution. Default -1.
+    p_form, q_form : {'probs', 'log_probs', 'logits'}, optional
+        How `p` and `q` are given. Logits are divided by `temperature` and normalised
+        along `axis` with a stable log-sum-exp. Default 'probs'.
+    temperature : float, optional
+        Softmax temperature for logits; any value but 1 with no logits is an error.
+    where : bool array, optional
+        Which distributions to keep, broadcastable to the batch shape (the shape without
+        `axis`). Dropped ones contribute nothing, in value (0 under 'none') and in gradient,
+        even if they hold NaN or ``-inf``; 'batchmean' averages over the kept ones only
+        (NaN if none is kept).
+    reduction : {'none', 'sum', 'batchmean'}, optional
+        'none': one value per distribution (the batch shape); 'sum': their sum;
+        'batchmean': their mean. Default 'none'.
+    validate : bool or None, optional
+        Check the values first (reads them: a GPU synchronisation): probabilities must be
+        non-negative and sum to 1, log-probabilities must be <= 0 and their exp sum to 1.
+        None (the default) follows :func:`klx.set_validation` / :func:`klx.validation`.
+    xp : namespace, optional
+        The array namespace; by default that of the arrays.
+
+    Returns
+    -------
+    array
+        Of the inputs' library, device and promoted dtype (float16 and bfloat16 are
+        accumulated in float32).
+
+    See Also
+    --------
+    kl_div : the torch-compatible form (arguments in the reverse order).
+    js_divergence : the symmetric, bounded Jensen-Shannon divergence.
+    scipy.special.rel_entr : the pointwise terms in SciPy; ``rel_entr(p, q).sum(axis)``.
+    scipy.stats.entropy : ``entropy(p, q, axis=axis)`` normalises first, then gives the KL.
+    torch.nn.functional.kl_div : ``kl_div(log(q), p, reduction='batchmean')`` for 2-D input.
+    optax.kl_divergence : ``kl_divergence(log(q), p)``, the same reversed order as torch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> p = np.array([0.5, 0.5, 0.0])
+    >>> q = np.array([0.25, 0.25, 0.5])
+    >>> klx.kl_divergence(p, q)  # log 2
+    array(0.6931...)
+    >>> klx.kl_divergence(q, p)  # Q puts mass where P has none
+    array(inf)
+
+    Knowledge distillation, with temperature and a padding mask:
+
+    >>> teacher = np.array([[2.0, 1.0, 0.1], [0.0, 0.0, 0.0]])
+    >>> student = np.array([[1.5, 1.2, 0.3], [5.0, -3.0, 1.0]])
+    >>> keep = np.array([True, False])  # the second row is padding
+    >>> klx.kl_divergence(teacher, student, p_form="logits", q_form="logits",
+    ...                   temperature=2.0, where=keep, reduction="batchmean")
+    array(0.0152...)
+    """
+    return _divergence(
+        "kl", p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, 0.5
+    )
+
+
+def js_divergence(
+    p: Array,
+    q: Array,
+    *,
+    axis: int = -1,
+    p_form: str = "probs",
+    q_form: str = "probs",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    where: Array | None = None,
+    reduction: str = "none",
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""The generalized Jensen-Shannon divergence of P and Q.
+
+    .. math::
+
+        \mathrm{JS}_\beta(P, Q) = \beta \, \mathrm{KL}(P \,\|\, M)
+            + (1 - \beta) \, \mathrm{KL}(Q \,\|\, M), \qquad M = \beta P + (1 - \beta) Q.
+
+    ``log M`` is computed by ``logaddexp`` from the log-space inputs, so nothing underflows.
+    At ``beta = 0.5`` it is symmetric and at most ``log 2``; at ``beta`` 0 or 1 it is 0.
+    Natural logarithms throughout.
+
+    Parameters
+    ----------
+    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp
+        As in :func:`kl_divergence`.
+    beta : float, optional
+        The weight of P in the mixture, in [0, 1]. Default 0.5.
+
+    Returns
+    -------
+    array
+        As in :func:`kl_divergence`.
+
+    See Also
+    --------
+    kl_divergence
+    scipy.spatial.distance.jensenshannon : returns the *square root* of JS at beta = 0.5.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> klx.js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]))  # disjoint: log 2
+    array(0.6931...)
+    """
+    return _divergence(
+        "js", p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, beta
+    )
+
+
+def _divergence(
+    kind: str,
+    p: Array,
+    q: Array,
+    axis: object,
+    p_form: object,
+    q_form: object,
+    temperature: object,
+    where: Array | None,
+    reduction: object,
+    validate: object,
+    xp: ModuleType | None,
+    beta: object,
+) -> Array:
+    named = [("p", p), ("q", q), ("where", where)]
+    xp = array_namespace(named) if xp is None else xp
+    check_float(xp, "p", p)
+    check_float(xp, "q", q)
+    forms = (check_form("p_form", p_form), check_form("q_form", q_form))
+    t = check_temperature(temperature, forms)
+    reduction = check_reduction(reduction, REDUCTIONS)
+    b = check_beta(beta)
+    check_same_device(named)
+    shape = broadcast_shapes([("p", tuple(p.shape)), ("q", tuple(q.shape))])
+    ax = normalize_axis(axis, len(shape))
+    batch_shape = shape[:ax] + shape[ax + 1 :]
+    keep_full = None
+    if where is not None:
+        check_where(xp, where, batch_shape)
+        lead = (1,) * (len(batch_shape) - where.ndim)
+        keep_full = xp.expand_dims(xp.reshape(where, lead + tuple(where.shape)), axis=ax)
+
+    if tuple(p.shape) != shape:
+        p = xp.broadcast_to(p, shape)
+    if tuple(q.shape) != shape:
+        q = xp.broadcast_to(q, shape)
+    if resolve_validate(validate):
+        for name, x, form in (("p", p, forms[0]), ("q", q, forms[1])):
+            hint_log, hint_probs = _HINTS[name]
+            check_distribution(
+                xp,
+                name,
+                x,
+                form,
+                axis=ax,
+                keep_full=keep_full,
+                hint_log=hint_log,
+                hint_probs=hint_probs,
+            )
+
+    dtype = xp.result_type(p, q)
+    acc = accumulation_dtype(xp, dtype)
+    with numpy_quiet(p):
+        p = mask_rows(xp, xp.astype(p, acc, copy=False), keep_full, forms[0])
+        q = mask_rows(xp, xp.astype(q, acc, copy=False), keep_full, forms[1])
+        if kind == "kl":
+            terms = kl_terms(xp, p, q, p_form=forms[0], q_form=forms[1], axis=ax, temperature=t)
+        else:
+            terms = js_terms(
+                xp, p, q, p_form=forms[0], q_form=forms[1], axis=ax, temperature=t, beta=b
+            )
+        rows = xp.sum(terms, axis=ax)
+        count = shape_size(batch_shape)
+        out = reduce_rows(xp, rows, reduction, where, count)
+        return as_array(xp.astype(out, dtype, copy=False))

@@ -1,0 +1,167 @@
+"""`kl_div`: the contract of :func:`torch.nn.functional.kl_div`, on every array library."""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+from typing import Any
+
+from klx import _accel
+from klx._agnostic import divide, kl_terms
+from klx._checks import (
+    KL_DIV_REDUCTIONS,
+    broadcast_shapes,
+    check_flag,
+    check_float,
+    check_reduction,
+    shape_size,
+)
+from klx._config import resolve_validate
+from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
+from klx._namespace import array_namespace, check_same_device
+from klx._validation import check_distribution
+
+__all__ = ["KLDivMeanWarning", "kl_div"]
+
+Array = Any
+
+
+class KLDivMeanWarning(UserWarning):
+    """``reduction='mean'`` averages over every element, which is not the KL divergence."""
+
+
+_MEAN_WARNING = (
+    "reduction='mean' divides the total by the number of elements (batch size times "
+    "support size), so it is not the KL divergence; 'batchmean' divides by the batch size "
+    "only, and klx.kl_divergence(p, q, reduction='batchmean') averages over distributions "
+    "whichever axis holds them. (torch.nn.functional.kl_div warns the same way.)"
+)
+
+
+def kl_div(
+    input: Array,
+    target: Array,
+    *,
+    reduction: str = "mean",
+    log_target: bool = False,
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""The KL divergence with the contract of :func:`torch.nn.functional.kl_div`.
+
+    The pointwise terms are
+
+    .. math::
+
+        \ell = y \, (\log y - x) \quad\text{or, with ``log_target=True``,}\quad
+        \ell = e^{y} \, (y - x),
+
+    with ``x = input`` (log-probabilities of Q) and ``y = target`` (probabilities of P, or
+    their logs), so that summed over a distribution they give KL(P || Q): note the order,
+    the *target* comes first in the divergence. Terms where P is 0 are 0, whatever Q is
+    (torch gives NaN when ``input`` is ``-inf`` there); P > 0 with ``input = -inf`` gives
+    ``+inf``; NaN propagates.
+
+    Parameters
+    ----------
+    input : array
+        Log-probabilities of Q (e.g. the output of ``log_softmax``). Real floating dtype.
+    target : array
+        Probabilities of P, or their logs when `log_target` is True. It broadcasts against
+        `input` by the NumPy rules.
+    reduction : {'mean', 'batchmean', 'sum', 'none'}, optional
+        'none' returns the terms; 'sum' their sum; 'mean' the sum divided by the number of
+        terms (this is *not* the KL divergence and warns with :class:`KLDivMeanWarning`,
+        as torch does); 'batchmean' the sum divided by ``input.shape[0]`` (the KL divergence
+        averaged over a batch whose distributions lie along the last axes; for 0-d input, the
+        sum). Default 'mean', as in torch.
+    log_target : bool, optional
+        Whether `target` holds log-probabilities. Default False.
+    validate : bool or None, optional
+        Check the values first (a GPU synchronisation): `input` must be log-probabilities and
+        `target` probabilities (or log-probabilities) that sum to 1 along the last axis.
+        None (the default) follows :func:`klx.set_validation` / :func:`klx.validation`.
+    xp : namespace, optional
+        The array namespace; by default that of the arrays.
+
+    Returns
+    -------
+    array
+        An array of the inputs' library, on their device, of the promoted dtype of
+        `input` and `target` (float16 and bfloat16 are accumulated in float32): the
+        broadcast shape for 'none', 0-d otherwise.
+
+    Raises
+    ------
+    TypeError
+        Arrays from two libraries, non-arrays, or non-floating dtypes.
+    ValueError
+        An unknown reduction, shapes that do not broadcast, arrays on two devices, or
+        (when validating) values that are not what the arguments promise.
+
+    See Also
+    --------
+    kl_divergence : KL(P || Q) in the order the formula reads, over an explicit axis.
+    torch.nn.functional.kl_div : the torch original.
+    optax.kl_divergence, optax.kl_divergence_with_log_targets : optax's equivalents.
+    scipy.special.rel_entr : the pointwise terms ``y log(y / exp(x))`` in SciPy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> target = np.array([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
+    >>> log_q = np.log(np.array([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]))
+    >>> klx.kl_div(log_q, target, reduction="batchmean")  # mean KL over the 2 rows
+    array(0.3891...)
+    >>> klx.kl_div(np.array([-np.inf]), np.array([0.0]), reduction="sum")  # torch: nan
+    array(0.)
+    """
+    named = [("input", input), ("target", target)]
+    xp = array_namespace(named) if xp is None else xp
+    check_float(xp, "input", input)
+    check_float(xp, "target", target)
+    reduction = check_reduction(reduction, KL_DIV_REDUCTIONS)
+    log_target = check_flag("log_target", log_target)
+    check_same_device(named)
+    shape = broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
+    if resolve_validate(validate):
+        axis = -1 if len(shape) else None
+        hint_log = "pass log_target=True if `target` holds log-probabilities"
+        check_distribution(xp, "input", input, "log_probs", axis=axis if input.ndim else None)
+        check_distribution(
+            xp,
+            "target",
+            target,
+            "log_probs" if log_target else "probs",
+            axis=axis if target.ndim else None,
+            hint_log=hint_log,
+            hint_probs="pass log_target=False if `target` holds probabilities",
+        )
+    if reduction == "mean":
+        warnings.warn(_MEAN_WARNING, KLDivMeanWarning, stacklevel=2)
+
+    dtype = xp.result_type(input, target)
+    fast = _accel.kl_div(xp, input, target, reduction=reduction, log_target=log_target)
+    if fast is not None:
+        return fast
+
+    acc = accumulation_dtype(xp, dtype)
+    with numpy_quiet(input):
+        terms = kl_terms(
+            xp,
+            xp.astype(target, acc, copy=False),
+            xp.astype(input, acc, copy=False),
+            p_form="log_probs" if log_target else "probs",
+            q_form="log_probs",
+            axis=-1,
+        )
+        if reduction == "none":
+            out = terms
+        else:
+            out = xp.sum(terms)
+            if reduction == "mean":
+                out = divide(out, shape_size(shape))
+            elif reduction == "batchmean" and input.ndim != 0:
+                out = divide(out, input.shape[0])
+        return as_array(xp.astype(out, dtype, copy=False))

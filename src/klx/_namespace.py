@@ -1,0 +1,170 @@
+"""Dispatch: which array library the arguments come from, and where they live.
+
+Like array-api-compat's ``is_*_array`` helpers, nothing here imports an array
+library: a library is recognised only when it is already in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import array_api_compat as aac
+
+__all__ = [
+    "array_namespace",
+    "device_of",
+    "is_concrete",
+    "library_name",
+]
+
+
+def library_name(x: Any) -> str | None:
+    """A short name for the array library of `x`, or ``None`` if `x` is not an array.
+
+    Plain ``isinstance`` checks against classes of libraries already imported, so that
+    this stays cheap and traceable by ``torch.compile`` (array-api-compat's helpers
+    are ``lru_cache``-wrapped, which Dynamo warns about).
+    """
+    for name, module, attr in _ARRAY_TYPES:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(x, getattr(mod, attr)):
+            return name
+    if isinstance(x, (bool, int, float, complex)):
+        return None
+    if hasattr(x, "__array_namespace__"):
+        return type(x).__module__.split(".")[0]
+    return None
+
+
+_ARRAY_TYPES = (
+    ("torch", "torch", "Tensor"),
+    ("numpy", "numpy", "ndarray"),
+    ("jax", "jax", "Array"),
+    ("cupy", "cupy", "ndarray"),
+    ("dask", "dask.array", "Array"),
+)
+
+
+def _describe(x: Any) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def array_namespace(named: Sequence[tuple[str, Any]]) -> ModuleType:
+    """The array-API namespace shared by the named arguments.
+
+    Parameters
+    ----------
+    named
+        ``(argument name, value)`` pairs; ``None`` is allowed for `where` only.
+
+    Raises
+    ------
+    TypeError
+        If a value is not an array, or if the arrays come from two libraries.
+    """
+    libraries: dict[str, str] = {}
+    arrays = []
+    for name, value in named:
+        if value is None and name == "where":
+            continue
+        lib = library_name(value)
+        if lib is None:
+            msg = (
+                f"`{name}` must be an array (NumPy, PyTorch, JAX, CuPy, Dask or another "
+                f"array-API library), got {_describe(value)}; convert it first, "
+                "e.g. with numpy.asarray or torch.as_tensor."
+            )
+            raise TypeError(msg)
+        libraries.setdefault(lib, name)
+        arrays.append(value)
+    if len(libraries) > 1:
+        parts = ", ".join(f"`{arg}` is a {lib} array" for lib, arg in libraries.items())
+        msg = (
+            f"all arrays must come from one library, but {parts}; convert them to one "
+            "library first (for example with torch.as_tensor or numpy.asarray)."
+        )
+        raise TypeError(msg)
+    if len(libraries) == 1:
+        (only,) = libraries
+        if only in _COMPAT:
+            return _compat_namespace(only)
+    return aac.array_namespace(*arrays)
+
+
+#: Namespaces of the libraries array-api-compat wraps, by library name; looked up
+#: directly (a dict, not array-api-compat's cached dispatch), which keeps dispatch
+#: cheap for tiny inputs and traceable by torch.compile.
+_COMPAT = {
+    "numpy": "array_api_compat.numpy",
+    "torch": "array_api_compat.torch",
+    "cupy": "array_api_compat.cupy",
+    "dask": "array_api_compat.dask.array",
+    "jax": "jax.numpy",
+}
+
+
+def _compat_namespace(lib: str) -> ModuleType:
+    xp = sys.modules.get(_COMPAT[lib])
+    if xp is not None:
+        return xp
+    # An import statement (not importlib), which torch.compile can trace.
+    if lib == "torch" or lib == "numpy" or lib == "cupy" or lib == "dask":
+        pass
+    else:
+        import jax.numpy  # noqa: F401
+    return sys.modules[_COMPAT[lib]]
+
+
+def device_of(x: Any) -> Any:
+    """The device of `x`, or ``None`` where the library cannot say (a JAX tracer)."""
+    lib = library_name(x)
+    if lib == "torch" or lib == "cupy":
+        return x.device
+    if lib == "jax":
+        return None  # JAX places arrays itself; tracers and sharded arrays have no one device
+    try:
+        return aac.device(x)
+    except Exception:  # pragma: no cover - a library whose arrays cannot say
+        return None
+
+
+def check_same_device(named: Sequence[tuple[str, Any]]) -> Any:
+    """Return the common device of the named arrays.
+
+    Raises
+    ------
+    ValueError
+        If two arrays live on different devices.
+    """
+    first_name, first_device = None, None
+    for name, value in named:
+        if value is None:
+            continue
+        dev = device_of(value)
+        if dev is None:
+            continue
+        if first_name is None:
+            first_name, first_device = name, dev
+        elif dev != first_device:
+            msg = (
+                f"`{first_name}` is on device {first_device!r} but `{name}` is on device "
+                f"{dev!r}; move both to one device first (for example `x.to(device)`)."
+            )
+            raise ValueError(msg)
+    return first_device
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether the values of `x` can be read now (not a JAX tracer, not a lazy array)."""
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        compiler = getattr(torch, "compiler", None)
+        if compiler is not None and compiler.is_compiling():
+            return False
+    return True

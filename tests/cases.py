@@ -1,0 +1,68 @@
+"""Input cases for the conformance matrix: float64 NumPy data, drawn from a fixed seed."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+
+def _dirichlet(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    if not shape:
+        return np.asarray(rng.uniform(0.05, 1.0))
+    g = rng.gamma(1.0, size=shape)
+    return g / g.sum(axis=-1, keepdims=True)
+
+
+def kl_div_case(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(input = log Q, target = P) in float64 for the named case."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    shapes = {
+        "random": (8, 16),
+        "zeros_in_target": (6, 10),
+        "neginf_input": (6, 10),
+        "q_zero_p_positive": (4, 5),
+        "nan": (3, 4),
+        "1d": (7,),
+        "3d": (2, 3, 5),
+        "4d": (2, 2, 3, 4),
+        "empty": (0, 5),
+        "single": (1, 1),
+        "scalar": (),
+        "broadcast": (8, 16),
+    }
+    shape = shapes[name]
+    target = _dirichlet(rng, shape)
+    log_q = np.log(_dirichlet(rng, shape))
+    if name in ("zeros_in_target", "neginf_input"):
+        zero = rng.uniform(size=shape) < 0.3
+        target = np.where(zero, 0.0, target)
+        target = target / target.sum(axis=-1, keepdims=True)
+        if name == "neginf_input":
+            # Q is 0 exactly where P is: torch gives NaN, the KL is finite.
+            log_q = np.where(zero, -np.inf, log_q)
+    if name == "q_zero_p_positive":
+        log_q[1, 2] = -np.inf  # P > 0 there: the KL is +inf
+    if name == "nan":
+        log_q[0, 1] = np.nan
+        target[2, 3] = 0.0
+        log_q[2, 3] = np.nan  # NaN must propagate even where P is 0
+    if name == "broadcast":
+        log_q = log_q[:1]  # input (1, 16) against target (8, 16)
+    return log_q, target
+
+
+KL_DIV_CASES = (
+    "random",
+    "zeros_in_target",
+    "neginf_input",
+    "q_zero_p_positive",
+    "nan",
+    "1d",
+    "3d",
+    "4d",
+    "empty",
+    "single",
+    "scalar",
+    "broadcast",
+)

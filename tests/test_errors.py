@@ -1,0 +1,139 @@
+"""Bad input gets a clear TypeError or ValueError naming the argument, the problem and the fix."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import klx
+from backends import only
+
+P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+LOG_Q = np.log(np.array([[0.3, 0.3, 0.4], [0.2, 0.2, 0.6]]))
+
+
+@only("torch")
+def test_two_libraries_named(backend):
+    with pytest.raises(TypeError, match=r"`input` is a numpy array, `target` is a torch array"):
+        klx.kl_div(LOG_Q, backend.asarray(P), reduction="sum")
+    with pytest.raises(TypeError, match=r"`p` is a torch array, `q` is a numpy array"):
+        klx.kl_divergence(backend.asarray(P), P)
+
+
+@pytest.mark.parametrize("bad", [[0.1, 0.9], 0.5, "0.5", None])
+def test_not_an_array(bad):
+    with pytest.raises(TypeError, match=r"`target` must be an array.*convert it first"):
+        klx.kl_div(LOG_Q[0, :2], bad, reduction="sum")
+
+
+def test_shapes_that_do_not_broadcast(backend):
+    x = backend.asarray(np.zeros((2, 3)))
+    y = backend.asarray(np.full((2, 4), 0.25))
+    msg = re.escape(
+        "`input` has shape (2, 3) and `target` has shape (2, 4), which do not broadcast"
+    )
+    with pytest.raises(ValueError, match=msg):
+        klx.kl_div(x, y, reduction="sum")
+    with pytest.raises(
+        ValueError, match=re.escape("`p` has shape (2, 4) and `q` has shape (2, 3)")
+    ):
+        klx.kl_divergence(y, x)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kind"),
+    [("int32", "int32"), ("int64", "int64"), ("bool", "bool"), ("complex128", "complex128")],
+)
+def test_non_floating_dtypes(dtype, kind):
+    bad = np.ones((2, 3), dtype=dtype)
+    with pytest.raises(TypeError, match=rf"`target` must have a real floating-point dtype.*{kind}"):
+        klx.kl_div(LOG_Q, bad, reduction="sum")
+    with pytest.raises(TypeError, match=rf"`q` must have a real floating-point dtype.*{kind}"):
+        klx.kl_divergence(P, bad)
+
+
+def test_integer_dtypes_on_every_backend(backend):
+    xp = backend.xp
+    ints = xp.ones((2, 3), dtype=xp.int32) if backend.name != "dask" else None
+    if ints is None:
+        import dask.array as da
+
+        ints = da.ones((2, 3), dtype="int32")
+    with pytest.raises(TypeError, match="`input` must have a real floating-point dtype"):
+        klx.kl_div(ints, backend.asarray(P), reduction="sum")
+
+
+@pytest.mark.parametrize("reduction", ["avg", "MEAN", "", None, 1])
+def test_unknown_reduction_lists_valid_ones(reduction):
+    with pytest.raises(
+        ValueError, match="`reduction` must be one of 'none', 'sum', 'mean', 'batchmean'"
+    ):
+        klx.kl_div(LOG_Q, P, reduction=reduction)
+
+
+def test_mean_is_refused_by_kl_divergence_with_the_reason():
+    with pytest.raises(ValueError, match="use 'batchmean' for the mean over distributions"):
+        klx.kl_divergence(P, P, reduction="mean")
+
+
+def test_log_target_must_be_bool():
+    with pytest.raises(TypeError, match="`log_target` must be True or False"):
+        klx.kl_div(LOG_Q, P, reduction="sum", log_target="yes")
+
+
+@only("torch")
+def test_two_devices_torch(backend):
+    import torch
+
+    x = torch.zeros(2, 3)
+    y = torch.zeros(2, 3, device="meta")
+    with pytest.raises(ValueError, match=r"`input` is on device.*cpu.*`target` is on device.*meta"):
+        klx.kl_div(x, y, reduction="sum")
+
+
+@only("array_api_strict")
+def test_two_devices_array_api_strict(backend):
+    import array_api_strict as xps
+
+    x = xps.asarray(LOG_Q, device=xps.Device("CPU_DEVICE"))
+    y = xps.asarray(P, device=xps.Device("device1"))
+    with pytest.raises(ValueError, match="move both to one device"):
+        klx.kl_div(x, y, reduction="sum")
+
+
+def test_forms_axis_temperature_beta_where():
+    with pytest.raises(ValueError, match="`p_form` must be one of 'probs', 'log_probs', 'logits'"):
+        klx.kl_divergence(P, P, p_form="log")
+    with pytest.raises(ValueError, match="`temperature`=2.0 applies only to logits"):
+        klx.kl_divergence(P, P, temperature=2.0)
+    with pytest.raises(ValueError, match="`temperature` must be positive"):
+        klx.kl_divergence(P, P, p_form="logits", temperature=0.0)
+    with pytest.raises(TypeError, match="`temperature` must be a positive real number"):
+        klx.kl_divergence(P, P, p_form="logits", temperature="2")
+    with pytest.raises(ValueError, match=r"`axis` 2 is out of range for 2-d arrays"):
+        klx.kl_divergence(P, P, axis=2)
+    with pytest.raises(ValueError, match=r"at least one dimension"):
+        klx.kl_divergence(np.asarray(1.0), np.asarray(1.0))
+    with pytest.raises(ValueError, match=r"`beta` must lie in \[0, 1\]"):
+        klx.js_divergence(P, P, beta=1.5)
+    with pytest.raises(TypeError, match="`where` must be a boolean array"):
+        klx.kl_divergence(P, P, where=np.ones(2))
+    with pytest.raises(ValueError, match=r"`where` has shape \(3,\), which does not broadcast"):
+        klx.kl_divergence(P, P, where=np.ones(3, dtype=bool))
+    with pytest.raises(TypeError, match="`validate` must be True, False or None"):
+        klx.kl_divergence(P, P, validate="yes")
+
+
+def test_inputs_never_modified(backend):
+    x = backend.asarray(np.where(P > 0.15, LOG_Q, -np.inf))
+    y = backend.asarray(np.where(P > 0.15, P, 0.0))
+    before = backend.to_numpy(x), backend.to_numpy(y)
+    for reduction in ("none", "sum", "batchmean"):
+        klx.kl_div(x, y, reduction=reduction)
+        klx.kl_div(x, y, reduction=reduction, log_target=True)
+        klx.kl_divergence(y, x, q_form="log_probs", reduction=reduction)
+        klx.js_divergence(y, x, q_form="logits", reduction=reduction)
+    np.testing.assert_array_equal(backend.to_numpy(x), before[0])
+    np.testing.assert_array_equal(backend.to_numpy(y), before[1])

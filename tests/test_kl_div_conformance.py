@@ -1,0 +1,85 @@
+"""The conformance matrix of klx.kl_div: backend x device x dtype x reduction x log_target x case.
+
+Each cell compares klx with the float64 NumPy/SciPy reference in ``reference.py``, and
+on torch also with torch.nn.functional.kl_div wherever torch's result is finite.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import array_api_compat
+import numpy as np
+import pytest
+
+import klx
+import reference
+from cases import KL_DIV_CASES, kl_div_case
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def _call(fn, *args, **kwargs):
+    if kwargs.get("reduction") == "mean":
+        with pytest.warns(klx.KLDivMeanWarning, match="batchmean"):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def check_array(backend, result, like, dtype, shape) -> None:
+    """Namespace, dtype, shape and device of a result."""
+    assert array_api_compat.array_namespace(result) is array_api_compat.array_namespace(like)
+    assert result.dtype == backend.dtypes[dtype]
+    assert tuple(result.shape) == tuple(shape)
+    assert backend.device_of(result) == backend.device_of(like)
+    if backend.name == "dask":
+        import dask.array as da
+
+        assert isinstance(result, da.Array), "dask results stay lazy"
+
+
+@pytest.mark.parametrize("case", KL_DIV_CASES)
+@pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_kl_div_matches_reference(backend, dtype, reduction, log_target, case, conformance):
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    log_q, p = kl_div_case(case)
+    with np.errstate(divide="ignore"):
+        target_np = np.log(p) if log_target else p
+    inp = backend.asarray(log_q, dtype)
+    tgt = backend.asarray(target_np, dtype)
+    inp_before, tgt_before = backend.to_numpy(inp), backend.to_numpy(tgt)
+
+    result = _call(klx.kl_div, inp, tgt, reduction=reduction, log_target=log_target)
+
+    shape = np.broadcast_shapes(log_q.shape, p.shape) if reduction == "none" else ()
+    check_array(backend, result, inp, dtype, shape)
+    # The reference sees the values klx saw: the inputs after rounding to `dtype`.
+    ref, scale = reference.kl_div(inp_before, tgt_before, reduction, log_target)
+    got = backend.to_numpy(result)
+    err = reference.rel_error(got, ref, scale)
+    tol = reference.TOL[dtype]
+    row = f"{backend.id} {dtype}"
+    conformance(row, f"{reduction} {'log_target' if log_target else 'probs'}", err, tol)
+    assert err <= tol, f"error {err:.3g} > {tol:.0e}: got {got}, expected {ref}"
+    # Inputs are never modified.
+    np.testing.assert_array_equal(backend.to_numpy(inp), inp_before)
+    np.testing.assert_array_equal(backend.to_numpy(tgt), tgt_before)
+
+    if backend.name == "torch":
+        import torch.nn.functional as F
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = F.kl_div(inp, tgt, reduction=reduction, log_target=log_target)
+        theirs = backend.to_numpy(theirs)
+        finite = np.isfinite(theirs)
+        assert theirs.shape == got.shape
+        # torch computes float16/bfloat16 in their own precision: allow its rounding too.
+        torch_tol = tol if dtype in ("float32", "float64") else 4 * tol
+        err_t = reference.rel_error(
+            got[finite], theirs[finite], np.broadcast_to(scale, got.shape)[finite]
+        )
+        assert err_t <= torch_tol, f"differs from torch by {err_t:.3g}"
