@@ -48,7 +48,8 @@ def kl_div(x: np.ndarray, y: np.ndarray, reduction: str, log_target: bool) -> tu
 
 
 def log_softmax(x: np.ndarray, axis: int, temperature: float = 1.0) -> np.ndarray:
-    return special.log_softmax(np.asarray(x, dtype=np.float64) / temperature, axis=axis)
+    with np.errstate(all="ignore"):  # rows of NaN or -inf (padding) give NaN
+        return special.log_softmax(np.asarray(x, dtype=np.float64) / temperature, axis=axis)
 
 
 def to_probs(x: np.ndarray, form: str, axis: int, temperature: float = 1.0) -> np.ndarray:
@@ -65,6 +66,15 @@ def kl_rows(p: np.ndarray, q: np.ndarray, axis: int) -> tuple[np.ndarray, np.nda
     with np.errstate(all="ignore"):
         terms = special.rel_entr(p, q)
         scale = np.abs(special.xlogy(p, p)) + np.abs(special.xlogy(p, q))
+    return np.sum(terms, axis=axis), np.sum(scale, axis=axis)
+
+
+def kl_rows_log(p: np.ndarray, log_q: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) per distribution from log Q (exact where Q is near 1, unlike rel_entr)."""
+    with np.errstate(all="ignore"):
+        plogp = special.xlogy(p, p)
+        terms = np.where(p == 0, 0.0, plogp - p * log_q)
+        scale = np.where(p == 0, 0.0, np.abs(plogp) + np.abs(p * log_q))
     return np.sum(terms, axis=axis), np.sum(scale, axis=axis)
 
 

@@ -18,6 +18,10 @@ def accumulation_dtype(xp: ModuleType, dtype: Any) -> Any:
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
+#: Libraries that compute with NumPy (Dask only later, when it computes).
+_NUMPY_BASED = ("numpy", "array_api_strict", "dask")
+
+
 @contextlib.contextmanager
 def numpy_quiet(x: Any) -> Iterator[None]:
     """Silence NumPy's floating-point warnings for `x`'s computation.
@@ -25,8 +29,8 @@ def numpy_quiet(x: Any) -> Iterator[None]:
     klx's results carry ``inf`` and NaN on purpose (``p > 0`` with ``q = 0`` is ``+inf``;
     NaN inputs propagate), so NumPy's ``RuntimeWarning`` about them is noise.
     """
-    if library_name(x) == "numpy":
-        import numpy as np  # already imported: x is a NumPy array
+    if library_name(x) in _NUMPY_BASED:
+        import numpy as np  # already imported: x's library runs on NumPy
 
         with np.errstate(all="ignore"):
             yield

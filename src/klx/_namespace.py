@@ -107,15 +107,29 @@ _COMPAT = {
 
 
 def _compat_namespace(lib: str) -> ModuleType:
-    xp = sys.modules.get(_COMPAT[lib])
-    if xp is not None:
-        return xp
-    # An import statement (not importlib), which torch.compile can trace.
-    if lib == "torch" or lib == "numpy" or lib == "cupy" or lib == "dask":
-        pass
-    else:
-        import jax.numpy  # noqa: F401
-    return sys.modules[_COMPAT[lib]]
+    loaded = sys.modules.get(_COMPAT[lib])
+    if loaded is not None:
+        return loaded
+    # Import statements (not importlib), which torch.compile can trace.
+    if lib == "torch":
+        import array_api_compat.torch as torch_xp
+
+        return torch_xp
+    if lib == "numpy":
+        import array_api_compat.numpy as numpy_xp
+
+        return numpy_xp
+    if lib == "cupy":
+        import array_api_compat.cupy as cupy_xp
+
+        return cupy_xp
+    if lib == "dask":
+        import array_api_compat.dask.array as dask_xp
+
+        return dask_xp
+    import jax.numpy as jax_xp
+
+    return jax_xp
 
 
 def device_of(x: Any) -> Any:

@@ -1,0 +1,207 @@
+"""kl_divergence and js_divergence against scipy.special.rel_entr and
+scipy.spatial.distance.jensenshannon, on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+
+import klx
+import reference
+from backends import only
+from test_kl_div_conformance import check_array
+
+FORMS = ("probs", "log_probs", "logits")
+REDUCTIONS = ("none", "sum", "batchmean")
+
+
+def _draw(rng, shape, axis, form, zeros=False, temperature=1.0):
+    """A distribution along `axis` in `form`, and its probabilities (float64)."""
+    logits = rng.normal(scale=2.0, size=shape)
+    if zeros:
+        logits = np.where(rng.uniform(size=shape) < 0.25, -np.inf, logits)
+        # keep at least one entry per distribution
+        first = [slice(None)] * len(shape)
+        first[axis] = 0
+        logits[tuple(first)] = 0.0
+    log_p = reference.log_softmax(logits, axis, temperature)
+    probs = np.exp(log_p)
+    given = {"probs": probs, "log_probs": log_p, "logits": logits}[form]
+    return given, probs
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("q_form", FORMS)
+@pytest.mark.parametrize("p_form", FORMS)
+@pytest.mark.parametrize(("shape", "axis"), [((6, 9), -1), ((4, 5, 3), 1), ((7,), 0)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kl_divergence_matches_rel_entr(backend, dtype, shape, axis, p_form, q_form, reduction):
+    rng = np.random.default_rng(1)
+    temperature = 2.0 if "logits" in (p_form, q_form) else 1.0
+    p_in, p = _draw(rng, shape, axis, p_form, zeros=True, temperature=temperature)
+    q_in, q = _draw(rng, shape, axis, q_form, temperature=temperature)
+    if p_form != "logits":  # temperature only rescales logits
+        p = reference.to_probs(p_in, p_form, axis)
+    if q_form != "logits":
+        q = reference.to_probs(q_in, q_form, axis)
+    xp_p, xp_q = backend.asarray(p_in, dtype), backend.asarray(q_in, dtype)
+    got = klx.kl_divergence(
+        xp_p,
+        xp_q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        reduction=reduction,
+    )
+    rows, scale = reference.kl_rows(p, q, axis)
+    ref = reference.reduce(rows, reduction)
+    ref_scale = reference.reduce(scale, reduction)
+    batch = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    check_array(backend, got, xp_p, dtype, batch if reduction == "none" else ())
+    # The inputs were rounded to `dtype`: allow for that in float32.
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    err = reference.rel_error(backend.to_numpy(got), ref, np.maximum(ref_scale, 1.0))
+    assert err <= tol
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.2, 0.0, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_js_divergence_matches_scipy(backend, beta, reduction):
+    rng = np.random.default_rng(2)
+    _, p = _draw(rng, (5, 8), -1, "probs", zeros=True)
+    _, q = _draw(rng, (5, 8), -1, "probs", zeros=True)
+    got = klx.js_divergence(backend.asarray(p), backend.asarray(q), beta=beta, reduction=reduction)
+    ref_rows = reference.js_rows(p, q, -1, beta)
+    if beta == 0.5:  # SciPy returns the square root of JS at beta = 1/2
+        np.testing.assert_allclose(ref_rows, jensenshannon(p, q, axis=-1) ** 2, rtol=1e-12)
+    ref = reference.reduce(ref_rows, reduction)
+    np.testing.assert_allclose(backend.to_numpy(got), ref, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_js_symmetric_bounded_from_any_form(backend, form):
+    rng = np.random.default_rng(3)
+    p_in, _ = _draw(rng, (4, 6), -1, form, zeros=True)
+    q_in, _ = _draw(rng, (4, 6), -1, form, zeros=True)
+    a = backend.to_numpy(
+        klx.js_divergence(backend.asarray(p_in), backend.asarray(q_in), p_form=form, q_form=form)
+    )
+    b = backend.to_numpy(
+        klx.js_divergence(backend.asarray(q_in), backend.asarray(p_in), p_form=form, q_form=form)
+    )
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert np.all(a >= 0)
+    assert np.all(a <= np.log(2) + 1e-12)
+
+
+def test_disjoint_supports(backend):
+    p = backend.asarray([[1.0, 0.0], [0.5, 0.5]])
+    q = backend.asarray([[0.0, 1.0], [0.5, 0.5]])
+    kl = backend.to_numpy(klx.kl_divergence(p, q))
+    js = backend.to_numpy(klx.js_divergence(p, q))
+    assert kl[0] == np.inf
+    assert kl[1] == 0.0
+    np.testing.assert_allclose(js, [np.log(2), 0.0], rtol=1e-15)
+
+
+def test_nan_propagates(backend):
+    p = backend.asarray([[0.0, 1.0], [0.5, 0.5]])
+    q = backend.asarray([[np.nan, 1.0], [0.5, 0.5]])
+    kl = backend.to_numpy(klx.kl_divergence(p, q))
+    assert np.isnan(kl[0])
+    assert kl[1] == 0.0
+    js = backend.to_numpy(klx.js_divergence(p, q))
+    assert np.isnan(js[0])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_where_masks_padding_rows(backend, reduction):
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=(5, 6))
+    s = rng.normal(size=(5, 6))
+    keep = np.array([True, False, True, True, False])
+    t_pad, s_pad = t.copy(), s.copy()
+    t_pad[1] = np.nan  # padding rows hold garbage
+    s_pad[4] = -np.inf
+    got = klx.kl_divergence(
+        backend.asarray(t_pad),
+        backend.asarray(s_pad),
+        p_form="logits",
+        q_form="logits",
+        where=backend.asarray(keep),
+        reduction=reduction,
+    )
+    pt = np.exp(reference.log_softmax(t, -1))
+    rows, _ = reference.kl_rows(pt, np.exp(reference.log_softmax(s, -1)), -1)
+    ref = reference.reduce(rows, reduction, keep)
+    np.testing.assert_allclose(backend.to_numpy(got), ref, rtol=1e-12)
+
+
+@only("torch", "jax")
+def test_gradients_finite_with_masks_and_neginf_logits(backend):
+    rng = np.random.default_rng(5)
+    t = rng.normal(size=(4, 6))
+    s = rng.normal(size=(4, 6))
+    t[:, 3] = -np.inf  # a masked vocabulary entry in both
+    s[:, 3] = -np.inf
+    t[2] = np.nan  # a padding row
+    s[2] = -np.inf
+    keep = np.array([True, True, False, True])
+
+    def loss(a, b, kind):
+        fn = klx.kl_divergence if kind == "kl" else klx.js_divergence
+        return fn(
+            a,
+            b,
+            p_form="logits",
+            q_form="logits",
+            temperature=2.0,
+            where=backend.asarray(keep),
+            reduction="batchmean",
+        )
+
+    for kind in ("kl", "js"):
+        if backend.name == "torch":
+            a = backend.asarray(t).requires_grad_(True)
+            b = backend.asarray(s).requires_grad_(True)
+            value = loss(a, b, kind)
+            value.backward()
+            value = value.detach()
+            ga, gb = backend.to_numpy(a.grad), backend.to_numpy(b.grad)
+        else:
+            import jax
+
+            value, (ga, gb) = jax.value_and_grad(loss, argnums=(0, 1))(
+                backend.asarray(t), backend.asarray(s), kind
+            )
+            ga, gb = np.asarray(ga), np.asarray(gb)
+        assert np.isfinite(float(value))
+        assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
+        assert np.all(ga[2] == 0) and np.all(gb[2] == 0), "a masked row gets no gradient"
+        assert np.all(ga[:, 3] == 0) and np.all(gb[:, 3] == 0)
+    # d KL / d s = (softmax(s/T) - softmax(t/T)) / T / (kept rows), on kept rows.
+    ps = np.exp(reference.log_softmax(s, -1, 2.0))
+    pt = np.exp(reference.log_softmax(t, -1, 2.0))
+    if backend.name == "torch":
+        b = backend.asarray(s).requires_grad_(True)
+        loss(backend.asarray(t), b, "kl").backward()
+        g = backend.to_numpy(b.grad)
+    else:
+        import jax
+
+        g = np.asarray(jax.grad(lambda b: loss(backend.asarray(t), b, "kl"))(backend.asarray(s)))
+    rows = keep.nonzero()[0]
+    np.testing.assert_allclose(g[rows], ((ps - pt) / 2.0 / keep.sum())[rows], atol=1e-12)
+
+
+@only("torch")
+def test_probabilities_with_zero_q_where_p_zero_have_finite_gradient(backend):
+    import torch
+
+    p = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([[0.25, 0.75, 0.0]], dtype=torch.float64, requires_grad=True)
+    klx.kl_divergence(p, q, reduction="sum").backward()
+    assert torch.all(torch.isfinite(p.grad)) and torch.all(torch.isfinite(q.grad))
+    np.testing.assert_allclose(q.grad.numpy(), [[-2.0, -2 / 3, 0.0]])
