@@ -30,6 +30,9 @@ def kl_div_case(name: str) -> tuple[np.ndarray, np.ndarray]:
         "single": (1, 1),
         "scalar": (),
         "broadcast": (8, 16),
+        # More elements than the CPU accelerators' blocks (and their threading threshold),
+        # not a multiple of them; zeros and -inf in a few blocks only.
+        "large": (521, 1013),
     }
     shape = shapes[name]
     target = _dirichlet(rng, shape)
@@ -47,6 +50,11 @@ def kl_div_case(name: str) -> tuple[np.ndarray, np.ndarray]:
         log_q[0, 1] = np.nan
         target[2, 3] = 0.0
         log_q[2, 3] = np.nan  # NaN must propagate even where P is 0
+    if name == "large":
+        rows = [3, 200, 517]
+        target[rows, 5] = 0.0
+        log_q[rows[1], 5] = -np.inf  # torch: NaN; klx: 0
+        target[rows] /= target[rows].sum(axis=-1, keepdims=True)
     if name == "broadcast":
         log_q = log_q[:1]  # input (1, 16) against target (8, 16)
     return log_q, target
@@ -65,4 +73,5 @@ KL_DIV_CASES = (
     "single",
     "scalar",
     "broadcast",
+    "large",
 )

@@ -59,7 +59,7 @@ def test_kl_div_matches_reference(backend, dtype, reduction, log_target, case, c
     # The reference sees the values klx saw: the inputs after rounding to `dtype`.
     ref, scale = reference.kl_div(inp_before, tgt_before, reduction, log_target)
     got = backend.to_numpy(result)
-    err = reference.rel_error(got, ref, scale)
+    err = reference.rel_error(got, ref, scale, reference.ATOL.get(dtype, 0.0))
     tol = reference.TOL[dtype]
     row = f"{backend.id} {dtype}"
     conformance(row, f"{reduction} {'log_target' if log_target else 'probs'}", err, tol)
@@ -77,9 +77,14 @@ def test_kl_div_matches_reference(backend, dtype, reduction, log_target, case, c
         theirs = backend.to_numpy(theirs)
         finite = np.isfinite(theirs)
         assert theirs.shape == got.shape
-        # torch computes float16/bfloat16 in their own precision: allow its rounding too.
-        torch_tol = tol if dtype in ("float32", "float64") else 4 * tol
-        err_t = reference.rel_error(
-            got[finite], theirs[finite], np.broadcast_to(scale, got.shape)[finite]
+        # torch computes float16/bfloat16 in their own precision (its float16 sums drift
+        # far from the truth on large inputs): klx must be as close to torch as its own
+        # tolerance plus torch's distance from the reference allow.
+        sc = np.broadcast_to(scale, got.shape)[finite]
+        atol = reference.ATOL.get(dtype, 0.0)
+        torch_off = reference.rel_error(
+            theirs[finite], np.broadcast_to(ref, got.shape)[finite], sc, atol
         )
+        err_t = reference.rel_error(got[finite], theirs[finite], sc, 2 * atol)
+        torch_tol = tol + torch_off
         assert err_t <= torch_tol, f"differs from torch by {err_t:.3g}"

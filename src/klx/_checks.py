@@ -59,9 +59,19 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+#: dtypes already found to be real floating, per namespace (dtypes of two libraries
+#: must never be compared): a set lookup is cheaper than `isdtype`.
+_REAL_FLOATING: dict[str, set[Any]] = {}
+
+
 def check_float(xp: ModuleType, name: str, x: Any) -> None:
     """Require a real floating-point dtype."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    known = _REAL_FLOATING.setdefault(xp.__name__, set())
+    if x.dtype in known:
+        return
+    if xp.isdtype(x.dtype, "real floating"):
+        known.add(x.dtype)
+    else:
         if xp.isdtype(x.dtype, "complex floating"):
             fix = "take the real part or the magnitude first"
         else:
@@ -75,8 +85,10 @@ def check_float(xp: ModuleType, name: str, x: Any) -> None:
 
 def broadcast_shapes(named: Sequence[tuple[str, Shape]]) -> Shape:
     """Broadcast shapes by the array API rules, or raise a ValueError naming both shapes."""
-    result: list[int | None] = []
     first_name, first_shape = named[0]
+    if all(shape == first_shape for _, shape in named):
+        return tuple(first_shape)
+    result: list[int | None] = []
     for name, shape in named:
         padded_result = [1] * (len(shape) - len(result)) + result
         padded_shape = [1] * (len(result) - len(shape)) + list(shape)

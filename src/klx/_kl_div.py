@@ -141,11 +141,19 @@ def kl_div(
     if reduction == "mean":
         warnings.warn(_MEAN_WARNING, KLDivMeanWarning, stacklevel=2)
 
-    dtype = xp.result_type(input, target)
     fast = _accel.kl_div(xp, input, target, reduction=reduction, log_target=log_target)
     if fast is not None:
         return fast
 
+    return generic(xp, input, target, reduction=reduction, log_target=log_target)
+
+
+def generic(
+    xp: ModuleType, input: Array, target: Array, *, reduction: str, log_target: bool
+) -> Array:
+    """`kl_div` by the array-API definition: the path every accelerator must agree with."""
+    shape = broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
+    dtype = input.dtype if input.dtype == target.dtype else xp.result_type(input, target)
     acc = accumulation_dtype(xp, dtype)
     with numpy_quiet(input):
         terms = kl_terms(

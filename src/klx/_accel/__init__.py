@@ -1,18 +1,68 @@
 """Accelerators: fused or blocked evaluations chosen by backend and device.
 
-Each one computes exactly what :mod:`klx._agnostic` defines, is checked against it in
-every conformance cell, and returns ``None`` when it does not apply, so the caller
-falls back to the array-API definition.
+Each one computes what :mod:`klx._agnostic` defines, is checked against the float64
+reference in the conformance cells, and returns ``None`` when it does not apply, so
+the caller falls back to the array-API definition:
+
+========================  ===========================================================
+arrays                    accelerator
+========================  ===========================================================
+NumPy                     :mod:`.blocked`: cache-sized blocks, the definition as fallback
+torch, CPU, no autograd   :mod:`.blocked`
+torch, CUDA               :mod:`.triton_kl`: fused Triton kernels, forward and backward
+JAX                       :mod:`.jax_jit`: the definition under ``jax.jit`` (XLA fuses it)
+CuPy                      :mod:`.cupy_kl`: a ReductionKernel / ElementwiseKernel
+anything else             none: the generic array-API path
+========================  ===========================================================
 """
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Any
+
+from klx._accel import blocked, jax_jit
 
 __all__ = ["kl_div"]
 
 
+def _same_layout(input: Any, target: Any) -> bool:
+    return bool(input.dtype == target.dtype and input.shape == target.shape)
+
+
 def kl_div(xp: ModuleType, input: Any, target: Any, *, reduction: str, log_target: bool) -> Any:
     """A fast evaluation of :func:`klx.kl_div`, or ``None`` to use the generic path."""
+    lib = xp.__name__
+    if lib == "array_api_compat.numpy":
+        import numpy as np
+
+        if (
+            _same_layout(input, target)
+            and input.dtype in (np.float32, np.float64)
+            and input.flags.c_contiguous
+            and target.flags.c_contiguous
+        ):
+            return blocked.kl_div_numpy(xp, input, target, reduction, log_target)
+        return None
+    if lib == "array_api_compat.torch":
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling() or not _same_layout(input, target):
+            return None
+        if input.dtype not in (torch.float32, torch.float64):
+            return None
+        if input.is_cpu:
+            if (
+                input.requires_grad
+                or target.requires_grad
+                or not input.is_contiguous()
+                or not target.is_contiguous()
+                or type(input) is not torch.Tensor  # subclasses keep their own semantics
+                or type(target) is not torch.Tensor
+            ):
+                return None
+            return blocked.kl_div_torch(xp, input, target, reduction, log_target)
+        return None
+    if lib == "jax.numpy":
+        return jax_jit.kl_div(xp, input, target, reduction=reduction, log_target=log_target)
     return None
