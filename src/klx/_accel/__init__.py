@@ -46,23 +46,51 @@ def kl_div(xp: ModuleType, input: Any, target: Any, *, reduction: str, log_targe
             return blocked.kl_div_numpy(xp, input, target, reduction, log_target)
         return None
     if lib == "array_api_compat.torch":
-        torch = sys.modules["torch"]
-        if torch.compiler.is_compiling() or not _same_layout(input, target):
-            return None
-        if input.dtype not in (torch.float32, torch.float64):
-            return None
-        if input.is_cpu:
-            if (
-                input.requires_grad
-                or target.requires_grad
-                or not input.is_contiguous()
-                or not target.is_contiguous()
-                or type(input) is not torch.Tensor  # subclasses keep their own semantics
-                or type(target) is not torch.Tensor
-            ):
-                return None
-            return blocked.kl_div_torch(xp, input, target, reduction, log_target)
-        return None
+        return _torch(xp, input, target, reduction, log_target)
+    if lib == "array_api_compat.cupy":
+        return _cupy(input, target, reduction, log_target)
     if lib == "jax.numpy":
         return jax_jit.kl_div(xp, input, target, reduction=reduction, log_target=log_target)
+    return None
+
+
+def _torch(xp: ModuleType, input: Any, target: Any, reduction: str, log_target: bool) -> Any:
+    torch = sys.modules["torch"]
+    if (
+        torch.compiler.is_compiling()  # inductor fuses the definition itself
+        or not _same_layout(input, target)
+        or type(input) is not torch.Tensor  # subclasses keep their own semantics
+        or type(target) is not torch.Tensor
+        or not input.is_contiguous()
+        or not target.is_contiguous()
+    ):
+        return None
+    if input.is_cuda:
+        try:
+            from klx._accel import triton_kl
+        except ImportError:  # no triton: the generic path
+            return None
+        return triton_kl.kl_div(input, target, reduction, log_target)
+    if (
+        input.is_cpu
+        and input.dtype in (torch.float32, torch.float64)
+        and not (input.requires_grad or target.requires_grad)
+    ):
+        return blocked.kl_div_torch(xp, input, target, reduction, log_target)
+    return None
+
+
+def _cupy(input: Any, target: Any, reduction: str, log_target: bool) -> Any:
+    cupy = sys.modules["cupy"]
+    if (
+        _same_layout(input, target)
+        and input.dtype in (cupy.float32, cupy.float64)
+        and input.flags.c_contiguous
+        and target.flags.c_contiguous
+        and input.device == target.device
+    ):
+        from klx._accel import cupy_kl
+
+        with input.device:
+            return cupy_kl.kl_div(input, target, reduction, log_target)
     return None

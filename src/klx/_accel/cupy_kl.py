@@ -1,0 +1,70 @@
+"""CuPy kernels for :func:`klx.kl_div`: one ReductionKernel pass for the reductions, one
+ElementwiseKernel for 'none'. Both evaluate the definition of :mod:`klx._agnostic`
+element-wise; CuPy's reduction is a tree (no atomics), so results repeat bit for bit.
+
+Status: written to CuPy's kernel types only, and **not yet run on a GPU** (no device was
+lent to the session that wrote it). The conformance suite runs it whenever a CUDA
+device is present (the nox 'cupy' session); until then benchmarks/RESULTS.md lists it
+as unverified.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cupy
+
+__all__ = ["kl_div"]
+
+_PREAMBLE = r"""
+template <typename T>
+__device__ T klx_term(T x, T y, bool log_target) {
+    T w, log_w;
+    bool zero;
+    if (log_target) {
+        w = exp(y);
+        zero = (w == (T)0);
+        log_w = zero ? (T)0 : y;
+    } else {
+        w = y;
+        zero = (y == (T)0);
+        log_w = log(zero ? (T)1 : y);
+    }
+    T log_q = zero ? (T)0 : x;
+    if (zero) {
+        return isnan(x) ? x : (T)0;
+    }
+    return w * (log_w - log_q);
+}
+"""
+
+_SUM = cupy.ReductionKernel(
+    "T x, T y, bool log_target",
+    "T out",
+    "klx_term<T>(x, y, log_target)",
+    "a + b",
+    "out = a",
+    "0",
+    "klx_kl_div_sum",
+    preamble=_PREAMBLE,
+)
+
+_TERMS = cupy.ElementwiseKernel(
+    "T x, T y, bool log_target",
+    "T out",
+    "out = klx_term<T>(x, y, log_target)",
+    "klx_kl_div_terms",
+    preamble=_PREAMBLE,
+)
+
+
+def kl_div(x: Any, y: Any, reduction: str, log_target: bool) -> Any:
+    """`kl_div` of two C-contiguous float32/float64 CuPy arrays of one shape and dtype."""
+    if reduction == "none":
+        return _TERMS(x, y, log_target)
+    total = _SUM(x.ravel(), y.ravel(), log_target)
+    if reduction == "mean":
+        return total / x.size if x.size else total * float("nan")
+    if reduction == "batchmean" and x.ndim:
+        return total / x.shape[0] if x.shape[0] else total * float("nan")
+    return total
