@@ -28,8 +28,8 @@ _REDUCTION = {"none": 0, "sum": 1, "mean": 1, "batchmean": 1}
 
 
 @triton.jit
-def _terms(x, y, LOG_TARGET: tl.constexpr):
-    """The definition: w (log w - x), 0 where w is 0 (NaN there if x is NaN)."""
+def _weight(y, LOG_TARGET: tl.constexpr):
+    """The weight w of the target, where it is 0, and its log (0 there: a safe value)."""
     if LOG_TARGET:
         w = tl.exp(y)
         zero = w == 0
@@ -38,6 +38,13 @@ def _terms(x, y, LOG_TARGET: tl.constexpr):
         w = y
         zero = y == 0
         log_w = tl.log(tl.where(zero, 1.0, y))
+    return w, zero, log_w
+
+
+@triton.jit
+def _terms(x, y, LOG_TARGET: tl.constexpr):
+    """The definition: w (log w - x), 0 where w is 0 (NaN there if x is NaN)."""
+    w, zero, log_w = _weight(y, LOG_TARGET)
     log_q = tl.where(zero, 0.0, x)
     nan_or_zero = tl.where(x != x, x, 0.0)
     return tl.where(zero, nan_or_zero, w * (log_w - log_q))
@@ -120,14 +127,7 @@ def _backward_kernel(
         g = tl.load(g_ptr).to(x.dtype) * scale
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(x.dtype) * scale
-    if LOG_TARGET:
-        w = tl.exp(y)
-        zero = w == 0
-        log_w = tl.where(zero, 0.0, y)
-    else:
-        w = y
-        zero = y == 0
-        log_w = tl.log(tl.where(zero, 1.0, y))
+    w, zero, log_w = _weight(y, LOG_TARGET)
     if NEED_X:
         gx = tl.where(zero, 0.0, -w * g)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
