@@ -49,7 +49,7 @@ def tests(session: nox.Session, backend: str) -> None:
         session.install("-e", ".[test]", *BACKENDS[backend])
     args = [f"--backend={backend}", "--conformance-out=conformance"]
     if backend == "numpy":
-        args += ["--doctest-modules", "src/klx", "tests"]
+        args += ["--doctest-modules", "src/klx", "--doctest-glob=README.md", "README.md", "tests"]
     session.run("pytest", *args, *session.posargs, env={"TRITON_INTERPRET": "1"})
 
 
