@@ -27,6 +27,7 @@ Array = Any
 
 __all__ = [
     "Weighted",
+    "divergence_rows",
     "divide",
     "js_terms",
     "kl_terms",
@@ -147,6 +148,35 @@ def _log_weight(b: float) -> float:
 def _zero_weight(zero: Array, b: float) -> Array:
     """Where the weight ``b * w`` is 0: everywhere if the Python float `b` is 0."""
     return zero | ~zero if b == 0 else zero
+
+
+def divergence_rows(
+    xp: ModuleType,
+    kind: str,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: float,
+    beta: float,
+    keep_full: Array | None,
+) -> Array:
+    """One value per distribution: KL(P || Q) (`kind` 'kl') or JS_beta (`kind` 'js').
+
+    Distributions that `keep_full` drops are replaced by a safe one first, so their
+    (later discarded) values and gradients stay finite.
+    """
+    p = mask_rows(xp, p, keep_full, p_form)
+    q = mask_rows(xp, q, keep_full, q_form)
+    if kind == "kl":
+        terms = kl_terms(xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature)
+    else:
+        terms = js_terms(
+            xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature, beta=beta
+        )
+    return xp.sum(terms, axis=axis)
 
 
 def mask_rows(xp: ModuleType, x: Array, keep_full: Array | None, form: str) -> Array:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from klx._agnostic import js_terms, kl_terms, mask_rows, reduce_rows
+from klx import _accel
+from klx._agnostic import divergence_rows, reduce_rows
 from klx._checks import (
     REDUCTIONS,
     broadcast_shapes,
@@ -231,15 +232,20 @@ def _divergence(
     dtype = xp.result_type(p, q)
     acc = accumulation_dtype(xp, dtype)
     with numpy_quiet(p):
-        p = mask_rows(xp, xp.astype(p, acc, copy=False), keep_full, forms[0])
-        q = mask_rows(xp, xp.astype(q, acc, copy=False), keep_full, forms[1])
-        if kind == "kl":
-            terms = kl_terms(xp, p, q, p_form=forms[0], q_form=forms[1], axis=ax, temperature=t)
-        else:
-            terms = js_terms(
-                xp, p, q, p_form=forms[0], q_form=forms[1], axis=ax, temperature=t, beta=b
+        spec = _accel.RowsSpec(kind, forms[0], forms[1], ax, t, b, acc)
+        rows = _accel.divergence_rows(xp, spec, p, q, keep_full)
+        if rows is None:
+            rows = divergence_rows(
+                xp,
+                kind,
+                xp.astype(p, acc, copy=False),
+                xp.astype(q, acc, copy=False),
+                p_form=forms[0],
+                q_form=forms[1],
+                axis=ax,
+                temperature=t,
+                beta=b,
+                keep_full=keep_full,
             )
-        rows = xp.sum(terms, axis=ax)
-        count = shape_size(batch_shape)
-        out = reduce_rows(xp, rows, reduction, where, count)
+        out = reduce_rows(xp, rows, reduction, where, shape_size(batch_shape))
         return as_array(xp.astype(out, dtype, copy=False))

@@ -20,11 +20,23 @@ from __future__ import annotations
 
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
-from klx._accel import blocked, jax_jit
+from klx._accel import blocked, jax_jit, rows
 
-__all__ = ["kl_div"]
+__all__ = ["RowsSpec", "divergence_rows", "kl_div"]
+
+
+class RowsSpec(NamedTuple):
+    """What to compute per distribution (see :func:`klx._agnostic.divergence_rows`)."""
+
+    kind: str
+    p_form: str
+    q_form: str
+    axis: int
+    temperature: float
+    beta: float
+    acc: Any  # the accumulation dtype
 
 
 def _same_layout(input: Any, target: Any) -> bool:
@@ -94,3 +106,51 @@ def _cupy(input: Any, target: Any, reduction: str, log_target: bool) -> Any:
         with input.device:
             return cupy_kl.kl_div(input, target, reduction, log_target)
     return None
+
+
+def divergence_rows(xp: ModuleType, spec: RowsSpec, p: Any, q: Any, keep_full: Any) -> Any:
+    """Per-distribution values by an accelerator, or ``None`` for the generic path.
+
+    `p` and `q` have the full (broadcast) shape and their original dtypes.
+    """
+    if spec.axis != p.ndim - 1 or p.shape != q.shape:
+        return None
+    lib = xp.__name__
+    if lib == "array_api_compat.numpy":
+        if p.size >= ROWS_MIN and p.flags.c_contiguous and q.flags.c_contiguous:
+            return rows.blocked_rows(xp, spec, p, q, keep_full)
+        return None
+    if lib != "array_api_compat.torch":
+        return None
+    torch = sys.modules["torch"]
+    if (
+        torch.compiler.is_compiling()
+        or type(p) is not torch.Tensor
+        or type(q) is not torch.Tensor
+        or not p.is_contiguous()
+        or not q.is_contiguous()
+    ):
+        return None
+    if p.is_cuda:
+        if (spec.kind, spec.p_form, spec.q_form) != (
+            "kl",
+            "logits",
+            "logits",
+        ) or p.dtype != q.dtype:
+            return None
+        try:
+            from klx._accel import triton_distill
+        except ImportError:  # no triton: the generic path
+            return None
+        vocab = p.shape[-1]
+        flat = triton_distill.kl_rows_from_logits(
+            p.reshape(-1, vocab), q.reshape(-1, vocab), spec.temperature
+        )
+        return flat.reshape(p.shape[:-1])
+    if p.is_cpu and p.numel() >= ROWS_MIN and not (p.requires_grad or q.requires_grad):
+        return rows.blocked_rows(xp, spec, p, q, keep_full)
+    return None
+
+
+#: Below this many elements the definition runs in one piece.
+ROWS_MIN = 1 << 20

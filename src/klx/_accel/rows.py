@@ -1,0 +1,57 @@
+"""Divergences over many long distributions on the CPU, a block of rows at a time.
+
+For [tokens, vocab] inputs (distillation: vocabularies of 32k to 256k) the array-API
+definition makes several temporaries of the input's size (log-softmax, exp, products).
+Here the rows are taken a block at a time, so each temporary holds about
+:data:`ROW_BLOCK_ELEMENTS` elements and the extra memory is that, plus one value per
+row. Each block is evaluated by the definition itself
+(:func:`klx._agnostic.divergence_rows`).
+
+Eager only (NumPy; torch on the CPU without autograd, not under ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+from klx._agnostic import divergence_rows
+
+__all__ = ["ROW_BLOCK_ELEMENTS", "blocked_rows"]
+
+#: Elements per block: about 2 MiB of float32 per temporary.
+ROW_BLOCK_ELEMENTS = 1 << 19
+
+
+def blocked_rows(xp: ModuleType, spec: Any, p: Any, q: Any, keep_full: Any) -> Any:
+    """Per-distribution values of inputs whose distributions lie along the last axis."""
+    vocab = p.shape[-1]
+    batch = tuple(p.shape[:-1])
+    n_rows = math.prod(batch)
+    p2 = xp.reshape(p, (n_rows, vocab))
+    q2 = xp.reshape(q, (n_rows, vocab))
+    keep2 = None
+    if keep_full is not None:
+        keep2 = xp.reshape(xp.broadcast_to(keep_full, (*batch, 1)), (n_rows, 1))
+    step = max(1, ROW_BLOCK_ELEMENTS // max(vocab, 1))
+    out = xp.empty((n_rows,), dtype=spec.acc, device=_device(p))
+    for r0 in range(0, n_rows, step):
+        r1 = min(r0 + step, n_rows)
+        out[r0:r1] = divergence_rows(
+            xp,
+            spec.kind,
+            xp.astype(p2[r0:r1, :], spec.acc, copy=False),
+            xp.astype(q2[r0:r1, :], spec.acc, copy=False),
+            p_form=spec.p_form,
+            q_form=spec.q_form,
+            axis=-1,
+            temperature=spec.temperature,
+            beta=spec.beta,
+            keep_full=None if keep2 is None else keep2[r0:r1, :],
+        )
+    return xp.reshape(out, batch)
+
+
+def _device(x: Any) -> Any:
+    return "cpu" if type(x).__module__ == "numpy" else x.device

@@ -1,0 +1,186 @@
+"""KL(softmax(t / T) || softmax(s / T)) from logits in one pass: a Triton kernel for torch
+on CUDA, with an online log-sum-exp over vocabulary blocks.
+
+For each row the forward kernel reads both rows once and keeps, in float32 (float64 for
+float64 input), the running maxima, the running sums of exp, and the running sum of
+exp(t' - m) (t' - s'), with t' = t / T, s' = s / T, rescaled whenever a maximum grows. Then
+
+    KL = a / l_t - lse_t + lse_s,   a = sum e^(t'-m_t) (t' - s'),  l_t = sum e^(t'-m_t).
+
+It writes one KL and the two log-sum-exps per row: the extra memory is proportional to
+the number of rows, never to the vocabulary. The backward kernel recomputes the
+probabilities from the saved log-sum-exps and writes only the gradients asked for:
+
+    dKL/ds = (q - p) / T,        dKL/dt = p (log p - log q - KL) / T.
+
+Rows whose incoming gradient is 0 (masked by ``where``) get exactly 0, even if they hold
+NaN. The kernels run in the test suite on CPU tensors under ``TRITON_INTERPRET=1``;
+the dispatcher sends only CUDA tensors here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kl_rows_from_logits"]
+
+BLOCK_V = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _online_update(x, m, lse_sum, NEG_INF: tl.constexpr):
+    """One block of an online log-sum-exp: new maximum, rescale factor, block's exps."""
+    new_m = tl.maximum(m, tl.max(x, axis=0))
+    none_yet = new_m == NEG_INF
+    shift = tl.where(none_yet, 0.0, new_m)  # never -inf - -inf
+    alpha = tl.where(none_yet, 1.0, tl.exp(m - shift))
+    e = tl.exp(x - shift)
+    return new_m, alpha, e, lse_sum * alpha + tl.sum(e, axis=0)
+
+
+@triton.jit
+def _forward_kernel(
+    t_ptr,
+    s_ptr,
+    kl_ptr,
+    lse_t_ptr,
+    lse_s_ptr,
+    vocab,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+    F64: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * vocab
+    NEG_INF: tl.constexpr = float("-inf")
+    if F64:
+        zero = tl.zeros([1], dtype=tl.float64).sum(axis=0)
+    else:
+        zero = tl.zeros([1], dtype=tl.float32).sum(axis=0)
+    m_t = zero + NEG_INF
+    m_s = zero + NEG_INF
+    l_t = zero
+    l_s = zero
+    a = zero
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
+        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
+        m_t, alpha, e, l_t = _online_update(t, m_t, l_t, NEG_INF)
+        nil = e == 0  # a zero p contributes 0, whatever s is
+        diff = tl.where(nil, 0.0, t - tl.where(nil, 0.0, s))
+        a = a * alpha + tl.sum(e * diff, axis=0)
+        m_s, _, _, l_s = _online_update(s, m_s, l_s, NEG_INF)
+    lse_t = m_t + tl.log(l_t)
+    lse_s = m_s + tl.log(l_s)
+    tl.store(kl_ptr + row, a / l_t - lse_t + lse_s)
+    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(lse_s_ptr + row, lse_s)
+
+
+@triton.jit
+def _backward_kernel(
+    t_ptr,
+    s_ptr,
+    kl_ptr,
+    lse_t_ptr,
+    lse_s_ptr,
+    g_ptr,
+    gt_ptr,
+    gs_ptr,
+    vocab,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+    NEED_T: tl.constexpr,
+    NEED_S: tl.constexpr,
+    F64: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * vocab
+    NEG_INF: tl.constexpr = float("-inf")
+    lse_t = tl.load(lse_t_ptr + row)
+    lse_s = tl.load(lse_s_ptr + row)
+    kl = tl.load(kl_ptr + row)
+    g = tl.load(g_ptr + row).to(lse_t.dtype)
+    dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(lse_t.dtype) * inv_t
+        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(lse_t.dtype) * inv_t
+        p = tl.exp(t - lse_t)
+        q = tl.exp(s - lse_s)
+        nil = p == 0  # safe values there: never -inf - -inf
+        log_p = tl.where(nil, 0.0, t - lse_t)
+        log_q = tl.where(nil, 0.0, s) - lse_s
+        if NEED_S:
+            gs = tl.where(dead, 0.0, g * (q - p) * inv_t)
+            tl.store(gs_ptr + base + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+        if NEED_T:
+            gt = tl.where(nil, 0.0, g * p * (log_p - log_q - kl) * inv_t)
+            gt = tl.where(dead, 0.0, gt)
+            tl.store(gt_ptr + base + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+class _KLRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, s: torch.Tensor, temperature: float) -> Any:
+        rows, vocab = t.shape
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        kl = torch.empty(rows, device=t.device, dtype=acc)
+        lse_t = torch.empty_like(kl)
+        lse_s = torch.empty_like(kl)
+        if rows:
+            _forward_kernel[(rows,)](
+                t,
+                s,
+                kl,
+                lse_t,
+                lse_s,
+                vocab,
+                1.0 / temperature,
+                BLOCK_V=BLOCK_V,
+                F64=acc == torch.float64,
+                num_warps=NUM_WARPS,
+            )
+        ctx.save_for_backward(t, s, kl, lse_t, lse_s)
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        t, s, kl, lse_t, lse_s = ctx.saved_tensors
+        need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gt = torch.empty_like(t) if need_t else None
+        gs = torch.empty_like(s) if need_s else None
+        rows, vocab = t.shape
+        if rows and (need_t or need_s):
+            _backward_kernel[(rows,)](
+                t,
+                s,
+                kl,
+                lse_t,
+                lse_s,
+                g.contiguous(),
+                gt if need_t else t,
+                gs if need_s else s,
+                vocab,
+                1.0 / ctx.temperature,
+                BLOCK_V=BLOCK_V,
+                NEED_T=need_t,
+                NEED_S=need_s,
+                F64=kl.dtype == torch.float64,
+                num_warps=NUM_WARPS,
+            )
+        return gt, gs, None
+
+
+def kl_rows_from_logits(t: torch.Tensor, s: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) per row of two contiguous [rows, vocab] tensors."""
+    return _KLRows.apply(t, s, temperature)
