@@ -150,19 +150,21 @@ def test_gradients_finite_with_masks_and_neginf_logits(backend):
     s[2] = -np.inf
     keep = np.array([True, True, False, True])
 
-    def loss(a, b, kind):
-        fn = klx.kl_divergence if kind == "kl" else klx.js_divergence
-        return fn(
-            a,
-            b,
-            p_form="logits",
-            q_form="logits",
-            temperature=2.0,
-            where=backend.asarray(keep),
-            reduction="batchmean",
-        )
+    t[0, 1] = -np.inf  # P is 0 where Q is not (the mixture at beta = 1 is P: 0 there)
 
-    for kind in ("kl", "js"):
+    def loss(a, b, kind):
+        common = {
+            "p_form": "logits",
+            "q_form": "logits",
+            "temperature": 2.0,
+            "where": backend.asarray(keep),
+            "reduction": "batchmean",
+        }
+        if kind == "kl":
+            return klx.kl_divergence(a, b, **common)
+        return klx.js_divergence(a, b, beta=float(kind[2:]), **common)  # "js0.5": beta 0.5
+
+    for kind in ("kl", "js0.5", "js0", "js1"):
         if backend.name == "torch":
             a = backend.asarray(t).requires_grad_(True)
             b = backend.asarray(s).requires_grad_(True)

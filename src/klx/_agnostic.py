@@ -128,16 +128,17 @@ def js_terms(
     """
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
+    # Where the weights beta p and (1 - beta) q are 0 (everywhere, for beta = 0 or 1).
+    zp = _zero_weight(wp.zero, beta)
+    zq = _zero_weight(wq.zero, 1.0 - beta)
     # log(beta p) and log((1 - beta) q), -inf where the weight is 0.
-    neg_inf = -math.inf
-    log_bp = xp.where(wp.zero, neg_inf, wp.log_w + _log_weight(beta))
-    log_bq = xp.where(wq.zero, neg_inf, wq.log_w + _log_weight(1.0 - beta))
+    log_bp = xp.where(zp, -math.inf, wp.log_w + _log_weight(beta))
+    log_bq = xp.where(zq, -math.inf, wq.log_w + _log_weight(1.0 - beta))
     # Where both vanish, M is 0 but neither term needs it: feed logaddexp a safe value.
-    both = wp.zero & wq.zero
+    both = zp & zq
     log_m = xp.logaddexp(xp.where(both, 0.0, log_bp), xp.where(both, 0.0, log_bq))
-    # The weights beta*p and (1-beta)*q; a zero weight (beta = 0, say) zeroes its term.
-    bp = Weighted(wp.w * beta, wp.log_w, _zero_weight(wp.zero, beta))
-    bq = Weighted(wq.w * (1.0 - beta), wq.log_w, _zero_weight(wq.zero, 1.0 - beta))
+    bp = Weighted(wp.w * beta, wp.log_w, zp)
+    bq = Weighted(wq.w * (1.0 - beta), wq.log_w, zq)
     return _terms(xp, bp, log_m, log_m) + _terms(xp, bq, log_m, log_m)
 
 

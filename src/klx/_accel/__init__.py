@@ -143,9 +143,11 @@ def divergence_rows(xp: ModuleType, spec: RowsSpec, p: Any, q: Any, keep_full: A
         except ImportError:  # no triton: the generic path
             return None
         vocab = p.shape[-1]
-        flat = triton_distill.kl_rows_from_logits(
-            p.reshape(-1, vocab), q.reshape(-1, vocab), spec.temperature
-        )
+        p2, q2 = p.reshape(-1, vocab), q.reshape(-1, vocab)
+        if spec.kind == "kl":
+            flat = triton_distill.kl_rows_from_logits(p2, q2, spec.temperature)
+        else:
+            flat = triton_distill.js_rows_from_logits(p2, q2, spec.temperature, spec.beta)
         return flat.reshape(p.shape[:-1])
     if p.is_cpu and p.numel() >= ROWS_MIN and not (p.requires_grad or q.requires_grad):
         return rows.blocked_rows(xp, spec, p, q, keep_full)
