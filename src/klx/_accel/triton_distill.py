@@ -51,6 +51,26 @@ def _online_update(x, m, lse_sum, NEG_INF: tl.constexpr):
 
 
 @triton.jit
+def _zero(F64: tl.constexpr):
+    """A scalar 0 of the accumulation dtype: float64 for float64 input, else float32."""
+    if F64:
+        return tl.zeros([1], dtype=tl.float64).sum(axis=0)
+    else:
+        return tl.zeros([1], dtype=tl.float32).sum(axis=0)
+
+
+@triton.jit
+def _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, like, BLOCK_V: tl.constexpr):
+    """One vocabulary block of both rows, scaled by 1/T, -inf past the row's end."""
+    NEG_INF: tl.constexpr = float("-inf")
+    offs = start + tl.arange(0, BLOCK_V)
+    mask = offs < vocab
+    t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(like.dtype) * inv_t
+    s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(like.dtype) * inv_t
+    return t, s, offs, mask
+
+
+@triton.jit
 def _forward_kernel(
     t_ptr,
     s_ptr,
@@ -65,20 +85,14 @@ def _forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = row * vocab
     NEG_INF: tl.constexpr = float("-inf")
-    if F64:
-        zero = tl.zeros([1], dtype=tl.float64).sum(axis=0)
-    else:
-        zero = tl.zeros([1], dtype=tl.float32).sum(axis=0)
+    zero = _zero(F64)
     m_t = zero + NEG_INF
     m_s = zero + NEG_INF
     l_t = zero
     l_s = zero
     a = zero
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
-        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
+        t, s, _, _ = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, zero, BLOCK_V)
         m_t, alpha, e, l_t = _online_update(t, m_t, l_t, NEG_INF)
         nil = e == 0  # a zero p contributes 0, whatever s is
         diff = tl.where(nil, 0.0, t - tl.where(nil, 0.0, s))
@@ -110,17 +124,13 @@ def _backward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * vocab
-    NEG_INF: tl.constexpr = float("-inf")
     lse_t = tl.load(lse_t_ptr + row)
     lse_s = tl.load(lse_s_ptr + row)
     kl = tl.load(kl_ptr + row)
     g = tl.load(g_ptr + row).to(lse_t.dtype)
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(lse_t.dtype) * inv_t
-        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(lse_t.dtype) * inv_t
+        t, s, offs, mask = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, lse_t, BLOCK_V)
         p = tl.exp(t - lse_t)
         q = tl.exp(s - lse_s)
         nil = p == 0  # safe values there: never -inf - -inf
@@ -144,10 +154,7 @@ def _lse_pass(t_ptr, s_ptr, base, vocab, inv_t, zero, BLOCK_V: tl.constexpr):
     l_t = zero
     l_s = zero
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
-        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
+        t, s, _, _ = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, zero, BLOCK_V)
         m_t, _, _, l_t = _online_update(t, m_t, l_t, NEG_INF)
         m_s, _, _, l_s = _online_update(s, m_s, l_s, NEG_INF)
     return m_t + tl.log(l_t), m_s + tl.log(l_s)
@@ -191,19 +198,12 @@ def _js_forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * vocab
-    NEG_INF: tl.constexpr = float("-inf")
-    if F64:
-        zero = tl.zeros([1], dtype=tl.float64).sum(axis=0)
-    else:
-        zero = tl.zeros([1], dtype=tl.float32).sum(axis=0)
+    zero = _zero(F64)
     lse_t, lse_s = _lse_pass(t_ptr, s_ptr, base, vocab, inv_t, zero, BLOCK_V)
     kl_pm = zero
     kl_qm = zero
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
-        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(zero.dtype) * inv_t
+        t, s, _, _ = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, zero, BLOCK_V)
         p, q, zp, zq, log_p, log_q, log_m = _js_block(
             t, s, lse_t, lse_s, log_beta, log_1mbeta, beta
         )
@@ -238,7 +238,6 @@ def _js_backward_kernel(
     """dJS/dt' = beta p (log p - log m - KL(P||M)); dJS/ds' likewise with (1 - beta), q."""
     row = tl.program_id(0).to(tl.int64)
     base = row * vocab
-    NEG_INF: tl.constexpr = float("-inf")
     lse_t = tl.load(lse_t_ptr + row)
     lse_s = tl.load(lse_s_ptr + row)
     kl_pm = tl.load(kl_pm_ptr + row)
@@ -246,10 +245,7 @@ def _js_backward_kernel(
     g = tl.load(g_ptr + row).to(lse_t.dtype)
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(lse_t.dtype) * inv_t
-        s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(lse_t.dtype) * inv_t
+        t, s, offs, mask = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, lse_t, BLOCK_V)
         p, q, zp, zq, log_p, log_q, log_m = _js_block(
             t, s, lse_t, lse_s, log_beta, log_1mbeta, beta
         )
