@@ -124,18 +124,17 @@ def kl_div(
     reduction = check_reduction(reduction, KL_DIV_REDUCTIONS)
     log_target = check_flag("log_target", log_target)
     check_same_device(named)
-    shape = broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
+    broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
     if resolve_validate(validate):
-        axis = -1 if len(shape) else None
-        hint_log = "pass log_target=True if `target` holds log-probabilities"
-        check_distribution(xp, "input", input, "log_probs", axis=axis if input.ndim else None)
+        # torch's convention: the distributions lie along the last axis.
+        check_distribution(xp, "input", input, "log_probs", axis=-1 if input.ndim else None)
         check_distribution(
             xp,
             "target",
             target,
             "log_probs" if log_target else "probs",
-            axis=axis if target.ndim else None,
-            hint_log=hint_log,
+            axis=-1 if target.ndim else None,
+            hint_log="pass log_target=True if `target` holds log-probabilities",
             hint_probs="pass log_target=False if `target` holds probabilities",
         )
     if reduction == "mean":

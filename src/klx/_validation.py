@@ -53,7 +53,6 @@ def check_distribution(
     *,
     axis: int | None,
     keep_full: Array | None = None,
-    temperature: float = 1.0,
     hint_log: str = "",
     hint_probs: str = "",
 ) -> None:
