@@ -14,6 +14,17 @@ JAX                       :mod:`.jax_jit`: the definition under ``jax.jit`` (XLA
 CuPy                      :mod:`.cupy_kl`: a ReductionKernel / ElementwiseKernel
 anything else             none: the generic array-API path
 ========================  ===========================================================
+
+and, for :func:`klx.kl_divergence` / :func:`klx.js_divergence` over the last axis
+(:func:`divergence_rows`):
+
+========================  ===========================================================
+NumPy; torch, CPU         :mod:`.rows`: blocks of rows, each by the definition
+torch, CUDA, logits       :mod:`.triton_distill`: online log-sum-exp kernels
+========================  ===========================================================
+
+A NumPy or torch subclass (a masked array, a tensor subclass) keeps its own semantics:
+it always takes the generic path.
 """
 
 from __future__ import annotations
@@ -50,7 +61,9 @@ def kl_div(xp: ModuleType, input: Any, target: Any, *, reduction: str, log_targe
         import numpy as np
 
         if (
-            _same_layout(input, target)
+            type(input) is np.ndarray
+            and type(target) is np.ndarray
+            and _same_layout(input, target)
             and input.dtype in (np.float32, np.float64)
             and input.flags.c_contiguous
             and target.flags.c_contiguous
@@ -117,7 +130,14 @@ def divergence_rows(xp: ModuleType, spec: RowsSpec, p: Any, q: Any, keep_full: A
         return None
     lib = xp.__name__
     if lib == "array_api_compat.numpy":
-        if p.size >= ROWS_MIN and p.flags.c_contiguous and q.flags.c_contiguous:
+        np = sys.modules["numpy"]
+        if (
+            type(p) is np.ndarray
+            and type(q) is np.ndarray
+            and p.size >= ROWS_MIN
+            and p.flags.c_contiguous
+            and q.flags.c_contiguous
+        ):
             return rows.blocked_rows(xp, spec, p, q, keep_full)
         return None
     if lib != "array_api_compat.torch":
