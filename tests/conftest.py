@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import backends as bk
+
+# CI draws the same examples every run (a red run must be reproducible); locally each run
+# explores new ones and keeps failures in the .hypothesis database.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _LOADED: list[bk.Backend] = []
 _SKIPPED: dict[str, str] = {}
