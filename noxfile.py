@@ -56,6 +56,9 @@ def tests(session: nox.Session, backend: str) -> None:
         args += ["--doctest-modules", *kernels, "src/klx", "--doctest-glob=README.md", "README.md"]
         args += ["tests"]
     session.run("pytest", *args, *session.posargs, env={"TRITON_INTERPRET": "1"})
+    if backend == "torch":
+        # The Triton kernels once more, through the real compiler (to sm_90 / sm_80 cubins).
+        session.run("pytest", "--backend=torch", "tests/test_triton_compile.py", *session.posargs)
 
 
 @nox.session
