@@ -14,29 +14,10 @@ from typing import Any
 
 import cupy
 
+from klx._accel.cupy_source import KL_TERM
+
 __all__ = ["kl_div"]
 
-_PREAMBLE = r"""
-template <typename T>
-__device__ T klx_term(T x, T y, bool log_target) {
-    T w, log_w;
-    bool zero;
-    if (log_target) {
-        w = exp(y);
-        zero = (w == (T)0);
-        log_w = zero ? (T)0 : y;
-    } else {
-        w = y;
-        zero = (y == (T)0);
-        log_w = log(zero ? (T)1 : y);
-    }
-    T log_q = zero ? (T)0 : x;
-    if (zero) {
-        return isnan(x) ? x : (T)0;
-    }
-    return w * (log_w - log_q);
-}
-"""
 
 _SUM = cupy.ReductionKernel(
     "T x, T y, bool log_target",
@@ -46,7 +27,7 @@ _SUM = cupy.ReductionKernel(
     "out = a",
     "0",
     "klx_kl_div_sum",
-    preamble=_PREAMBLE,
+    preamble=KL_TERM,
 )
 
 _TERMS = cupy.ElementwiseKernel(
@@ -54,7 +35,7 @@ _TERMS = cupy.ElementwiseKernel(
     "T out",
     "out = klx_term<T>(x, y, log_target)",
     "klx_kl_div_terms",
-    preamble=_PREAMBLE,
+    preamble=KL_TERM,
 )
 
 
