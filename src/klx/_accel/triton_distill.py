@@ -263,9 +263,7 @@ class _JSRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, s: torch.Tensor, temperature: float, beta: float) -> Any:
         rows, vocab = t.shape
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        kl_pm = torch.empty(rows, device=t.device, dtype=acc)
-        kl_qm, lse_t, lse_s = (torch.empty_like(kl_pm) for _ in range(3))
+        kl_pm, kl_qm, lse_t, lse_s = _row_stats(t, 4)
         logs = _log_weights(beta)
         if rows:
             _js_forward_kernel[(rows,)](
@@ -280,7 +278,7 @@ class _JSRows(torch.autograd.Function):
                 beta,
                 *logs,
                 BLOCK_V=BLOCK_V,
-                F64=acc == torch.float64,
+                F64=kl_pm.dtype == torch.float64,
                 num_warps=NUM_WARPS,
             )
         ctx.save_for_backward(t, s, kl_pm, kl_qm, lse_t, lse_s)
@@ -290,9 +288,8 @@ class _JSRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         t, s, kl_pm, kl_qm, lse_t, lse_s = ctx.saved_tensors
-        need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gt = torch.empty_like(t) if need_t else None
-        gs = torch.empty_like(s) if need_s else None
+        gt, gs = _gradient_buffers(ctx, t, s)
+        need_t, need_s = gt is not None, gs is not None
         rows, vocab = t.shape
         if rows and (need_t or need_s):
             _js_backward_kernel[(rows,)](
@@ -317,6 +314,19 @@ class _JSRows(torch.autograd.Function):
         return gt, gs, None, None
 
 
+def _row_stats(t: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """`count` per-row accumulators, float64 for float64 input, else float32."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return [torch.empty(t.shape[0], device=t.device, dtype=acc) for _ in range(count)]
+
+
+def _gradient_buffers(ctx: Any, t: torch.Tensor, s: torch.Tensor) -> tuple[Any, Any]:
+    """Gradient tensors for the inputs that need one (None for the others)."""
+    gt = torch.empty_like(t) if ctx.needs_input_grad[0] else None
+    gs = torch.empty_like(s) if ctx.needs_input_grad[1] else None
+    return gt, gs
+
+
 def _log_weights(beta: float) -> tuple[float, float]:
     return (
         math.log(beta) if beta > 0 else -math.inf,
@@ -328,10 +338,7 @@ class _KLRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, s: torch.Tensor, temperature: float) -> Any:
         rows, vocab = t.shape
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        kl = torch.empty(rows, device=t.device, dtype=acc)
-        lse_t = torch.empty_like(kl)
-        lse_s = torch.empty_like(kl)
+        kl, lse_t, lse_s = _row_stats(t, 3)
         if rows:
             _forward_kernel[(rows,)](
                 t,
@@ -342,7 +349,7 @@ class _KLRows(torch.autograd.Function):
                 vocab,
                 1.0 / temperature,
                 BLOCK_V=BLOCK_V,
-                F64=acc == torch.float64,
+                F64=kl.dtype == torch.float64,
                 num_warps=NUM_WARPS,
             )
         ctx.save_for_backward(t, s, kl, lse_t, lse_s)
@@ -352,9 +359,8 @@ class _KLRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         t, s, kl, lse_t, lse_s = ctx.saved_tensors
-        need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gt = torch.empty_like(t) if need_t else None
-        gs = torch.empty_like(s) if need_s else None
+        gt, gs = _gradient_buffers(ctx, t, s)
+        need_t, need_s = gt is not None, gs is not None
         rows, vocab = t.shape
         if rows and (need_t or need_s):
             _backward_kernel[(rows,)](
