@@ -108,13 +108,37 @@ def test_torch_compile_fullgraph(backend):
     log_q, p = kl_div_case("neginf_input")
     x, y = torch.from_numpy(log_q).float(), torch.from_numpy(p).float()
 
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep[1] = False
+
     @torch.compile(fullgraph=True)
     def loss(a, b):
-        return klx.kl_div(a, b, reduction="batchmean"), klx.kl_divergence(
-            b, a, q_form="log_probs", reduction="sum"
+        js = klx.js_divergence(
+            a,
+            a.flip(0),
+            p_form="logits",
+            q_form="logits",
+            temperature=2.0,
+            where=keep,
+            reduction="batchmean",
+        )
+        return (
+            klx.kl_div(a, b, reduction="batchmean"),
+            klx.kl_divergence(b, a, q_form="log_probs", reduction="sum"),
+            js,
         )
 
-    got_div, got_kl = loss(x, y)
+    got_div, got_kl, got_js = loss(x, y)
+    eager_js = klx.js_divergence(
+        x,
+        x.flip(0),
+        p_form="logits",
+        q_form="logits",
+        temperature=2.0,
+        where=keep,
+        reduction="batchmean",
+    )
+    np.testing.assert_allclose(got_js.item(), eager_js.item(), rtol=1e-5)
     ref_div = klx.kl_div(x, y, reduction="batchmean")
     ref, _ = reference.kl_div(log_q, p, "sum", log_target=False)
     assert got_div.dtype == torch.float32 and got_div.shape == ()
