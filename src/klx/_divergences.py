@@ -201,7 +201,7 @@ def _divergence(
     t = check_temperature(temperature, forms)
     reduction = check_reduction(reduction, REDUCTIONS)
     b = check_beta(beta)
-    check_same_device(named)
+    check_same_device(named, xp)
     shape = broadcast_shapes([("p", tuple(p.shape)), ("q", tuple(q.shape))])
     ax = normalize_axis(axis, len(shape))
     batch_shape = shape[:ax] + shape[ax + 1 :]

@@ -123,7 +123,7 @@ def kl_div(
     check_float(xp, "target", target)
     reduction = check_reduction(reduction, KL_DIV_REDUCTIONS)
     log_target = check_flag("log_target", log_target)
-    check_same_device(named)
+    check_same_device(named, xp)
     broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
     if resolve_validate(validate):
         # torch's convention: the distributions lie along the last axis.

@@ -145,14 +145,19 @@ def device_of(x: Any) -> Any:
         return None
 
 
-def check_same_device(named: Sequence[tuple[str, Any]]) -> Any:
-    """Return the common device of the named arrays.
+def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = None) -> Any:
+    """Return the common device of the named arrays (``None`` where it cannot be told).
+
+    Given the namespace `xp`, libraries whose arrays all live in one place (NumPy, Dask's
+    NumPy chunks: the CPU; JAX, which places arrays itself) are not inspected at all.
 
     Raises
     ------
     ValueError
         If two arrays live on different devices.
     """
+    if xp is not None and xp.__name__ in _ONE_PLACE:
+        return None
     first_name, first_device = None, None
     for name, value in named:
         if value is None:
@@ -169,6 +174,10 @@ def check_same_device(named: Sequence[tuple[str, Any]]) -> Any:
             )
             raise ValueError(msg)
     return first_device
+
+
+#: Namespaces whose arrays need no device comparison.
+_ONE_PLACE = ("array_api_compat.numpy", "jax.numpy")
 
 
 def is_concrete(x: Any) -> bool:
