@@ -8,21 +8,34 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
 * :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
 * :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
+* :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
 """
 
-from klx._config import is_validating, set_validation, validation
+from klx._accel.registry import AcceleratorWarning, Dispatch, explain
+from klx._config import (
+    accelerators_enabled,
+    is_validating,
+    set_accelerators,
+    set_validation,
+    validation,
+)
 from klx._divergences import js_divergence, kl_divergence
 from klx._kl_div import KLDivMeanWarning, kl_div
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AcceleratorWarning",
+    "Dispatch",
     "KLDivMeanWarning",
     "__version__",
+    "accelerators_enabled",
+    "explain",
     "is_validating",
     "js_divergence",
     "kl_div",
     "kl_divergence",
+    "set_accelerators",
     "set_validation",
     "validation",
 ]

@@ -20,20 +20,31 @@ and the gradient of the guarded entries is exactly 0, never NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from klx._call import DivergenceCall, KLDivCall
 
 Array = Any
 
 __all__ = [
+    "DIVERGENCES",
     "Weighted",
+    "divergence",
     "divergence_rows",
+    "divergence_terms",
     "divide",
+    "finish_rows",
     "js_terms",
+    "kl_div",
     "kl_terms",
     "log_softmax",
     "mask_rows",
     "reduce_rows",
+    "reduction_divisor",
+    "shape_size",
     "weighted",
 ]
 
@@ -151,33 +162,65 @@ def _zero_weight(zero: Array, b: float) -> Array:
     return zero | ~zero if b == 0 else zero
 
 
-def divergence_rows(
-    xp: ModuleType,
-    kind: str,
-    p: Array,
-    q: Array,
-    *,
-    p_form: str,
-    q_form: str,
-    axis: int,
-    temperature: float,
-    beta: float,
-    keep_full: Array | None,
-) -> Array:
-    """One value per distribution: KL(P || Q) (`kind` 'kl') or JS_beta (`kind` 'js').
+#: A divergence's pointwise terms: ``terms(xp, p, q, *, p_form, q_form, axis, temperature,
+#: **options)``, whose sum over `axis` is the divergence of one distribution pair.
+TermsFunction = Callable[..., Array]
 
-    Distributions that `keep_full` drops are replaced by a safe one first, so their
+#: Every divergence klx computes, by the name its call object carries. Adding one is a
+#: terms function here, an entry in this table, and a public function that builds its call.
+DIVERGENCES: dict[str, TermsFunction] = {
+    "kl": kl_terms,
+    "js": js_terms,
+}
+
+
+def divergence_terms(kind: str) -> TermsFunction:
+    """The terms function of the divergence `kind` (a KeyError names the known ones)."""
+    try:
+        return DIVERGENCES[kind]
+    except KeyError:
+        msg = f"unknown divergence {kind!r}; known: {', '.join(sorted(DIVERGENCES))}"
+        raise KeyError(msg) from None
+
+
+def divergence_rows(
+    xp: ModuleType, call: DivergenceCall, p: Array, q: Array, keep: Array | None
+) -> Array:
+    """One value per distribution of the divergence `call.kind`, by the definition.
+
+    `p` and `q` are in the accumulation dtype; they may be row blocks of the call's
+    inputs, with `keep` the matching block of ``call.keep`` (full rank, size 1 on the
+    axis). Distributions that `keep` drops are replaced by a safe one first, so their
     (later discarded) values and gradients stay finite.
     """
-    p = mask_rows(xp, p, keep_full, p_form)
-    q = mask_rows(xp, q, keep_full, q_form)
-    if kind == "kl":
-        terms = kl_terms(xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature)
-    else:
-        terms = js_terms(
-            xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature, beta=beta
-        )
-    return xp.sum(terms, axis=axis)
+    p = mask_rows(xp, p, keep, call.p_form)
+    q = mask_rows(xp, q, keep, call.q_form)
+    terms = divergence_terms(call.kind)(
+        xp,
+        p,
+        q,
+        p_form=call.p_form,
+        q_form=call.q_form,
+        axis=call.axis,
+        temperature=call.temperature,
+        **dict(call.options),
+    )
+    return xp.sum(terms, axis=call.axis)
+
+
+def divergence(xp: ModuleType, call: DivergenceCall) -> Array:
+    """The reduced divergence of `call`, entirely by the definition, in the result dtype."""
+    p = xp.astype(call.p, call.acc, copy=False)
+    q = xp.astype(call.q, call.acc, copy=False)
+    rows = divergence_rows(xp, call, p, q, call.keep)
+    return finish_rows(xp, call, rows)
+
+
+def finish_rows(xp: ModuleType, call: DivergenceCall, rows: Array) -> Array:
+    """Reduce per-distribution values (from the definition or an accelerator) as asked."""
+    keep = None if call.keep is None else xp.squeeze(call.keep, axis=call.axis)
+    out = reduce_rows(xp, rows, call.reduction, keep, shape_size(call.batch_shape))
+    return xp.astype(out, call.dtype, copy=False)
 
 
 def mask_rows(xp: ModuleType, x: Array, keep_full: Array | None, form: str) -> Array:
@@ -185,6 +228,47 @@ def mask_rows(xp: ModuleType, x: Array, keep_full: Array | None, form: str) -> A
     if keep_full is None:
         return x
     return xp.where(keep_full, x, 1.0 if form == "probs" else 0.0)
+
+
+def kl_div(xp: ModuleType, call: KLDivCall) -> Array:
+    """:func:`klx.kl_div` by the array-API definition: what every accelerator must agree with."""
+    terms = kl_terms(
+        xp,
+        xp.astype(call.target, call.acc, copy=False),
+        xp.astype(call.input, call.acc, copy=False),
+        p_form="log_probs" if call.log_target else "probs",
+        q_form="log_probs",
+        axis=-1,
+    )
+    if call.reduction == "none":
+        out = terms
+    else:
+        out = xp.sum(terms)
+        div = reduction_divisor(call.reduction, call.shape, call.first)
+        if div != 1.0:
+            out = divide(out, div)
+    return xp.astype(out, call.dtype, copy=False)
+
+
+def reduction_divisor(reduction: str, shape: Sequence[int | None], first: int | None) -> float:
+    """What `kl_div`'s total is divided by: the element count for 'mean', `first` (the size
+    of `input`'s axis 0; None for 0-d input) for 'batchmean', else 1.
+
+    The one place this rule is written; every accelerator uses it.
+    """
+    if reduction == "mean":
+        return shape_size(shape)
+    if reduction == "batchmean" and first is not None:
+        return float(first)
+    return 1.0
+
+
+def shape_size(shape: Sequence[int | None]) -> float:
+    """The number of elements of `shape` (NaN where a size is unknown, as in Dask)."""
+    size = 1.0
+    for s in shape:  # a plain loop: torch.compile cannot trace a generator here
+        size *= math.nan if s is None else s
+    return size
 
 
 def reduce_rows(

@@ -24,7 +24,6 @@ __all__ = [
     "check_temperature",
     "check_where",
     "normalize_axis",
-    "shape_size",
 ]
 
 #: Reductions of the torch-compatible :func:`klx.kl_div`.
@@ -184,11 +183,3 @@ def check_where(xp: ModuleType, where: Any, batch_shape: Shape) -> None:
             "distribution."
         )
         raise ValueError(msg)
-
-
-def shape_size(shape: Shape) -> float:
-    """The number of elements of `shape` (NaN where a size is unknown, as in Dask)."""
-    size = 1.0
-    for s in shape:  # a plain loop: torch.compile cannot trace a generator here
-        size *= math.nan if s is None else s
-    return size

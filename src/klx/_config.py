@@ -16,10 +16,48 @@ from collections.abc import Iterator
 
 from klx._checks import check_flag
 
-__all__ = ["is_validating", "resolve_validate", "set_validation", "validation"]
+__all__ = [
+    "accelerators_enabled",
+    "is_validating",
+    "resolve_validate",
+    "set_accelerators",
+    "set_validation",
+    "validation",
+]
 
 _TRUE = {"1", "true", "yes", "on"}
-_state = {"validate": os.environ.get("KLX_VALIDATE", "").strip().lower() in _TRUE}
+_FALSE = {"0", "false", "no", "off"}
+_state = {
+    "validate": os.environ.get("KLX_VALIDATE", "").strip().lower() in _TRUE,
+    "accelerators": os.environ.get("KLX_ACCELERATORS", "").strip().lower() not in _FALSE,
+}
+
+
+def accelerators_enabled() -> bool:
+    """Whether klx may use its accelerators (fast paths); the definition serves otherwise.
+
+    On by default; ``KLX_ACCELERATORS=0`` (or ``false``, ``no``, ``off``) in the
+    environment turns them off from the start, :func:`set_accelerators` at any time.
+    """
+    return _state["accelerators"]
+
+
+def set_accelerators(enabled: bool) -> None:
+    """Allow (True) or forbid (False) every accelerator, for the whole process.
+
+    With accelerators off, every call runs the array-API definition
+    (:mod:`klx._agnostic`): slower on some backends, identical in what it computes.
+    :func:`klx.explain` shows which path a call takes.
+
+    Examples
+    --------
+    >>> import klx
+    >>> klx.set_accelerators(False)
+    >>> klx.accelerators_enabled()
+    False
+    >>> klx.set_accelerators(True)
+    """
+    _state["accelerators"] = check_flag("enabled", enabled)
 
 
 def is_validating() -> bool:

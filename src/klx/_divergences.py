@@ -6,22 +6,8 @@ from types import ModuleType
 from typing import Any
 
 from klx import _accel
-from klx._agnostic import divergence_rows, reduce_rows
-from klx._checks import (
-    REDUCTIONS,
-    broadcast_shapes,
-    check_beta,
-    check_float,
-    check_form,
-    check_reduction,
-    check_temperature,
-    check_where,
-    normalize_axis,
-    shape_size,
-)
-from klx._config import resolve_validate
-from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._namespace import array_namespace, check_same_device
+from klx._call import DivergenceCall, parse_divergence
+from klx._dtypes import as_array, numpy_quiet
 from klx._validation import check_distribution
 
 __all__ = ["js_divergence", "kl_divergence"]
@@ -120,9 +106,7 @@ def kl_divergence(
     ...                   temperature=2.0, where=keep, reduction="batchmean")
     array(0.0152...)
     """
-    return _divergence(
-        "kl", p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, 0.5
-    )
+    return evaluate(parse_divergence("kl", **locals()))
 
 
 def js_divergence(
@@ -174,78 +158,23 @@ def js_divergence(
     >>> klx.js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]))  # disjoint: log 2
     array(0.6931...)
     """
-    return _divergence(
-        "js", p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, beta
-    )
+    return evaluate(parse_divergence("js", **locals()))
 
 
-def _divergence(
-    kind: str,
-    p: Array,
-    q: Array,
-    axis: object,
-    p_form: object,
-    q_form: object,
-    temperature: object,
-    where: Array | None,
-    reduction: object,
-    validate: object,
-    xp: ModuleType | None,
-    beta: object,
-) -> Array:
-    named = [("p", p), ("q", q), ("where", where)]
-    xp = array_namespace(named) if xp is None else xp
-    check_float(xp, "p", p)
-    check_float(xp, "q", q)
-    forms = (check_form("p_form", p_form), check_form("q_form", q_form))
-    t = check_temperature(temperature, forms)
-    reduction = check_reduction(reduction, REDUCTIONS)
-    b = check_beta(beta)
-    check_same_device(named, xp)
-    shape = broadcast_shapes([("p", tuple(p.shape)), ("q", tuple(q.shape))])
-    ax = normalize_axis(axis, len(shape))
-    batch_shape = shape[:ax] + shape[ax + 1 :]
-    keep_full = None
-    if where is not None:
-        check_where(xp, where, batch_shape)
-        lead = (1,) * (len(batch_shape) - where.ndim)
-        keep_full = xp.expand_dims(xp.reshape(where, lead + tuple(where.shape)), axis=ax)
-
-    if tuple(p.shape) != shape:
-        p = xp.broadcast_to(p, shape)
-    if tuple(q.shape) != shape:
-        q = xp.broadcast_to(q, shape)
-    if resolve_validate(validate):
-        for name, x, form in (("p", p, forms[0]), ("q", q, forms[1])):
+def evaluate(call: DivergenceCall) -> Array:
+    """Validate (if asked), then compute `call` by an accelerator or the definition."""
+    if call.validate:
+        for name, x, form in (("p", call.p, call.p_form), ("q", call.q, call.q_form)):
             hint_log, hint_probs = _HINTS[name]
             check_distribution(
-                xp,
+                call.xp,
                 name,
                 x,
                 form,
-                axis=ax,
-                keep_full=keep_full,
+                axis=call.axis,
+                keep_full=call.keep,
                 hint_log=hint_log,
                 hint_probs=hint_probs,
             )
-
-    dtype = xp.result_type(p, q)
-    acc = accumulation_dtype(xp, dtype)
-    with numpy_quiet(p):
-        spec = _accel.RowsSpec(kind, forms[0], forms[1], ax, t, b, acc)
-        rows = _accel.divergence_rows(xp, spec, p, q, keep_full)
-        if rows is None:
-            rows = divergence_rows(
-                xp,
-                kind,
-                xp.astype(p, acc, copy=False),
-                xp.astype(q, acc, copy=False),
-                p_form=forms[0],
-                q_form=forms[1],
-                axis=ax,
-                temperature=t,
-                beta=b,
-                keep_full=keep_full,
-            )
-        out = reduce_rows(xp, rows, reduction, where, shape_size(batch_shape))
-        return as_array(xp.astype(out, dtype, copy=False))
+    with numpy_quiet(call.p):
+        return as_array(_accel.evaluate_divergence(call))

@@ -7,18 +7,8 @@ from types import ModuleType
 from typing import Any
 
 from klx import _accel
-from klx._agnostic import divide, kl_terms
-from klx._checks import (
-    KL_DIV_REDUCTIONS,
-    broadcast_shapes,
-    check_flag,
-    check_float,
-    check_reduction,
-    shape_size,
-)
-from klx._config import resolve_validate
-from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._namespace import array_namespace, check_same_device
+from klx._call import parse_kl_div
+from klx._dtypes import as_array, numpy_quiet
 from klx._validation import check_distribution
 
 __all__ = ["KLDivMeanWarning", "kl_div"]
@@ -117,58 +107,25 @@ def kl_div(
     >>> klx.kl_div(np.array([-np.inf]), np.array([0.0]), reduction="sum")  # torch: nan
     array(0.)
     """
-    named = [("input", input), ("target", target)]
-    xp = array_namespace(named) if xp is None else xp
-    check_float(xp, "input", input)
-    check_float(xp, "target", target)
-    reduction = check_reduction(reduction, KL_DIV_REDUCTIONS)
-    log_target = check_flag("log_target", log_target)
-    check_same_device(named, xp)
-    broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
-    if resolve_validate(validate):
-        # torch's convention: the distributions lie along the last axis.
-        check_distribution(xp, "input", input, "log_probs", axis=-1 if input.ndim else None)
-        check_distribution(
-            xp,
-            "target",
-            target,
-            "log_probs" if log_target else "probs",
-            axis=-1 if target.ndim else None,
-            hint_log="pass log_target=True if `target` holds log-probabilities",
-            hint_probs="pass log_target=False if `target` holds probabilities",
-        )
-    if reduction == "mean":
+    call = parse_kl_div(input, target, reduction, log_target, validate, xp)
+    if call.validate:
+        _validate(call)
+    if call.reduction == "mean":
         warnings.warn(_MEAN_WARNING, KLDivMeanWarning, stacklevel=2)
-
-    fast = _accel.kl_div(xp, input, target, reduction=reduction, log_target=log_target)
-    if fast is not None:
-        return fast
-
-    return generic(xp, input, target, reduction=reduction, log_target=log_target)
-
-
-def generic(
-    xp: ModuleType, input: Array, target: Array, *, reduction: str, log_target: bool
-) -> Array:
-    """`kl_div` by the array-API definition: the path every accelerator must agree with."""
-    shape = broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
-    dtype = input.dtype if input.dtype == target.dtype else xp.result_type(input, target)
-    acc = accumulation_dtype(xp, dtype)
     with numpy_quiet(input):
-        terms = kl_terms(
-            xp,
-            xp.astype(target, acc, copy=False),
-            xp.astype(input, acc, copy=False),
-            p_form="log_probs" if log_target else "probs",
-            q_form="log_probs",
-            axis=-1,
-        )
-        if reduction == "none":
-            out = terms
-        else:
-            out = xp.sum(terms)
-            if reduction == "mean":
-                out = divide(out, shape_size(shape))
-            elif reduction == "batchmean" and input.ndim != 0:
-                out = divide(out, input.shape[0])
-        return as_array(xp.astype(out, dtype, copy=False))
+        return as_array(_accel.evaluate_kl_div(call))
+
+
+def _validate(call: Any) -> None:
+    # torch's convention: the distributions lie along the last axis.
+    xp = call.xp
+    check_distribution(xp, "input", call.input, "log_probs", axis=-1 if call.input.ndim else None)
+    check_distribution(
+        xp,
+        "target",
+        call.target,
+        "log_probs" if call.log_target else "probs",
+        axis=-1 if call.target.ndim else None,
+        hint_log="pass log_target=True if `target` holds log-probabilities",
+        hint_probs="pass log_target=False if `target` holds probabilities",
+    )

@@ -24,7 +24,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from klx._agnostic import kl_terms
+from klx._agnostic import divide, kl_terms, reduction_divisor
 
 __all__ = ["kl_div_numpy", "kl_div_torch"]
 
@@ -34,20 +34,19 @@ NUMPY_BLOCK = 1 << 14
 TORCH_BLOCK = 1 << 16
 
 
-def _reduce_total(total: float, n: int, first: int, reduction: str, ndim: int) -> float:
-    if reduction == "mean":
-        return total / n if n else math.nan
-    if reduction == "batchmean" and ndim:
-        return total / first if first else math.nan
-    return total
+def _reduced(call: Any, total: float) -> float:
+    div = reduction_divisor(call.reduction, call.shape, call.first)
+    return total / div if div else math.nan
 
 
-def kl_div_numpy(xp: ModuleType, x: Any, y: Any, reduction: str, log_target: bool) -> Any:
+def kl_div_numpy(call: Any) -> Any:
+    """`kl_div` of two C-contiguous float32/float64 NumPy arrays of one shape and dtype."""
     import numpy as np
 
+    xp, x, y, log_target = call.xp, call.input, call.target, call.log_target
     n = x.size
     xf, yf = x.reshape(-1), y.reshape(-1)
-    out = np.empty(n, dtype=x.dtype) if reduction == "none" else None
+    out = np.empty(n, dtype=x.dtype) if call.reduction == "none" else None
     # NumPy runs on one core; its ufuncs release the GIL, so threads can share the blocks.
     # Each thread takes a fixed contiguous share, and the shares' sums are added in
     # order: the result does not depend on scheduling.
@@ -61,8 +60,7 @@ def kl_div_numpy(xp: ModuleType, x: Any, y: Any, reduction: str, log_target: boo
     total = share(shares[0]) if workers == 1 else sum(_pool().map(share, shares))
     if out is not None:
         return out.reshape(x.shape)
-    first = x.shape[0] if x.ndim else 1
-    return np.asarray(_reduce_total(total, n, first, reduction, x.ndim), dtype=x.dtype)
+    return np.asarray(_reduced(call, total), dtype=x.dtype)
 
 
 def _numpy_share(
@@ -122,14 +120,16 @@ def _pool() -> Any:
     return _POOL[0]
 
 
-def kl_div_torch(xp: ModuleType, x: Any, y: Any, reduction: str, log_target: bool) -> Any:
+def kl_div_torch(call: Any) -> Any:
+    """`kl_div` of two contiguous float32/float64 CPU tensors of one shape and dtype."""
     import torch
 
+    xp, x, y, log_target = call.xp, call.input, call.target, call.log_target
     n = x.numel()
     if n <= TORCH_BLOCK:
-        return _kl_div_torch_small(xp, x, y, reduction, log_target, n)
+        return _kl_div_torch_small(call)
     xf, yf = x.reshape(-1), y.reshape(-1)
-    out = torch.empty(n, dtype=x.dtype) if reduction == "none" else None
+    out = torch.empty(n, dtype=x.dtype) if call.reduction == "none" else None
     buf = torch.empty(TORCH_BLOCK, dtype=x.dtype)
     tmp = torch.empty(TORCH_BLOCK, dtype=x.dtype) if log_target else None
     total = 0.0
@@ -144,8 +144,7 @@ def kl_div_torch(xp: ModuleType, x: Any, y: Any, reduction: str, log_target: boo
         total += s
     if out is not None:
         return out.reshape(x.shape)
-    first = x.shape[0] if x.ndim else 1
-    return torch.tensor(_reduce_total(total, n, first, reduction, x.ndim), dtype=x.dtype)
+    return torch.tensor(_reduced(call, total), dtype=x.dtype)
 
 
 def _torch_formula(x: Any, y: Any, out: Any, tmp: Any, dot: bool) -> float:
@@ -169,9 +168,7 @@ def _torch_formula(x: Any, y: Any, out: Any, tmp: Any, dot: bool) -> float:
     return float(out.sum())
 
 
-def _kl_div_torch_small(
-    xp: ModuleType, x: Any, y: Any, reduction: str, log_target: bool, n: int
-) -> Any:
+def _kl_div_torch_small(call: Any) -> Any:
     """One block: a single call of torch's own kernel, whose dispatch is cheapest.
 
     ``torch.kl_div`` computes ``xlogy(y, y) - y x`` (or ``e^y (y - x)``): the definition
@@ -180,17 +177,18 @@ def _kl_div_torch_small(
     """
     import torch
 
+    x, y, reduction = call.input, call.target, call.reduction
     enum = _TORCH_REDUCTION[reduction]
-    out = torch.kl_div(x, y, enum, log_target=log_target)
+    out = torch.kl_div(x, y, enum, log_target=call.log_target)
     v = (out if enum else out.sum()).item()  # one number read on the CPU: no sync
     if v != v:
-        out = _exact(xp, x, y, log_target)
+        out = _exact(call.xp, x, y, call.log_target)
         if enum:
             out = out.sum()
             if reduction == "mean":
-                out = out / n if n else out * math.nan
-    if reduction == "batchmean" and x.ndim:
-        out = out / x.shape[0] if x.shape[0] else out * math.nan
+                out = divide(out, x.numel())
+    if reduction == "batchmean" and call.first is not None:
+        out = divide(out, call.first)
     return out
 
 

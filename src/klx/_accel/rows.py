@@ -13,7 +13,6 @@ Eager only (NumPy; torch on the CPU without autograd, not under ``torch.compile`
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from typing import Any
 
 from klx._agnostic import divergence_rows
@@ -26,32 +25,29 @@ ROW_BLOCK_ELEMENTS = 1 << 19
 TORCH_ROW_BLOCK_ELEMENTS = 1 << 20
 
 
-def blocked_rows(xp: ModuleType, spec: Any, p: Any, q: Any, keep_full: Any) -> Any:
+def blocked_rows(call: Any) -> Any:
     """Per-distribution values of inputs whose distributions lie along the last axis."""
+    xp, p, q = call.xp, call.p, call.q
     vocab = p.shape[-1]
     batch = tuple(p.shape[:-1])
     n_rows = math.prod(batch)
     p2 = xp.reshape(p, (n_rows, vocab))
     q2 = xp.reshape(q, (n_rows, vocab))
     keep2 = None
-    if keep_full is not None:
-        keep2 = xp.reshape(xp.broadcast_to(keep_full, (*batch, 1)), (n_rows, 1))
+    if call.keep is not None:
+        keep2 = xp.reshape(xp.broadcast_to(call.keep, (*batch, 1)), (n_rows, 1))
+    block_call = call._replace(axis=1)
     per_block = ROW_BLOCK_ELEMENTS if type(p).__module__ == "numpy" else TORCH_ROW_BLOCK_ELEMENTS
     step = max(1, per_block // max(vocab, 1))
-    out = xp.empty((n_rows,), dtype=spec.acc, device=_device(p))
+    out = xp.empty((n_rows,), dtype=call.acc, device=_device(p))
     for r0 in range(0, n_rows, step):
         r1 = min(r0 + step, n_rows)
         out[r0:r1] = divergence_rows(
             xp,
-            spec.kind,
-            xp.astype(p2[r0:r1, :], spec.acc, copy=False),
-            xp.astype(q2[r0:r1, :], spec.acc, copy=False),
-            p_form=spec.p_form,
-            q_form=spec.q_form,
-            axis=-1,
-            temperature=spec.temperature,
-            beta=spec.beta,
-            keep_full=None if keep2 is None else keep2[r0:r1, :],
+            block_call,
+            xp.astype(p2[r0:r1, :], call.acc, copy=False),
+            xp.astype(q2[r0:r1, :], call.acc, copy=False),
+            None if keep2 is None else keep2[r0:r1, :],
         )
     return xp.reshape(out, batch)
 

@@ -1,0 +1,175 @@
+"""Call objects: a public call's arguments, checked once and frozen.
+
+Each public function turns its arguments into one of these (``parse_*``), and everything
+after that (validation, the accelerator registry, the definition in
+:mod:`klx._agnostic`) reads the call object, never loose arguments. The checks are in
+:mod:`klx._checks`; they read shapes, dtypes and Python values only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from klx._checks import (
+    KL_DIV_REDUCTIONS,
+    REDUCTIONS,
+    broadcast_shapes,
+    check_beta,
+    check_flag,
+    check_float,
+    check_form,
+    check_reduction,
+    check_temperature,
+    check_where,
+    normalize_axis,
+)
+from klx._config import resolve_validate
+from klx._dtypes import accumulation_dtype
+from klx._namespace import array_namespace, check_same_device
+
+__all__ = ["DivergenceCall", "KLDivCall", "parse_divergence", "parse_kl_div"]
+
+Array = Any
+Shape = tuple[int | None, ...]
+
+
+class KLDivCall(NamedTuple):
+    """A checked call of :func:`klx.kl_div`."""
+
+    xp: ModuleType
+    input: Array
+    target: Array
+    reduction: str
+    log_target: bool
+    validate: bool
+    #: The broadcast shape of `input` and `target`.
+    shape: Shape
+    #: ``input.shape[0]`` ('batchmean' divides by it), or None for 0-d input.
+    first: int | None
+    #: The result dtype (promoted) and the dtype terms are accumulated in.
+    dtype: Any
+    acc: Any
+
+
+class DivergenceCall(NamedTuple):
+    """A checked call of a divergence between distributions along `axis`.
+
+    `p` and `q` are broadcast to one shape; `keep` is the `where` mask in its one internal
+    form: full rank, size 1 along `axis` (None keeps every distribution).
+    """
+
+    kind: str
+    xp: ModuleType
+    p: Array
+    q: Array
+    axis: int
+    p_form: str
+    q_form: str
+    temperature: float
+    #: The divergence's own parameters (e.g. ``beta`` of JS), passed to its terms function.
+    options: tuple[tuple[str, float], ...]
+    keep: Array | None
+    reduction: str
+    validate: bool
+    batch_shape: Shape
+    dtype: Any
+    acc: Any
+
+
+def parse_kl_div(
+    input: Array,
+    target: Array,
+    reduction: object,
+    log_target: object,
+    validate: object,
+    xp: ModuleType | None,
+) -> KLDivCall:
+    """Check the arguments of :func:`klx.kl_div` (raising TypeError / ValueError)."""
+    named = [("input", input), ("target", target)]
+    xp = array_namespace(named) if xp is None else xp
+    check_float(xp, "input", input)
+    check_float(xp, "target", target)
+    red = check_reduction(reduction, KL_DIV_REDUCTIONS)
+    log_t = check_flag("log_target", log_target)
+    check_same_device(named, xp)
+    shape = broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
+    dtype = input.dtype if input.dtype == target.dtype else xp.result_type(input, target)
+    first = input.shape[0] if input.ndim else None
+    return KLDivCall(
+        xp,
+        input,
+        target,
+        red,
+        log_t,
+        resolve_validate(validate),
+        shape,
+        first,
+        dtype,
+        accumulation_dtype(xp, dtype),
+    )
+
+
+def parse_divergence(
+    kind: str,
+    p: Array,
+    q: Array,
+    *,
+    axis: object,
+    p_form: object,
+    q_form: object,
+    temperature: object,
+    where: Array | None,
+    reduction: object,
+    validate: object,
+    xp: ModuleType | None,
+    **options: object,
+) -> DivergenceCall:
+    """Check the arguments of a divergence (raising TypeError / ValueError).
+
+    `options` are the divergence's own parameters (``beta=`` of JS), each checked by its
+    entry in :data:`OPTION_CHECKS`.
+    """
+    named = [("p", p), ("q", q), ("where", where)]
+    xp = array_namespace(named) if xp is None else xp
+    check_float(xp, "p", p)
+    check_float(xp, "q", q)
+    forms = (check_form("p_form", p_form), check_form("q_form", q_form))
+    t = check_temperature(temperature, forms)
+    red = check_reduction(reduction, REDUCTIONS)
+    check_same_device(named, xp)
+    shape = broadcast_shapes([("p", tuple(p.shape)), ("q", tuple(q.shape))])
+    ax = normalize_axis(axis, len(shape))
+    batch_shape = shape[:ax] + shape[ax + 1 :]
+    keep = None
+    if where is not None:
+        check_where(xp, where, batch_shape)
+        lead = (1,) * (len(batch_shape) - where.ndim)
+        keep = xp.expand_dims(xp.reshape(where, lead + tuple(where.shape)), axis=ax)
+    if tuple(p.shape) != shape:
+        p = xp.broadcast_to(p, shape)
+    if tuple(q.shape) != shape:
+        q = xp.broadcast_to(q, shape)
+    dtype = xp.result_type(p, q)
+    return DivergenceCall(
+        kind,
+        xp,
+        p,
+        q,
+        ax,
+        forms[0],
+        forms[1],
+        t,
+        tuple((name, OPTION_CHECKS[name](value)) for name, value in options.items()),
+        keep,
+        red,
+        resolve_validate(validate),
+        batch_shape,
+        dtype,
+        accumulation_dtype(xp, dtype),
+    )
+
+
+#: The check of each divergence parameter, by name.
+OPTION_CHECKS: dict[str, Callable[[object], float]] = {"beta": check_beta}
