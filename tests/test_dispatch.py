@@ -1,0 +1,342 @@
+"""The accelerator registry: every row reachable, gates, first-use checks, the off switch.
+
+* Reachability: for each registry row, a call it claims, made through the public API,
+  reaches the row's implementation (a spy) and equals the definition within the
+  conformance tolerances. The CUDA rows are reached with CPU tensors under
+  ``TRITON_INTERPRET=1`` through the registry's test-only device aliases.
+* First use: a wrong or crashing accelerator warns once and the definition serves.
+* ``KLX_ACCELERATORS=0``, :func:`klx.set_accelerators`, :func:`klx.explain`.
+* The docs table is the registry's; no import circle in ``src/klx``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import klx
+import reference
+from klx._accel import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {row.name: row for row in registry.ACCELERATORS}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_checks():
+    """Each test sees first-use checks as a new process would."""
+    registry.reset_checks()
+    yield
+    registry.reset_checks()
+    registry.DEVICE_ALIASES.clear()
+
+
+def _kl_div_inputs(rng, shape, log_target=False):
+    p = rng.random(shape) ** 2
+    p[..., ::8] = 0.0  # exact zeros in the target
+    p /= p.sum(axis=-1, keepdims=True)
+    q = rng.random(shape) + 0.05
+    q /= q.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        y = np.log(p) if log_target else p
+    return np.log(q), y
+
+
+def _claimed_call(row, backend):
+    """Arguments of a public call that `row` claims to serve, on `backend`."""
+    rng = np.random.default_rng(0)
+    if row.operation == "kl_div":
+        x, y = _kl_div_inputs(rng, (16, 64))
+        return (
+            klx.kl_div,
+            (backend.asarray(x, "float32"), backend.asarray(y, "float32")),
+            {"reduction": "sum"},
+        )
+    rows = max(2, row.min_size // 512)
+    t = rng.normal(size=(rows, 512)) * 2
+    s = rng.normal(size=(rows, 512)) * 2
+    fn = klx.kl_divergence if "kl" in row.kinds else klx.js_divergence
+    args = (backend.asarray(t, "float32"), backend.asarray(s, "float32"))
+    return fn, args, {"p_form": "logits", "q_form": "logits", "reduction": "none"}
+
+
+def _route(row, backend):
+    """Make `row`'s device match `backend`'s arrays, or skip with the reason."""
+    if row.library != backend.name:
+        pytest.skip(f"row {row.name} serves {row.library} arrays; this run tests {backend.name}")
+    if "cuda" in row.devices and backend.name == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            if importlib.util.find_spec("triton") is None:
+                pytest.skip("triton is not installed (the nox torch session installs it)")
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+            registry.DEVICE_ALIASES["cpu"] = "cuda"  # CPU tensors to the CUDA rows
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_every_row_is_reached_from_the_public_api(name, backend, monkeypatch):
+    row = ROWS[name]
+    _route(row, backend)
+    module_name, _, function = row.implementation.partition(":")
+    module = importlib.import_module(module_name)
+    real = getattr(module, function)
+    seen = []
+
+    def spy(call):
+        seen.append(call)
+        return real(call)
+
+    monkeypatch.setattr(module, function, spy)
+    fn, args, kwargs = _claimed_call(row, backend)
+    report = klx.explain(fn, *args, **kwargs)
+    assert report.chosen == row.name, str(report)
+    assert seen, "the implementation was not called"
+    klx.set_accelerators(False)
+    try:
+        want = fn(*args, **kwargs)
+    finally:
+        klx.set_accelerators(True)
+    got = report.result
+    assert type(got) is type(want)
+    assert got.dtype == want.dtype
+    assert tuple(got.shape) == tuple(want.shape)
+    err = reference.rel_error(
+        backend.to_numpy(got), backend.to_numpy(want), np.abs(backend.to_numpy(want)) + 1e-30
+    )
+    assert err <= reference.TOL["float32"], err
+
+
+def test_js_from_logits_reaches_its_triton_kernel(backend, monkeypatch):
+    """The two-pass JS kernel serves klx.js_divergence from logits (it once never did)."""
+    row = ROWS["triton-rows-from-logits"]
+    _route(row, backend)
+    from klx._accel import triton_distill
+
+    calls = []
+    real = triton_distill.js_rows_from_logits
+    monkeypatch.setattr(
+        triton_distill, "js_rows_from_logits", lambda *a: calls.append(a) or real(*a)
+    )
+    rng = np.random.default_rng(1)
+    t = backend.asarray(rng.normal(size=(4, 300)), "float64")
+    s = backend.asarray(rng.normal(size=(4, 300)), "float64")
+    report = klx.explain(klx.js_divergence, t, s, p_form="logits", q_form="logits", beta=0.3)
+    assert report.chosen == row.name, str(report)
+    assert calls
+    ref = reference.js_rows(
+        np.exp(reference.log_softmax(backend.to_numpy(t), -1)),
+        np.exp(reference.log_softmax(backend.to_numpy(s), -1)),
+        -1,
+        0.3,
+    )
+    np.testing.assert_allclose(backend.to_numpy(report.result), ref, rtol=1e-12)
+
+
+def _broken(monkeypatch, row_name, how):
+    row = ROWS[row_name]
+    module_name, _, function = row.implementation.partition(":")
+    module = importlib.import_module(module_name)
+    real = getattr(module, function)
+
+    def wrong(call):
+        if how == "raise":
+            msg = "a kernel that crashes"
+            raise RuntimeError(msg)
+        return real(call) * 2
+
+    monkeypatch.setattr(module, function, wrong)
+
+
+@pytest.mark.parametrize("how", ["wrong", "raise"])
+def test_a_wrong_accelerator_warns_once_and_the_definition_serves(backend, monkeypatch, how):
+    names = {"numpy": "numpy-blocked", "torch": "torch-cpu-blocked"}
+    if backend.name not in names:
+        pytest.skip("the CPU kl_div rows serve numpy and torch")
+    _broken(monkeypatch, names[backend.name], how)
+    x, y = _kl_div_inputs(np.random.default_rng(2), (8, 32))
+    x, y = backend.asarray(x, "float64"), backend.asarray(y, "float64")
+    with pytest.warns(klx.AcceleratorWarning, match=names[backend.name]) as caught:
+        first = klx.explain(klx.kl_div, x, y, reduction="sum")
+    assert len(caught) == 1
+    assert first.chosen == "definition"
+    assert any("first-use check" in why for _, why in first.refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        again = klx.kl_div(x, y, reduction="sum")
+    ref, _ = reference.kl_div(backend.to_numpy(x), backend.to_numpy(y), "sum", False)
+    np.testing.assert_allclose(backend.to_numpy(again), ref, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(first.result), ref, rtol=1e-12)
+
+
+def test_probe_runs_once_per_device_and_dtype(backend):
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("the CPU kl_div rows serve numpy and torch")
+    x, y = _kl_div_inputs(np.random.default_rng(3), (4, 16))
+    for dtype in ("float32", "float64", "float32"):
+        klx.kl_div(backend.asarray(x, dtype), backend.asarray(y, dtype), reduction="sum")
+    checked = registry.checked()
+    assert sorted(k[2] for k in checked) == ["float32", "float64"]
+    assert all(checked.values())
+
+
+def test_set_accelerators_and_explain(backend):
+    x, y = _kl_div_inputs(np.random.default_rng(4), (4, 16))
+    x, y = backend.asarray(x, "float32"), backend.asarray(y, "float32")
+    klx.set_accelerators(False)
+    try:
+        assert not klx.accelerators_enabled()
+        report = klx.explain(klx.kl_div, x, y, reduction="sum")
+    finally:
+        klx.set_accelerators(True)
+    assert report.chosen == "definition"
+    assert all("accelerators are off" in why for _, why in report.refused)
+    assert str(report).startswith("klx.kl_div: served by definition")
+    with pytest.raises(TypeError, match="`enabled` must be True or False"):
+        klx.set_accelerators("no")
+
+
+def test_environment_switch_turns_every_accelerator_off():
+    code = (
+        "import numpy as np, klx\n"
+        "r = klx.explain(klx.kl_div, np.zeros((2, 4)), np.full((2, 4), 0.25), reduction='sum')\n"
+        "print(klx.accelerators_enabled(), r.chosen)\n"
+    )
+    env = {**os.environ, "KLX_ACCELERATORS": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "definition"]
+
+
+@pytest.mark.parametrize("case", ["subclass", "strided", "broadcast", "mixed_dtype", "float16"])
+def test_gates_refuse_with_a_reason(backend, case):
+    if backend.name != "numpy":
+        pytest.skip("the gate cases are NumPy arrays")
+    x, y = _kl_div_inputs(np.random.default_rng(5), (8, 16))
+    if case == "subclass":
+        x, y = x.view(np.recarray), y.view(np.recarray)
+        why = "subclass"
+    elif case == "strided":
+        x, y = x[:, ::2], y[:, ::2]
+        why = "contiguous"
+    elif case == "broadcast":
+        y = y[:1]
+        why = "broadcast"
+    elif case == "mixed_dtype":
+        x = x.astype(np.float32)
+        why = "different dtypes"
+    else:
+        x, y = x.astype(np.float16), y.astype(np.float16)
+        why = "not float16"
+    report = klx.explain(klx.kl_div, x, y, reduction="sum")
+    assert report.chosen == "definition"
+    (reason,) = [r for n, r in report.refused if n == "numpy-blocked"]
+    assert why in reason
+
+
+def test_traced_calls_refuse_the_eager_rows(backend):
+    if backend.name == "jax":
+        import jax
+
+        def traced(a, b):
+            return klx.kl_div(a, b, reduction="sum")
+
+        fn = jax.jit(traced)
+        row = "jax-jit"
+        why = "JAX tracer"
+    elif backend.name == "torch":
+        import torch
+
+        def fn(a, b):
+            return torch.func.grad(lambda u: klx.kl_div(u, b, reduction="sum"))(a)
+
+        row = "torch-cpu-blocked"
+        why = "torch.func"
+    else:
+        pytest.skip("tracing: jax.jit and torch.func")
+    x, y = _kl_div_inputs(np.random.default_rng(6), (4, 8))
+    report = klx.explain(fn, backend.asarray(x, "float64"), backend.asarray(y, "float64"))
+    assert report.chosen == "definition"
+    assert any(n == row and why in r for n, r in report.refused), str(report)
+
+
+def test_docs_table_is_the_registry():
+    text = (ROOT / "docs" / "accelerators.md").read_text()
+    begin, end = "<!-- registry-table: begin -->\n", "\n<!-- registry-table: end -->"
+    table = text[text.index(begin) + len(begin) : text.index(end)]
+    assert table == registry.markdown_table(), (
+        "docs/accelerators.md is out of date: paste klx._accel.registry.markdown_table()"
+    )
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """klx modules `path` imports, at import time or inside functions (not for types only)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found: set[str] = set()
+    for sub in ast.walk(tree):
+        if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("klx"):
+            # `from klx._accel import probes` imports klx._accel.probes (its package is
+            # already imported); `from klx._x import f` imports klx._x
+            for a in sub.names:
+                sub_module = f"{sub.module}.{a.name}"
+                found.add(sub_module if sub_module in modules else sub.module)
+        elif isinstance(sub, ast.Import):
+            found.update(a.name for a in sub.names if a.name.startswith("klx"))
+    return found
+
+
+def test_no_import_circle_in_the_package():
+    src = ROOT / "src"
+    modules = {
+        ".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (src / "klx").rglob("*.py")
+    }
+    names = set(modules)
+    graph = {
+        m: {i for i in _imports(p, names) if i in names and i != m} for m, p in modules.items()
+    }
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = [*path[path.index(n) :], n] if n in path else [m, n]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_check_command_runs_and_writes_json(backend, tmp_path):
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "-m", "klx.check", "--libraries", backend.name, "--repeat", "1"]
+    cmd += ["--size", "8", "64", "--json", str(out)]
+    env = {**os.environ}
+    env.pop("TRITON_INTERPRET", None)  # the command checks real devices only
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "paths checked, 0 failed" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["library"] for r in rows} == {backend.name}
+    assert all(r["status"] == "ok" and r["cells"] > 0 for r in rows)
+    assert {r["path"] for r in rows} >= {"definition"}
