@@ -58,7 +58,7 @@ def tests(session: nox.Session, backend: str) -> None:
     session.run("pytest", *args, *session.posargs, env={"TRITON_INTERPRET": "1"})
     if backend == "torch":
         # The Triton kernels once more, through the real compiler (to sm_90 / sm_80 cubins).
-        session.run("pytest", "--backend=torch", "tests/test_triton_compile.py", *session.posargs)
+        session.run("pytest", "--backend=torch", "tests/toolchain/test_triton_compile.py", *session.posargs)
 
 
 @nox.session

@@ -10,7 +10,6 @@ the reason, whether asked for or not.
 from __future__ import annotations
 
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import backends as bk
+from support import backends as bk
 
 # CI draws the same examples every run (a red run must be reproducible); locally each run
 # explores new ones and keeps failures in the .hypothesis database.
@@ -79,11 +76,22 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
-    wanted = getattr(metafunc.function, "backends", None)  # set by @only(...)
+    marker = metafunc.definition.get_closest_marker("backends")
+    wanted = None
+    why = ""
+    if marker is not None:
+        if not marker.kwargs.get("reason"):
+            msg = f"{metafunc.definition.nodeid}: @pytest.mark.backends(...) needs a reason="
+            raise pytest.UsageError(msg)
+        wanted, why = marker.args, marker.kwargs["reason"]
     params = [pytest.param(b, id=b.id) for b in _LOADED if wanted is None or b.name in wanted]
     if not params:
-        reasons = "; ".join(f"{n}: {w}" for n, w in _SKIPPED.items()) or "not selected"
-        params = [pytest.param(None, id="none", marks=pytest.mark.skip(reason=reasons))]
+        if wanted is not None:
+            loaded = ", ".join(sorted({b.name for b in _LOADED})) or "none"
+            reason = f"runs on {', '.join(wanted)} only ({why}); this run tests {loaded}"
+        else:
+            reason = "; ".join(f"{n}: {w}" for n, w in _SKIPPED.items()) or "no backend loaded"
+        params = [pytest.param(None, id="none", marks=pytest.mark.skip(reason=reason))]
     metafunc.parametrize("backend", params, scope="session")
 
 

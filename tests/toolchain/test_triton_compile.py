@@ -12,8 +12,6 @@ import os
 
 import pytest
 
-from backends import only
-
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1",
     reason="compiling needs TRITON_INTERPRET unset (nox runs this file separately)",
@@ -40,7 +38,7 @@ def _compile(fn, signature, constexprs, arch):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="compiles the Triton kernels, which take torch tensors")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -92,7 +90,7 @@ def test_kl_div_kernels_compile(backend, arch, dtype):
             )
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="compiles the Triton kernels, which take torch tensors")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])

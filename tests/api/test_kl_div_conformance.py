@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import warnings
 
-import array_api_compat
 import numpy as np
 import pytest
 
 import klx
-import reference
-from cases import KL_DIV_CASES, kl_div_case
+from support import reference
+from support.asserts import check_array
+from support.cases import KL_DIV_CASES, kl_div_case
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -24,18 +24,6 @@ def _call(fn, *args, **kwargs):
         with pytest.warns(klx.KLDivMeanWarning, match="batchmean"):
             return fn(*args, **kwargs)
     return fn(*args, **kwargs)
-
-
-def check_array(backend, result, like, dtype, shape) -> None:
-    """Namespace, dtype, shape and device of a result."""
-    assert array_api_compat.array_namespace(result) is array_api_compat.array_namespace(like)
-    assert result.dtype == backend.dtypes[dtype]
-    assert tuple(result.shape) == tuple(shape)
-    assert backend.device_of(result) == backend.device_of(like)
-    if backend.name == "dask":
-        import dask.array as da
-
-        assert isinstance(result, da.Array), "dask results stay lazy"
 
 
 @pytest.mark.parametrize("case", KL_DIV_CASES)

@@ -8,9 +8,8 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 import klx
-import reference
-from backends import only
-from test_kl_div_conformance import check_array
+from support import reference
+from support.asserts import check_array
 
 FORMS = ("probs", "log_probs", "logits")
 REDUCTIONS = ("none", "sum", "batchmean")
@@ -144,7 +143,7 @@ def test_where_masks_padding_rows(backend, reduction):
     np.testing.assert_allclose(backend.to_numpy(got), ref, rtol=1e-12)
 
 
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
 def test_gradients_finite_with_masks_and_neginf_logits(backend):
     rng = np.random.default_rng(5)
     t = rng.normal(size=(4, 6))
@@ -203,7 +202,7 @@ def test_gradients_finite_with_masks_and_neginf_logits(backend):
     np.testing.assert_allclose(g[rows], ((ps - pt) / 2.0 / keep.sum())[rows], atol=1e-12)
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="torch autograd")
 def test_probabilities_with_zero_q_where_p_zero_have_finite_gradient(backend):
     import torch
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 import klx
-import reference
-from backends import only
-from test_accelerators import _triton_device
+from support import reference
+from support.asserts import triton_device
 
 
 def _logits(rng, rows, vocab):
@@ -34,12 +33,12 @@ def _reference(t, s, temperature):
     return kl, scale, (q - p) / temperature, p * inner / temperature
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
 def test_triton_one_pass_kernel_matches_reference(backend, dtype):
     import torch
 
-    device = _triton_device()
+    device = triton_device()
     from klx._accel import triton_distill
 
     rng = np.random.default_rng(0)
@@ -63,11 +62,11 @@ def test_triton_one_pass_kernel_matches_reference(backend, dtype):
     assert np.all(backend.to_numpy(s.grad)[2] == 0)
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
 def test_triton_kernel_masks_nan_padding_rows(backend):
     import torch
 
-    device = _triton_device()
+    device = triton_device()
     from klx._accel import triton_distill
 
     rng = np.random.default_rng(1)
@@ -84,7 +83,7 @@ def test_triton_kernel_masks_nan_padding_rows(backend):
     assert torch.all(torch.isfinite(t.grad)) and torch.all(torch.isfinite(s.grad))
 
 
-@only("numpy", "torch")
+@pytest.mark.backends("numpy", "torch", reason="the row-blocked CPU paths serve NumPy and torch")
 @pytest.mark.parametrize("kind", ["kl", "js"])
 def test_row_blocked_cpu_path_matches_reference(backend, kind):
     rng = np.random.default_rng(2)
@@ -114,7 +113,7 @@ def test_row_blocked_cpu_path_matches_reference(backend, kind):
 
 
 @pytest.mark.slow
-@only("numpy")
+@pytest.mark.backends("numpy", reason="tracemalloc sees NumPy's allocations")
 def test_numpy_2048_by_32000_logits_in_bounded_memory(backend):
     """2048 x 32000 float32 logits (250 MiB each): extra peak memory under 64 MB, and the
     'batchmean' matches float64 to 1e-5 relative."""
@@ -162,11 +161,11 @@ def _js_reference(t, s, temperature, beta):
     return js, gt, gs
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
 @pytest.mark.parametrize("beta", [0.5, 0.1, 1.0])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_triton_js_kernel_matches_reference(backend, dtype, beta):
-    device = _triton_device()
+    device = triton_device()
     from klx._accel import triton_distill
 
     rng = np.random.default_rng(4)

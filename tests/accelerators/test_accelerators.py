@@ -8,16 +8,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
 import klx
-import reference
-from backends import only
-from cases import kl_div_case
+from support import reference
+from support.asserts import triton_device
+from support.cases import kl_div_case
 
 CASES = [
     "random",
@@ -33,26 +30,14 @@ CASES = [
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
-def _triton_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (the nox torch session installs it)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run")
-    return "cpu"
-
-
-@only("torch")
+@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_triton_kernels_match_reference(backend, dtype, log_target, case, conformance):
     import torch
 
-    device = _triton_device()
+    device = triton_device()
     from klx._accel import triton_kl
 
     log_q, p = kl_div_case(case)
@@ -82,13 +67,13 @@ def test_triton_kernels_match_reference(backend, dtype, log_target, case, confor
     np.testing.assert_array_equal(backend.to_numpy(x), xs)  # inputs untouched
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("log_target", [False, True])
 def test_triton_backward_matches_analytic(backend, reduction, log_target):
     import torch
 
-    device = _triton_device()
+    device = triton_device()
     from klx._accel import triton_kl
 
     log_q, p = kl_div_case("neginf_input")
@@ -121,7 +106,7 @@ def test_triton_backward_matches_analytic(backend, reduction, log_target):
         np.testing.assert_allclose(x.grad.cpu().numpy(), x2.grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
-@only("numpy", "torch")
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU paths serve NumPy and torch")
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_blocked_cpu_results_repeat_bit_for_bit(backend, reduction):
     log_q, p = kl_div_case("large")

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 import klx
-from backends import only
 
 P = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
 LOG_Q = np.log(np.array([[0.3, 0.3, 0.4], [0.2, 0.2, 0.6]]))
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="mixes torch tensors with NumPy arrays")
 def test_two_libraries_named(backend):
     with pytest.raises(TypeError, match=r"`input` is a numpy array, `target` is a torch array"):
         klx.kl_div(LOG_Q, backend.asarray(P), reduction="sum")
@@ -83,7 +82,7 @@ def test_log_target_must_be_bool():
         klx.kl_div(LOG_Q, P, reduction="sum", log_target="yes")
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="torch devices")
 def test_two_devices_torch(backend):
     import torch
 
@@ -93,7 +92,7 @@ def test_two_devices_torch(backend):
         klx.kl_div(x, y, reduction="sum")
 
 
-@only("array_api_strict")
+@pytest.mark.backends("array_api_strict", reason="array_api_strict's several devices")
 def test_two_devices_array_api_strict(backend):
     import array_api_strict as xps
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import klx
-import reference
-from backends import only
+from support import reference
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def cluster_client():
 
 
 @pytest.mark.slow
-@only("dask")
+@pytest.mark.backends("dask", reason="a Dask cluster")
 def test_local_cluster_matches_reference_with_chunks_along_the_axis(backend, cluster_client):
     import dask.array as da
 
@@ -69,7 +68,7 @@ def test_local_cluster_matches_reference_with_chunks_along_the_axis(backend, clu
 
 
 @pytest.mark.slow
-@only("dask")
+@pytest.mark.backends("dask", reason="a Dask cluster")
 def test_local_cluster_memory_is_bounded_by_the_chunks(backend, cluster_client):
     """Inputs of 2 x 256 MiB, workers limited to 400 MiB each: only chunk-wise work fits."""
     import dask.array as da
@@ -93,7 +92,7 @@ def test_local_cluster_memory_is_bounded_by_the_chunks(backend, cluster_client):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="sharded JAX arrays")
 def test_sharded_jax_arrays_keep_their_sharding_without_gathering(backend):
     script = textwrap.dedent(
         """

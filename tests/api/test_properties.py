@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import klx
-import reference
+from support import reference
 
 # Subnormal probabilities may be flushed to zero (XLA on CPU does): scales below 1e-200
 # are floored there.

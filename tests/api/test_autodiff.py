@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 import klx
-import reference
-from backends import only
-from cases import kl_div_case
+from support import reference
+from support.cases import kl_div_case
 
 
 def analytic_grads(x, y, log_target):
@@ -30,7 +29,7 @@ def analytic_grads(x, y, log_target):
 
 @pytest.mark.parametrize("case", ["random", "neginf_input", "zeros_in_target"])
 @pytest.mark.parametrize("log_target", [False, True])
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
 def test_gradients_match_analytic(backend, case, log_target):
     log_q, p = kl_div_case(case)
     with np.errstate(divide="ignore"):
@@ -56,7 +55,7 @@ def test_gradients_match_analytic(backend, case, log_target):
     np.testing.assert_allclose(gy[finite], gy_ref[finite], rtol=1e-10, atol=1e-12)
 
 
-@only("torch")
+@pytest.mark.backends("torch", reason="compares with torch's own gradient")
 def test_torch_gradient_zero_target_is_finite_where_torch_is_nan(backend):
     import torch
     import torch.nn.functional as F
@@ -70,7 +69,7 @@ def test_torch_gradient_zero_target_is_finite_where_torch_is_nan(backend):
     assert torch.equal(x.grad, torch.zeros(2)) and torch.equal(y.grad, torch.zeros(2))
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="JAX transforms")
 def test_jax_jit_vmap_grad_kl_divergence(backend):
     import jax
     import jax.numpy as jnp
@@ -100,7 +99,7 @@ def test_jax_jit_vmap_grad_kl_divergence(backend):
 
 
 @pytest.mark.slow
-@only("torch")
+@pytest.mark.backends("torch", reason="torch.compile")
 def test_torch_compile_fullgraph(backend):
     import torch
 

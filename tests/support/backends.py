@@ -159,13 +159,3 @@ def load(name: str) -> list[Backend]:
 def cuda_available() -> bool:
     """Whether a CUDA device is present, without importing a framework."""
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/proc/driver/nvidia"))
-
-
-def only(*names: str) -> Any:
-    """Decorator: run a test only on the named backends (the others are not generated)."""
-
-    def mark(fn: Any) -> Any:
-        fn.backends = names
-        return fn
-
-    return mark

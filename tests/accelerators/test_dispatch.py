@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 import klx
-import reference
 from klx._accel import registry
+from support import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS = {row.name: row for row in registry.ACCELERATORS}
 
 
