@@ -84,8 +84,7 @@ def test_kl_div_kernels_compile(backend, arch, dtype):
         flags = {"BLOCK": k.BLOCK, "LOG_TARGET": log_target, "F64": f64}
         summed = _compile(
             k._sum_kernel,
-            {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "partial_ptr": f"*{acc}", "rows": "i32"}
-            | strides,
+            {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "partial_ptr": f"*{acc}", "rows": "i32"} | strides,
             flags,
             arch,
             divisible={"sx", "sy"},  # 0 for contiguous input: one row

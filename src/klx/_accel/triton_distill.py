@@ -36,7 +36,8 @@ others are not, so they load 16 bytes at a time for any vocabulary (32001, 50257
 rows lie at one 16-byte phase. Offsets are 64-bit. Temperature and beta reach the kernels
 in a tensor of the accumulation dtype, so float64 kernels see float64 scalars on a GPU as
 in the interpreter. Launches run under ``torch.cuda.device(t.device)``. Second
-derivatives raise (``once_differentiable``); ``torch.func.grad`` works, ``vmap`` raises.
+derivatives raise (see :func:`klx._accel.triton_kl.first_order`); ``torch.func.grad``
+works; ``vmap`` raises.
 
 The kernels run in the test suite on CPU tensors under ``TRITON_INTERPRET=1``; when they
 are used is decided by the dispatcher.
@@ -44,15 +45,15 @@ are used is decided by the dispatcher.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from klx._accel.triton_kl import FLOATS, device_guard, row_major, scalars
+from klx._accel.triton_kl import device_guard, first_order, no_vmap, row_major, same_floats, scalars
 
 __all__ = ["accepts", "js_rows_from_logits", "kl_rows_from_logits"]
 
@@ -66,16 +67,7 @@ def accepts(t: Any, s: Any) -> bool:
     It checks types, dtypes, shapes, devices and strides only, not whether the device is
     a GPU or whether a kernel should be used at all.
     """
-    return bool(
-        type(t) is torch.Tensor
-        and type(s) is torch.Tensor
-        and t.dtype == s.dtype
-        and t.dtype in FLOATS
-        and t.shape == s.shape
-        and t.device == s.device
-        and row_major(t)
-        and row_major(s)
-    )
+    return same_floats(t, s) and row_major(t) and row_major(s)
 
 
 @triton.jit
@@ -92,7 +84,7 @@ def _online_update(x, m, lse_sum, NEG_INF: tl.constexpr):
 @triton.jit
 def _rescale(a, alpha):
     """a * alpha, and 0 where alpha is 0 (the terms' p underflowed), even if a is inf."""
-    return tl.where(alpha == 0, 0.0, a * alpha)
+    return tl.where(alpha == 0, 0.0, a) * alpha
 
 
 @triton.jit
@@ -437,15 +429,6 @@ def _row_stats(t: torch.Tensor, count: int) -> torch.Tensor:
     return torch.empty((count, t.shape[0]), device=t.device, dtype=_acc(t))
 
 
-def _gradient_buffers(ctx: Any, t: torch.Tensor) -> tuple[Any, Any]:
-    """Contiguous gradient tensors for the inputs that need one (None for the others)."""
-
-    def new() -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-    return (new() if ctx.needs_input_grad[0] else None, new() if ctx.needs_input_grad[1] else None)
-
-
 def _log_weights(beta: float) -> tuple[float, float]:
     return (
         math.log(beta) if beta > 0 else -math.inf,
@@ -453,18 +436,62 @@ def _log_weights(beta: float) -> tuple[float, float]:
     )
 
 
-def _no_vmap(*_: Any) -> Any:
-    msg = (
-        "klx's Triton distillation kernels do not support torch.func.vmap; call "
-        "klx.kl_divergence / klx.js_divergence, which take the generic path under transforms"
+def _launch(kernel: Any, t: torch.Tensor, s: torch.Tensor, *args: Any, **flags: Any) -> None:
+    """One program per row: kernel(t, s, *args, vocab, row strides[, sg], flags)."""
+    rows, vocab = t.shape
+    if not rows:
+        return
+    geo = _geometry(t, s)
+    backward = "NEED_T" in flags  # and a third row stride: the gradients' (contiguous)
+    extra = {"G_PHASE": geo["G_PHASE"]} if backward else {}
+    with device_guard(t):
+        kernel[(rows,)](
+            t,
+            s,
+            *args,
+            vocab,
+            *geo["strides"],
+            *((vocab,) if backward else ()),
+            BLOCK_V=BLOCK_V,
+            VEC=geo["VEC"],
+            S_PHASE=geo["S_PHASE"],
+            num_warps=NUM_WARPS,
+            **extra,
+            **flags,
+        )
+
+
+def _rows_backward(
+    kernel: Any, values: list[float], need_t: bool, need_s: bool, *args: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The gradients asked for (one kernel pass), with respect to t and/or s."""
+    t, s, stats, g = args
+    gt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
+    gs = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
+    _launch(
+        kernel,
+        t,
+        s,
+        *stats,
+        g.contiguous(),
+        t if gt is None else gt,
+        s if gs is None else gs,
+        scalars(values, stats.dtype, t.device),
+        NEED_T=need_t,
+        NEED_S=need_s,
     )
-    raise NotImplementedError(msg)
+    return tuple(v for v in (gt, gs) if v is not None)
 
 
 class _RowsFunction(torch.autograd.Function):
     """Shared parts: the outputs are (per-row values, per-row statistics for backward)."""
 
-    vmap = staticmethod(_no_vmap)
+    vmap = staticmethod(no_vmap)
+    BACKWARD: Any = None  # the backward kernel
+
+    @staticmethod
+    def scalar_values(params: list[Any]) -> list[float]:  # pragma: no cover - subclasses
+        raise NotImplementedError
 
     @staticmethod
     def forward(*args: Any) -> Any:  # pragma: no cover - the subclasses define it
@@ -478,123 +505,53 @@ class _RowsFunction(torch.autograd.Function):
         ctx.save_for_backward(t, s, stats)
         ctx.params = params
 
+    @classmethod
+    def _backward(cls, ctx: Any, g: torch.Tensor) -> list[Any]:
+        t, s, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad[:2]
+        fn = functools.partial(_rows_backward, cls.BACKWARD, cls.scalar_values(ctx.params), *need)
+        return first_order(fn, need, t, s, stats, g)
+
 
 class _KLRows(_RowsFunction):
+    BACKWARD = _backward_kernel
+
+    @staticmethod
+    def scalar_values(params: list[Any]) -> list[float]:
+        (temperature,) = params
+        return [1.0 / temperature]
+
     @staticmethod
     def forward(t: torch.Tensor, s: torch.Tensor, temperature: float) -> Any:
-        rows, vocab = t.shape
-        out = torch.empty(rows, device=t.device, dtype=_acc(t))
+        out = torch.empty(t.shape[0], device=t.device, dtype=_acc(t))
         stats = _row_stats(t, 3)  # KL, lse_t, lse_s
-        geo = _geometry(t, s)
-        if rows:
-            with device_guard(t):
-                _forward_kernel[(rows,)](
-                    t,
-                    s,
-                    out,
-                    *stats,
-                    scalars([1.0 / temperature], stats.dtype, t.device),
-                    vocab,
-                    *geo["strides"],
-                    BLOCK_V=BLOCK_V,
-                    VEC=geo["VEC"],
-                    S_PHASE=geo["S_PHASE"],
-                    F64=stats.dtype == torch.float64,
-                    num_warps=NUM_WARPS,
-                )
+        scal = scalars(_KLRows.scalar_values([temperature]), stats.dtype, t.device)
+        _launch(_forward_kernel, t, s, out, *stats, scal, F64=stats.dtype == torch.float64)
         return out, stats
 
     @staticmethod
-    @once_differentiable  # a second derivative raises instead of coming out silently wrong
     def backward(ctx: Any, g: torch.Tensor, _: Any) -> Any:
-        t, s, stats = ctx.saved_tensors
-        (temperature,) = ctx.params
-        gt, gs = _gradient_buffers(ctx, t)
-        rows, vocab = t.shape
-        geo = _geometry(t, s)
-        if rows and (gt is not None or gs is not None):
-            with device_guard(t):
-                _backward_kernel[(rows,)](
-                    t,
-                    s,
-                    *stats,
-                    g.contiguous(),
-                    t if gt is None else gt,
-                    s if gs is None else gs,
-                    scalars([1.0 / temperature], stats.dtype, t.device),
-                    vocab,
-                    *geo["strides"],
-                    vocab,
-                    BLOCK_V=BLOCK_V,
-                    VEC=geo["VEC"],
-                    S_PHASE=geo["S_PHASE"],
-                    G_PHASE=geo["G_PHASE"],
-                    NEED_T=gt is not None,
-                    NEED_S=gs is not None,
-                    num_warps=NUM_WARPS,
-                )
-        return gt, gs, None
+        return *_KLRows._backward(ctx, g), None
 
 
 class _JSRows(_RowsFunction):
+    BACKWARD = _js_backward_kernel
+
+    @staticmethod
+    def scalar_values(params: list[Any]) -> list[float]:
+        temperature, beta = params
+        return [1.0 / temperature, beta, *_log_weights(beta)]
+
     @staticmethod
     def forward(t: torch.Tensor, s: torch.Tensor, temperature: float, beta: float) -> Any:
-        rows, vocab = t.shape
         stats = _row_stats(t, 4)  # KL(P||M), KL(Q||M), lse_t, lse_s
-        geo = _geometry(t, s)
-        if rows:
-            with device_guard(t):
-                _js_forward_kernel[(rows,)](
-                    t,
-                    s,
-                    *stats,
-                    _js_scalar_tensor(temperature, beta, stats.dtype, t.device),
-                    vocab,
-                    *geo["strides"],
-                    BLOCK_V=BLOCK_V,
-                    VEC=geo["VEC"],
-                    S_PHASE=geo["S_PHASE"],
-                    F64=stats.dtype == torch.float64,
-                    num_warps=NUM_WARPS,
-                )
+        scal = scalars(_JSRows.scalar_values([temperature, beta]), stats.dtype, t.device)
+        _launch(_js_forward_kernel, t, s, *stats, scal, F64=stats.dtype == torch.float64)
         return beta * stats[0] + (1.0 - beta) * stats[1], stats
 
     @staticmethod
-    @once_differentiable  # a second derivative raises instead of coming out silently wrong
     def backward(ctx: Any, g: torch.Tensor, _: Any) -> Any:
-        t, s, stats = ctx.saved_tensors
-        temperature, beta = ctx.params
-        gt, gs = _gradient_buffers(ctx, t)
-        rows, vocab = t.shape
-        geo = _geometry(t, s)
-        if rows and (gt is not None or gs is not None):
-            with device_guard(t):
-                _js_backward_kernel[(rows,)](
-                    t,
-                    s,
-                    *stats,
-                    g.contiguous(),
-                    t if gt is None else gt,
-                    s if gs is None else gs,
-                    _js_scalar_tensor(temperature, beta, stats.dtype, t.device),
-                    vocab,
-                    *geo["strides"],
-                    vocab,
-                    BLOCK_V=BLOCK_V,
-                    VEC=geo["VEC"],
-                    S_PHASE=geo["S_PHASE"],
-                    G_PHASE=geo["G_PHASE"],
-                    NEED_T=gt is not None,
-                    NEED_S=gs is not None,
-                    num_warps=NUM_WARPS,
-                )
-        return gt, gs, None, None
-
-
-def _js_scalar_tensor(
-    temperature: float, beta: float, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    return scalars([1.0 / temperature, beta, *_log_weights(beta)], dtype, device)
+        return *_JSRows._backward(ctx, g), None, None
 
 
 def js_rows_from_logits(

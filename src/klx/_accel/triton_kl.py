@@ -29,13 +29,13 @@ under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 __all__ = ["accepts", "capturing", "kl_div"]
 
@@ -77,23 +77,26 @@ def row_major(a: torch.Tensor) -> bool:
     return a.dim() == 2 and a.stride(1) == 1 and a.stride(0) >= a.shape[1]
 
 
+def same_floats(a: Any, b: Any) -> bool:
+    """Two plain tensors (no subclass) of one floating dtype, shape and device."""
+    return bool(
+        type(a) is torch.Tensor
+        and type(b) is torch.Tensor
+        and a.dtype == b.dtype
+        and a.dtype in FLOATS
+        and a.shape == b.shape
+        and a.device == b.device
+    )
+
+
 def accepts(x: Any, y: Any) -> bool:
     """Whether :func:`kl_div` takes `x` and `y` as they are (see the module's layouts).
 
     It checks types, dtypes, shapes, devices and strides only, not whether the device is
     a GPU or whether a kernel should be used at all.
     """
-    return bool(
-        type(x) is torch.Tensor
-        and type(y) is torch.Tensor
-        and x.dtype == y.dtype
-        and x.dtype in FLOATS
-        and x.shape == y.shape
-        and x.device == y.device
-        and (
-            (x.is_contiguous() and y.is_contiguous())
-            or (x.dim() == 2 and row_major(x) and row_major(y))
-        )
+    return same_floats(x, y) and (
+        (x.is_contiguous() and y.is_contiguous()) or (row_major(x) and row_major(y))
     )
 
 
@@ -292,8 +295,91 @@ def _forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool)
     return total.to(x.dtype)
 
 
+def no_vmap(*_: Any) -> Any:
+    """The ``vmap`` rule of klx's kernel Functions: a clear error."""
+    msg = (
+        "klx's Triton kernels do not support torch.func.vmap; call klx.kl_div / "
+        "klx.kl_divergence / klx.js_divergence, which take the generic path under transforms"
+    )
+    raise NotImplementedError(msg)
+
+
+class _FirstOrder(torch.autograd.Function):
+    """A backward kernel as a Function of its own, ``fn(*tensors) -> gradients``.
+
+    Under ``torch.func.grad`` its inputs reach ``fn`` unwrapped (plain tensors that a
+    kernel can read), and under ``create_graph=True`` its outputs have a graph whose
+    backward raises: a second derivative through the kernels is an error, never a
+    silently missing term.
+    """
+
+    vmap = staticmethod(no_vmap)
+
+    @staticmethod
+    def forward(fn: Any, *tensors: torch.Tensor) -> Any:
+        return fn(*tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        msg = (
+            "klx's Triton kernels give first derivatives only: a second derivative "
+            "(create_graph=True, then the gradient of a gradient) is not supported through "
+            "them; differentiate twice through the generic array-API path instead"
+        )
+        raise RuntimeError(msg)
+
+
+def first_order(fn: Any, need: Sequence[bool], *tensors: torch.Tensor) -> list[Any]:
+    """The gradients that `need` asks for, ``fn(*tensors)`` (a tuple of those), through
+    :class:`_FirstOrder`; None for the others."""
+    if not any(need):
+        return [None] * len(need)
+    grads = iter(_FirstOrder.apply(fn, *tensors))
+    return [next(grads) if n else None for n in need]
+
+
+def _backward(
+    reduction: str, log_target: bool, need_x: bool, need_y: bool, *args: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The gradients asked for (one kernel pass), with respect to x and/or y."""
+    x, y, g = args
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    gy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_y else None
+    rows, cols, sx, sy, so = _layout(x, y)
+    tiles = rows * triton.cdiv(cols, BLOCK)
+    if tiles:
+        div = _divisor(reduction, x)
+        g = g.to(_acc(x)) / div if reduction != "none" else g.contiguous()
+        with device_guard(x):
+            _backward_kernel[(tiles,)](
+                x,
+                y,
+                g,
+                x if gx is None else gx,
+                y if gy is None else gy,
+                cols,
+                sx,
+                sy,
+                so,
+                BLOCK=BLOCK,
+                LOG_TARGET=log_target,
+                G_SCALAR=reduction != "none",
+                NEED_X=need_x,
+                NEED_Y=need_y,
+                F64=x.dtype == torch.float64,
+                num_warps=NUM_WARPS,
+            )
+    return tuple(v for v in (gx, gy) if v is not None)
+
+
 class _KLDiv(torch.autograd.Function):
     """The kernels with autograd; works under ``torch.func.grad`` (setup_context form)."""
+
+    vmap = staticmethod(no_vmap)
 
     @staticmethod
     def forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> Any:
@@ -307,45 +393,11 @@ class _KLDiv(torch.autograd.Function):
         ctx.log_target = log_target
 
     @staticmethod
-    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
-        msg = (
-            "klx's Triton kl_div kernel does not support torch.func.vmap; "
-            "call klx.kl_div, which takes the generic path under transforms"
-        )
-        raise NotImplementedError(msg)
-
-    @staticmethod
-    @once_differentiable  # a second derivative raises instead of coming out silently wrong
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         x, y = ctx.saved_tensors
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-        gy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_y else None
-        rows, cols, sx, sy, so = _layout(x, y)
-        tiles = rows * triton.cdiv(cols, BLOCK)
-        if tiles and (need_x or need_y):
-            div = _divisor(ctx.reduction, x)
-            g = g.to(_acc(x)) / div if ctx.reduction != "none" else g.contiguous()
-            with device_guard(x):
-                _backward_kernel[(tiles,)](
-                    x,
-                    y,
-                    g,
-                    x if gx is None else gx,
-                    y if gy is None else gy,
-                    cols,
-                    sx,
-                    sy,
-                    so,
-                    BLOCK=BLOCK,
-                    LOG_TARGET=ctx.log_target,
-                    G_SCALAR=ctx.reduction != "none",
-                    NEED_X=need_x,
-                    NEED_Y=need_y,
-                    F64=x.dtype == torch.float64,
-                    num_warps=NUM_WARPS,
-                )
-        return gx, gy, None, None
+        need = ctx.needs_input_grad[:2]
+        fn = functools.partial(_backward, ctx.reduction, ctx.log_target, *need)
+        return *first_order(fn, need, x, y, g), None, None
 
 
 def kl_div(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
