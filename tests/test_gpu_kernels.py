@@ -204,8 +204,8 @@ def test_every_launch_runs_under_the_device_guard(backend, monkeypatch):
     triton_distill.js_rows_from_logits(t, s, 1.0, 0.5).sum().backward()
     assert len(launches.calls) == 8
     assert all(call["guarded"] for call in launches.calls)
-    # CPU tensors (the interpreter): the guard's no-op index
-    assert launches.guards == [-1] * 8
+    # the tensors' GPU; for CPU tensors (the interpreter) the guard's no-op index
+    assert launches.guards == [x.device if x.is_cuda else -1] * 8
 
 
 @only("torch")
@@ -458,10 +458,37 @@ def test_kl_div_sizes_off_the_block(backend, n):
     log_q = np.log(rng.dirichlet(np.ones(n)))
     x = torch.tensor(log_q, device=device, dtype=torch.float32, requires_grad=True)
     y = torch.tensor(p, device=device, dtype=torch.float32)
-    xs, ys = x.detach().double().numpy(), y.double().numpy()
+    xs, ys = x.detach().double().cpu().numpy(), y.double().cpu().numpy()
     for reduction in ("none", "sum"):
         out = triton_kl.kl_div(x, y, reduction, False)
         ref, scale = reference.kl_div(xs, ys, reduction, False)
-        assert reference.rel_error(out.detach().double().numpy(), ref, scale) <= 2e-6
+        assert reference.rel_error(out.detach().double().cpu().numpy(), ref, scale) <= 2e-6
     out.backward()
-    np.testing.assert_array_equal(x.grad.numpy(), -y.numpy())
+    np.testing.assert_array_equal(x.grad.cpu().numpy(), -y.cpu().numpy())
+
+
+@pytest.mark.slow
+@only("torch")
+def test_kl_div_past_2_to_the_31_elements_on_a_gpu(backend):
+    """Issue 13, items 1 and 2, on a GPU (about 26 GB): offsets past 2^31 address the
+    right elements in 'none', 'sum' and the backward pass."""
+    torch = _torch()
+    from klx._accel import triton_kl
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device with about 26 GB free (32-bit offsets wrap at 2^31)")
+    n = 2**31 + 4099
+    x = torch.full((n,), -1.0, device="cuda", requires_grad=True)
+    y = torch.full((n,), 0.5, device="cuda")
+    with torch.no_grad():
+        x[-7:] = -3.0  # past 2^31: a wrapped offset would read -1 (or fault)
+    out = triton_kl.kl_div(x, y, "none", False)
+    tail = out[-9:].cpu().double().numpy()
+    expect = 0.5 * (np.log(0.5) - np.array([-1.0] * 2 + [-3.0] * 7))
+    np.testing.assert_allclose(tail, expect, rtol=1e-6)
+    del out
+    total = triton_kl.kl_div(x, y, "sum", False)
+    exact = (n - 7) * 0.5 * (np.log(0.5) + 1.0) + 7 * 0.5 * (np.log(0.5) + 3.0)
+    np.testing.assert_allclose(total.item(), exact, rtol=1e-5)
+    total.backward()
+    np.testing.assert_array_equal(x.grad[-9:].cpu().numpy(), -0.5)
