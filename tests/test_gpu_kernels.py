@@ -283,6 +283,18 @@ def test_torch_func_grad_matches_autograd(backend, name):
 
 @only("torch")
 @pytest.mark.parametrize("name", ["kl_div", "kl_rows", "js_rows"])
+def test_gradient_of_one_input_only(backend, name):
+    """A detached teacher (distillation): only the second input's gradient is computed,
+    the same as when both are asked for."""
+    torch = _torch()
+    fns, (t, s) = _entry_points(_triton_device())
+    (only_s,) = torch.autograd.grad(fns[name](t.detach(), s), s)
+    _, both_s = torch.autograd.grad(fns[name](t, s), (t, s))
+    torch.testing.assert_close(only_s, both_s, rtol=0, atol=0)
+
+
+@only("torch")
+@pytest.mark.parametrize("name", ["kl_div", "kl_rows", "js_rows"])
 def test_vmap_raises_a_clear_error(backend, name):
     torch = _torch()
     fns, (t, s) = _entry_points(_triton_device())
