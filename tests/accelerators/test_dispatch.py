@@ -340,3 +340,26 @@ def test_check_command_runs_and_writes_json(backend, tmp_path):
     assert {r["library"] for r in rows} == {backend.name}
     assert all(r["status"] == "ok" and r["cells"] > 0 for r in rows)
     assert {r["path"] for r in rows} >= {"definition"}
+
+
+@pytest.mark.parametrize("name", ["triton-rows-from-logits", "triton-kl-div"])
+def test_sliced_rows_reach_the_triton_kernels_without_a_copy(name, backend):
+    """`logits[:, :-1]` (unit stride, a longer row stride) is a layout the kernels take."""
+    row = ROWS[name]
+    _route(row, backend)
+    rng = np.random.default_rng(7)
+    full = [backend.asarray(rng.normal(size=(6, 301)), "float32") for _ in range(2)]
+    t, s = (x[:, :-1] for x in full)
+    assert not t.is_contiguous()
+    if row.operation == "kl_div":
+        y = backend.asarray(np.full((6, 301), 1 / 300), "float32")[:, :-1]
+        report = klx.explain(klx.kl_div, t, y, reduction="sum")
+        want = reference.kl_div(backend.to_numpy(t), backend.to_numpy(y), "sum", False)[0]
+    else:
+        report = klx.explain(klx.kl_divergence, t, s, p_form="logits", q_form="logits")
+        lp = reference.log_softmax(backend.to_numpy(t), -1)
+        want = reference.kl_rows_log(
+            np.exp(lp), reference.log_softmax(backend.to_numpy(s), -1), -1
+        )[0]
+    assert report.chosen == name, str(report)
+    np.testing.assert_allclose(backend.to_numpy(report.result), want, rtol=2e-5, atol=1e-6)

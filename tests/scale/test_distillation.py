@@ -11,26 +11,7 @@ import pytest
 import klx
 from support import reference
 from support.asserts import triton_device
-
-
-def _logits(rng, rows, vocab):
-    t = rng.normal(scale=3.0, size=(rows, vocab))
-    s = rng.normal(scale=3.0, size=(rows, vocab))
-    t[:, 5] = -np.inf  # a masked vocabulary entry, in both
-    s[:, 5] = -np.inf
-    t[0, 9] = -np.inf  # zero teacher probability only
-    return t, s
-
-
-def _reference(t, s, temperature):
-    """KL per row, and its gradients with respect to s and t, in float64."""
-    log_p = reference.log_softmax(t, -1, temperature)
-    log_q = reference.log_softmax(s, -1, temperature)
-    p, q = np.exp(log_p), np.exp(log_q)
-    kl, scale = reference.kl_rows_log(p, log_q, -1)
-    with np.errstate(invalid="ignore"):
-        inner = np.where(p == 0, 0.0, log_p - log_q - kl[:, None])
-    return kl, scale, (q - p) / temperature, p * inner / temperature
+from support.distill import distill_logits, js_rows_and_gradients, kl_rows_and_gradients
 
 
 @pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
@@ -42,10 +23,12 @@ def test_triton_one_pass_kernel_matches_reference(backend, dtype):
     from klx._accel import triton_distill
 
     rng = np.random.default_rng(0)
-    t_np, s_np = _logits(rng, 6, 5000)  # several vocabulary blocks
+    t_np, s_np = distill_logits(rng, 6, 5000)  # several vocabulary blocks
     t = backend.asarray(t_np, dtype).to(device).requires_grad_(True)
     s = backend.asarray(s_np, dtype).to(device).requires_grad_(True)
-    kl_ref, scale, gs_ref, gt_ref = _reference(backend.to_numpy(t), backend.to_numpy(s), 2.0)
+    kl_ref, scale, gs_ref, gt_ref = kl_rows_and_gradients(
+        backend.to_numpy(t), backend.to_numpy(s), 2.0
+    )
     rows = triton_distill.kl_rows_from_logits(t, s, 2.0)
     assert rows.shape == (6,)
     assert rows.dtype == (torch.float64 if dtype == "float64" else torch.float32)
@@ -70,7 +53,7 @@ def test_triton_kernel_masks_nan_padding_rows(backend):
     from klx._accel import triton_distill
 
     rng = np.random.default_rng(1)
-    t_np, s_np = _logits(rng, 4, 300)
+    t_np, s_np = distill_logits(rng, 4, 300)
     t_np[2] = np.nan  # a padding row
     t = torch.tensor(t_np, device=device, requires_grad=True)
     s = torch.tensor(s_np, device=device, requires_grad=True)
@@ -87,7 +70,7 @@ def test_triton_kernel_masks_nan_padding_rows(backend):
 @pytest.mark.parametrize("kind", ["kl", "js"])
 def test_row_blocked_cpu_path_matches_reference(backend, kind):
     rng = np.random.default_rng(2)
-    t, s = _logits(rng, 300, 4000)  # 1.2M elements: past the row-blocking threshold
+    t, s = distill_logits(rng, 300, 4000)  # 1.2M elements: past the row-blocking threshold
     keep = rng.uniform(size=300) > 0.1
     fn = klx.kl_divergence if kind == "kl" else klx.js_divergence
     got = fn(
@@ -102,7 +85,7 @@ def test_row_blocked_cpu_path_matches_reference(backend, kind):
     t32 = backend.to_numpy(backend.asarray(t, "float32"))
     s32 = backend.to_numpy(backend.asarray(s, "float32"))
     if kind == "kl":
-        ref, _, _, _ = _reference(t32, s32, 2.0)
+        ref, _, _, _ = kl_rows_and_gradients(t32, s32, 2.0)
     else:
         p = np.exp(reference.log_softmax(t32, -1, 2.0))
         q = np.exp(reference.log_softmax(s32, -1, 2.0))
@@ -133,7 +116,7 @@ def test_numpy_2048_by_32000_logits_in_bounded_memory(backend):
     ref = np.mean(
         np.concatenate(
             [
-                _reference(
+                kl_rows_and_gradients(
                     t[i : i + 256].astype(np.float64), s[i : i + 256].astype(np.float64), 2.0
                 )[0]
                 for i in range(0, rows, 256)
@@ -141,24 +124,6 @@ def test_numpy_2048_by_32000_logits_in_bounded_memory(backend):
         )
     )
     np.testing.assert_allclose(float(got), ref, rtol=1e-5)
-
-
-def _js_reference(t, s, temperature, beta):
-    """JS_beta per row and its gradients in float64 (rel_entr for the value)."""
-    log_p = reference.log_softmax(t, -1, temperature)
-    log_q = reference.log_softmax(s, -1, temperature)
-    p, q = np.exp(log_p), np.exp(log_q)
-    js = reference.js_rows(p, q, -1, beta)
-    m = beta * p + (1 - beta) * q
-    with np.errstate(all="ignore"):  # a term of weight 0 (beta p or (1 - beta) q) is 0
-        log_m = np.log(m)
-        a = np.where((p == 0) | (beta == 0), 0.0, log_p - log_m)
-        b = np.where((q == 0) | (beta == 1), 0.0, log_q - log_m)
-        kl_pm = np.sum(p * a, -1, keepdims=True)
-        kl_qm = np.sum(q * b, -1, keepdims=True)
-        gt = beta * p * (a - kl_pm) / temperature
-        gs = (1 - beta) * q * (b - kl_qm) / temperature
-    return js, gt, gs
 
 
 @pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
@@ -169,10 +134,12 @@ def test_triton_js_kernel_matches_reference(backend, dtype, beta):
     from klx._accel import triton_distill
 
     rng = np.random.default_rng(4)
-    t_np, s_np = _logits(rng, 5, 4500)
+    t_np, s_np = distill_logits(rng, 5, 4500)
     t = backend.asarray(t_np, dtype).to(device).requires_grad_(True)
     s = backend.asarray(s_np, dtype).to(device).requires_grad_(True)
-    js_ref, gt_ref, gs_ref = _js_reference(backend.to_numpy(t), backend.to_numpy(s), 2.0, beta)
+    js_ref, gt_ref, gs_ref = js_rows_and_gradients(
+        backend.to_numpy(t), backend.to_numpy(s), 2.0, beta
+    )
     rows = triton_distill.js_rows_from_logits(t, s, 2.0, beta)
     tol = 1e-12 if dtype == "float64" else 2e-6
     np.testing.assert_allclose(backend.to_numpy(rows), js_ref, rtol=tol, atol=tol)

@@ -1,9 +1,18 @@
 """The CUDA source of the CuPy kernels compiles (with nvcc, for sm_90 and sm_80), where no
 GPU or CuPy is needed. What it computes is checked by the conformance matrix wherever a
-CUDA device and CuPy exist (the nox cupy session)."""
+CUDA device and CuPy exist (the nox cupy session).
+
+The harness below calls ``klx_term`` as CuPy's generated kernels do past 2^31 elements:
+CuPy picks a 64-bit index type (``IndexT``/``_index_t`` = ``long long``, ``ptrdiff_t``
+loop counters) when a reduction's size exceeds 0x7fffffff, and passes a Python bool to
+the declared ``bool log_target`` parameter as a C ``bool`` (``CScalar`` of the declared
+type). ``klx_term`` takes values, never indices, so it is index-width agnostic; its float
+instantiation must stay in single precision (``exp``/``log`` resolving to the float
+overloads, not to double), which the PTX shows."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -12,24 +21,36 @@ import pytest
 from klx._accel.cupy_source import KL_TERM
 
 KERNELS = r"""
+typedef long long IndexT;  // CuPy's index type for sizes past 0x7fffffff
 template <typename T>
-__global__ void terms(const T* x, const T* y, T* out, int n, bool log_target) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = klx_term<T>(x[i], y[i], log_target);
+__device__ void terms(const T* x, const T* y, T* out, IndexT n, bool log_target) {
+    for (ptrdiff_t i = (ptrdiff_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (ptrdiff_t)gridDim.x * blockDim.x) {
+        out[i] = klx_term<T>(x[i], y[i], log_target);
+    }
 }
-template __global__ void terms<float>(const float*, const float*, float*, int, bool);
-template __global__ void terms<double>(const double*, const double*, double*, int, bool);
+extern "C" __global__ void terms_f32(const float* x, const float* y, float* out, IndexT n,
+                                     bool log_target) {
+    terms<float>(x, y, out, n, log_target);
+}
+extern "C" __global__ void terms_f64(const double* x, const double* y, double* out, IndexT n,
+                                     bool log_target) {
+    terms<double>(x, y, out, n, log_target);
+}
 """
 
 
-@pytest.mark.backends(
-    "numpy", reason="nvcc compiles CUDA source; no array library: once, in NumPy runs"
-)
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_cupy_kernel_source_compiles(backend, arch, tmp_path):
+def _nvcc():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed: the CUDA source cannot be compiled here")
+    return nvcc
+
+
+@pytest.mark.backends("numpy", reason="nvcc only; runs once, in NumPy runs")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_cupy_kernel_source_compiles(backend, arch, tmp_path):
+    nvcc = _nvcc()
     src = tmp_path / "klx_cupy.cu"
     src.write_text(KL_TERM + KERNELS)
     out = subprocess.run(
@@ -48,3 +69,23 @@ def test_cupy_kernel_source_compiles(backend, arch, tmp_path):
         check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.backends("numpy", reason="nvcc only; runs once, in NumPy runs")
+def test_cupy_float_kernel_stays_in_single_precision(backend, tmp_path):
+    """The float instantiation has no float64 instruction; the double one has them."""
+    src = tmp_path / "klx_cupy.cu"
+    src.write_text(KL_TERM + KERNELS)
+    ptx = tmp_path / "klx_cupy.ptx"
+    out = subprocess.run(
+        [_nvcc(), "-arch=sm_90", "-ptx", str(src), "-o", str(ptx)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    bodies = dict(re.findall(r"\.entry (terms_f\d\d)\((.*?)\n\}", ptx.read_text(), re.S))
+    assert set(bodies) == {"terms_f32", "terms_f64"}
+    assert ".f64" not in bodies["terms_f32"]
+    assert ".f64" in bodies["terms_f64"]
+    assert ".u64" in bodies["terms_f32"] or ".s64" in bodies["terms_f32"]  # 64-bit index

@@ -122,6 +122,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "klx._accel.gpu:triton_kl_div",
         devices=("cuda",),
         dtypes=("float16", "bfloat16", "float32", "float64"),
+        layout="rows",
         autograd=True,
         summary="fused Triton kernels, forward and backward (never run on a GPU yet)",
     ),
@@ -173,6 +174,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         dtypes=("float16", "bfloat16", "float32", "float64"),
         kinds=("kl", "js"),
         forms=(("logits", "logits"),),
+        layout="rows",
         autograd=True,
         summary="online log-sum-exp Triton kernels over the vocabulary: KL in one pass, "
         "JS in two, with backward (never run on a GPU yet)",

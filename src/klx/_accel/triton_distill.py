@@ -7,6 +7,9 @@ exp(t' - m) (t' - s'), with t' = t / T, s' = s / T, rescaled whenever a maximum 
 
     KL = a / l_t - lse_t + lse_s,   a = sum e^(t'-m_t) (t' - s'),  l_t = sum e^(t'-m_t).
 
+A rescale factor that underflows to 0 zeroes `a` (exactly: those terms' p is 0), so an
+early block where p > 0 = q (a = inf) does not turn into inf * 0 = NaN.
+
 It writes one KL and the two log-sum-exps per row: the extra memory is proportional to
 the number of rows, never to the vocabulary. The backward kernel recomputes the
 probabilities from the saved log-sum-exps and writes only the gradients asked for:
@@ -20,12 +23,29 @@ KL(P || M), KL(Q || M) and the two log-sum-exps; its backward kernel is one more
 
     dJS/dt = beta p (log p - log m - KL(P || M)) / T,  likewise for s with (1 - beta), q.
 
-The kernels run in the test suite on CPU tensors under ``TRITON_INTERPRET=1``;
-the dispatcher sends only CUDA tensors here.
+Layouts (:func:`accepts`): `t` and `s` are 2-D ``[rows, vocab]`` tensors of one shape,
+one dtype (float16, bfloat16, float32, float64) and one device, each row-major with a
+row stride of its own: ``stride(1) == 1`` and ``stride(0) >= vocab`` (contiguous, or a
+slice such as ``logits[:, :-1]``). The per-row results are new contiguous float32
+(float64) tensors, not views of anything saved for backward, so in-place operations on
+them are allowed; gradients are new contiguous ``[rows, vocab]`` tensors.
+
+Each row is read in blocks aligned to 16 bytes of `t`'s memory: the first block of a row
+(which starts before the row when the row is not aligned) and the last are masked, the
+others are not, so they load 16 bytes at a time for any vocabulary (32001, 50257) whose
+rows lie at one 16-byte phase. Offsets are 64-bit. Temperature and beta reach the kernels
+in a tensor of the accumulation dtype, so float64 kernels see float64 scalars on a GPU as
+in the interpreter. Launches run under ``torch.cuda.device(t.device)``. Second
+derivatives raise (see :func:`klx._accel.triton_kl.first_order`); ``torch.func.grad``
+works; ``vmap`` raises.
+
+The kernels run in the test suite on CPU tensors under ``TRITON_INTERPRET=1``; when they
+are used is decided by the dispatcher.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,10 +53,21 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["js_rows_from_logits", "kl_rows_from_logits"]
+from klx._accel.triton_kl import device_guard, first_order, no_vmap, row_major, same_floats, scalars
+
+__all__ = ["accepts", "js_rows_from_logits", "kl_rows_from_logits"]
 
 BLOCK_V = 2048
 NUM_WARPS = 8
+
+
+def accepts(t: Any, s: Any) -> bool:
+    """Whether the row kernels take `t` and `s` as they are (see the module's layouts).
+
+    It checks types, dtypes, shapes, devices and strides only, not whether the device is
+    a GPU or whether a kernel should be used at all.
+    """
+    return same_floats(t, s) and row_major(t) and row_major(s)
 
 
 @triton.jit
@@ -51,6 +82,12 @@ def _online_update(x, m, lse_sum, NEG_INF: tl.constexpr):
 
 
 @triton.jit
+def _rescale(a, alpha):
+    """a * alpha, and 0 where alpha is 0 (the terms' p underflowed), even if a is inf."""
+    return tl.where(alpha == 0, 0.0, a) * alpha
+
+
+@triton.jit
 def _zero(F64: tl.constexpr):
     """A scalar 0 of the accumulation dtype: float64 for float64 input, else float32."""
     if F64:
@@ -60,52 +97,118 @@ def _zero(F64: tl.constexpr):
 
 
 @triton.jit
-def _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, like, BLOCK_V: tl.constexpr):
-    """One vocabulary block of both rows, scaled by 1/T, -inf past the row's end."""
-    NEG_INF: tl.constexpr = float("-inf")
-    offs = start + tl.arange(0, BLOCK_V)
-    mask = offs < vocab
-    t = tl.load(t_ptr + base + offs, mask=mask, other=NEG_INF).to(like.dtype) * inv_t
-    s = tl.load(s_ptr + base + offs, mask=mask, other=NEG_INF).to(like.dtype) * inv_t
-    return t, s, offs, mask
+def _row_start(row, st, VEC: tl.constexpr):
+    """t's row start and the first block's start: the 16-byte boundary at or before it."""
+    bt = row * st
+    return bt, (bt // VEC) * VEC  # a multiple of VEC, as the compiler can see
 
 
 @triton.jit
+def _shift(base, bt, PHASE: tl.constexpr, VEC: tl.constexpr):
+    """base - bt: from an element of t's row to the same column of another row; a
+    multiple of VEC (as the compiler can see) when the rows share t's 16-byte phase."""
+    if PHASE:
+        return ((base - bt) // VEC) * VEC  # exact: the host checked the phase
+    else:
+        return base - bt
+
+
+@triton.jit
+def _block_load(ptr, off, rel, vocab, BLOCK_V: tl.constexpr):
+    """Columns rel .. rel + BLOCK_V of a row at `off` (= its start + rel); -inf outside.
+
+    Whole blocks load without a mask: 16 bytes at a time when the compiler can see that
+    `off` is a multiple of 16 bytes (see :func:`_shift`).
+    """
+    NEG_INF: tl.constexpr = float("-inf")
+    lanes = tl.arange(0, BLOCK_V)
+    if (rel >= 0) & (rel + BLOCK_V <= vocab):
+        v = tl.load(ptr + off + lanes)
+    else:
+        cols = rel + lanes
+        v = tl.load(ptr + off + lanes, mask=(cols >= 0) & (cols < vocab), other=NEG_INF)
+    return v
+
+
+@triton.jit
+def _block_store(ptr, off, rel, vocab, v, BLOCK_V: tl.constexpr):
+    lanes = tl.arange(0, BLOCK_V)
+    v = v.to(ptr.dtype.element_ty)
+    if (rel >= 0) & (rel + BLOCK_V <= vocab):
+        tl.store(ptr + off + lanes, v)
+    else:
+        cols = rel + lanes
+        tl.store(ptr + off + lanes, v, mask=(cols >= 0) & (cols < vocab))
+
+
+@triton.jit
+def _load_block(
+    t_ptr,
+    s_ptr,
+    start,
+    bt,
+    ds,
+    vocab,
+    inv_t,
+    like,
+    BLOCK_V: tl.constexpr,
+):
+    """One vocabulary block of both rows, scaled by 1/T, -inf outside the row.
+
+    `start` is the block's first element in t (16-byte aligned), `start + ds` in s
+    (see :func:`_shift`).
+    """
+    rel = start - bt
+    t = _block_load(t_ptr, start, rel, vocab, BLOCK_V).to(like.dtype) * inv_t
+    s = _block_load(s_ptr, start + ds, rel, vocab, BLOCK_V).to(like.dtype) * inv_t
+    return t, s, rel
+
+
+@triton.jit(do_not_specialize=["vocab"])
 def _forward_kernel(
     t_ptr,
     s_ptr,
+    out_ptr,
     kl_ptr,
     lse_t_ptr,
     lse_s_ptr,
+    scal_ptr,
     vocab,
-    inv_t,
+    st,
+    ss,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    S_PHASE: tl.constexpr,
     F64: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = row * vocab
+    bt, lo = _row_start(row, st, VEC)
+    ds = _shift(row * ss, bt, S_PHASE, VEC)
     NEG_INF: tl.constexpr = float("-inf")
     zero = _zero(F64)
+    inv_t = tl.load(scal_ptr).to(zero.dtype)
     m_t = zero + NEG_INF
     m_s = zero + NEG_INF
     l_t = zero
     l_s = zero
     a = zero
-    for start in range(0, vocab, BLOCK_V):
-        t, s, _, _ = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, zero, BLOCK_V)
+    for start in range(lo, bt + vocab, BLOCK_V):
+        t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
         m_t, alpha, e, l_t = _online_update(t, m_t, l_t, NEG_INF)
         nil = e == 0  # a zero p contributes 0, whatever s is
         diff = tl.where(nil, 0.0, t - tl.where(nil, 0.0, s))
-        a = a * alpha + tl.sum(e * diff, axis=0)
+        a = _rescale(a, alpha) + tl.sum(e * diff, axis=0)
         m_s, _, _, l_s = _online_update(s, m_s, l_s, NEG_INF)
     lse_t = m_t + tl.log(l_t)
     lse_s = m_s + tl.log(l_s)
-    tl.store(kl_ptr + row, a / l_t - lse_t + lse_s)
+    kl = a / l_t - lse_t + lse_s
+    tl.store(out_ptr + row, kl)  # the caller's copy
+    tl.store(kl_ptr + row, kl)  # the copy saved for backward
     tl.store(lse_t_ptr + row, lse_t)
     tl.store(lse_s_ptr + row, lse_s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vocab"])
 def _backward_kernel(
     t_ptr,
     s_ptr,
@@ -115,22 +218,30 @@ def _backward_kernel(
     g_ptr,
     gt_ptr,
     gs_ptr,
+    scal_ptr,
     vocab,
-    inv_t,
+    st,
+    ss,
+    sg,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    S_PHASE: tl.constexpr,
+    G_PHASE: tl.constexpr,
     NEED_T: tl.constexpr,
     NEED_S: tl.constexpr,
-    F64: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = row * vocab
+    bt, lo = _row_start(row, st, VEC)
+    ds = _shift(row * ss, bt, S_PHASE, VEC)
+    dg = _shift(row * sg, bt, G_PHASE, VEC)
     lse_t = tl.load(lse_t_ptr + row)
     lse_s = tl.load(lse_s_ptr + row)
     kl = tl.load(kl_ptr + row)
+    inv_t = tl.load(scal_ptr).to(lse_t.dtype)
     g = tl.load(g_ptr + row).to(lse_t.dtype)
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
-    for start in range(0, vocab, BLOCK_V):
-        t, s, offs, mask = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, lse_t, BLOCK_V)
+    for start in range(lo, bt + vocab, BLOCK_V):
+        t, s, rel = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, lse_t, BLOCK_V)
         p = tl.exp(t - lse_t)
         q = tl.exp(s - lse_s)
         nil = p == 0  # safe values there: never -inf - -inf
@@ -138,23 +249,33 @@ def _backward_kernel(
         log_q = tl.where(nil, 0.0, s) - lse_s
         if NEED_S:
             gs = tl.where(dead, 0.0, g * (q - p) * inv_t)
-            tl.store(gs_ptr + base + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+            _block_store(gs_ptr, start + dg, rel, vocab, gs, BLOCK_V)
         if NEED_T:
             gt = tl.where(nil, 0.0, g * p * (log_p - log_q - kl) * inv_t)
             gt = tl.where(dead, 0.0, gt)
-            tl.store(gt_ptr + base + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+            _block_store(gt_ptr, start + dg, rel, vocab, gt, BLOCK_V)
 
 
 @triton.jit
-def _lse_pass(t_ptr, s_ptr, base, vocab, inv_t, zero, BLOCK_V: tl.constexpr):
+def _lse_pass(
+    t_ptr,
+    s_ptr,
+    bt,
+    lo,
+    ds,
+    vocab,
+    inv_t,
+    zero,
+    BLOCK_V: tl.constexpr,
+):
     """Both rows' log-sum-exps in one online pass."""
     NEG_INF: tl.constexpr = float("-inf")
     m_t = zero + NEG_INF
     m_s = zero + NEG_INF
     l_t = zero
     l_s = zero
-    for start in range(0, vocab, BLOCK_V):
-        t, s, _, _ = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, zero, BLOCK_V)
+    for start in range(lo, bt + vocab, BLOCK_V):
+        t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
         m_t, _, _, l_t = _online_update(t, m_t, l_t, NEG_INF)
         m_s, _, _, l_s = _online_update(s, m_s, l_s, NEG_INF)
     return m_t + tl.log(l_t), m_s + tl.log(l_s)
@@ -181,6 +302,16 @@ def _js_block(t, s, lse_t, lse_s, log_beta, log_1mbeta, beta):
 
 
 @triton.jit
+def _js_scalars(scal_ptr, like):
+    """1/T, beta, log beta, log(1 - beta), in the accumulation dtype."""
+    inv_t = tl.load(scal_ptr).to(like.dtype)
+    beta = tl.load(scal_ptr + 1).to(like.dtype)
+    log_beta = tl.load(scal_ptr + 2).to(like.dtype)
+    log_1mbeta = tl.load(scal_ptr + 3).to(like.dtype)
+    return inv_t, beta, log_beta, log_1mbeta
+
+
+@triton.jit(do_not_specialize=["vocab"])
 def _js_forward_kernel(
     t_ptr,
     s_ptr,
@@ -188,22 +319,25 @@ def _js_forward_kernel(
     kl_qm_ptr,
     lse_t_ptr,
     lse_s_ptr,
+    scal_ptr,
     vocab,
-    inv_t,
-    beta,
-    log_beta,
-    log_1mbeta,
+    st,
+    ss,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    S_PHASE: tl.constexpr,
     F64: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = row * vocab
+    bt, lo = _row_start(row, st, VEC)
+    ds = _shift(row * ss, bt, S_PHASE, VEC)
     zero = _zero(F64)
-    lse_t, lse_s = _lse_pass(t_ptr, s_ptr, base, vocab, inv_t, zero, BLOCK_V)
+    inv_t, beta, log_beta, log_1mbeta = _js_scalars(scal_ptr, zero)
+    lse_t, lse_s = _lse_pass(t_ptr, s_ptr, bt, lo, ds, vocab, inv_t, zero, BLOCK_V)
     kl_pm = zero
     kl_qm = zero
-    for start in range(0, vocab, BLOCK_V):
-        t, s, _, _ = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, zero, BLOCK_V)
+    for start in range(lo, bt + vocab, BLOCK_V):
+        t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
         p, q, zp, zq, log_p, log_q, log_m = _js_block(
             t, s, lse_t, lse_s, log_beta, log_1mbeta, beta
         )
@@ -215,7 +349,7 @@ def _js_forward_kernel(
     tl.store(lse_s_ptr + row, lse_s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vocab"])
 def _js_backward_kernel(
     t_ptr,
     s_ptr,
@@ -226,105 +360,73 @@ def _js_backward_kernel(
     g_ptr,
     gt_ptr,
     gs_ptr,
+    scal_ptr,
     vocab,
-    inv_t,
-    beta,
-    log_beta,
-    log_1mbeta,
+    st,
+    ss,
+    sg,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    S_PHASE: tl.constexpr,
+    G_PHASE: tl.constexpr,
     NEED_T: tl.constexpr,
     NEED_S: tl.constexpr,
 ):
     """dJS/dt' = beta p (log p - log m - KL(P||M)); dJS/ds' likewise with (1 - beta), q."""
     row = tl.program_id(0).to(tl.int64)
-    base = row * vocab
+    bt, lo = _row_start(row, st, VEC)
+    ds = _shift(row * ss, bt, S_PHASE, VEC)
+    dg = _shift(row * sg, bt, G_PHASE, VEC)
     lse_t = tl.load(lse_t_ptr + row)
     lse_s = tl.load(lse_s_ptr + row)
     kl_pm = tl.load(kl_pm_ptr + row)
     kl_qm = tl.load(kl_qm_ptr + row)
+    inv_t, beta, log_beta, log_1mbeta = _js_scalars(scal_ptr, lse_t)
     g = tl.load(g_ptr + row).to(lse_t.dtype)
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
-    for start in range(0, vocab, BLOCK_V):
-        t, s, offs, mask = _load_block(t_ptr, s_ptr, base, start, vocab, inv_t, lse_t, BLOCK_V)
+    for start in range(lo, bt + vocab, BLOCK_V):
+        t, s, rel = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, lse_t, BLOCK_V)
         p, q, zp, zq, log_p, log_q, log_m = _js_block(
             t, s, lse_t, lse_s, log_beta, log_1mbeta, beta
         )
         if NEED_T:
             gt = tl.where(zp, 0.0, g * beta * p * (log_p - log_m - kl_pm) * inv_t)
             gt = tl.where(dead, 0.0, gt)
-            tl.store(gt_ptr + base + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+            _block_store(gt_ptr, start + dg, rel, vocab, gt, BLOCK_V)
         if NEED_S:
             gs = tl.where(zq, 0.0, g * (1.0 - beta) * q * (log_q - log_m - kl_qm) * inv_t)
             gs = tl.where(dead, 0.0, gs)
-            tl.store(gs_ptr + base + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+            _block_store(gs_ptr, start + dg, rel, vocab, gs, BLOCK_V)
 
 
-class _JSRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, s: torch.Tensor, temperature: float, beta: float) -> Any:
-        rows, vocab = t.shape
-        kl_pm, kl_qm, lse_t, lse_s = _row_stats(t, 4)
-        logs = _log_weights(beta)
-        if rows:
-            _js_forward_kernel[(rows,)](
-                t,
-                s,
-                kl_pm,
-                kl_qm,
-                lse_t,
-                lse_s,
-                vocab,
-                1.0 / temperature,
-                beta,
-                *logs,
-                BLOCK_V=BLOCK_V,
-                F64=kl_pm.dtype == torch.float64,
-                num_warps=NUM_WARPS,
-            )
-        ctx.save_for_backward(t, s, kl_pm, kl_qm, lse_t, lse_s)
-        ctx.temperature, ctx.beta = temperature, beta
-        return beta * kl_pm + (1.0 - beta) * kl_qm
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        t, s, kl_pm, kl_qm, lse_t, lse_s = ctx.saved_tensors
-        gt, gs = _gradient_buffers(ctx, t, s)
-        need_t, need_s = gt is not None, gs is not None
-        rows, vocab = t.shape
-        if rows and (need_t or need_s):
-            _js_backward_kernel[(rows,)](
-                t,
-                s,
-                kl_pm,
-                kl_qm,
-                lse_t,
-                lse_s,
-                g.contiguous(),
-                gt if need_t else t,
-                gs if need_s else s,
-                vocab,
-                1.0 / ctx.temperature,
-                ctx.beta,
-                *_log_weights(ctx.beta),
-                BLOCK_V=BLOCK_V,
-                NEED_T=need_t,
-                NEED_S=need_s,
-                num_warps=NUM_WARPS,
-            )
-        return gt, gs, None, None
+def _row_stride(a: torch.Tensor) -> int:
+    return a.stride(0) if a.shape[0] > 1 else a.shape[1]
 
 
-def _row_stats(t: torch.Tensor, count: int) -> list[torch.Tensor]:
+def _geometry(t: torch.Tensor, s: torch.Tensor) -> dict[str, Any]:
+    """Row strides, the vector width and whether s and the gradients share t's phase.
+
+    A block starts at a multiple of VEC elements (16 bytes) of t; the same offset is
+    16-byte aligned in s's row (in the gradients' contiguous rows) when the row strides
+    differ by a multiple of VEC.
+    """
+    vec = max(1, 16 // t.element_size())
+    st, ss = _row_stride(t), _row_stride(s)
+    return {
+        "strides": (st, ss),
+        "VEC": vec,
+        "S_PHASE": (st - ss) % vec == 0,
+        "G_PHASE": (st - t.shape[1]) % vec == 0,
+    }
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _row_stats(t: torch.Tensor, count: int) -> torch.Tensor:
     """`count` per-row accumulators, float64 for float64 input, else float32."""
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return [torch.empty(t.shape[0], device=t.device, dtype=acc) for _ in range(count)]
-
-
-def _gradient_buffers(ctx: Any, t: torch.Tensor, s: torch.Tensor) -> tuple[Any, Any]:
-    """Gradient tensors for the inputs that need one (None for the others)."""
-    gt = torch.empty_like(t) if ctx.needs_input_grad[0] else None
-    gs = torch.empty_like(s) if ctx.needs_input_grad[1] else None
-    return gt, gs
+    return torch.empty((count, t.shape[0]), device=t.device, dtype=_acc(t))
 
 
 def _log_weights(beta: float) -> tuple[float, float]:
@@ -334,62 +436,134 @@ def _log_weights(beta: float) -> tuple[float, float]:
     )
 
 
-class _KLRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, s: torch.Tensor, temperature: float) -> Any:
-        rows, vocab = t.shape
-        kl, lse_t, lse_s = _row_stats(t, 3)
-        if rows:
-            _forward_kernel[(rows,)](
-                t,
-                s,
-                kl,
-                lse_t,
-                lse_s,
-                vocab,
-                1.0 / temperature,
-                BLOCK_V=BLOCK_V,
-                F64=kl.dtype == torch.float64,
-                num_warps=NUM_WARPS,
-            )
-        ctx.save_for_backward(t, s, kl, lse_t, lse_s)
-        ctx.temperature = temperature
-        return kl
+def _launch(kernel: Any, t: torch.Tensor, s: torch.Tensor, *args: Any, **flags: Any) -> None:
+    """One program per row: kernel(t, s, *args, vocab, row strides[, sg], flags)."""
+    rows, vocab = t.shape
+    if not rows:
+        return
+    geo = _geometry(t, s)
+    backward = "NEED_T" in flags  # and a third row stride: the gradients' (contiguous)
+    extra = {"G_PHASE": geo["G_PHASE"]} if backward else {}
+    with device_guard(t):
+        kernel[(rows,)](
+            t,
+            s,
+            *args,
+            vocab,
+            *geo["strides"],
+            *((vocab,) if backward else ()),
+            BLOCK_V=BLOCK_V,
+            VEC=geo["VEC"],
+            S_PHASE=geo["S_PHASE"],
+            num_warps=NUM_WARPS,
+            **extra,
+            **flags,
+        )
+
+
+def _rows_backward(
+    kernel: Any, values: list[float], need_t: bool, need_s: bool, *args: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The gradients asked for (one kernel pass), with respect to t and/or s."""
+    t, s, stats, g = args
+    gt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
+    gs = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
+    _launch(
+        kernel,
+        t,
+        s,
+        *stats,
+        g.contiguous(),
+        t if gt is None else gt,
+        s if gs is None else gs,
+        scalars(values, stats.dtype, t.device),
+        NEED_T=need_t,
+        NEED_S=need_s,
+    )
+    return tuple(v for v in (gt, gs) if v is not None)
+
+
+class _RowsFunction(torch.autograd.Function):
+    """Shared parts: the outputs are (per-row values, per-row statistics for backward)."""
+
+    vmap = staticmethod(no_vmap)
+    BACKWARD: Any = None  # the backward kernel
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        t, s, kl, lse_t, lse_s = ctx.saved_tensors
-        gt, gs = _gradient_buffers(ctx, t, s)
-        need_t, need_s = gt is not None, gs is not None
-        rows, vocab = t.shape
-        if rows and (need_t or need_s):
-            _backward_kernel[(rows,)](
-                t,
-                s,
-                kl,
-                lse_t,
-                lse_s,
-                g.contiguous(),
-                gt if need_t else t,
-                gs if need_s else s,
-                vocab,
-                1.0 / ctx.temperature,
-                BLOCK_V=BLOCK_V,
-                NEED_T=need_t,
-                NEED_S=need_s,
-                F64=kl.dtype == torch.float64,
-                num_warps=NUM_WARPS,
-            )
-        return gt, gs, None
+    def scalar_values(params: list[Any]) -> list[float]:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    @staticmethod
+    def forward(*args: Any) -> Any:  # pragma: no cover - the subclasses define it
+        raise NotImplementedError
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        t, s, *params = inputs
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(t, s, stats)
+        ctx.params = params
+
+    @classmethod
+    def _backward(cls, ctx: Any, g: torch.Tensor) -> list[Any]:
+        t, s, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad[:2]
+        fn = functools.partial(_rows_backward, cls.BACKWARD, cls.scalar_values(ctx.params), *need)
+        return first_order(fn, need, t, s, stats, g)
+
+
+class _KLRows(_RowsFunction):
+    BACKWARD = _backward_kernel
+
+    @staticmethod
+    def scalar_values(params: list[Any]) -> list[float]:
+        (temperature,) = params
+        return [1.0 / temperature]
+
+    @staticmethod
+    def forward(t: torch.Tensor, s: torch.Tensor, temperature: float) -> Any:
+        out = torch.empty(t.shape[0], device=t.device, dtype=_acc(t))
+        stats = _row_stats(t, 3)  # KL, lse_t, lse_s
+        scal = scalars(_KLRows.scalar_values([temperature]), stats.dtype, t.device)
+        _launch(_forward_kernel, t, s, out, *stats, scal, F64=stats.dtype == torch.float64)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _: Any) -> Any:
+        return *_KLRows._backward(ctx, g), None
+
+
+class _JSRows(_RowsFunction):
+    BACKWARD = _js_backward_kernel
+
+    @staticmethod
+    def scalar_values(params: list[Any]) -> list[float]:
+        temperature, beta = params
+        return [1.0 / temperature, beta, *_log_weights(beta)]
+
+    @staticmethod
+    def forward(t: torch.Tensor, s: torch.Tensor, temperature: float, beta: float) -> Any:
+        stats = _row_stats(t, 4)  # KL(P||M), KL(Q||M), lse_t, lse_s
+        scal = scalars(_JSRows.scalar_values([temperature, beta]), stats.dtype, t.device)
+        _launch(_js_forward_kernel, t, s, *stats, scal, F64=stats.dtype == torch.float64)
+        return beta * stats[0] + (1.0 - beta) * stats[1], stats
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _: Any) -> Any:
+        return *_JSRows._backward(ctx, g), None, None
 
 
 def js_rows_from_logits(
     t: torch.Tensor, s: torch.Tensor, temperature: float, beta: float
 ) -> torch.Tensor:
     """JS_beta(softmax(t/T), softmax(s/T)) per row: two passes (log-sum-exps, then terms)."""
-    return _JSRows.apply(t, s, temperature, beta)
+    out: torch.Tensor = _JSRows.apply(t, s, temperature, beta)[0]
+    return out
 
 
 def kl_rows_from_logits(t: torch.Tensor, s: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) per row of two contiguous [rows, vocab] tensors."""
-    return _KLRows.apply(t, s, temperature)
+    """KL(softmax(t/T) || softmax(s/T)) per row of two `[rows, vocab]` tensors that
+    :func:`accepts` takes."""
+    out: torch.Tensor = _KLRows.apply(t, s, temperature)[0]
+    return out

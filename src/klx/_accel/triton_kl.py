@@ -1,30 +1,103 @@
 """Fused Triton kernels for :func:`klx.kl_div` on torch CUDA tensors, forward and backward.
 
-One pass over both inputs: each program of a persistent grid walks the flattened arrays
-in blocks, evaluates the definition of :mod:`klx._agnostic` element-wise in float32
-(float64 for float64 input), and keeps a vector of partial sums; each program writes
-one number, and those are added in a fixed order, so a result is identical from run to
-run (no atomics). 'none' writes the terms instead. No array of the input's size is
+One pass over both inputs: each program of a persistent grid walks the inputs in tiles
+of :data:`BLOCK` elements, evaluates the definition of :mod:`klx._agnostic` element-wise
+in float32 (float64 for float64 input), and keeps a vector of partial sums; each program
+writes one number, and those are added in a fixed order, so a result is identical from
+run to run (no atomics). 'none' writes the terms instead. No array of the input's size is
 allocated for a reduction. The backward pass is one element-wise kernel that writes the
 gradients that are asked for.
 
-The kernels run in the test suite on CPU tensors under ``TRITON_INTERPRET=1``; the
-dispatcher sends only CUDA tensors here.
+Layouts (:func:`accepts`): `x` and `y` of one shape, one floating dtype (float16,
+bfloat16, float32, float64) and one device, and either
+
+* both contiguous, of any shape (seen by the kernels as one row of ``numel`` elements), or
+* both 2-D and row-major with a row stride of their own: ``stride(1) == 1`` and
+  ``stride(0) >= shape[1]``, such as ``logits[:, :-1]``.
+
+Outputs ('none') and gradients are new contiguous tensors of the input's shape. Rows
+are walked in tiles: whole tiles are read without a mask (16-byte vector loads when the
+row starts are 16-byte aligned), the last tile of a row with one. Offsets are 64-bit
+throughout, so inputs of 2^31 elements and more are addressed correctly.
+
+Launches run under ``torch.cuda.device(x.device)`` (Triton launches on the current
+device). Nothing here decides *when* the kernels are used: under ``torch.func``
+transforms, during CUDA-graph capture (see :func:`capturing`) or on the CPU, the
+dispatcher keeps to the generic path. The kernels run in the test suite on CPU tensors
+under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kl_div"]
+__all__ = ["accepts", "capturing", "kl_div"]
 
 BLOCK = 2048
 NUM_WARPS = 8
-_REDUCTION = {"none": 0, "sum": 1, "mean": 1, "batchmean": 1}
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (False without CUDA).
+
+    Triton loads a kernel's module at its first launch, which global-mode capture
+    forbids, so the dispatcher keeps to the generic path while this is true.
+    """
+    return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def device_guard(x: torch.Tensor) -> Any:
+    """Make `x`'s GPU current for a launch (Triton launches on the current device).
+
+    ``torch.cuda.device(-1)`` changes nothing: CPU tensors (the interpreter) pass through.
+    """
+    return torch.cuda.device(x.device if x.is_cuda else -1)
+
+
+def scalars(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Float arguments as a tensor of the accumulation dtype, to be loaded by a kernel.
+
+    A Python float argument reaches a compiled kernel as fp32 but the interpreter as a
+    float64, so float64 kernels would lose precision on a GPU only. Through a tensor both
+    see the same value. On CUDA the copy is asynchronous (pinned host memory).
+    """
+    host = torch.tensor(list(values), dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def row_major(a: torch.Tensor) -> bool:
+    """2-D with unit stride along the rows and rows that do not overlap."""
+    return a.dim() == 2 and a.stride(1) == 1 and a.stride(0) >= a.shape[1]
+
+
+def same_floats(a: Any, b: Any) -> bool:
+    """Two plain tensors (no subclass) of one floating dtype, shape and device."""
+    return bool(
+        type(a) is torch.Tensor
+        and type(b) is torch.Tensor
+        and a.dtype == b.dtype
+        and a.dtype in FLOATS
+        and a.shape == b.shape
+        and a.device == b.device
+    )
+
+
+def accepts(x: Any, y: Any) -> bool:
+    """Whether :func:`kl_div` takes `x` and `y` as they are (see the module's layouts).
+
+    It checks types, dtypes, shapes, devices and strides only, not whether the device is
+    a GPU or whether a kernel should be used at all.
+    """
+    return same_floats(x, y) and (
+        (x.is_contiguous() and y.is_contiguous()) or (row_major(x) and row_major(y))
+    )
 
 
 @triton.jit
@@ -43,7 +116,10 @@ def _weight(y, LOG_TARGET: tl.constexpr):
 
 @triton.jit
 def _terms(x, y, LOG_TARGET: tl.constexpr):
-    """The definition: w (log w - x), 0 where w is 0 (NaN there if x is NaN)."""
+    """The definition: w (log w - x), 0 where w is 0 (NaN there if x is NaN).
+
+    Masked-off lanes load x = y = 0, which gives 0 in both target forms.
+    """
     w, zero, log_w = _weight(y, LOG_TARGET)
     log_q = tl.where(zero, 0.0, x)
     nan_or_zero = tl.where(x != x, x, 0.0)
@@ -51,62 +127,91 @@ def _terms(x, y, LOG_TARGET: tl.constexpr):
 
 
 @triton.jit
+def _tile(tile, cols, BLOCK: tl.constexpr):
+    """Row and first column (int64) of a tile; tiles run along the rows."""
+    per_row = tl.cdiv(cols, BLOCK)
+    r = tile // per_row
+    return r, (tile - r * per_row) * BLOCK
+
+
+@triton.jit
+def _load(ptr, off, c0, cols, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """A tile of one row in the accumulation dtype: unmasked when whole, 0 past the row."""
+    lanes = tl.arange(0, BLOCK)
+    if c0 + BLOCK <= cols:
+        v = tl.load(ptr + off + lanes)
+    else:
+        v = tl.load(ptr + off + lanes, mask=c0 + lanes < cols, other=0.0)
+    return v.to(ACC)
+
+
+@triton.jit
+def _store(ptr, off, c0, cols, v, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    v = v.to(ptr.dtype.element_ty)
+    if c0 + BLOCK <= cols:
+        tl.store(ptr + off + lanes, v)
+    else:
+        tl.store(ptr + off + lanes, v, mask=c0 + lanes < cols)
+
+
+@triton.jit(do_not_specialize=["rows", "cols"])
 def _sum_kernel(
     x_ptr,
     y_ptr,
     partial_ptr,
-    n,
+    rows,
+    cols,
+    sx,
+    sy,
     BLOCK: tl.constexpr,
     LOG_TARGET: tl.constexpr,
     F64: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK
-    if F64:  # noqa: SIM108 - a constexpr branch, as Triton compiles it
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid * BLOCK, n, step):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        x = x.to(acc.dtype)
-        y = y.to(acc.dtype)
-        acc += tl.where(mask, _terms(x, y, LOG_TARGET), 0.0)
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64)
+    tiles = rows.to(tl.int64) * tl.cdiv(cols.to(tl.int64), BLOCK)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for tile in range(pid, tiles, step):
+        r, c0 = _tile(tile, cols, BLOCK)
+        x = _load(x_ptr, r * sx + c0, c0, cols, BLOCK, ACC)
+        y = _load(y_ptr, r * sy + c0, c0, cols, BLOCK, ACC)
+        acc += _terms(x, y, LOG_TARGET)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cols"])
 def _terms_kernel(
     x_ptr,
     y_ptr,
     out_ptr,
-    n,
+    cols,
+    sx,
+    sy,
+    so,
     BLOCK: tl.constexpr,
     LOG_TARGET: tl.constexpr,
     F64: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-    if F64:
-        t = _terms(x.to(tl.float64), y.to(tl.float64), LOG_TARGET)
-    else:
-        t = _terms(x.to(tl.float32), y.to(tl.float32), LOG_TARGET)
-    tl.store(out_ptr + offs, t.to(out_ptr.dtype.element_ty), mask=mask)
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    r, c0 = _tile(tl.program_id(0).to(tl.int64), cols, BLOCK)
+    x = _load(x_ptr, r * sx + c0, c0, cols, BLOCK, ACC)
+    y = _load(y_ptr, r * sy + c0, c0, cols, BLOCK, ACC)
+    _store(out_ptr, r * so + c0, c0, cols, _terms(x, y, LOG_TARGET), BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cols"])
 def _backward_kernel(
     x_ptr,
     y_ptr,
     g_ptr,
     gx_ptr,
     gy_ptr,
-    n,
-    scale,
+    cols,
+    sx,
+    sy,
+    so,
     BLOCK: tl.constexpr,
     LOG_TARGET: tl.constexpr,
     G_SCALAR: tl.constexpr,
@@ -114,109 +219,188 @@ def _backward_kernel(
     NEED_Y: tl.constexpr,
     F64: tl.constexpr,
 ):
-    """d/dx = -w, d/dy = (log w - x + 1) dw/dy; both 0 where w is 0."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    if F64:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    """d/dx = -w, d/dy = (log w - x + 1) dw/dy; both 0 where w is 0.
+
+    `g` is the incoming gradient already divided by the reduction's divisor: one number
+    (G_SCALAR), or one per element laid out as the outputs (row stride `so`).
+    """
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    r, c0 = _tile(tl.program_id(0).to(tl.int64), cols, BLOCK)
+    x = _load(x_ptr, r * sx + c0, c0, cols, BLOCK, ACC)
+    y = _load(y_ptr, r * sy + c0, c0, cols, BLOCK, ACC)
+    if G_SCALAR:  # noqa: SIM108 - a constexpr branch, as Triton compiles it
+        g = tl.load(g_ptr).to(ACC)
     else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if G_SCALAR:
-        g = tl.load(g_ptr).to(x.dtype) * scale
-    else:
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(x.dtype) * scale
+        g = _load(g_ptr, r * so + c0, c0, cols, BLOCK, ACC)
     w, zero, log_w = _weight(y, LOG_TARGET)
     if NEED_X:
-        gx = tl.where(zero, 0.0, -w * g)
-        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        _store(gx_ptr, r * so + c0, c0, cols, tl.where(zero, 0.0, -w * g), BLOCK)
     if NEED_Y:
         d = log_w - tl.where(zero, 0.0, x) + 1.0
         if LOG_TARGET:
             d = d * w
-        gy = tl.where(zero, 0.0, d * g)
-        tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=mask)
+        _store(gy_ptr, r * so + c0, c0, cols, tl.where(zero, 0.0, d * g), BLOCK)
 
 
-def _programs(n: int, device: torch.device) -> int:
-    blocks = triton.cdiv(max(n, 1), BLOCK)
+def _programs(tiles: int, device: torch.device) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(blocks, 8 * sms))
-    return max(1, min(blocks, 4))  # the interpreter: a few programs exercise the loop
+        return max(1, min(tiles, 8 * sms))
+    return max(1, min(tiles, 4))  # the interpreter: a few programs exercise the loop
 
 
-def _divisor(reduction: str, x: torch.Tensor) -> float:
+def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """rows, columns, the row strides of x and y, and that of outputs and gradients.
+
+    Contiguous inputs are one row (row strides 0: a multiple of 16, as the compiler
+    learns, so whole tiles stay 16-byte aligned).
+    """
+    if x.is_contiguous() and y.is_contiguous():
+        return 1, x.numel(), 0, 0, 0
+    rows, cols = x.shape
+    return rows, cols, x.stride(0), y.stride(0), cols
+
+
+def _divisor(reduction: str, x: torch.Tensor) -> int:
     if reduction == "mean":
-        return float(x.numel())
+        return x.numel()
     if reduction == "batchmean" and x.dim():
-        return float(x.shape[0])
-    return 1.0
+        return x.shape[0]
+    return 1
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
-    n = x.numel()
+    rows, cols, sx, sy, so = _layout(x, y)
+    tiles = rows * triton.cdiv(cols, BLOCK)
     f64 = x.dtype == torch.float64
+    flags = {"BLOCK": BLOCK, "LOG_TARGET": log_target, "F64": f64, "num_warps": NUM_WARPS}
     if reduction == "none":
-        out = torch.empty_like(x)
-        if n:
-            _terms_kernel[(triton.cdiv(n, BLOCK),)](
-                x, y, out, n, BLOCK=BLOCK, LOG_TARGET=log_target, F64=f64, num_warps=NUM_WARPS
-            )
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if tiles:
+            with device_guard(x):
+                _terms_kernel[(tiles,)](x, y, out, cols, sx, sy, so, **flags)
         return out
-    programs = _programs(n, x.device)
-    partial = torch.empty(programs, device=x.device, dtype=torch.float64 if f64 else torch.float32)
-    _sum_kernel[(programs,)](
-        x, y, partial, n, BLOCK=BLOCK, LOG_TARGET=log_target, F64=f64, num_warps=NUM_WARPS
-    )
+    programs = _programs(tiles, x.device)
+    partial = torch.empty(programs, device=x.device, dtype=_acc(x))
+    with device_guard(x):
+        _sum_kernel[(programs,)](x, y, partial, rows, cols, sx, sy, **flags)
     total = partial.sum()  # a few hundred numbers, always added in the same order
-    div = _divisor(reduction, x)
-    if div != 1.0:
+    if reduction in ("mean", "batchmean"):
+        div = _divisor(reduction, x)
         total = total / div if div else total * float("nan")
     return total.to(x.dtype)
 
 
-class _KLDiv(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool
-    ) -> Any:
-        ctx.save_for_backward(x, y)
-        ctx.reduction = reduction
-        ctx.log_target = log_target
-        return _forward(x, y, reduction, log_target)
+def no_vmap(*_: Any) -> Any:
+    """The ``vmap`` rule of klx's kernel Functions: a clear error."""
+    msg = (
+        "klx's Triton kernels do not support torch.func.vmap; call klx.kl_div / "
+        "klx.kl_divergence / klx.js_divergence, which take the generic path under transforms"
+    )
+    raise NotImplementedError(msg)
+
+
+class _FirstOrder(torch.autograd.Function):
+    """A backward kernel as a Function of its own, ``fn(*tensors) -> gradients``.
+
+    Under ``torch.func.grad`` its inputs reach ``fn`` unwrapped (plain tensors that a
+    kernel can read), and under ``create_graph=True`` its outputs have a graph whose
+    backward raises: a second derivative through the kernels is an error, never a
+    silently missing term.
+    """
+
+    vmap = staticmethod(no_vmap)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, y = ctx.saved_tensors
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx = torch.empty_like(x) if need_x else None
-        gy = torch.empty_like(y) if need_y else None
-        n = x.numel()
-        if n and (need_x or need_y):
-            div = _divisor(ctx.reduction, x)
-            scale = 1.0 / div if div else float("nan")
-            g = g.contiguous()
-            _backward_kernel[(triton.cdiv(n, BLOCK),)](
+    def forward(fn: Any, *tensors: torch.Tensor) -> Any:
+        return fn(*tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        msg = (
+            "klx's Triton kernels give first derivatives only: a second derivative "
+            "(create_graph=True, then the gradient of a gradient) is not supported through "
+            "them; differentiate twice through the generic array-API path instead"
+        )
+        raise RuntimeError(msg)
+
+
+def first_order(fn: Any, need: Sequence[bool], *tensors: torch.Tensor) -> list[Any]:
+    """The gradients that `need` asks for, ``fn(*tensors)`` (a tuple of those), through
+    :class:`_FirstOrder`; None for the others."""
+    if not any(need):
+        return [None] * len(need)
+    grads = iter(_FirstOrder.apply(fn, *tensors))
+    return [next(grads) if n else None for n in need]
+
+
+def _backward(
+    reduction: str, log_target: bool, need_x: bool, need_y: bool, *args: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The gradients asked for (one kernel pass), with respect to x and/or y."""
+    x, y, g = args
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    gy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_y else None
+    rows, cols, sx, sy, so = _layout(x, y)
+    tiles = rows * triton.cdiv(cols, BLOCK)
+    if tiles:
+        div = _divisor(reduction, x)
+        g = g.to(_acc(x)) / div if reduction != "none" else g.contiguous()
+        with device_guard(x):
+            _backward_kernel[(tiles,)](
                 x,
                 y,
                 g,
-                gx if need_x else x,
-                gy if need_y else y,
-                n,
-                scale,
+                x if gx is None else gx,
+                y if gy is None else gy,
+                cols,
+                sx,
+                sy,
+                so,
                 BLOCK=BLOCK,
-                LOG_TARGET=ctx.log_target,
-                G_SCALAR=ctx.reduction != "none",
+                LOG_TARGET=log_target,
+                G_SCALAR=reduction != "none",
                 NEED_X=need_x,
                 NEED_Y=need_y,
                 F64=x.dtype == torch.float64,
                 num_warps=NUM_WARPS,
             )
-        return gx, gy, None, None
+    return tuple(v for v in (gx, gy) if v is not None)
+
+
+class _KLDiv(torch.autograd.Function):
+    """The kernels with autograd; works under ``torch.func.grad`` (setup_context form)."""
+
+    vmap = staticmethod(no_vmap)
+
+    @staticmethod
+    def forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> Any:
+        return _forward(x, y, reduction, log_target)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, y, reduction, log_target = inputs
+        ctx.save_for_backward(x, y)
+        ctx.reduction = reduction
+        ctx.log_target = log_target
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x, y = ctx.saved_tensors
+        need = ctx.needs_input_grad[:2]
+        fn = functools.partial(_backward, ctx.reduction, ctx.log_target, *need)
+        return *first_order(fn, need, x, y, g), None, None
 
 
 def kl_div(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
-    """`kl_div` of two contiguous tensors of one shape and floating dtype, with autograd."""
-    return _KLDiv.apply(x, y, reduction, log_target)
+    """`kl_div` of two tensors that :func:`accepts` takes, with autograd."""
+    out: torch.Tensor = _KLDiv.apply(x, y, reduction, log_target)
+    return out
