@@ -363,3 +363,15 @@ def test_sliced_rows_reach_the_triton_kernels_without_a_copy(name, backend):
         )[0]
     assert report.chosen == name, str(report)
     np.testing.assert_allclose(backend.to_numpy(report.result), want, rtol=2e-5, atol=1e-6)
+
+
+def test_cuda_graph_capture_takes_the_definition(backend, monkeypatch):
+    row = ROWS["triton-kl-div"]
+    _route(row, backend)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    x, y = _kl_div_inputs(np.random.default_rng(8), (4, 16))
+    report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
+    assert report.chosen == "definition"
+    assert ("triton-kl-div", "during CUDA-graph capture") in report.refused
