@@ -61,7 +61,8 @@ def tests(session: nox.Session, backend: str) -> None:
     session.run("pytest", *args, *session.posargs, env=env)
     if backend == "torch":
         # The Triton kernels once more, through the real compiler (to sm_90 / sm_80 cubins).
-        session.run("pytest", "--backend=torch", "tests/toolchain/test_triton_compile.py", *session.posargs)
+        compile_tests = "tests/toolchain/test_triton_compile.py"
+        session.run("pytest", "--backend=torch", compile_tests, *session.posargs)
 
 
 @nox.session
