@@ -370,6 +370,7 @@ def test_cuda_graph_capture_takes_the_definition(backend, monkeypatch):
     _route(row, backend)
     import torch
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     x, y = _kl_div_inputs(np.random.default_rng(8), (4, 16))
     report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")

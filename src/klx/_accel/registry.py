@@ -262,7 +262,11 @@ def _traced(lib: str, x: Array) -> str | None:
         fwd = sys.modules.get("torch.autograd.forward_ad")
         if fwd is not None and getattr(fwd, "_current_level", -1) >= 0:
             return "inside forward-mode AD (torch.autograd.forward_ad)"
-        if _device_type(lib, x) == "cuda" and torch.cuda.is_current_stream_capturing():
+        if (
+            _device_type(lib, x) == "cuda"
+            and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing()
+        ):
             # a first launch loads the kernel's module, which capture forbids
             return "during CUDA-graph capture"
         return None
