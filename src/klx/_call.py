@@ -32,7 +32,13 @@ from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype
 from klx._namespace import array_namespace, check_same_device, library_name
 
-__all__ = ["DivergenceCall", "KLDivCall", "parse_divergence", "parse_kl_div"]
+__all__ = [
+    "DivergenceCall",
+    "KLDivCall",
+    "normalizer_array",
+    "parse_divergence",
+    "parse_kl_div",
+]
 
 Array = Any
 Shape = tuple[int | None, ...]
@@ -139,10 +145,7 @@ def parse_divergence(
     entry in :data:`OPTION_CHECKS`. `normalizer` is checked by
     :func:`klx._checks.check_normalizer` (with 'batchmean' only).
     """
-    named = [("p", p), ("q", q), ("where", where)]
-    if not isinstance(normalizer, numbers.Real) and library_name(normalizer) is not None:
-        # a 0-d array: the same library and device as the inputs
-        named.append(("normalizer", normalizer))
+    named = [("p", p), ("q", q), ("where", where), *normalizer_array(normalizer)]
     xp = array_namespace(named) if xp is None else xp
     check_float(xp, "p", p)
     check_float(xp, "q", q)
@@ -182,6 +185,19 @@ def parse_divergence(
         accumulation_dtype(xp, dtype),
         norm,
     )
+
+
+def normalizer_array(normalizer: object) -> list[tuple[str, Array]]:
+    """``[("normalizer", normalizer)]`` if it is an array (it must then share the inputs'
+    library and device: add it to the arrays checked together), else ``[]``.
+
+    With :func:`klx._checks.check_normalizer` and the `normalizer` argument of
+    :func:`klx._agnostic.reduce_rows`, this is all a reducing function needs for the
+    token semantics of ``normalizer=``.
+    """
+    if isinstance(normalizer, numbers.Real) or library_name(normalizer) is None:
+        return []
+    return [("normalizer", normalizer)]
 
 
 #: The check of each divergence parameter, by name.
