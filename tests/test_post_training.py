@@ -9,16 +9,16 @@ import math
 
 import numpy as np
 import pytest
+import reference
+from backends import only
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import klx
-import reference
-from backends import only
 from test_divergences import FORMS, _draw
 from test_kl_div_conformance import check_array
 from test_properties import SETTINGS, distributions, normalize
+
+import klx
 
 #: Every reducing divergence function, and its reference per distribution (float64
 #: probabilities along the last axis).
