@@ -9,16 +9,17 @@ import math
 
 import numpy as np
 import pytest
-import reference
-from backends import only
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_divergences import FORMS, _draw
-from test_kl_div_conformance import check_array
-from test_properties import SETTINGS, distributions, normalize
 
 import klx
+from support import reference
+from support.asserts import check_array
+from support.cases import draw_distribution
+from support.strategies import SETTINGS, distributions, normalize
+
+FORMS = ("probs", "log_probs", "logits")
 
 #: Every reducing divergence function, and its reference per distribution (float64
 #: probabilities along the last axis).
@@ -58,8 +59,8 @@ def test_matches_reference(backend, kind, dtype, shape, axis, p_form, q_form, co
     rng = np.random.default_rng(11)
     temperature = 2.0 if "logits" in (p_form, q_form) else 1.0
     # Zeros in both: P > 0 where Q = 0 (KL infinite, skew KL finite) and the reverse.
-    p_in, p = _draw(rng, shape, axis, p_form, zeros=True, temperature=temperature)
-    q_in, q = _draw(rng, shape, axis, q_form, zeros=True, temperature=temperature)
+    p_in, p = draw_distribution(rng, shape, axis, p_form, zeros=True, temperature=temperature)
+    q_in, q = draw_distribution(rng, shape, axis, q_form, zeros=True, temperature=temperature)
     if p_form != "logits":  # temperature only rescales logits
         p = reference.to_probs(p_in, p_form, axis)
     if q_form != "logits":
@@ -95,8 +96,8 @@ def test_matches_reference(backend, kind, dtype, shape, axis, p_form, q_form, co
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 1.0])
 def test_skew_kl_alphas_with_disjoint_support(backend, alpha, conformance):
     rng = np.random.default_rng(12)
-    _, p = _draw(rng, (5, 8), -1, "probs", zeros=True)
-    _, q = _draw(rng, (5, 8), -1, "probs", zeros=True)
+    _, p = draw_distribution(rng, (5, 8), -1, "probs", zeros=True)
+    _, q = draw_distribution(rng, (5, 8), -1, "probs", zeros=True)
     p[0], q[0] = [1.0] + [0.0] * 7, [0.0] + [1 / 7] * 7  # disjoint: KL is +inf
     got = backend.to_numpy(
         klx.skew_kl_divergence(backend.asarray(p), backend.asarray(q), alpha=alpha)
@@ -163,7 +164,7 @@ def _value_and_grads(backend, f, a_np, b_np):
 
 @pytest.mark.parametrize("form", ["probs", "logits"])
 @pytest.mark.parametrize(("kind", "alpha"), [("skew_kl", 0.1), ("skew_kl", 0.6), ("tv", 0.0)])
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
 def test_gradients_match_plain_formula(backend, kind, alpha, form):
     rng = np.random.default_rng(13)
     logits_a, logits_b = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
@@ -197,7 +198,7 @@ def test_gradients_match_plain_formula(backend, kind, alpha, form):
 
 
 @pytest.mark.parametrize(("kind", "alpha"), [("skew_kl", 0.1), ("skew_kl", 1.0), ("tv", 0.0)])
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
 def test_gradients_finite_with_zeros_masks_and_neginf_logits(backend, kind, alpha):
     rng = np.random.default_rng(14)
     t, s = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
@@ -239,7 +240,7 @@ def test_gradients_finite_with_zeros_masks_and_neginf_logits(backend, kind, alph
     np.testing.assert_allclose(gb[np.ix_(rows, cols)], rb, rtol=1e-11, atol=1e-14)
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="jax.jit, jax.vmap and jax.grad")
 def test_jax_jit_vmap_grad(backend):
     import jax
     import jax.numpy as jnp
@@ -276,8 +277,8 @@ def test_jax_jit_vmap_grad(backend):
 def test_normalizer_divides_the_kept_sum(backend, kind):
     fn, options, ref_rows = FUNCTIONS[kind]
     rng = np.random.default_rng(16)
-    _, p = _draw(rng, (6, 5), -1, "probs")
-    _, q = _draw(rng, (6, 5), -1, "probs")
+    _, p = draw_distribution(rng, (6, 5), -1, "probs")
+    _, q = draw_distribution(rng, (6, 5), -1, "probs")
     keep = np.array([True, False, True, True, False, True])
     rows = ref_rows(p, q)
     xp_p, xp_q, where = backend.asarray(p), backend.asarray(q), backend.asarray(keep)
@@ -328,7 +329,7 @@ def test_batchmean_of_nothing_is_zero(backend, kind):
 
 
 @pytest.mark.parametrize("kind", list(FUNCTIONS))
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
 def test_batchmean_of_nothing_has_zero_gradient(backend, kind):
     fn, options, _ = FUNCTIONS[kind]
     t = np.array([[np.nan, 1.0, -np.inf], [0.2, 3.0, 0.5]])
@@ -351,7 +352,7 @@ def test_batchmean_of_nothing_has_zero_gradient(backend, kind):
     assert np.array_equal(ga, np.zeros_like(t)) and np.array_equal(gb, np.zeros_like(s))
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="a traced normalizer under jax.jit")
 def test_normalizer_traced_under_jit(backend):
     import jax
     import jax.numpy as jnp
@@ -404,7 +405,7 @@ def test_alpha_errors(backend):
 # --------------------------------------------------------------------------- accelerators
 
 
-@only("numpy", "torch")
+@pytest.mark.backends("numpy", "torch", reason="the CPU row-blocked accelerators")
 @pytest.mark.parametrize("kind", ["skew_kl", "tv"])
 def test_row_blocks_serve_the_new_kinds(backend, kind):
     rng = np.random.default_rng(17)
