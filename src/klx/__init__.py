@@ -7,6 +7,7 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`kl_div` -- number-for-number :func:`torch.nn.functional.kl_div`, without its NaNs.
 * :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
 * :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
+* :func:`skew_kl_divergence`, :func:`tv_distance` -- skew KL and total variation.
 * :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
 * :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
 """
@@ -19,7 +20,7 @@ from klx._config import (
     set_validation,
     validation,
 )
-from klx._divergences import js_divergence, kl_divergence
+from klx._divergences import js_divergence, kl_divergence, skew_kl_divergence, tv_distance
 from klx._kl_div import KLDivMeanWarning, kl_div
 
 __version__ = "0.1.0"
@@ -37,5 +38,7 @@ __all__ = [
     "kl_divergence",
     "set_accelerators",
     "set_validation",
+    "skew_kl_divergence",
+    "tv_distance",
     "validation",
 ]

@@ -42,9 +42,12 @@ __all__ = [
     "kl_terms",
     "log_softmax",
     "mask_rows",
+    "probabilities",
     "reduce_rows",
     "reduction_divisor",
     "shape_size",
+    "skew_kl_terms",
+    "tv_terms",
     "weighted",
 ]
 
@@ -70,6 +73,13 @@ def as_log(xp: ModuleType, x: Array, form: str, axis: int, temperature: float) -
     if temperature != 1.0:
         x = x / temperature
     return log_softmax(xp, x, axis)
+
+
+def probabilities(xp: ModuleType, x: Array, form: str, axis: int, temperature: float) -> Array:
+    """The probabilities of `x` given in any form (no logarithm taken for 'probs')."""
+    if form == "probs":
+        return x
+    return xp.exp(as_log(xp, x, form, axis, temperature))
 
 
 def weighted(xp: ModuleType, x: Array, form: str, axis: int, temperature: float) -> Weighted:
@@ -139,18 +149,75 @@ def js_terms(
     """
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
-    # Where the weights beta p and (1 - beta) q are 0 (everywhere, for beta = 0 or 1).
-    zp = _zero_weight(wp.zero, beta)
-    zq = _zero_weight(wq.zero, 1.0 - beta)
-    # log(beta p) and log((1 - beta) q), -inf where the weight is 0.
-    log_bp = xp.where(zp, -math.inf, wp.log_w + _log_weight(beta))
-    log_bq = xp.where(zq, -math.inf, wq.log_w + _log_weight(1.0 - beta))
-    # Where both vanish, M is 0 but neither term needs it: feed logaddexp a safe value.
-    both = zp & zq
-    log_m = xp.logaddexp(xp.where(both, 0.0, log_bp), xp.where(both, 0.0, log_bq))
+    zp, zq, log_m = _log_mixture(xp, wp, wq, beta)
     bp = Weighted(wp.w * beta, wp.log_w, zp)
     bq = Weighted(wq.w * (1.0 - beta), wq.log_w, zq)
     return _terms(xp, bp, log_m, log_m) + _terms(xp, bq, log_m, log_m)
+
+
+def _log_mixture(
+    xp: ModuleType, wp: Weighted, wq: Weighted, b: float
+) -> tuple[Array, Array, Array]:
+    """``log M`` of ``M = b P + (1 - b) Q`` by ``logaddexp``, and where ``b p``, ``(1 - b) q``
+    are 0 (everywhere, for a weight of 0).
+
+    Where both weights vanish, M is 0; ``log M`` is then a safe 0, for the terms there
+    (weight 0) do not need it.
+    """
+    zp = _zero_weight(wp.zero, b)
+    zq = _zero_weight(wq.zero, 1.0 - b)
+    # log(b p) and log((1 - b) q), -inf where the weight is 0.
+    log_bp = xp.where(zp, -math.inf, wp.log_w + _log_weight(b))
+    log_bq = xp.where(zq, -math.inf, wq.log_w + _log_weight(1.0 - b))
+    both = zp & zq
+    return zp, zq, xp.logaddexp(xp.where(both, 0.0, log_bp), xp.where(both, 0.0, log_bq))
+
+
+def skew_kl_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+) -> Array:
+    """Pointwise terms of the skew KL(P || alpha P + (1 - alpha) Q).
+
+    ``log M`` is a ``logaddexp`` of the log-space inputs, as in :func:`js_terms`. Where P is
+    positive and ``alpha > 0``, M >= alpha P > 0: every term is finite, whatever Q is. At
+    ``alpha = 0`` the mixture is Q and these are the terms of :func:`kl_terms` exactly.
+    """
+    if alpha == 0.0:
+        # M is Q; the mixture's safe log M (for p > 0 = q) would hide KL's +inf there.
+        return kl_terms(xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature)
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    # alpha > 0: alpha p vanishes only where p does, and M > 0 wherever p > 0.
+    _, _, log_m = _log_mixture(xp, wp, wq, alpha)
+    return _terms(xp, wp, log_m, log_m)
+
+
+def tv_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: float = 1.0,
+) -> Array:
+    """Pointwise terms ``|p - q| / 2`` of the total variation distance; NaN propagates.
+
+    Where ``p = q`` the derivative of ``|x|`` is the library's own choice of subgradient
+    (0 in torch, 1 in JAX): finite, never NaN.
+    """
+    wp = probabilities(xp, p, p_form, axis, temperature)
+    wq = probabilities(xp, q, q_form, axis, temperature)
+    return 0.5 * xp.abs(wp - wq)
 
 
 def _log_weight(b: float) -> float:
@@ -171,6 +238,8 @@ TermsFunction = Callable[..., Array]
 DIVERGENCES: dict[str, TermsFunction] = {
     "kl": kl_terms,
     "js": js_terms,
+    "skew_kl": skew_kl_terms,
+    "tv": tv_terms,
 }
 
 
@@ -219,7 +288,8 @@ def divergence(xp: ModuleType, call: DivergenceCall) -> Array:
 def finish_rows(xp: ModuleType, call: DivergenceCall, rows: Array) -> Array:
     """Reduce per-distribution values (from the definition or an accelerator) as asked."""
     keep = None if call.keep is None else xp.squeeze(call.keep, axis=call.axis)
-    out = reduce_rows(xp, rows, call.reduction, keep, shape_size(call.batch_shape))
+    count = shape_size(call.batch_shape)
+    out = reduce_rows(xp, rows, call.reduction, keep, count, call.normalizer)
     return xp.astype(out, call.dtype, copy=False)
 
 
@@ -272,9 +342,27 @@ def shape_size(shape: Sequence[int | None]) -> float:
 
 
 def reduce_rows(
-    xp: ModuleType, rows: Array, reduction: str, keep: Array | None, count: float
+    xp: ModuleType,
+    rows: Array,
+    reduction: str,
+    keep: Array | None,
+    count: float,
+    normalizer: float | Array | None = None,
 ) -> Array:
-    """Reduce per-distribution values: 'none', 'sum', or 'batchmean' over the kept ones."""
+    """Reduce per-distribution values: 'none', 'sum', or 'batchmean' over the kept ones.
+
+    The token semantics of every reducing divergence, written once:
+
+    * 'batchmean' divides the sum over the kept distributions by `normalizer` if given
+      (a Python float or a 0-d array of `xp`, e.g. the token count of a whole batch of
+      micro-batches), else by the number kept;
+    * a divisor of 0 (nothing kept: every distribution dropped by `keep`, none at all,
+      or a normalizer of 0) is taken as 1: the sum is then 0, and so are the mean and
+      its gradient, never NaN.
+
+    `count` is the number of distributions, used when `keep` is None (NaN where a size
+    is unknown, as in Dask: the mean is then NaN).
+    """
     if keep is not None:
         rows = xp.where(keep, rows, 0.0)
     if reduction == "none":
@@ -282,12 +370,15 @@ def reduce_rows(
     total = xp.sum(rows)
     if reduction == "sum":
         return total
-    if keep is None:
-        return divide(total, count)
-    kept = xp.sum(xp.astype(xp.broadcast_to(keep, rows.shape), rows.dtype))
-    # Nothing kept gives NaN, without a 0/0 (which warns on lazy NumPy-backed arrays).
-    some = kept > 0
-    return xp.where(some, total / xp.where(some, kept, 1.0), math.nan)
+    if isinstance(normalizer, float):
+        count, normalizer = normalizer, None
+    elif keep is not None and normalizer is None:
+        normalizer = xp.sum(xp.astype(xp.broadcast_to(keep, rows.shape), rows.dtype))
+    if normalizer is None:
+        return divide(total, count if count != 0 else 1.0)
+    n = xp.astype(normalizer, total.dtype)
+    # 0 / 1 where nothing is kept: never a 0/0 (NaN, and a warning on lazy arrays).
+    return total / xp.where(n == 0, 1.0, n)
 
 
 def divide(total: Array, count: float) -> Array:

@@ -8,6 +8,7 @@ after that (validation, the accelerator registry, the definition in
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -16,10 +17,12 @@ from klx._checks import (
     KL_DIV_REDUCTIONS,
     REDUCTIONS,
     broadcast_shapes,
+    check_alpha,
     check_beta,
     check_flag,
     check_float,
     check_form,
+    check_normalizer,
     check_reduction,
     check_temperature,
     check_where,
@@ -27,9 +30,15 @@ from klx._checks import (
 )
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype
-from klx._namespace import array_namespace, check_same_device
+from klx._namespace import array_namespace, check_same_device, library_name
 
-__all__ = ["DivergenceCall", "KLDivCall", "parse_divergence", "parse_kl_div"]
+__all__ = [
+    "DivergenceCall",
+    "KLDivCall",
+    "normalizer_array",
+    "parse_divergence",
+    "parse_kl_div",
+]
 
 Array = Any
 Shape = tuple[int | None, ...]
@@ -76,6 +85,9 @@ class DivergenceCall(NamedTuple):
     batch_shape: Shape
     dtype: Any
     acc: Any
+    #: What 'batchmean' divides the kept distributions' sum by instead of their count:
+    #: a Python float, a 0-d array of `xp`, or None (the count).
+    normalizer: float | Array | None = None
 
 
 def parse_kl_div(
@@ -124,20 +136,23 @@ def parse_divergence(
     reduction: object,
     validate: object,
     xp: ModuleType | None,
+    normalizer: object = None,
     **options: object,
 ) -> DivergenceCall:
     """Check the arguments of a divergence (raising TypeError / ValueError).
 
     `options` are the divergence's own parameters (``beta=`` of JS), each checked by its
-    entry in :data:`OPTION_CHECKS`.
+    entry in :data:`OPTION_CHECKS`. `normalizer` is checked by
+    :func:`klx._checks.check_normalizer` (with 'batchmean' only).
     """
-    named = [("p", p), ("q", q), ("where", where)]
+    named = [("p", p), ("q", q), ("where", where), *normalizer_array(normalizer)]
     xp = array_namespace(named) if xp is None else xp
     check_float(xp, "p", p)
     check_float(xp, "q", q)
     forms = (check_form("p_form", p_form), check_form("q_form", q_form))
     t = check_temperature(temperature, forms)
     red = check_reduction(reduction, REDUCTIONS)
+    norm = check_normalizer(xp, normalizer, red)
     check_same_device(named, xp)
     shape = broadcast_shapes([("p", tuple(p.shape)), ("q", tuple(q.shape))])
     ax = normalize_axis(axis, len(shape))
@@ -168,8 +183,25 @@ def parse_divergence(
         batch_shape,
         dtype,
         accumulation_dtype(xp, dtype),
+        norm,
     )
 
 
+def normalizer_array(normalizer: object) -> list[tuple[str, Array]]:
+    """``[("normalizer", normalizer)]`` if it is an array (it must then share the inputs'
+    library and device: add it to the arrays checked together), else ``[]``.
+
+    With :func:`klx._checks.check_normalizer` and the `normalizer` argument of
+    :func:`klx._agnostic.reduce_rows`, this is all a reducing function needs for the
+    token semantics of ``normalizer=``.
+    """
+    if isinstance(normalizer, numbers.Real) or library_name(normalizer) is None:
+        return []
+    return [("normalizer", normalizer)]
+
+
 #: The check of each divergence parameter, by name.
-OPTION_CHECKS: dict[str, Callable[[object], float]] = {"beta": check_beta}
+OPTION_CHECKS: dict[str, Callable[[object], float]] = {
+    "alpha": check_alpha,
+    "beta": check_beta,
+}

@@ -7,6 +7,7 @@ they cost nothing on a GPU and work under ``jax.jit`` and on lazy arrays.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -16,10 +17,12 @@ __all__ = [
     "KL_DIV_REDUCTIONS",
     "REDUCTIONS",
     "broadcast_shapes",
+    "check_alpha",
     "check_beta",
     "check_flag",
     "check_float",
     "check_form",
+    "check_normalizer",
     "check_reduction",
     "check_temperature",
     "check_where",
@@ -153,14 +156,73 @@ def check_temperature(temperature: object, forms: Sequence[str]) -> float:
 
 
 def check_beta(beta: object) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        msg = f"`beta` must be a real number in [0, 1], got {beta!r}."
+    return _mixture_weight("beta", beta)
+
+
+def check_alpha(alpha: object) -> float:
+    return _mixture_weight("alpha", alpha)
+
+
+def _mixture_weight(name: str, value: object) -> float:
+    """A mixture weight `name` (beta of JS, alpha of skew KL): a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"`{name}` must be a real number in [0, 1], got {value!r}."
         raise TypeError(msg)
-    b = float(beta)
-    if not 0.0 <= b <= 1.0:
-        msg = f"`beta` must lie in [0, 1] (the weight of P in the mixture M), got {beta!r}."
+    w = float(value)
+    if not 0.0 <= w <= 1.0:
+        msg = f"`{name}` must lie in [0, 1] (the weight of P in the mixture M), got {value!r}."
         raise ValueError(msg)
-    return b
+    return w
+
+
+def check_normalizer(xp: ModuleType, normalizer: object, reduction: str) -> float | Any:
+    """`normalizer` for 'batchmean': a finite number >= 0, or a 0-d real array of `xp`.
+
+    Returns a Python float, the array itself, or None. The array's value is not read
+    here (validation mode checks it).
+    """
+    if normalizer is None:
+        return None
+    if reduction != "batchmean":
+        msg = (
+            f"`normalizer` replaces the count that reduction='batchmean' divides by, but "
+            f"reduction={reduction!r}; pass reduction='batchmean' with the normalizer, or "
+            "leave normalizer=None."
+        )
+        raise ValueError(msg)
+    if isinstance(normalizer, bool):
+        msg = f"`normalizer` must be a number >= 0 or a 0-d array, got {normalizer!r}."
+        raise TypeError(msg)
+    if isinstance(normalizer, numbers.Real):
+        n = float(normalizer)
+        if not (n >= 0 and math.isfinite(n)):
+            msg = (
+                f"`normalizer` must be a finite number >= 0 (the number of tokens to divide "
+                f"the sum by; 0, for a step without tokens, gives 0), got {normalizer!r}."
+            )
+            raise ValueError(msg)
+        return n
+    dtype = getattr(normalizer, "dtype", None)
+    shape = getattr(normalizer, "shape", None)
+    if shape is None or dtype is None:
+        msg = (
+            f"`normalizer` must be a number >= 0 or a 0-d array, got "
+            f"{type(normalizer).__module__}.{type(normalizer).__qualname__}."
+        )
+        raise TypeError(msg)
+    if tuple(shape) != ():
+        msg = (
+            f"`normalizer` must be a single number (a 0-d array), got shape "
+            f"{tuple(shape)}; pass e.g. `mask.sum()`."
+        )
+        raise ValueError(msg)
+    if dtype == xp.bool or not xp.isdtype(dtype, ("real floating", "integral")):
+        msg = (
+            f"`normalizer` must have an integer or real floating dtype, got {dtype}; "
+            "convert it with `astype` first."
+        )
+        raise TypeError(msg)
+    return normalizer
 
 
 def check_where(xp: ModuleType, where: Any, batch_shape: Shape) -> None:

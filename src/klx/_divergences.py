@@ -1,4 +1,4 @@
-"""`kl_divergence` and `js_divergence`: the divergences in the order the formulas read."""
+"""The divergences in the order the formulas read: KL, JS, skew KL and total variation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 from klx import _accel
 from klx._call import DivergenceCall, parse_divergence
 from klx._dtypes import as_array, numpy_quiet
-from klx._validation import check_distribution
+from klx._validation import check_distribution, check_normalizer_value
 
-__all__ = ["js_divergence", "kl_divergence"]
+__all__ = ["js_divergence", "kl_divergence", "skew_kl_divergence", "tv_distance"]
 
 Array = Any
 
@@ -32,6 +32,7 @@ def kl_divergence(
     reduction: str = "none",
     validate: bool | None = None,
     xp: ModuleType | None = None,
+    normalizer: float | Array | None = None,
 ) -> Array:
     r"""The Kullback-Leibler divergence KL(P || Q), in the order the formula reads.
 
@@ -59,17 +60,25 @@ def kl_divergence(
     where : bool array, optional
         Which distributions to keep, broadcastable to the batch shape (the shape without
         `axis`). Dropped ones contribute nothing, in value (0 under 'none') and in gradient,
-        even if they hold NaN or ``-inf``; 'batchmean' averages over the kept ones only
-        (NaN if none is kept).
+        even if they hold NaN or ``-inf``; 'batchmean' averages over the kept ones only,
+        and is 0 (with gradient 0) if none is kept.
     reduction : {'none', 'sum', 'batchmean'}, optional
         'none': one value per distribution (the batch shape); 'sum': their sum;
-        'batchmean': their mean. Default 'none'.
+        'batchmean': their sum divided by `normalizer`, or by the number kept (at least 1:
+        an empty or fully masked batch gives 0, not NaN). Default 'none'.
     validate : bool or None, optional
         Check the values first (reads them: a GPU synchronisation): probabilities must be
         non-negative and sum to 1, log-probabilities must be <= 0 and their exp sum to 1.
         None (the default) follows :func:`klx.set_validation` / :func:`klx.validation`.
     xp : namespace, optional
         The array namespace; by default that of the arrays.
+    normalizer : float or 0-d array, optional
+        With 'batchmean' only (an error otherwise): divide the sum over the kept
+        distributions by this instead of their count, e.g. the number of tokens in all the
+        micro-batches of an accumulated step, so that the micro-batches' losses add up to
+        the step's mean. A number >= 0, or a 0-d integer or floating array of the
+        inputs' library and device (its value is read only in validation mode). A
+        normalizer of 0 (a step without tokens) divides by 1: the result is 0.
 
     Returns
     -------
@@ -81,6 +90,7 @@ def kl_divergence(
     --------
     kl_div : the torch-compatible form (arguments in the reverse order).
     js_divergence : the symmetric, bounded Jensen-Shannon divergence.
+    skew_kl_divergence : KL(P || alpha P + (1 - alpha) Q), finite wherever P is.
     scipy.special.rel_entr : the pointwise terms in SciPy; ``rel_entr(p, q).sum(axis)``.
     scipy.stats.entropy : ``entropy(p, q, axis=axis)`` normalises first, then gives the KL.
     torch.nn.functional.kl_div : ``kl_div(log(q), p, reduction='batchmean')`` for 2-D input.
@@ -122,6 +132,7 @@ def js_divergence(
     reduction: str = "none",
     validate: bool | None = None,
     xp: ModuleType | None = None,
+    normalizer: float | Array | None = None,
 ) -> Array:
     r"""The generalized Jensen-Shannon divergence of P and Q.
 
@@ -136,7 +147,7 @@ def js_divergence(
 
     Parameters
     ----------
-    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp
+    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
         As in :func:`kl_divergence`.
     beta : float, optional
         The weight of P in the mixture, in [0, 1]. Default 0.5.
@@ -161,6 +172,117 @@ def js_divergence(
     return evaluate(parse_divergence("js", **locals()))
 
 
+def skew_kl_divergence(
+    p: Array,
+    q: Array,
+    *,
+    alpha: float = 0.1,
+    axis: int = -1,
+    p_form: str = "probs",
+    q_form: str = "probs",
+    temperature: float = 1.0,
+    where: Array | None = None,
+    reduction: str = "none",
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+    normalizer: float | Array | None = None,
+) -> Array:
+    r"""The skew KL divergence: KL(P || M) against the mixture M = alpha P + (1 - alpha) Q.
+
+    .. math::
+
+        \mathrm{SKL}_\alpha(P \,\|\, Q) = \mathrm{KL}\bigl(P \,\|\,
+            \alpha P + (1 - \alpha) Q\bigr)
+            = \sum_i p_i \, \bigl(\log p_i - \log(\alpha p_i + (1 - \alpha) q_i)\bigr)
+
+    Skewing Q towards P bounds the divergence by :math:`-\log \alpha` and keeps it finite
+    where Q is 0 and P is not (a student that rules out a teacher's token), which is why
+    distillation uses it (DistiLLM's skew KL, Ko et al. 2024). ``log M`` is a
+    ``logaddexp`` of the log-space inputs, so nothing underflows; gradients are finite
+    wherever the value is. At ``alpha = 0`` it is :func:`kl_divergence` exactly; at
+    ``alpha = 1`` it is 0. Natural logarithms throughout.
+
+    Parameters
+    ----------
+    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+        As in :func:`kl_divergence`.
+    alpha : float, optional
+        The weight of P in the mixture, in [0, 1]. Default 0.1.
+
+    Returns
+    -------
+    array
+        As in :func:`kl_divergence`.
+
+    See Also
+    --------
+    kl_divergence : the case ``alpha = 0``.
+    js_divergence : mixes both ways: ``beta KL(P || M) + (1 - beta) KL(Q || M)``.
+    tv_distance : bounded by 1, also finite where supports differ.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> p, q = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    >>> klx.kl_divergence(p, q)
+    array(inf)
+    >>> klx.skew_kl_divergence(p, q, alpha=0.1)  # log(1 / 0.1)
+    array(2.3025...)
+    """
+    return evaluate(parse_divergence("skew_kl", **locals()))
+
+
+def tv_distance(
+    p: Array,
+    q: Array,
+    *,
+    axis: int = -1,
+    p_form: str = "probs",
+    q_form: str = "probs",
+    temperature: float = 1.0,
+    where: Array | None = None,
+    reduction: str = "none",
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+    normalizer: float | Array | None = None,
+) -> Array:
+    r"""The total variation distance between P and Q.
+
+    .. math::
+
+        \mathrm{TV}(P, Q) = \tfrac12 \sum_i |p_i - q_i|
+
+    Symmetric, in [0, 1] for distributions, and finite whatever the supports (it upper-
+    bounds nothing by the KL's infinities: Pinsker's inequality gives
+    :math:`\mathrm{TV} \le \sqrt{\mathrm{KL}/2}`). Inputs in log or logit form are turned
+    into probabilities first. Where ``p_i = q_i`` the gradient of :math:`|p_i - q_i|` is
+    the array library's own subgradient (0 in torch, 1 in JAX), never NaN.
+
+    Parameters
+    ----------
+    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+        As in :func:`kl_divergence`.
+
+    Returns
+    -------
+    array
+        As in :func:`kl_divergence`.
+
+    See Also
+    --------
+    kl_divergence, skew_kl_divergence, js_divergence
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> klx.tv_distance(np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5]))
+    array(0.5)
+    """
+    return evaluate(parse_divergence("tv", **locals()))
+
+
 def evaluate(call: DivergenceCall) -> Array:
     """Validate (if asked), then compute `call` by an accelerator or the definition."""
     if call.validate:
@@ -176,5 +298,7 @@ def evaluate(call: DivergenceCall) -> Array:
                 hint_log=hint_log,
                 hint_probs=hint_probs,
             )
+        if call.normalizer is not None and not isinstance(call.normalizer, float):
+            check_normalizer_value(call.xp, call.normalizer)
     with numpy_quiet(call.p):
         return as_array(_accel.evaluate_divergence(call))

@@ -17,7 +17,7 @@ from typing import Any
 from klx._dtypes import accumulation_dtype
 from klx._namespace import is_concrete, library_name
 
-__all__ = ["check_distribution", "tolerance"]
+__all__ = ["check_distribution", "check_normalizer_value", "tolerance"]
 
 Array = Any
 
@@ -134,3 +134,16 @@ def check_distribution(
                 "probabilities themselves."
             )
             raise ValueError(msg)
+
+
+def check_normalizer_value(xp: ModuleType, normalizer: Array) -> None:
+    """Raise ValueError unless the 0-d array `normalizer` is finite and >= 0."""
+    _require_concrete("normalizer", normalizer)
+    value = float(xp.astype(normalizer, xp.float64 if hasattr(xp, "float64") else xp.float32))
+    if not (value >= 0 and math.isfinite(value)):
+        msg = (
+            f"`normalizer` must be a finite number >= 0 (the number of tokens to divide the "
+            f"sum by), got {value!r}; count the kept tokens of the whole step, e.g. "
+            "`mask.sum()`."
+        )
+        raise ValueError(msg)

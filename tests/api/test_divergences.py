@@ -10,24 +10,10 @@ from scipy.spatial.distance import jensenshannon
 import klx
 from support import reference
 from support.asserts import check_array
+from support.cases import draw_distribution
 
 FORMS = ("probs", "log_probs", "logits")
 REDUCTIONS = ("none", "sum", "batchmean")
-
-
-def _draw(rng, shape, axis, form, zeros=False, temperature=1.0):
-    """A distribution along `axis` in `form`, and its probabilities (float64)."""
-    logits = rng.normal(scale=2.0, size=shape)
-    if zeros:
-        logits = np.where(rng.uniform(size=shape) < 0.25, -np.inf, logits)
-        # keep at least one entry per distribution
-        first = [slice(None)] * len(shape)
-        first[axis] = 0
-        logits[tuple(first)] = 0.0
-    log_p = reference.log_softmax(logits, axis, temperature)
-    probs = np.exp(log_p)
-    given = {"probs": probs, "log_probs": log_p, "logits": logits}[form]
-    return given, probs
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -40,8 +26,8 @@ def test_kl_divergence_matches_rel_entr(
 ):
     rng = np.random.default_rng(1)
     temperature = 2.0 if "logits" in (p_form, q_form) else 1.0
-    p_in, p = _draw(rng, shape, axis, p_form, zeros=True, temperature=temperature)
-    q_in, q = _draw(rng, shape, axis, q_form, temperature=temperature)
+    p_in, p = draw_distribution(rng, shape, axis, p_form, zeros=True, temperature=temperature)
+    q_in, q = draw_distribution(rng, shape, axis, q_form, temperature=temperature)
     if p_form != "logits":  # temperature only rescales logits
         p = reference.to_probs(p_in, p_form, axis)
     if q_form != "logits":
@@ -72,8 +58,8 @@ def test_kl_divergence_matches_rel_entr(
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_js_divergence_matches_scipy(backend, beta, reduction, conformance):
     rng = np.random.default_rng(2)
-    _, p = _draw(rng, (5, 8), -1, "probs", zeros=True)
-    _, q = _draw(rng, (5, 8), -1, "probs", zeros=True)
+    _, p = draw_distribution(rng, (5, 8), -1, "probs", zeros=True)
+    _, q = draw_distribution(rng, (5, 8), -1, "probs", zeros=True)
     got = klx.js_divergence(backend.asarray(p), backend.asarray(q), beta=beta, reduction=reduction)
     ref_rows = reference.js_rows(p, q, -1, beta)
     if beta == 0.5:  # SciPy returns the square root of JS at beta = 1/2
@@ -87,8 +73,8 @@ def test_js_divergence_matches_scipy(backend, beta, reduction, conformance):
 @pytest.mark.parametrize("form", FORMS)
 def test_js_symmetric_bounded_from_any_form(backend, form):
     rng = np.random.default_rng(3)
-    p_in, _ = _draw(rng, (4, 6), -1, form, zeros=True)
-    q_in, _ = _draw(rng, (4, 6), -1, form, zeros=True)
+    p_in, _ = draw_distribution(rng, (4, 6), -1, form, zeros=True)
+    q_in, _ = draw_distribution(rng, (4, 6), -1, form, zeros=True)
     a = backend.to_numpy(
         klx.js_divergence(backend.asarray(p_in), backend.asarray(q_in), p_form=form, q_form=form)
     )

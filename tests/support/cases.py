@@ -6,6 +6,8 @@ import zlib
 
 import numpy as np
 
+from support import reference
+
 
 def _dirichlet(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     if not shape:
@@ -75,3 +77,22 @@ KL_DIV_CASES = (
     "broadcast",
     "large",
 )
+
+
+def draw_distribution(rng, shape, axis, form, zeros=False, temperature=1.0):
+    """A random distribution along `axis` given in `form`, and its probabilities (float64).
+
+    With `zeros`, about a quarter of the entries are 0 (logits of ``-inf``), never the
+    first one of a distribution.
+    """
+    logits = rng.normal(scale=2.0, size=shape)
+    if zeros:
+        logits = np.where(rng.uniform(size=shape) < 0.25, -np.inf, logits)
+        # keep at least one entry per distribution
+        first = [slice(None)] * len(shape)
+        first[axis] = 0
+        logits[tuple(first)] = 0.0
+    log_p = reference.log_softmax(logits, axis, temperature)
+    probs = np.exp(log_p)
+    given = {"probs": probs, "log_probs": log_p, "logits": logits}[form]
+    return given, probs

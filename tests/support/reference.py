@@ -90,7 +90,27 @@ def js_rows(p: np.ndarray, q: np.ndarray, axis: int, beta: float) -> np.ndarray:
     return (beta * a if beta > 0 else 0.0) + ((1 - beta) * b if beta < 1 else 0.0)
 
 
-def reduce(rows: np.ndarray, reduction: str, keep: np.ndarray | None = None) -> np.ndarray:
+def skew_kl_rows(
+    p: np.ndarray, q: np.ndarray, axis: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || alpha P + (1 - alpha) Q) per distribution with rel_entr, and its scale."""
+    return kl_rows(p, alpha * p + (1 - alpha) * q, axis)
+
+
+def tv_rows(p: np.ndarray, q: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Total variation 0.5 sum |p - q| per distribution, and its scale (0.5 sum (p + q))."""
+    with np.errstate(all="ignore"):
+        return 0.5 * np.sum(np.abs(p - q), axis=axis), 0.5 * np.sum(p + q, axis=axis)
+
+
+def reduce(
+    rows: np.ndarray,
+    reduction: str,
+    keep: np.ndarray | None = None,
+    normalizer: float | None = None,
+) -> np.ndarray:
+    """'none', 'sum', or 'batchmean': the kept rows' sum over `normalizer` or their count,
+    a count (or normalizer) of 0 counting as 1 (klx's documented token semantics)."""
     rows = np.asarray(rows, dtype=np.float64)
     if keep is not None:
         keep = np.broadcast_to(keep, rows.shape)
@@ -101,8 +121,10 @@ def reduce(rows: np.ndarray, reduction: str, keep: np.ndarray | None = None) -> 
     if reduction == "sum":
         return total
     n = rows.size if keep is None else np.sum(keep)
+    if normalizer is not None:
+        n = normalizer
     with np.errstate(all="ignore"):
-        return total / n
+        return total / (n if n != 0 else 1)
 
 
 def rel_error(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, atol: float = 0.0) -> float:
