@@ -518,7 +518,7 @@ def markdown_table() -> str:
     )
     lines = [head]
     for row in ACCELERATORS:
-        fn = "kl_div" if row.operation == "kl_div" else "kl/js_divergence"
+        fn = "kl_div" if row.operation == "kl_div" else "the divergences"
         serves = []
         if row.kinds:
             serves.append("/".join(row.kinds))
