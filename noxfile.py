@@ -81,13 +81,16 @@ def tests(session: nox.Session, backend: str) -> None:
         session.run("pytest", "--backend=torch", compile_tests, *session.posargs)
 
 
+LINTED = ("src", "tests", "benchmarks", "tools", "docs/conf.py", "noxfile.py")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     if session.venv_backend != "none":
         session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
 
 
 @nox.session

@@ -14,7 +14,7 @@ import klx  # noqa: E402
 
 project = "klx"
 author = "The klx developers"
-copyright = "the klx developers"  # noqa: A001
+copyright = "the klx developers"
 release = version = klx.__version__
 
 extensions = [
