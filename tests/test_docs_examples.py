@@ -97,7 +97,10 @@ def test_torch_is_pinned_once_and_documented():
     nox_source = (ROOT / "noxfile.py").read_text()
     assert "_torch_pin()" in nox_source and not re.search(r"torch==\d", nox_source)
     readme = (ROOT / "README.md").read_text()
-    assert "pip install -r benchmarks/requirements.txt" in readme.split("```bash")[1]
+    first, second = readme.split("```bash")[1].split("```")[0].strip().splitlines()
+    assert first.startswith("pip install -r benchmarks/requirements.txt && python -m benchmarks")
+    assert all(f" {b}" in first for b in ("numpy", "torch", "jax", "dask"))
+    assert second.startswith("pip install nox && nox")
     assert f"`{pin}`" in readme
     guide = (ROOT / "docs" / "getting-started.md").read_text()
     assert "### Choosing the torch build" in guide and f"`{pin}`" in guide
