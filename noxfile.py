@@ -69,7 +69,9 @@ def tests(session: nox.Session, backend: str) -> None:
         args += ["--doctest-modules", *kernels, "src/klx", "tests"]
     env = {}
     if backend == "torch" and session.venv_backend != "none":
-        env["KLX_TORCH_SPEC"] = TORCH  # tests/test_docs_examples.py checks what was installed
+        env["KLX_TORCH_SPEC"] = (
+            TORCH  # tests/toolchain/test_docs_examples.py checks what was installed
+        )
     if backend == "torch" and not _cuda_available():
         # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; with
         # one they run compiled, on the GPU.
@@ -119,5 +121,9 @@ def docs(session: nox.Session) -> None:
     html = "docs/_build/html"
     session.run("sphinx-build", "-W", "--keep-going", "-q", "-b", "html", "docs", html)
     session.run(
-        "pytest", "tests/test_docs_site.py", "-p", "no:cacheprovider", env={"KLX_DOCS_HTML": html}
+        "pytest",
+        "tests/toolchain/test_docs_site.py",
+        "-p",
+        "no:cacheprovider",
+        env={"KLX_DOCS_HTML": html},
     )

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import backends as bk
+from support import backends as bk
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 #: The library whose tests session runs a block: the first of these it imports.
