@@ -10,6 +10,7 @@ the reason, whether asked for or not.
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ import pytest
 from hypothesis import settings
 
 from support import backends as bk
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+import conformance_report
 
 # CI draws the same examples every run (a red run must be reproducible); locally each run
 # explores new ones and keeps failures in the .hypothesis database.
@@ -30,6 +34,8 @@ _SKIPPED: dict[str, str] = {}
 #: (row, column) -> worst error, filled by the `conformance` fixture.
 _TABLE: dict[tuple[str, str], float] = defaultdict(float)
 _TOL: dict[str, float] = {}
+#: Every cell's error and result, for tools/conformance_report.py to compare backends.
+_CELLS = conformance_report.Recorder()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -101,13 +107,20 @@ def xp(backend: bk.Backend) -> Any:
 
 
 @pytest.fixture
-def conformance() -> Any:
-    """Record a cell's worst error: conformance(row, column, error, tolerance)."""
+def conformance(request: pytest.FixtureRequest) -> Any:
+    """Record a cell's worst error: conformance(row, column, error, tolerance, value=result).
 
-    def record(row: str, column: str, error: float, tol: float) -> None:
+    With `value` (the result as a NumPy array) the cell also goes to the JSON that
+    tools/conformance_report.py reads to compare the backends with each other.
+    """
+    params = getattr(request.node, "callspec", None)
+
+    def record(row: str, column: str, error: float, tol: float, value: Any = None) -> None:
         key = (row, column)
         _TABLE[key] = max(_TABLE[key], error)
         _TOL[row] = tol
+        if value is not None:
+            _CELLS.add(row, column, error, tol, params.params if params else {}, value)
 
     return record
 
@@ -123,7 +136,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     ]
     for r in rows:
         cells = [f"{_TABLE[(r, c)]:.1e}" if (r, c) in _TABLE else "-" for c in cols]
-        lines.append(f"| {r} | {_TOL[r]:.0e} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r} | {conformance_report.fmt_tol(_TOL[r])} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     terminalreporter.write_sep("=", "klx conformance: worst error per cell (relative to scale)")
     terminalreporter.write_line(text)
@@ -135,9 +148,14 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         path = folder / f"conformance-{'-'.join(names)}.md"
         path.write_text(
             "# klx conformance matrix\n\nWorst error of each cell: |klx - reference| "
-            "divided by the scale of the terms (see README, Tolerances).\n\n" + text + "\n"
+            "divided by the scale of the terms (see docs/conformance.md, Tolerances).\n\n"
+            + text
+            + "\n"
         )
         terminalreporter.write_line(f"written to {path}")
+        if _CELLS.cells:
+            cells = _CELLS.write(folder, "-".join(names))
+            terminalreporter.write_line(f"every cell's error and result: {cells}")
 
 
 def _column_order(col: str) -> tuple[int, str]:

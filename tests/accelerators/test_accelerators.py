@@ -52,12 +52,14 @@ def test_triton_kernels_match_reference(backend, dtype, log_target, case, confor
         assert out.device == x.device
         assert tuple(out.shape) == (tuple(x.shape) if reduction == "none" else ())
         ref, scale = reference.kl_div(xs, ys, reduction, log_target)
-        err = reference.rel_error(backend.to_numpy(out), ref, scale, reference.ATOL.get(dtype, 0))
+        got = backend.to_numpy(out)
+        err = reference.rel_error(got, ref, scale, reference.ATOL.get(dtype, 0))
         conformance(
             f"triton-{device} {dtype}",
             f"{reduction} {'log_target' if log_target else 'probs'}",
             err,
             reference.TOL[dtype],
+            value=got,
         )
         assert err <= reference.TOL[dtype], (reduction, err)
         again = triton_kl.kl_div(x, y, reduction, log_target)

@@ -50,7 +50,8 @@ def test_kl_div_matches_reference(backend, dtype, reduction, log_target, case, c
     err = reference.rel_error(got, ref, scale, reference.ATOL.get(dtype, 0.0))
     tol = reference.TOL[dtype]
     row = f"{backend.id} {dtype}"
-    conformance(row, f"{reduction} {'log_target' if log_target else 'probs'}", err, tol)
+    column = f"{reduction} {'log_target' if log_target else 'probs'}"
+    conformance(row, column, err, tol, value=got)
     assert err <= tol, f"error {err:.3g} > {tol:.0e}: got {got}, expected {ref}"
     # Inputs are never modified.
     np.testing.assert_array_equal(backend.to_numpy(inp), inp_before)
