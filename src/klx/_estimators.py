@@ -279,10 +279,12 @@ def k3_from_log_ratio(xp: ModuleType, r: Array) -> Array:
     for c in reversed(_K3_SERIES[:-1]):  # Horner
         series = series * rs + c
     series = series * (rs * rs)
-    finite_big = ~small & (xp.abs(r) < math.inf)  # False for NaN
+    # Above log(max) the value exceeds the dtype's range: +inf, without an overflow warning.
+    log_max = math.log(float(xp.finfo(r.dtype).max))
+    finite_big = ~small & (r <= log_max) & (r > -math.inf)  # False for NaN
     rb = xp.where(finite_big, r, 1.0)
     big = xp.expm1(rb) - rb
-    # r = -inf: e^r - 1 - r = +inf; r = +inf: +inf; NaN stays NaN.
+    # r = -inf: e^r - 1 - r = +inf; r > log(max): +inf; NaN stays NaN.
     edge = xp.where(xp.isnan(r), r, math.inf)
     return xp.where(small, series, xp.where(finite_big, big, edge))
 
