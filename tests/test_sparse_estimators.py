@@ -362,11 +362,18 @@ def categorical(rng, vocab):
 
 
 def k_values(log_p, log_q):
-    """k1, k2, k3 per token in float64 (k3 with mpmath at 40 digits)."""
+    """k1, k2, k3 per token in float64 (k3 with mpmath, 40 digits beyond the cancellation)."""
     r = log_q - log_p
-    with mpmath.workdps(40):
-        k3 = np.array([float(mpmath.expm1(mpmath.mpf(x)) - mpmath.mpf(x)) for x in r.ravel()])
-    return {"k1": -r, "k2": r * r / 2, "k3": k3.reshape(r.shape)}
+
+    def k3(x):
+        if not np.isfinite(x):
+            return np.nan if np.isnan(x) else np.inf
+        digits = 40 + max(0, -math.floor(math.log10(abs(x)))) if x else 40
+        with mpmath.workdps(digits):
+            return float(mpmath.expm1(mpmath.mpf(x)) - mpmath.mpf(x))
+
+    k3s = np.array([k3(float(x)) for x in np.ravel(r)]).reshape(np.shape(r))
+    return {"k1": -r, "k2": r * r / 2, "k3": k3s}
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -629,3 +636,37 @@ def test_estimate_jax_jit_vmap(backend):
     ref = k_values(lp, lq)["k3"]
     np.testing.assert_allclose(np.asarray(f(lp, lq)), ref, rtol=1e-14)
     np.testing.assert_allclose(np.asarray(v(lp, lq)), ref.sum(-1), rtol=1e-14)
+
+
+@settings(max_examples=100, deadline=None)
+@given(r=st.floats(-700.0, 700.0), log_p=st.floats(-30.0, 0.0))
+def test_property_k3_nonnegative_and_exact_to_a_few_ulps(r, log_p):
+    log_q = np.array([log_p + r])
+    log_p = np.array([log_p])
+    got = float(klx.kl_estimate(log_p, log_q)[0])
+    ref = float(k_values(log_p, log_q)["k3"][0])  # of the rounded log-ratio klx sees
+    assert got >= 0
+    assert abs(got - ref) <= 8 * np.finfo(np.float64).eps * ref
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_is_computed_in_float32(backend, dtype):
+    """float16 / bfloat16 inputs: computed in float32, rounded once to the input dtype."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rng = np.random.default_rng(26)
+    idx, lp, s, _ = top_k_case(rng, (4,), 9, 3)
+    x_lp, x_s = backend.asarray(lp, dtype), backend.asarray(s, dtype)
+    lp_r, s_r = backend.to_numpy(x_lp), backend.to_numpy(x_s)
+    got = klx.sparse_kl_divergence(backend.asarray(idx), x_lp, x_s)
+    check_array(backend, got, x_lp, dtype, (4,))
+    rows, scale = sparse_rows(idx, lp_r, np.exp(log_softmax(s_r, axis=-1)), True)
+    unit = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # one rounding of the result
+    atol = reference.ATOL.get(dtype, 0.0)  # float16's subnormal spacing
+    assert reference.rel_error(backend.to_numpy(got), rows, np.maximum(scale, 1e-3), atol) <= unit
+    lq = lp_r + rng.normal(scale=0.3, size=lp_r.shape)
+    x_lq = backend.asarray(lq, dtype)
+    est = klx.kl_estimate(x_lp, x_lq)
+    check_array(backend, est, x_lp, dtype, lp.shape)
+    ref = k_values(lp_r, backend.to_numpy(x_lq))["k3"]
+    np.testing.assert_allclose(backend.to_numpy(est), ref, rtol=unit, atol=atol)

@@ -22,10 +22,11 @@ ESTIMATORS = ("k1", "k2", "k3")
 #: What the gradient of the estimate is.
 GRADIENTS = ("estimator", "straight_through", "importance")
 
-#: 1 / (j + 2)! for j = 0 .. 11: e^r - 1 - r = r^2 sum_j r^j / (j + 2)!, whose truncation
-#: after r^13 is exact to float64 rounding for |r| <= 1/4.
-_K3_SERIES = tuple(1.0 / math.factorial(j + 2) for j in range(12))
-_K3_SERIES_RADIUS = 0.25
+#: 1 / (j + 2)! for j = 0 .. 14: e^r - 1 - r = r^2 sum_j r^j / (j + 2)!, whose truncation
+#: after r^16 is exact to float64 rounding (relative 6e-18) for |r| <= 1/2. Beyond 1/2,
+#: expm1(r) - r loses at most a few ulps to cancellation.
+_K3_SERIES = tuple(1.0 / math.factorial(j + 2) for j in range(15))
+_K3_SERIES_RADIUS = 0.5
 
 
 class EstimateCall(NamedTuple):
@@ -72,7 +73,7 @@ def kl_estimate(
     :math:`E_P[k_1] = E_P[k_3] = \mathrm{KL}(P \,\|\, Q)` (unbiased); :math:`k_2` is biased
     (:math:`E_P[k_2] = \tfrac12 E_P[r^2]`, close to the KL only when P and Q are close);
     :math:`k_2, k_3 \ge 0`. :math:`k_3` is computed from :math:`r` in log space
-    (``expm1(r) - r``, and a series for :math:`|r| \le 1/4`, which keeps full relative
+    (``expm1(r) - r``, and a series for :math:`|r| \le 1/2`, which keeps full relative
     precision as :math:`k_3 \to 0`): it never forms :math:`q / p`, is exact where
     :math:`p \gg q` (:math:`e^r` underflows to 0, :math:`k_3 = -1 - r`), and overflows to
     ``inf`` only where the value itself exceeds the dtype's range. Nothing is clamped unless
@@ -269,7 +270,7 @@ def estimator_values(xp: ModuleType, estimator: str, r: Array) -> Array:
 def k3_from_log_ratio(xp: ModuleType, r: Array) -> Array:
     """``e^r - 1 - r`` to full relative precision, without overflow before the result's.
 
-    A series for ``|r| <= 1/4`` (where ``expm1(r) - r`` cancels), ``expm1(r) - r``
+    A series for ``|r| <= 1/2`` (where ``expm1(r) - r`` cancels), ``expm1(r) - r``
     elsewhere; ``+inf`` at ``r = +-inf``, NaN for NaN. Every branch is fed a safe value
     where it is not taken, so gradients stay finite.
     """
