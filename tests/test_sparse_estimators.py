@@ -670,3 +670,17 @@ def test_low_precision_is_computed_in_float32(backend, dtype):
     check_array(backend, est, x_lp, dtype, lp.shape)
     ref = k_values(lp_r, backend.to_numpy(x_lq))["k3"]
     np.testing.assert_allclose(backend.to_numpy(est), ref, rtol=unit, atol=atol)
+
+
+@pytest.mark.parametrize("index_dtype", ["int32", "int64", "uint8"])
+def test_sparse_any_integer_index_dtype(backend, index_dtype):
+    rng = np.random.default_rng(27)
+    idx, lp, s, q = top_k_case(rng, (3,), 6, 2)
+    got = klx.sparse_kl_divergence(
+        backend.asarray(idx.astype(index_dtype)),
+        backend.asarray(lp),
+        backend.asarray(s),
+        validate=True,
+    )
+    rows, _ = sparse_rows(idx, lp, q, True)
+    np.testing.assert_allclose(backend.to_numpy(got), rows, rtol=1e-12)

@@ -32,13 +32,17 @@ def stop_gradient(x: Array) -> Array:
 
 
 def take_along_axis(xp: ModuleType, x: Array, indices: Array, axis: int) -> Array:
-    """``xp.take_along_axis`` (array API 2023.12), also for Dask, which lacks it.
+    """``xp.take_along_axis`` (array API 2023.12), also for Dask, which lacks it, and for
+    torch with indices of any integer dtype.
 
     `x` and `indices` have the same rank and the same shape except along `axis`. On
     Dask, `x` is rechunked to one chunk along `axis`, and each block of `indices` is
     gathered from the matching block of `x` by the chunks' own library.
     """
-    if library_name(x) != "dask":
+    lib = library_name(x)
+    if lib == "torch" and indices.dtype != xp.int64:
+        indices = xp.astype(indices, xp.int64)  # torch gathers with int64 indices only
+    if lib != "dask":
         return xp.take_along_axis(x, indices, axis=axis)
     import array_api_compat
     import dask.array as da
