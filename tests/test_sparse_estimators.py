@@ -68,6 +68,13 @@ def sparse_rows(idx, lp, q, tail):
     return rows, scale
 
 
+def lp_dense(idx, lp):
+    """The teacher's log-probabilities over the vocabulary, from all k = V of them."""
+    out = np.empty_like(lp)
+    np.put_along_axis(out, idx, lp, axis=-1)
+    return out
+
+
 def q_given(s, q, form, temperature):
     if form == "logits":
         return s
@@ -133,8 +140,7 @@ def test_sparse_with_every_index_is_kl_divergence(backend, tail):
     rng = np.random.default_rng(12)
     vocab = 7
     idx, lp, s, q = top_k_case(rng, (5,), vocab, vocab)
-    lp_full = np.empty_like(lp)
-    np.put_along_axis(lp_full, idx, lp, axis=-1)
+    lp_full = lp_dense(idx, lp)
     for form in FORMS:
         q_in = backend.asarray(q_given(s, q, form, 1.0))
         got = klx.sparse_kl_divergence(
@@ -157,8 +163,7 @@ def test_property_full_vocabulary_equals_dense_kl(vocab, rows, seed, tail):
     rng = np.random.default_rng(seed)
     idx, lp, s, q = top_k_case(rng, (rows,), vocab, vocab)
     got = klx.sparse_kl_divergence(idx, lp, s, tail=tail)
-    lp_full = np.empty_like(lp)
-    np.put_along_axis(lp_full, idx, lp, axis=-1)
+    lp_full = lp_dense(idx, lp)
     ref, scale = reference.kl_rows(np.exp(lp_full), q, -1)
     assert reference.rel_error(got, ref, np.maximum(scale, 1e-3)) <= 1e-12
 
@@ -254,14 +259,16 @@ def _value_and_grad(backend, f, x):
     return float(v), np.asarray(g)
 
 
+@pytest.mark.parametrize("k", [3, 8], ids=["top3", "all"])
 @pytest.mark.parametrize("tail", [True, False], ids=["tail", "renormalised"])
 @only("torch", "jax")
-def test_sparse_gradient_with_respect_to_student_logits(backend, tail):
+def test_sparse_gradient_with_respect_to_student_logits(backend, tail, k):
     """Closed form: with bins B (the k indices, and the tail), d KL / d z_i =
-    (q_i - P_B(i) q_i / Q_B(i)) / T; renormalised: (q~_i - p~_i) / T on the k indices."""
+    (q_i - P_B(i) q_i / Q_B(i)) / T; renormalised: (q~_i - p~_i) / T on the k indices.
+    With every index (k = 8) both are the dense KL's (q - p) / T."""
     rng = np.random.default_rng(15)
     temperature = 1.5
-    idx, lp, s, q = top_k_case(rng, (4,), 8, 3, temperature, masked_vocab=True)
+    idx, lp, s, q = top_k_case(rng, (4,), 8, k, temperature, masked_vocab=True)
     keep = np.array([True, True, False, True])
     s_pad = s.copy()
     s_pad[2] = np.nan  # a dropped row gets no gradient, whatever it holds
@@ -277,8 +284,10 @@ def test_sparse_gradient_with_respect_to_student_logits(backend, tail):
     ref = np.zeros_like(q)
     if tail:
         ratio = np.where(q_bins > 0, p_bins / np.where(q_bins > 0, q_bins, 1.0), 0.0)
-        tail_ratio = np.broadcast_to(ratio[:, -1:], q.shape).copy()
-        np.put_along_axis(tail_ratio, idx, ratio[:, :-1], axis=-1)
+        tail_ratio = (
+            np.zeros_like(q) if k == q.shape[-1] else np.broadcast_to(ratio[:, k:], q.shape).copy()
+        )
+        np.put_along_axis(tail_ratio, idx, ratio[:, :k], axis=-1)
         ref = q - q * tail_ratio
     else:
         np.put_along_axis(ref, idx, q_bins - p_bins, axis=-1)
@@ -288,6 +297,9 @@ def test_sparse_gradient_with_respect_to_student_logits(backend, tail):
     assert np.all(np.isfinite(g))
     np.testing.assert_allclose(g, ref, atol=1e-12)
     assert np.all(g[:, -1] == 0), "a -inf logit gets no gradient"
+    if k == q.shape[-1]:
+        dense = (q - np.exp(lp_dense(idx, lp))) / temperature
+        np.testing.assert_allclose(g[keep], dense[keep], atol=1e-12)
 
 
 @only("jax")

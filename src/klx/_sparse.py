@@ -93,8 +93,12 @@ def sparse_kl_divergence(
     The tail masses are computed in log space: :math:`\log p_T` =
     ``log1mexp(logsumexp(log p_S))`` and :math:`\log q_T` = the log-sum-exp of Q over S
     subtracted from Q's total (``log(1 - e^a)`` by ``log(-expm1(a))`` or
-    ``log1p(-exp(a))``, whichever is exact), so nothing is formed as ``1 - sum``. A top-k
-    mass that rounding puts at or above 1 gives :math:`p_T = 0`. Conventions as in
+    ``log1p(-exp(a))``, whichever is exact), so nothing is formed as ``1 - sum``. Its
+    accuracy is that of the log-sum-exps: :math:`q_T` has an absolute error of a few ulps
+    of the accumulation dtype, so where Q puts nearly all its mass on S its relative error
+    grows like eps / :math:`q_T` (summing Q outside S directly would need a scatter, which
+    the array API lacks). A top-k mass that rounding puts at or above 1 gives
+    :math:`p_T = 0`. Conventions as in
     :func:`kl_divergence` (0 log 0 = 0; :math:`p > 0` where :math:`q = 0` gives ``inf``;
     NaN propagates). Gradients with respect to `q` are finite wherever the value is.
 
