@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 from scipy.special import log_softmax, rel_entr, xlogy
 
 import klx
-import reference
-from backends import only
-from test_kl_div_conformance import check_array
+from support import reference
+from support.asserts import check_array
 
 FORMS = ("logits", "log_probs", "probs")
 REDUCTIONS = ("none", "sum", "batchmean")
@@ -261,7 +260,7 @@ def _value_and_grad(backend, f, x):
 
 @pytest.mark.parametrize("k", [3, 8], ids=["top3", "all"])
 @pytest.mark.parametrize("tail", [True, False], ids=["tail", "renormalised"])
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="gradients need autograd")
 def test_sparse_gradient_with_respect_to_student_logits(backend, tail, k):
     """Closed form: with bins B (the k indices, and the tail), d KL / d z_i =
     (q_i - P_B(i) q_i / Q_B(i)) / T; renormalised: (q~_i - p~_i) / T on the k indices.
@@ -302,7 +301,7 @@ def test_sparse_gradient_with_respect_to_student_logits(backend, tail, k):
         np.testing.assert_allclose(g[keep], dense[keep], atol=1e-12)
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="jax.jit and jax.vmap")
 def test_sparse_jax_jit_vmap(backend):
     import jax
 
@@ -565,7 +564,7 @@ def _per_sample_grads(backend, theta, x, lq, lp_old, estimator, gradient):
 
 
 @pytest.mark.parametrize("gradient", ["estimator", "straight_through", "importance"])
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="gradients need autograd")
 def test_gradient_options_estimate_their_targets(backend, gradient):
     rng = np.random.default_rng(23)
     vocab, n = 5, 20000
@@ -581,7 +580,7 @@ def test_gradient_options_estimate_their_targets(backend, gradient):
         assert np.all(np.abs(mean - target) <= 5 * stderr + 1e-12), (estimator, mean, target)
 
 
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="gradients need autograd")
 def test_importance_weighting_off_policy(backend):
     """Samples from an older policy: rho * k3 is unbiased for KL(P || Q) in value, and
     its gradient for the KL's gradient (DeepSeek-V3.2's correction)."""
@@ -610,7 +609,7 @@ def test_importance_weighting_off_policy(backend):
         assert np.all(np.abs(mean - target) <= 5 * stderr + 1e-12), (estimator, mean, target)
 
 
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="gradients need autograd")
 def test_gradient_options_change_the_gradient_not_the_value(backend):
     """On-policy, straight-through and importance weighting leave the value k3; a dropped
     token with an infinite log-ratio gets no gradient, and straight-through keeps the
@@ -637,7 +636,7 @@ def test_gradient_options_change_the_gradient_not_the_value(backend):
     assert value == np.inf and np.all(np.isfinite(g))
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="jax.jit and jax.vmap")
 def test_estimate_jax_jit_vmap(backend):
     import jax
 
