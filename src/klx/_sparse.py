@@ -321,7 +321,10 @@ def _q_on_indices(
         return take_along_axis(xp, z, idx, -1) - xp.expand_dims(logsumexp(xp, z), axis=-1), 0.0
     if form == "log_probs":
         return take_along_axis(xp, q, idx, -1), logsumexp(xp, q)
-    return xp.log(take_along_axis(xp, q, idx, -1)), xp.log(xp.sum(q, axis=-1))
+    q_s = take_along_axis(xp, q, idx, -1)
+    zero = q_s == 0  # log 0 = -inf, with a gradient of 0 (not 0 / 0) through the log
+    log_q_s = xp.where(zero, -math.inf, xp.log(xp.where(zero, 1.0, q_s)))
+    return log_q_s, xp.log(xp.sum(q, axis=-1))
 
 
 def logsumexp(xp: ModuleType, x: Array) -> Array:

@@ -730,3 +730,33 @@ def test_torch_compile_fullgraph(backend):
     (g_c,) = torch.autograd.grad(sum(compiled), z)
     (g_e,) = torch.autograd.grad(sum(eager), z)
     np.testing.assert_allclose(g_c.numpy(), g_e.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.backends("torch", "jax", reason="gradients need autograd")
+def test_sparse_zero_teacher_entries_keep_gradients_finite(backend, tail):
+    """A top-k list padded with -inf log-probabilities (fewer tokens than k had mass),
+    where the student's probability is also 0: value finite, gradient finite, for Q
+    given as probabilities, log-probabilities or logits."""
+    idx = np.array([[0, 2, 3], [1, 0, 2]])
+    q = np.array([[0.5, 0.2, 0.3, 0.0], [0.3, 0.3, 0.0, 0.4]])
+    with np.errstate(divide="ignore"):
+        lp = np.log(np.array([[0.7, 0.2, 0.0], [0.5, 0.5, 0.0]]))
+        log_q = np.log(q)  # -inf logits where Q is 0
+    for form in FORMS:
+        q_in = q_given(log_q, q, form, 1.0)
+
+        def loss(x, form=form):
+            return klx.sparse_kl_divergence(
+                backend.asarray(idx),
+                backend.asarray(lp),
+                x,
+                q_form=form,
+                tail=tail,
+                reduction="sum",
+            )
+
+        value, g = _value_and_grad(backend, loss, q_in)
+        rows, _ = sparse_rows(idx, lp, q, tail)
+        np.testing.assert_allclose(value, rows.sum(), rtol=1e-12)
+        assert np.all(np.isfinite(g)), (form, g)
