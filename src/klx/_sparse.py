@@ -297,13 +297,14 @@ def sparse_kl(xp: ModuleType, call: SparseCall) -> Array:
 
 def sparse_rows(xp: ModuleType, idx: Array, lp: Array, q: Array, call: SparseCall) -> Array:
     """One sparse KL per distribution; k indices and the vocabulary on the last axis."""
-    log_q_s, log_q_total = _q_on_indices(xp, idx, q, call.q_form, call.temperature)
-    if not call.tail:
+    if not call.tail:  # renormalised over the k indices: Q's total is not needed
+        log_q_s = _q_on_indices(xp, idx, q, call.q_form, call.temperature, total=False)[0]
         p_bins, q_bins = log_softmax(xp, lp, -1), log_softmax(xp, log_q_s, -1)
     elif call.k is not None and call.k == call.vocab:
         # Every index is known (distinct, so all of them): no tail bin, exactly.
-        p_bins, q_bins = lp, log_q_s
+        p_bins, q_bins = lp, _q_on_indices(xp, idx, q, call.q_form, call.temperature)[0]
     else:
+        log_q_s, log_q_total = _q_on_indices(xp, idx, q, call.q_form, call.temperature)
         log_p_tail = log1mexp(xp, logsumexp(xp, lp))
         log_q_tail = log_q_total + log1mexp(xp, logsumexp(xp, log_q_s) - log_q_total)
         p_bins = xp.concat([lp, xp.expand_dims(log_p_tail, axis=-1)], axis=-1)
@@ -313,18 +314,25 @@ def sparse_rows(xp: ModuleType, idx: Array, lp: Array, q: Array, call: SparseCal
 
 
 def _q_on_indices(
-    xp: ModuleType, idx: Array, q: Array, form: str, temperature: float
+    xp: ModuleType, idx: Array, q: Array, form: str, temperature: float, total: bool = True
 ) -> tuple[Array, Array | float]:
-    """``log q`` at the indices, and the log of Q's total mass (0 for logits)."""
+    """``log q`` at the indices, and the log of Q's total mass (0 for logits).
+
+    With ``total=False`` (for renormalising over the indices) logits are not normalised
+    over the vocabulary and the total is not computed: one pass over Q less.
+    """
     if form == "logits":
+        if not total:  # only the k logits are needed
+            z_s = take_along_axis(xp, q, idx, -1)
+            return (z_s / temperature if temperature != 1.0 else z_s), 0.0
         z = q / temperature if temperature != 1.0 else q
         return take_along_axis(xp, z, idx, -1) - xp.expand_dims(logsumexp(xp, z), axis=-1), 0.0
     if form == "log_probs":
-        return take_along_axis(xp, q, idx, -1), logsumexp(xp, q)
+        return take_along_axis(xp, q, idx, -1), logsumexp(xp, q) if total else 0.0
     q_s = take_along_axis(xp, q, idx, -1)
     zero = q_s == 0  # log 0 = -inf, with a gradient of 0 (not 0 / 0) through the log
     log_q_s = xp.where(zero, -math.inf, xp.log(xp.where(zero, 1.0, q_s)))
-    return log_q_s, xp.log(xp.sum(q, axis=-1))
+    return log_q_s, xp.log(xp.sum(q, axis=-1)) if total else 0.0
 
 
 def logsumexp(xp: ModuleType, x: Array) -> Array:
