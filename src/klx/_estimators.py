@@ -6,11 +6,19 @@ import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from klx._agnostic import reduce_rows, shape_size
 from klx._backend_ops import stop_gradient
-from klx._checks import REDUCTIONS, broadcast_shapes, check_float, check_reduction, check_where
+from klx._call import normalizer_array
+from klx._checks import (
+    REDUCTIONS,
+    broadcast_shapes,
+    check_float,
+    check_normalizer,
+    check_reduction,
+    check_where,
+)
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
 from klx._namespace import array_namespace, check_same_device
-from klx._reduce import check_normalizer, reduce_tokens
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "k3_from_log_ratio", "kl_estimate"]
 
@@ -42,7 +50,7 @@ class EstimateCall(NamedTuple):
     #: The `where` mask broadcast to `shape`, or None.
     keep: Array | None
     reduction: str
-    normalizer: float | None
+    normalizer: float | Array | None
     shape: tuple[int | None, ...]
     dtype: Any
     acc: Any
@@ -58,7 +66,7 @@ def kl_estimate(
     clamp: float | None = None,
     where: Array | None = None,
     reduction: str = "none",
-    normalizer: float | None = None,
+    normalizer: float | Array | None = None,
     xp: ModuleType | None = None,
 ) -> Array:
     r"""A sampled estimate of KL(P || Q) from tokens drawn from P (the policy).
@@ -121,10 +129,12 @@ def kl_estimate(
         Which tokens to keep, broadcastable to the samples' shape. Dropped tokens
         contribute 0 in value and gradient, even if they hold NaN or ``inf``.
     reduction : {'none', 'sum', 'batchmean'}, optional
-        'none': one value per token; 'sum'; 'batchmean': the mean over the kept tokens.
-    normalizer : float, optional
-        With 'batchmean': divide the sum by this number instead of the count of kept
-        tokens (e.g. the tokens of all micro-batches of a step; 0 gives 0).
+        'none': one value per token; 'sum'; 'batchmean': the mean over the kept tokens
+        (0, with gradient 0, if none is kept).
+    normalizer : float or 0-d array, optional
+        As in :func:`kl_divergence`: with 'batchmean', divide the sum by this number
+        instead of the count of kept tokens (e.g. the tokens of all micro-batches of a
+        step; 0 gives 0).
     xp : namespace, optional
         The array namespace; by default that of the arrays.
 
@@ -181,13 +191,14 @@ def parse_estimate(
     named = [("log_p", log_p), ("log_q", log_q), ("where", where)]
     if log_p_old is not None:
         named.append(("log_p_old", log_p_old))
+    named += normalizer_array(normalizer)
     xp = array_namespace(named) if xp is None else xp
     check_float(xp, "log_p", log_p)
     check_float(xp, "log_q", log_q)
     est = _check_choice("estimator", estimator, ESTIMATORS)
     grad = _check_choice("gradient", gradient, GRADIENTS)
     red = check_reduction(reduction, REDUCTIONS)
-    norm = check_normalizer(normalizer, red)
+    norm = check_normalizer(xp, normalizer, red)
     check_same_device(named, xp)
     shapes = [("log_p", tuple(log_p.shape)), ("log_q", tuple(log_q.shape))]
     if log_p_old is not None:
@@ -246,7 +257,8 @@ def _estimate(xp: ModuleType, call: EstimateCall) -> Array:
     elif call.gradient == "importance":
         old = lp if call.log_p_old is None else _prepare(xp, call.log_p_old, call)
         k = xp.exp(lp - stop_gradient(old)) * k
-    out = reduce_tokens(xp, k, call.reduction, call.keep, call.normalizer)
+    count = shape_size(call.shape)
+    out = reduce_rows(xp, k, call.reduction, call.keep, count, call.normalizer)
     return xp.astype(out, call.dtype, copy=False)
 
 

@@ -6,14 +6,16 @@ import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from klx._agnostic import kl_terms, log_softmax, mask_rows
+from klx._agnostic import kl_terms, log_softmax, mask_rows, reduce_rows, shape_size
 from klx._backend_ops import take_along_axis
+from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
     broadcast_shapes,
     check_flag,
     check_float,
     check_form,
+    check_normalizer,
     check_reduction,
     check_temperature,
     check_where,
@@ -22,8 +24,13 @@ from klx._checks import (
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
 from klx._namespace import array_namespace, check_same_device
-from klx._reduce import check_normalizer, reduce_tokens
-from klx._validation import _count, _require_concrete, check_distribution, tolerance
+from klx._validation import (
+    _count,
+    _require_concrete,
+    check_distribution,
+    check_normalizer_value,
+    tolerance,
+)
 
 __all__ = ["SparseCall", "log1mexp", "sparse_kl_divergence"]
 
@@ -49,7 +56,7 @@ class SparseCall(NamedTuple):
     temperature: float
     keep: Array | None
     reduction: str
-    normalizer: float | None
+    normalizer: float | Array | None
     validate: bool
     batch_shape: Shape
     k: int | None
@@ -69,7 +76,7 @@ def sparse_kl_divergence(
     temperature: float = 1.0,
     where: Array | None = None,
     reduction: str = "none",
-    normalizer: float | None = None,
+    normalizer: float | Array | None = None,
     validate: bool | None = None,
     xp: ModuleType | None = None,
 ) -> Array:
@@ -123,12 +130,11 @@ def sparse_kl_divergence(
         `q`. Default -1.
     temperature : float, optional
         Divides Q's logits (only with ``q_form='logits'``).
-    where, reduction, validate, xp
-        As in :func:`kl_divergence`. Validation also checks that the indices are in
-        range and distinct and that P's k probabilities sum to at most 1.
-    normalizer : float, optional
-        With 'batchmean': divide the sum by this number instead of the count of kept
-        distributions (e.g. the tokens of all micro-batches of a step; 0 gives 0).
+    where, reduction, normalizer, validate, xp
+        As in :func:`kl_divergence` ('batchmean' of nothing kept is 0; `normalizer`
+        divides the sum instead of the count of kept distributions). Validation also
+        checks that the indices are in range and distinct and that P's k probabilities
+        sum to at most 1.
 
     Returns
     -------
@@ -193,6 +199,7 @@ def parse_sparse(
 ) -> SparseCall:
     """Check the arguments of :func:`sparse_kl_divergence` (shapes, dtypes, options)."""
     named = [("p_indices", p_indices), ("p_log_probs", p_log_probs), ("q", q), ("where", where)]
+    named += normalizer_array(normalizer)
     xp = array_namespace(named) if xp is None else xp
     if not xp.isdtype(p_indices.dtype, "integral"):
         msg = (
@@ -206,7 +213,7 @@ def parse_sparse(
     t = check_temperature(temperature, (form,))
     has_tail = check_flag("tail", tail)
     red = check_reduction(reduction, REDUCTIONS)
-    norm = check_normalizer(normalizer, red)
+    norm = check_normalizer(xp, normalizer, red)
     check_same_device(named, xp)
     ip, lp, qs = tuple(p_indices.shape), tuple(p_log_probs.shape), tuple(q.shape)
     if ip != lp:
@@ -291,7 +298,8 @@ def sparse_kl(xp: ModuleType, call: SparseCall) -> Array:
         idx, lp, q = (xp.moveaxis(a, call.axis, -1) for a in (idx, lp, q))
     rows = sparse_rows(xp, idx, lp, q, call)
     keep_rows = None if keep is None else xp.squeeze(keep, axis=call.axis)
-    out = reduce_tokens(xp, rows, call.reduction, keep_rows, call.normalizer)
+    count = shape_size(call.batch_shape)
+    out = reduce_rows(xp, rows, call.reduction, keep_rows, count, call.normalizer)
     return xp.astype(out, call.dtype, copy=False)
 
 
@@ -359,6 +367,8 @@ def log1mexp(xp: ModuleType, a: Array) -> Array:
 def validate_sparse(call: SparseCall) -> None:
     """Raise ValueError for out-of-range or repeated indices, or invalid P or Q values."""
     xp, ax = call.xp, call.axis
+    if call.normalizer is not None and not isinstance(call.normalizer, float):
+        check_normalizer_value(xp, call.normalizer)
     check_distribution(xp, "q", call.q, call.q_form, axis=ax, keep_full=call.keep)
     check_distribution(xp, "p_log_probs", call.log_p, "log_probs", axis=None, keep_full=call.keep)
     _require_concrete("p_indices", call.indices)
