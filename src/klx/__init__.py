@@ -8,6 +8,8 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
 * :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
 * :func:`skew_kl_divergence`, :func:`tv_distance` -- skew KL and total variation.
+* :func:`sparse_kl_divergence` -- KL(P || Q) with P known on its top k indices only.
+* :func:`kl_estimate` -- sampled KL estimators for RL (k1, k2, k3; gradient options).
 * :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
 * :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
 """
@@ -21,7 +23,9 @@ from klx._config import (
     validation,
 )
 from klx._divergences import js_divergence, kl_divergence, skew_kl_divergence, tv_distance
+from klx._estimators import kl_estimate
 from klx._kl_div import KLDivMeanWarning, kl_div
+from klx._sparse import sparse_kl_divergence
 
 __version__ = "0.1.0"
 
@@ -36,9 +40,11 @@ __all__ = [
     "js_divergence",
     "kl_div",
     "kl_divergence",
+    "kl_estimate",
     "set_accelerators",
     "set_validation",
     "skew_kl_divergence",
+    "sparse_kl_divergence",
     "tv_distance",
     "validation",
 ]
