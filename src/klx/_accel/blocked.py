@@ -173,6 +173,8 @@ def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, ones: Any, lowest: Any, sa
     """
     import numpy as np
 
+    if ob is not None:
+        t = ob  # 'none': the terms go straight into the output block
     if w is not None:  # log target: weights exp(y), logs y
         np.exp(yb, out=w)
         if safe:
@@ -191,7 +193,6 @@ def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, ones: Any, lowest: Any, sa
     np.multiply(t, w, out=t)
     if safe:
         np.add(t, 0.0, out=t)  # 0 * (lowest - x) is -0.0; the definition has +0.0
-    ob[...] = t
     return float(np.dot(t, ones))  # NaN wherever a term is NaN
 
 
