@@ -42,7 +42,7 @@ from typing import Any
 import benchmarks
 import klx
 from benchmarks.cli import parser
-from benchmarks.timing import Timing, busy, interleaved, load_average
+from benchmarks.timing import Timing, busy, interleaved, load_average, synchronizer
 
 
 @dataclass
