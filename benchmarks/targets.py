@@ -290,6 +290,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _initialise(libraries: list[str]) -> None:
+    """Import and run each library once (thread pools started), before anything is timed."""
+    for lib in libraries:
+        if lib == "torch":
+            import torch
+
+            torch.ones(1 << 20).exp().sum().item()
+        else:
+            import jax.numpy as jnp
+
+            jnp.exp(jnp.ones(1 << 20)).sum().block_until_ready()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument(
@@ -307,8 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         help="which cases to run",
     )
     ap.add_argument("--quick", action="store_true", help="fewer cases (no 2048 x 32000)")
+    ap.add_argument(
+        "--init",
+        nargs="*",
+        default=[],
+        choices=["torch", "jax"],
+        help="libraries to import and run once before timing (do they slow the others?)",
+    )
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for targets.json/.md")
     args = ap.parse_args(argv)
+    _initialise(args.init)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for load in args.load:
@@ -322,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv,
         "seconds": time.perf_counter() - t0,
         "load_at_end": load_average(),
+        "initialised": args.init,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
