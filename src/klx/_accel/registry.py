@@ -107,7 +107,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         devices=("cpu",),
         dtypes=("float16", "float32", "float64"),
         layout="any",
-        summary="L2-sized blocks of the bare formula on klx's threads (zero targets by a "
+        summary="1 MiB blocks of the bare formula on klx's threads (zero targets by a "
         "safe log in the same pass); blocks with NaN by the definition",
     ),
     Accelerator(

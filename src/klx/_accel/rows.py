@@ -10,8 +10,8 @@ per distribution. Each block is evaluated by the definition itself
 * Any layout and any axis: the distribution axis is moved last (a view); rows are views
   where the batch axes merge (C order, a broadcast ``q`` of shape ``(1, V)``), else each
   block of rows is gathered (a copy of one block). float16 is computed in float32 per block.
-* Threads: the blocks are cut into one fixed share per thread (NumPy releases the GIL), each
-  writing its own rows, so the result does not depend on scheduling.
+* Threads: the blocks are cut into a few fixed pieces per thread (NumPy releases the GIL),
+  each writing its own rows, so the result does not depend on scheduling.
 * Torch CPU tensors are read through zero-copy NumPy views: no torch op per block, so nothing
   waits at torch's intra-op thread barriers when another process holds a core.
 * Dask: each chunk (the distribution axis in one chunk) by the same code (:func:`dask_rows`).
@@ -66,7 +66,8 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
     out = np.empty(n_rows, dtype=acc)
     step = max(1, ROW_BLOCK_ELEMENTS // max(vocab, 1))
     starts = list(range(0, n_rows, step))
-    workers = min(_workers() if threads else 1, len(starts))
+    workers = _workers() if threads else 1
+    pieces = min(len(starts), 4 * workers if workers > 1 else 1)
     p2, q2 = _rows(p, n_rows, vocab), _rows(q, n_rows, vocab)
     block_call = call._replace(axis=1)
 
@@ -74,7 +75,7 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
         import array_api_compat.numpy as xp
 
         with np.errstate(all="ignore"):  # per thread: NumPy's error state is thread-local
-            for r0 in starts[len(starts) * i // workers : len(starts) * (i + 1) // workers]:
+            for r0 in starts[len(starts) * i // pieces : len(starts) * (i + 1) // pieces]:
                 r1 = min(r0 + step, n_rows)
                 out[r0:r1] = divergence_rows(
                     xp,
@@ -84,10 +85,10 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
                     None if keep2 is None else keep2[r0:r1],
                 )
 
-    if workers <= 1:
+    if pieces <= 1:
         share(0) if starts else None
-    else:
-        list(_pool().map(share, range(workers)))
+    else:  # an idle thread takes the next piece: a thread held back delays only its own
+        list(_pool().map(share, range(pieces)))
     return out.reshape(batch)
 
 
