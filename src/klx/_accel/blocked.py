@@ -163,7 +163,9 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
     buf = np.empty(block, dtype=acc)
     wbuf = np.empty(block, dtype=acc) if log_target else None
     ones = np.ones(block, dtype=acc) if out is not None else None
-    lowest = acc.type(np.finfo(acc).min)
+    # The lowest finite float, as an array: NumPy's maximum against an array of the same
+    # length runs about 2.5 times faster than against a scalar.
+    lowest = np.full(block, np.finfo(acc).min, dtype=acc)
     total = 0.0
     with np.errstate(all="ignore"):  # per thread: NumPy's error state is thread-local
         for xb, yb, ob in _chunks(x, y, out, acc):
@@ -171,11 +173,12 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
             t = buf[:m]
             w = None if wbuf is None else wbuf[:m]
             o = None if ones is None else ones[:m]
+            lo = lowest[:m]
             safe = safe_seen[0]
-            s = _block(xb, yb, t, w, ob, o, lowest, safe)
+            s = _block(xb, yb, t, w, ob, o, lo, safe)
             if s != s and not safe:  # a zero weight, perhaps: the safe log from now on
                 safe_seen[0] = True
-                s = _block(xb, yb, t, w, ob, o, lowest, True)
+                s = _block(xb, yb, t, w, ob, o, lo, True)
             if s != s:  # NaN or a weight-0 term against -inf: the definition decides
                 terms = _exact(xb, yb, log_target)
                 if ob is not None:
@@ -189,7 +192,8 @@ def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, ones: Any, lowest: Any, sa
     """The bare formula on one block; its sum (NaN where it cannot be trusted).
 
     `w` is the weights' buffer for log targets (None: `yb` holds the weights). With
-    `safe`, ``log w`` is clamped to `lowest`, so a zero weight gives a zero term.
+    `safe`, ``log w`` is clamped to `lowest` (an array of the lowest finite float), so a
+    zero weight gives a zero term.
     """
     import numpy as np
 
