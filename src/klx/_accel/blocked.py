@@ -163,9 +163,15 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
     buf = np.empty(block, dtype=acc)
     wbuf = np.empty(block, dtype=acc) if log_target else None
     ones = np.ones(block, dtype=acc) if out is not None else None
-    # The lowest finite float, as an array: NumPy's maximum against an array of the same
-    # length runs about 2.5 times faster than against a scalar.
-    lowest = np.full(block, np.finfo(acc).min, dtype=acc)
+    # The lowest finite float, as an array (made when first needed): NumPy's maximum
+    # against an array of the same length runs about 2.5 times faster than against a scalar.
+    lowest: list[Any] = []
+
+    def floor(m: int) -> Any:
+        if not lowest:
+            lowest.append(np.full(block, np.finfo(acc).min, dtype=acc))
+        return lowest[0][:m]
+
     total = 0.0
     with np.errstate(all="ignore"):  # per thread: NumPy's error state is thread-local
         for xb, yb, ob in _chunks(x, y, out, acc):
@@ -173,12 +179,11 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
             t = buf[:m]
             w = None if wbuf is None else wbuf[:m]
             o = None if ones is None else ones[:m]
-            lo = lowest[:m]
             safe = safe_seen[0]
-            s = _block(xb, yb, t, w, ob, o, lo, safe)
+            s = _block(xb, yb, t, w, ob, o, floor(m) if safe else None, safe)
             if s != s and not safe:  # a zero weight, perhaps: the safe log from now on
                 safe_seen[0] = True
-                s = _block(xb, yb, t, w, ob, o, lo, True)
+                s = _block(xb, yb, t, w, ob, o, floor(m), True)
             if s != s:  # NaN or a weight-0 term against -inf: the definition decides
                 terms = _exact(xb, yb, log_target)
                 if ob is not None:
