@@ -560,7 +560,7 @@ def markdown_table() -> str:
         if row.min_size:
             serves.append(f">= 2^{int(math.log2(row.min_size))} elements")
         if row.operation == "divergence":
-            serves.append("last axis")
+            serves.append("any axis" if row.layout == "any" else "last axis")
         lines.append(
             f"| `{row.name}` | {fn} | {row.library} | {'/'.join(row.devices) or 'any'} | "
             f"{', '.join(_short(d) for d in row.dtypes)} | {row.layout} | "

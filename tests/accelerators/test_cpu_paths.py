@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 import klx
-import reference
-from backends import only
+from support import reference
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -57,7 +56,7 @@ def _served_by(func, *args, **kwargs):
     return report.chosen, report.result
 
 
-@only("numpy", "torch")
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
 @pytest.mark.filterwarnings("ignore::klx.KLDivMeanWarning")
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "expanded"])
 @pytest.mark.parametrize("shape", [(32, 100), (600, 700)])
@@ -79,7 +78,7 @@ def test_kl_div_any_layout_matches_reference(backend, layout, shape, zeros, log_
     np.testing.assert_array_equal(backend.to_numpy(x), x32)  # inputs untouched
 
 
-@only("numpy", "torch")
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
 @pytest.mark.parametrize("case", ["zero_vs_neginf", "nan_input", "negative_target", "posinf"])
 def test_kl_div_special_values_in_large_blocks(backend, case):
     """Special values deep inside a threaded, blocked input: the definition's conventions."""
@@ -103,7 +102,7 @@ def test_kl_div_special_values_in_large_blocks(backend, case):
         _check(backend, out, backend.to_numpy(x), backend.to_numpy(y), reduction, False, "float32")
 
 
-@only("numpy", "torch")
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
 @pytest.mark.parametrize("log_target", [False, True])
 def test_kl_div_float16_is_blocked_and_accurate(backend, log_target):
     log_q, tgt = _inputs((300, 1000), zeros=True, log_target=log_target)
@@ -123,7 +122,7 @@ def test_kl_div_float16_is_blocked_and_accurate(backend, log_target):
         )
 
 
-@only("numpy", "torch", "dask")
+@pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("zeros", [False, True])
 def test_blocked_results_repeat_bit_for_bit(backend, reduction, zeros):
@@ -138,7 +137,7 @@ def test_blocked_results_repeat_bit_for_bit(backend, reduction, zeros):
         assert not np.signbit(first.reshape(-1)[::8]).any()
 
 
-@only("dask")
+@pytest.mark.backends("dask", reason="Dask chunks")
 @pytest.mark.filterwarnings("ignore::klx.KLDivMeanWarning")
 @pytest.mark.parametrize("log_target", [False, True])
 def test_dask_chunks_by_the_numpy_path(backend, log_target):
@@ -167,7 +166,7 @@ def _logits(shape, seed=1):
     return np.random.default_rng(seed).normal(scale=2.0, size=shape)
 
 
-@only("numpy", "torch", "dask")
+@pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
 @pytest.mark.parametrize("kind", ["kl", "js"])
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("q_layout", ["full", "broadcast"])
@@ -215,7 +214,7 @@ def _peak_bytes(fn):
         tracemalloc.stop()
 
 
-@only("numpy")
+@pytest.mark.backends("numpy", reason="NumPy allocations and threads")
 @pytest.mark.parametrize("case", ["q_broadcast", "axis_0", "kl_div_float16", "kl_div_transposed"])
 def test_bounded_memory(backend, case):
     """Extra memory well under one input's size where the definition takes several."""
@@ -248,7 +247,7 @@ def _child_kl(seed):
     return float(klx.kl_div(np.log(p / p.sum()), p / p.sum(), reduction="sum"))
 
 
-@only("numpy")
+@pytest.mark.backends("numpy", reason="NumPy allocations and threads")
 def test_thread_pool_survives_fork(backend):
     """A forked child (multiprocessing, DataLoader workers) gets a pool of its own."""
     if "fork" not in multiprocessing.get_all_start_methods():
