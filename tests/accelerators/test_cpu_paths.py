@@ -203,6 +203,17 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
         err = np.max(np.where(where, np.abs(backend.to_numpy(out) - ref), 0))
     assert err <= 1e-5
     assert np.all(backend.to_numpy(out)[~where] == 0)
+    again = f(
+        p,
+        q,
+        axis=axis,
+        p_form="logits",
+        q_form="logits",
+        temperature=2.0,
+        reduction="none",
+        where=backend.asarray(where),
+    )
+    np.testing.assert_array_equal(backend.to_numpy(again), backend.to_numpy(out))  # bit for bit
 
 
 def _peak_bytes(fn):
