@@ -179,17 +179,9 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
         t, s = t.T, s.T
     p, q = backend.asarray(t, "float32"), backend.asarray(s, "float32")
     f = klx.kl_divergence if kind == "kl" else klx.js_divergence
-    chosen, out = _served_by(
-        f,
-        p,
-        q,
-        axis=axis,
-        p_form="logits",
-        q_form="logits",
-        temperature=2.0,
-        reduction="none",
-        where=backend.asarray(where),
-    )
+    kwargs = {"p_form": "logits", "q_form": "logits", "temperature": 2.0, "reduction": "none"}
+    kwargs["where"] = backend.asarray(where)
+    chosen, out = _served_by(f, p, q, axis=axis, **kwargs)
     assert chosen == f"{backend.name if backend.name != 'torch' else 'torch-cpu'}-rows"
     t32 = backend.to_numpy(p)
     s32 = np.broadcast_to(backend.to_numpy(q), t32.shape)
@@ -203,16 +195,7 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
         err = np.max(np.where(where, np.abs(backend.to_numpy(out) - ref), 0))
     assert err <= 1e-5
     assert np.all(backend.to_numpy(out)[~where] == 0)
-    again = f(
-        p,
-        q,
-        axis=axis,
-        p_form="logits",
-        q_form="logits",
-        temperature=2.0,
-        reduction="none",
-        where=backend.asarray(where),
-    )
+    again = f(p, q, axis=axis, **kwargs)
     np.testing.assert_array_equal(backend.to_numpy(again), backend.to_numpy(out))  # bit for bit
 
 
