@@ -12,25 +12,30 @@ to --out.
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout's root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import json
 import time
 from pathlib import Path
 
+import benchmarks
 import klx
+from benchmarks.cli import parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2])
-    ap.add_argument("--rows", type=int, default=8192)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--chunk-rows", type=int, default=512)
-    ap.add_argument("--memory-limit", default="512MiB")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/out")
+    ap = parser(__doc__)
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="cluster sizes to time")
+    ap.add_argument("--rows", type=int, default=8192, help="distributions")
+    ap.add_argument("--vocab", type=int, default=8192, help="categories per distribution")
+    ap.add_argument("--chunk-rows", type=int, default=512, help="rows per chunk")
+    ap.add_argument("--memory-limit", default="512MiB", help="per worker")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per size")
+    ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for the results")
     args = ap.parse_args(argv)
 
     import dask.array as da

@@ -9,21 +9,27 @@ see the same machine state; the medians are printed with their ratio.
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout's root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import statistics
 import time
 import warnings
 
 import klx
+from benchmarks.cli import parser
+from benchmarks.timing import busy, load_average
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--rows", type=int, default=32)
-    ap.add_argument("--cols", type=int, default=100)
-    ap.add_argument("--calls", type=int, default=20000)
+    ap = parser(__doc__)
+    ap.add_argument("--rows", type=int, default=32, help="rows of the inputs")
+    ap.add_argument("--cols", type=int, default=100, help="columns of the inputs")
+    ap.add_argument("--calls", type=int, default=20000, help="timed calls of each")
+    ap.add_argument("--load", type=int, default=0, help="busy background processes while timing")
     args = ap.parse_args(argv)
 
     import torch
@@ -32,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.rows, args.cols).log_softmax(-1)
     y = torch.rand(args.rows, args.cols)
     y /= y.sum(-1, keepdim=True)
+    print(f"load average {load_average():.1f}, {args.load} busy processes")
     print("| reduction | klx us | F.kl_div us | ratio |\n|---|---|---|---|")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), busy(args.load):
         warnings.simplefilter("ignore")
         for reduction in ("sum", "none", "batchmean", "mean"):
             ours, theirs = [], []

@@ -11,6 +11,12 @@ Prints a table and writes distill.json to --out.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout's root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import sys
@@ -18,9 +24,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import benchmarks
 import klx
+from benchmarks.cli import parser
 from benchmarks.run import available
-from benchmarks.timing import extra_peak_bytes, median_time, synchronizer
+from benchmarks.timing import busy, extra_peak_bytes, load_average, median_time, synchronizer
 
 
 def _klx(t: Any, s: Any, temperature: float) -> Any:
@@ -109,18 +117,37 @@ def _with_backward(fn: Any, s: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--temperature", type=float, default=2.0)
+    ap = parser(__doc__)
+    ap.add_argument("--rows", type=int, default=2048, help="tokens")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    ap.add_argument("--dtype", default="float32", help="logits dtype")
+    ap.add_argument("--temperature", type=float, default=2.0, help="softmax temperature")
     ap.add_argument("--backward", action="store_true", help="time forward plus backward (torch)")
-    ap.add_argument("--backends", nargs="*")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument(
+        "--backends", nargs="*", default=None, help="numpy torch jax (None: every installed)"
+    )
+    ap.add_argument("--load", type=int, default=0, help="busy background processes while timing")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for the results")
     args = ap.parse_args(argv)
+    with busy(args.load):
+        rows_out = measure_all(args)
+    print(f"load average {load_average():.1f}, {args.load} busy processes", file=sys.stderr)
+    print("| backend | device | implementation | ms | x bound | extra peak MB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows_out:
+        mem = "-" if r["extra_peak_mb"] is None else f"{r['extra_peak_mb']:.0f}"
+        print(
+            f"| {r['backend']} | {r['device']} | {r['impl']} | {r['median_ms']:.2f} "
+            f"| {r['x_bound']:.1f} | {mem} |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill.json").write_text(json.dumps(rows_out, indent=1))
+    return 0
+
+
+def measure_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_out = []
     for backend, device in available(args.backends):
         if backend not in ("numpy", "torch", "jax"):
@@ -149,19 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     "extra_peak_mb": None if mem is None else mem / 2**20,
                 }
             )
-            print(f"{backend}/{device} {name}: {t * 1e3:.2f} ms", file=sys.stderr)
-    print("| backend | device | implementation | ms | x bound | extra peak MB |")
-    print("|---|---|---|---|---|---|")
-    for r in rows_out:
-        mem = "-" if r["extra_peak_mb"] is None else f"{r['extra_peak_mb']:.0f}"
-        print(
-            f"| {r['backend']} | {r['device']} | {r['impl']} | {r['median_ms']:.2f} "
-            f"| {r['x_bound']:.1f} | {mem} |"
-        )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill.json").write_text(json.dumps(rows_out, indent=1))
-    return 0
+            print(f"{backend}/{device} {name}: {t * 1e3:.2f} ms", file=sys.stderr, flush=True)
+    return rows_out
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def test_environment_switch_turns_every_accelerator_off():
     assert out.stdout.split() == ["False", "definition"]
 
 
-@pytest.mark.parametrize("case", ["subclass", "strided", "broadcast", "mixed_dtype", "float16"])
+@pytest.mark.parametrize("case", ["subclass", "broadcast", "mixed_dtype", "longdouble"])
 def test_gates_refuse_with_a_reason(backend, case):
     if backend.name != "numpy":
         pytest.skip("the gate cases are NumPy arrays")
@@ -228,9 +228,6 @@ def test_gates_refuse_with_a_reason(backend, case):
     if case == "subclass":
         x, y = x.view(np.recarray), y.view(np.recarray)
         why = "subclass"
-    elif case == "strided":
-        x, y = x[:, ::2], y[:, ::2]
-        why = "contiguous"
     elif case == "broadcast":
         y = y[:1]
         why = "broadcast"
@@ -238,8 +235,8 @@ def test_gates_refuse_with_a_reason(backend, case):
         x = x.astype(np.float32)
         why = "different dtypes"
     else:
-        x, y = x.astype(np.float16), y.astype(np.float16)
-        why = "not float16"
+        x, y = x.astype(np.longdouble), y.astype(np.longdouble)
+        why = f"not {np.dtype(np.longdouble).name}"
     report = klx.explain(klx.kl_div, x, y, reduction="sum")
     assert report.chosen == "definition"
     (reason,) = [r for n, r in report.refused if n == "numpy-blocked"]

@@ -69,7 +69,8 @@ class Accelerator:
     devices: tuple[str, ...] = ()
     #: dtype names served, e.g. ('float32', 'float64').
     dtypes: tuple[str, ...] = ("float32", "float64")
-    #: 'contiguous' (C order), 'rows' (last axis of stride 1, any row stride), or 'any'.
+    #: 'contiguous' (C order), 'rows' (last axis of stride 1, any row stride), or 'any'
+    #: (any strides; for 'divergence', distributions along any axis too).
     layout: str = "contiguous"
     #: Fewest elements worth the fast path (below it the definition is as fast).
     min_size: int = 0
@@ -104,8 +105,10 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "numpy",
         f"{_BLOCKED}:kl_div_numpy",
         devices=("cpu",),
-        summary="cache-sized blocks of the bare formula on klx's threads; "
-        "blocks with a zero target or NaN by the definition",
+        dtypes=("float16", "float32", "float64"),
+        layout="any",
+        summary="1 MiB blocks of the bare formula on klx's threads (zero targets by a "
+        "safe log in the same pass); blocks with NaN by the definition",
     ),
     Accelerator(
         "torch-cpu-blocked",
@@ -113,7 +116,10 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "torch",
         f"{_BLOCKED}:kl_div_torch",
         devices=("cpu",),
-        summary="one torch.kl_div call for small inputs, else blocks as on NumPy",
+        dtypes=("float16", "float32", "float64"),
+        layout="any",
+        summary="one torch.kl_div call for small inputs, else the NumPy blocks on "
+        "zero-copy views (no torch intra-op barriers)",
     ),
     Accelerator(
         "triton-kl-div",
@@ -146,14 +152,27 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "(it is the definition, so it needs no first-use check)",
     ),
     Accelerator(
+        "dask-chunks",
+        "kl_div",
+        "dask",
+        f"{_BLOCKED}:kl_div_dask",
+        devices=("cpu",),
+        dtypes=("float16", "float32", "float64"),
+        layout="any",
+        summary="each chunk by the NumPy blocks (map_blocks), the sums by Dask's reduction tree",
+    ),
+    Accelerator(
         "numpy-rows",
         "divergence",
         "numpy",
         "klx._accel.rows:blocked_rows",
         devices=("cpu",),
+        dtypes=("float16", "float32", "float64"),
+        layout="any",
         kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
-        summary="blocks of rows, each by the definition: bounded memory",
+        summary="blocks of rows, each by the definition, on klx's threads: bounded "
+        "memory, any axis or layout",
     ),
     Accelerator(
         "torch-cpu-rows",
@@ -161,9 +180,23 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "torch",
         "klx._accel.rows:blocked_rows",
         devices=("cpu",),
+        dtypes=("float16", "float32", "float64"),
+        layout="any",
         kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
-        summary="blocks of rows, each by the definition: bounded memory",
+        summary="blocks of rows, each by the definition, on klx's threads through NumPy "
+        "views: bounded memory, any axis or layout",
+    ),
+    Accelerator(
+        "dask-rows",
+        "divergence",
+        "dask",
+        "klx._accel.rows:dask_rows",
+        devices=("cpu",),
+        dtypes=("float16", "float32", "float64"),
+        kinds=("kl", "js", "skew_kl", "tv"),
+        layout="any",
+        summary="each chunk (its distributions whole) by the NumPy row blocks (map_blocks)",
     ),
     Accelerator(
         "triton-rows-from-logits",
@@ -315,7 +348,7 @@ def refusal(row: Accelerator, call: Any) -> str | None:
             return f"serves {', '.join(row.kinds)}, not {call.kind!r}"
         if row.forms and (call.p_form, call.q_form) not in row.forms:
             return f"serves forms {row.forms}, not {(call.p_form, call.q_form)}"
-        if call.axis != a.ndim - 1:
+        if call.axis != a.ndim - 1 and row.layout != "any":
             return "serves distributions along the last axis only"
     if not row.autograd and lib == "torch" and (a.requires_grad or b.requires_grad):
         return "inputs require gradients and it has no backward"
@@ -527,7 +560,7 @@ def markdown_table() -> str:
         if row.min_size:
             serves.append(f">= 2^{int(math.log2(row.min_size))} elements")
         if row.operation == "divergence":
-            serves.append("last axis")
+            serves.append("any axis" if row.layout == "any" else "last axis")
         lines.append(
             f"| `{row.name}` | {fn} | {row.library} | {'/'.join(row.devices) or 'any'} | "
             f"{', '.join(_short(d) for d in row.dtypes)} | {row.layout} | "

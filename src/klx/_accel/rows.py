@@ -1,11 +1,20 @@
-"""Divergences over many long distributions on the CPU, a block of rows at a time.
+"""Divergences over many distributions on the CPU, a block of rows at a time, on klx's threads.
 
 For [tokens, vocab] inputs (distillation: vocabularies of 32k to 256k) the array-API
 definition makes several temporaries of the input's size (log-softmax, exp, products).
-Here the rows are taken a block at a time, so each temporary holds about
-:data:`ROW_BLOCK_ELEMENTS` elements and the extra memory is that, plus one value per
-row. Each block is evaluated by the definition itself
-(:func:`klx._agnostic.divergence_rows`).
+Here the distributions are taken a block at a time, so each temporary holds about
+:data:`ROW_BLOCK_ELEMENTS` elements and the extra memory is that per thread, plus one value
+per distribution. Each block is evaluated by the definition itself
+(:func:`klx._agnostic.divergence_rows`), in NumPy.
+
+* Any layout and any axis: the distribution axis is moved last (a view); rows are views
+  where the batch axes merge (C order, a broadcast ``q`` of shape ``(1, V)``), else each
+  block of rows is gathered (a copy of one block). float16 is computed in float32 per block.
+* Threads: the blocks are cut into a few fixed pieces per thread (NumPy releases the GIL),
+  each writing its own rows, so the result does not depend on scheduling.
+* Torch CPU tensors are read through zero-copy NumPy views: no torch op per block, so nothing
+  waits at torch's intra-op thread barriers when another process holds a core.
+* Dask: each chunk (the distribution axis in one chunk) by the same code (:func:`dask_rows`).
 
 Eager only (NumPy; torch on the CPU without autograd, not under ``torch.compile``).
 """
@@ -13,44 +22,122 @@ Eager only (NumPy; torch on the CPU without autograd, not under ``torch.compile`
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
+from klx._accel.blocked import _pool, _workers
 from klx._agnostic import divergence_rows
 
-__all__ = ["ROW_BLOCK_ELEMENTS", "TORCH_ROW_BLOCK_ELEMENTS", "blocked_rows"]
+__all__ = ["ROW_BLOCK_ELEMENTS", "blocked_rows", "dask_rows"]
 
-#: Elements per block: 2 MiB of float32 per temporary on NumPy; torch's per-call cost is
-#: higher, so it gets blocks twice as large (the definition makes about ten temporaries).
-ROW_BLOCK_ELEMENTS = 1 << 19
-TORCH_ROW_BLOCK_ELEMENTS = 1 << 20
+#: Elements per block and temporary: 256 KiB of float32, so the definition's ten or so
+#: temporaries of a block stay in the L2 and L3 caches.
+ROW_BLOCK_ELEMENTS = 1 << 16
 
 
 def blocked_rows(call: Any) -> Any:
-    """Per-distribution values of inputs whose distributions lie along the last axis."""
-    xp, p, q = call.xp, call.p, call.q
-    vocab = p.shape[-1]
-    batch = tuple(p.shape[:-1])
+    """Per-distribution values (shape ``call.batch_shape``) of a NumPy or torch CPU call."""
+    torch_in = type(call.p).__module__.startswith("torch")
+    p, q = (call.p.numpy(), call.q.numpy()) if torch_in else (call.p, call.q)
+    keep = call.keep
+    if keep is not None and torch_in:
+        keep = keep.numpy()
+    out = rows_numpy(call, p, q, keep, threads=True)
+    if torch_in:
+        import torch
+
+        return torch.from_numpy(out)
+    return out
+
+
+def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
+    """Per-distribution values of NumPy arrays `p`, `q` (and mask `keep`) of `call`."""
+    import numpy as np
+
+    axis = call.axis
+    p, q = np.moveaxis(p, axis, -1), np.moveaxis(q, axis, -1)
+    batch, vocab = p.shape[:-1], p.shape[-1]
     n_rows = math.prod(batch)
-    p2 = xp.reshape(p, (n_rows, vocab))
-    q2 = xp.reshape(q, (n_rows, vocab))
     keep2 = None
-    if call.keep is not None:
-        keep2 = xp.reshape(xp.broadcast_to(call.keep, (*batch, 1)), (n_rows, 1))
+    if keep is not None:
+        keep = np.broadcast_to(np.moveaxis(keep, axis, -1), (*batch, 1))
+        keep2 = keep.reshape(n_rows, 1)  # one bool per row: a copy is small
+    acc = np.dtype(np.float32) if p.dtype.itemsize < 4 else np.dtype(p.dtype)
+    out = np.empty(n_rows, dtype=acc)
+    step = max(1, ROW_BLOCK_ELEMENTS // max(vocab, 1))
+    starts = list(range(0, n_rows, step))
+    workers = _workers() if threads else 1
+    pieces = min(len(starts), 4 * workers if workers > 1 else 1)
+    p2, q2 = _rows(p, n_rows, vocab), _rows(q, n_rows, vocab)
     block_call = call._replace(axis=1)
-    per_block = ROW_BLOCK_ELEMENTS if type(p).__module__ == "numpy" else TORCH_ROW_BLOCK_ELEMENTS
-    step = max(1, per_block // max(vocab, 1))
-    out = xp.empty((n_rows,), dtype=call.acc, device=_device(p))
-    for r0 in range(0, n_rows, step):
-        r1 = min(r0 + step, n_rows)
-        out[r0:r1] = divergence_rows(
-            xp,
-            block_call,
-            xp.astype(p2[r0:r1, :], call.acc, copy=False),
-            xp.astype(q2[r0:r1, :], call.acc, copy=False),
-            None if keep2 is None else keep2[r0:r1, :],
+
+    def share(i: int) -> None:
+        import array_api_compat.numpy as xp
+
+        with np.errstate(all="ignore"):  # per thread: NumPy's error state is thread-local
+            for r0 in starts[len(starts) * i // pieces : len(starts) * (i + 1) // pieces]:
+                r1 = min(r0 + step, n_rows)
+                out[r0:r1] = divergence_rows(
+                    xp,
+                    block_call,
+                    _block(p, p2, batch, r0, r1).astype(acc, copy=False),
+                    _block(q, q2, batch, r0, r1).astype(acc, copy=False),
+                    None if keep2 is None else keep2[r0:r1],
+                )
+
+    if pieces <= 1:
+        share(0) if starts else None
+    else:  # an idle thread takes the next piece: a thread held back delays only its own
+        list(_pool().map(share, range(pieces)))
+    return out.reshape(batch)
+
+
+def _rows(x: Any, n_rows: int, vocab: int) -> Any:
+    """`x` as a (rows, vocab) view, or None where that needs a copy."""
+    try:
+        return x.reshape((n_rows, vocab), copy=False)
+    except ValueError:
+        return None
+
+
+def _block(x: Any, x2: Any, batch: tuple[int, ...], r0: int, r1: int) -> Any:
+    """Rows r0:r1 of `x` as a 2-D array: a view of `x2`, else gathered (one block's copy)."""
+    import numpy as np
+
+    if x2 is not None:
+        return x2[r0:r1]
+    return x[np.unravel_index(np.arange(r0, r1), batch)]
+
+
+def dask_rows(call: Any) -> Any:
+    """Per-distribution values of a Dask call: each chunk by :func:`rows_numpy`.
+
+    The distribution axis is rechunked to one chunk (a distribution must be whole); the
+    other axes keep their chunks. Unknown chunk sizes take the definition.
+    """
+    import numpy as np
+
+    da: Any = sys.modules["dask.array"]  # Dask is untyped
+
+    p, q, keep, axis = call.p, call.q, call.keep, call.axis
+    if any(math.isnan(s) for s in p.shape):  # unknown chunk sizes: the definition
+        acc = call.acc
+        xp = call.xp
+        return divergence_rows(xp, call, xp.astype(p, acc), xp.astype(q, acc), keep)
+    p = p.rechunk({axis: -1})
+    q = q.rechunk(p.chunks)
+    acc = np.dtype(np.float32) if np.dtype(p.dtype).itemsize < 4 else np.dtype(p.dtype)
+    arrays = [p, q]
+    if keep is not None:
+        shape = tuple(1 if i == axis else s for i, s in enumerate(p.shape))
+        keep = da.broadcast_to(keep, shape).rechunk(
+            tuple((1,) if i == axis else c for i, c in enumerate(p.chunks))
         )
-    return xp.reshape(out, batch)
+        arrays.append(keep)
+    # Only the call's Python values travel with the tasks, not its Dask arrays.
+    light = call._replace(xp=None, p=None, q=None, keep=None)
 
+    def chunk(a: Any, b: Any, k: Any = None) -> Any:
+        return rows_numpy(light, a, b, k, threads=False)
 
-def _device(x: Any) -> Any:
-    return "cpu" if type(x).__module__ == "numpy" else x.device
+    return da.map_blocks(chunk, *arrays, drop_axis=axis, dtype=acc)

@@ -1,0 +1,253 @@
+"""The CPU fast paths (NumPy blocks, torch through NumPy views, Dask chunks, row blocks).
+
+Against the float64 references (never klx against itself), on the layouts, dtypes and
+special values each path claims; plus bit-for-bit repeatability, bounded memory
+(``tracemalloc`` sees NumPy's allocations) and fork safety of klx's thread pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import klx
+from support import reference
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def _inputs(shape, zeros, log_target, seed=0):
+    """log Q and the target (P, or log P), float64, every 8th target entry 0 if `zeros`."""
+    rng = np.random.default_rng(seed)
+    p = rng.random(shape) + 1e-3
+    p /= p.sum(-1, keepdims=True)
+    if zeros:
+        p.reshape(-1)[::8] = 0.0
+    log_q = np.log(rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]))
+    with np.errstate(divide="ignore"):
+        return log_q, (np.log(p) if log_target else p)
+
+
+def _layout(backend, a, dtype, layout):
+    """`a` on the backend in `layout`: contiguous, transposed, sliced or expanded."""
+    if layout == "transposed":
+        return backend.xp.permute_dims(backend.asarray(np.ascontiguousarray(a.T), dtype), (1, 0))
+    if layout == "sliced":
+        big = np.zeros((a.shape[0] + 3, a.shape[1] + 5))
+        big[1 : a.shape[0] + 1, 2 : a.shape[1] + 2] = a
+        return backend.asarray(big, dtype)[1 : a.shape[0] + 1, 2 : a.shape[1] + 2]
+    if layout == "expanded":
+        return backend.xp.broadcast_to(backend.asarray(a[:1], dtype), a.shape)
+    return backend.asarray(a, dtype)
+
+
+def _check(backend, out, x64, y64, reduction, log_target, dtype):
+    ref, scale = reference.kl_div(x64, y64, reduction, log_target)
+    err = reference.rel_error(backend.to_numpy(out), ref, scale, reference.ATOL.get(dtype, 0))
+    assert err <= reference.TOL[dtype], (reduction, err)
+
+
+def _served_by(func, *args, **kwargs):
+    with np.errstate(all="ignore"):
+        report = klx.explain(func, *args, **kwargs)
+    return report.chosen, report.result
+
+
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
+@pytest.mark.filterwarnings("ignore::klx.KLDivMeanWarning")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("shape", [(32, 100), (600, 700)])
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_any_layout_matches_reference(backend, layout, shape, zeros, log_target):
+    log_q, tgt = _inputs(shape, zeros, log_target)
+    if layout == "expanded":
+        log_q, tgt = np.broadcast_to(log_q[:1], shape), np.broadcast_to(tgt[:1], shape)
+    x = _layout(backend, log_q, "float32", layout)
+    y = _layout(backend, tgt, "float32", layout)
+    x32, y32 = backend.to_numpy(x), backend.to_numpy(y)
+    for reduction in REDUCTIONS:
+        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction, log_target=log_target)
+        assert chosen == f"{'torch-cpu' if backend.name == 'torch' else 'numpy'}-blocked"
+        assert out.dtype == x.dtype
+        assert tuple(out.shape) == (shape if reduction == "none" else ())
+        _check(backend, out, x32, y32, reduction, log_target, "float32")
+    np.testing.assert_array_equal(backend.to_numpy(x), x32)  # inputs untouched
+
+
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
+@pytest.mark.parametrize("case", ["zero_vs_neginf", "nan_input", "negative_target", "posinf"])
+def test_kl_div_special_values_in_large_blocks(backend, case):
+    """Special values deep inside a threaded, blocked input: the definition's conventions."""
+    log_q, p = _inputs((512, 1024), zeros=True, log_target=False)
+    i = 300_000
+    if case == "zero_vs_neginf":
+        p.reshape(-1)[i] = 0.0
+        log_q.reshape(-1)[i] = -np.inf  # 0 log 0 against -inf: 0
+    elif case == "nan_input":
+        p.reshape(-1)[i] = 0.0
+        log_q.reshape(-1)[i] = np.nan  # NaN propagates even under a zero target
+    elif case == "negative_target":
+        p.reshape(-1)[i] = -0.25
+    else:
+        log_q.reshape(-1)[i] = np.inf
+        log_q.reshape(-1)[8] = np.inf  # under a zero target: 0
+    x, y = backend.asarray(log_q, "float32"), backend.asarray(p, "float32")
+    for reduction in ("none", "sum"):
+        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction)
+        assert chosen.endswith("-blocked")
+        _check(backend, out, backend.to_numpy(x), backend.to_numpy(y), reduction, False, "float32")
+
+
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_float16_is_blocked_and_accurate(backend, log_target):
+    log_q, tgt = _inputs((300, 1000), zeros=True, log_target=log_target)
+    x, y = backend.asarray(log_q, "float16"), backend.asarray(tgt, "float16")
+    for reduction in ("none", "sum", "batchmean"):
+        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction, log_target=log_target)
+        assert chosen.endswith("-blocked")
+        assert out.dtype == x.dtype
+        _check(
+            backend,
+            out,
+            backend.to_numpy(x),
+            backend.to_numpy(y),
+            reduction,
+            log_target,
+            "float16",
+        )
+
+
+@pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_blocked_results_repeat_bit_for_bit(backend, reduction, zeros):
+    log_q, p = _inputs((700, 1100), zeros, log_target=False)
+    x, y = backend.asarray(log_q, "float32"), backend.asarray(p, "float32")
+    first = backend.to_numpy(klx.kl_div(x, y, reduction=reduction))
+    for _ in range(3):
+        np.testing.assert_array_equal(
+            backend.to_numpy(klx.kl_div(x, y, reduction=reduction)), first
+        )
+    if zeros and reduction == "none":  # a zero target gives +0.0, as in the definition
+        assert not np.signbit(first.reshape(-1)[::8]).any()
+
+
+@pytest.mark.backends("dask", reason="Dask chunks")
+@pytest.mark.filterwarnings("ignore::klx.KLDivMeanWarning")
+@pytest.mark.parametrize("log_target", [False, True])
+def test_dask_chunks_by_the_numpy_path(backend, log_target):
+    import dask.array as da
+
+    log_q, tgt = _inputs((301, 257), zeros=True, log_target=log_target)
+    x = da.from_array(log_q.astype(np.float32), chunks=(64, 100))
+    y = da.from_array(tgt.astype(np.float32), chunks=(100, 64))  # other chunks: aligned
+    for reduction in REDUCTIONS:
+        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction, log_target=log_target)
+        assert chosen == "dask-chunks"
+        assert isinstance(out, da.Array)
+        assert out.dtype == np.float32
+        _check(
+            backend,
+            out,
+            log_q.astype(np.float32),
+            tgt.astype(np.float32),
+            reduction,
+            log_target,
+            "float32",
+        )
+
+
+def _logits(shape, seed=1):
+    return np.random.default_rng(seed).normal(scale=2.0, size=shape)
+
+
+@pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("q_layout", ["full", "broadcast"])
+def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layout):
+    n, vocab = 40, 30000  # 1.2e6 elements: past the row path's threshold
+    t = _logits((n, vocab))
+    s = _logits((1, vocab) if q_layout == "broadcast" else (n, vocab), seed=2)
+    where = np.arange(n) % 5 != 0
+    if axis == 0:
+        t, s = t.T, s.T
+    p, q = backend.asarray(t, "float32"), backend.asarray(s, "float32")
+    f = klx.kl_divergence if kind == "kl" else klx.js_divergence
+    kwargs = {"p_form": "logits", "q_form": "logits", "temperature": 2.0, "reduction": "none"}
+    kwargs["where"] = backend.asarray(where)
+    chosen, out = _served_by(f, p, q, axis=axis, **kwargs)
+    assert chosen == f"{backend.name if backend.name != 'torch' else 'torch-cpu'}-rows"
+    t32 = backend.to_numpy(p)
+    s32 = np.broadcast_to(backend.to_numpy(q), t32.shape)
+    lp = reference.log_softmax(t32, axis, 2.0)
+    lq = reference.log_softmax(s32, axis, 2.0)
+    if kind == "kl":
+        ref, scale = reference.kl_rows_log(np.exp(lp), lq, axis)
+        err = np.max(np.where(where, np.abs(backend.to_numpy(out) - ref) / (scale + 1e-30), 0))
+    else:
+        ref = reference.js_rows(np.exp(lp), np.exp(lq), axis, 0.5)
+        err = np.max(np.where(where, np.abs(backend.to_numpy(out) - ref), 0))
+    assert err <= 1e-5
+    assert np.all(backend.to_numpy(out)[~where] == 0)
+    again = f(p, q, axis=axis, **kwargs)
+    np.testing.assert_array_equal(backend.to_numpy(again), backend.to_numpy(out))  # bit for bit
+
+
+def _peak_bytes(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.backends("numpy", reason="NumPy allocations and threads")
+@pytest.mark.parametrize("case", ["q_broadcast", "axis_0", "kl_div_float16", "kl_div_transposed"])
+def test_bounded_memory(backend, case):
+    """Extra memory well under one input's size where the definition takes several."""
+    n, vocab = 256, 32768  # 2^23 elements
+    if case.startswith("kl_div"):
+        dtype = np.float16 if case == "kl_div_float16" else np.float32
+        x = np.full((n, vocab), -np.log(vocab), dtype=dtype)
+        y = np.full((n, vocab), 1.0 / vocab, dtype=dtype)
+        if case == "kl_div_transposed":
+            x, y = x.T, y.T
+        run = lambda: klx.kl_div(x, y, reduction="sum")  # noqa: E731
+        size = x.nbytes
+    else:
+        t = np.zeros((n, vocab), dtype=np.float32)
+        s = np.zeros((1, vocab), dtype=np.float32)
+        axis = -1
+        if case == "axis_0":
+            t, s, axis = t.T, np.zeros((n, vocab), dtype=np.float32).T, 0
+        run = lambda: klx.kl_divergence(  # noqa: E731
+            t, s, axis=axis, p_form="logits", q_form="logits", reduction="sum"
+        )
+        size = t.nbytes
+    assert np.isfinite(run())
+    assert _peak_bytes(run) < size / 2
+
+
+def _child_kl(seed):
+    rng = np.random.default_rng(seed)
+    p = rng.random((512, 1024)).astype(np.float32) + 0.01
+    return float(klx.kl_div(np.log(p / p.sum()), p / p.sum(), reduction="sum"))
+
+
+@pytest.mark.backends("numpy", reason="NumPy allocations and threads")
+def test_thread_pool_survives_fork(backend):
+    """A forked child (multiprocessing, DataLoader workers) gets a pool of its own."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this platform cannot fork")
+    parent = _child_kl(0)  # starts klx's pool in this process (2^19 elements, threaded)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        got = pool.map_async(_child_kl, [0, 0]).get(timeout=60)  # hung forever before
+    assert got == [parent, parent]
