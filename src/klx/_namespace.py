@@ -18,6 +18,7 @@ __all__ = [
     "device_of",
     "is_concrete",
     "library_name",
+    "library_of",
 ]
 
 
@@ -132,6 +133,19 @@ def _compat_namespace(lib: str) -> ModuleType:
     return sys.modules["jax.numpy"]
 
 
+def library_of(xp: ModuleType) -> str:
+    """The library name (as :func:`library_name` gives it) of the arrays of namespace `xp`."""
+    name = xp.__name__
+    lib = _LIBRARY_OF.get(name)
+    if lib is None:
+        lib = _LIBRARY_OF[name] = name.split(".")[0]
+    return lib
+
+
+#: Namespace name -> library name; the wrapped libraries' entries are the reverse of _COMPAT.
+_LIBRARY_OF = {ns: lib for lib, ns in _COMPAT.items()}
+
+
 def device_of(x: Any) -> Any:
     """The device of `x`, or ``None`` where the library cannot say (a JAX tracer)."""
     lib = library_name(x)
@@ -158,11 +172,13 @@ def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = 
     """
     if xp is not None and xp.__name__ in _ONE_PLACE:
         return None
+    # torch and CuPy arrays say their device directly (no per-array library lookup)
+    direct = xp is not None and library_of(xp) in ("torch", "cupy")
     first_name, first_device = None, None
     for name, value in named:
         if value is None:
             continue
-        dev = device_of(value)
+        dev = value.device if direct else device_of(value)
         if dev is None:
             continue
         if first_name is None:

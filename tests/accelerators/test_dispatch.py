@@ -373,3 +373,14 @@ def test_cuda_graph_capture_takes_the_definition(backend, monkeypatch):
     report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
     assert report.chosen == "definition"
     assert ("triton-kl-div", "during CUDA-graph capture") in report.refused
+
+
+def test_torch_cpu_rows_need_numpy(backend, monkeypatch):
+    """torch's CPU rows run NumPy code on views: without NumPy they step aside."""
+    if backend.name != "torch":
+        pytest.skip("the torch CPU rows")
+    monkeypatch.setitem(registry._IMPORTABLE, "numpy", False)
+    x, y = _kl_div_inputs(np.random.default_rng(9), (4, 16))
+    report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
+    assert report.chosen == "definition"
+    assert ("torch-cpu-blocked", "needs numpy, which is not installed") in report.refused

@@ -20,17 +20,18 @@ Adding a fast path: a module with its implementation, plus one row here. The tab
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from klx import _agnostic
 from klx._config import accelerators_enabled
-from klx._namespace import library_name
+from klx._namespace import library_of
 
 __all__ = [
     "ACCELERATORS",
@@ -85,13 +86,24 @@ class Accelerator:
     autograd: bool = False
     #: Whether its first use on a (device, dtype) is checked against the definition.
     probe: bool = True
+    #: Modules it needs beyond the arrays' own library (e.g. NumPy for torch's CPU rows).
+    requires: tuple[str, ...] = ()
     #: What it does, for the docs table.
     summary: str = field(default="", compare=False)
 
+    @property
+    def module(self) -> str:
+        """The implementation's module."""
+        return self.implementation.partition(":")[0]
+
+    @property
+    def function(self) -> str:
+        """The implementation's function name in its module."""
+        return self.implementation.partition(":")[2]
+
     def load(self) -> Callable[[Any], Array]:
         """The implementation (imported now; an ImportError if its module cannot be)."""
-        module, _, function = self.implementation.partition(":")
-        fn: Callable[[Any], Array] = getattr(importlib.import_module(module), function)
+        fn: Callable[[Any], Array] = getattr(importlib.import_module(self.module), self.function)
         return fn
 
 
@@ -118,6 +130,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         devices=("cpu",),
         dtypes=("float16", "float32", "float64"),
         layout="any",
+        requires=("numpy",),
         summary="one torch.kl_div call for small inputs, else the NumPy blocks on "
         "zero-copy views (no torch intra-op barriers)",
     ),
@@ -184,6 +197,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         layout="any",
         kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
+        requires=("numpy",),
         summary="blocks of rows, each by the definition, on klx's threads through NumPy "
         "views: bounded memory, any axis or layout",
     ),
@@ -229,6 +243,18 @@ _BASE_TYPES = {
     "cupy": ("cupy", "ndarray"),
 }
 
+
+def _base_type(lib: str) -> type | None:
+    """The exact array class of `lib` that accelerators take (None: no such check)."""
+    cls = _BASE_CLASSES.get(lib)
+    if cls is None and lib in _BASE_TYPES:
+        module, name = _BASE_TYPES[lib]
+        cls = _BASE_CLASSES[lib] = getattr(sys.modules[module], name)
+    return cls
+
+
+_BASE_CLASSES: dict[str, type] = {}
+
 #: Test hook: device types seen as others (e.g. {'cpu': 'cuda'} routes CPU tensors to the
 #: CUDA rows, to run their Triton kernels under TRITON_INTERPRET=1). Empty in use.
 DEVICE_ALIASES: dict[str, str] = {}
@@ -249,12 +275,20 @@ def _arrays(call: Any) -> tuple[Array, Array]:
 
 
 def _dtype_name(dtype: Any) -> str:
-    return str(getattr(dtype, "name", None) or dtype).rsplit(".", 1)[-1]
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(getattr(dtype, "name", None) or dtype).rsplit(".", 1)[-1]
+    return name
+
+
+#: dtype object -> its name ('float32'): a dict lookup is cheaper than str() per call.
+_DTYPE_NAMES: dict[Any, str] = {}
 
 
 def _device_type(lib: str, x: Array) -> str:
     if lib == "torch":
-        kind = str(x.device.type)
+        # is_cpu / is_cuda are cheap flags; building x.device costs more
+        kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else str(x.device.type)
     elif lib == "cupy":
         kind = "cuda"
     else:
@@ -284,8 +318,8 @@ def _rows_layout(lib: str, x: Array) -> bool:
     return bool(x.stride(1) == 1 and x.stride(0) >= x.shape[1])
 
 
-def _traced(lib: str, x: Array) -> str | None:
-    """Why `x`'s values cannot be used eagerly right now, or None."""
+def _traced(lib: str, a: Array, b: Array, device: str) -> str | None:
+    """Why the arrays' values cannot be used eagerly right now, or None."""
     if lib == "torch":
         torch = sys.modules["torch"]
         if torch.compiler.is_compiling():
@@ -296,7 +330,7 @@ def _traced(lib: str, x: Array) -> str | None:
         if fwd is not None and getattr(fwd, "_current_level", -1) >= 0:
             return "inside forward-mode AD (torch.autograd.forward_ad)"
         if (
-            _device_type(lib, x) == "cuda"
+            device == "cuda"
             and torch.cuda.is_available()
             and torch.cuda.is_current_stream_capturing()
         ):
@@ -304,33 +338,48 @@ def _traced(lib: str, x: Array) -> str | None:
             return "during CUDA-graph capture"
         return None
     if lib == "jax":
-        jax = sys.modules["jax"]
-        if isinstance(x, jax.core.Tracer):
+        tracer = sys.modules["jax"].core.Tracer
+        if isinstance(a, tracer) or isinstance(b, tracer):
             return "a JAX tracer (inside jax.jit / grad / vmap: XLA fuses the definition)"
     return None
 
 
-def refusal(row: Accelerator, call: Any) -> str | None:
-    """Why `row` cannot serve `call`, or None if it can. Every gate, written once."""
+class _Context(NamedTuple):
+    """What every row's gates read about a call, worked out once per call."""
+
+    a: Array
+    b: Array
+    lib: str
+    device: str
+    traced: str | None
+
+
+def _context(call: Any) -> _Context:
     a, b = _arrays(call)
-    lib = row.library
+    lib = library_of(call.xp)
+    device = _device_type(lib, a)
+    return _Context(a, b, lib, device, _traced(lib, a, b, device))
+
+
+def refusal(row: Accelerator, call: Any) -> str | None:
+    """Why `row` cannot serve `call`, or None if it can."""
+    return _refusal(row, call, _context(call))
+
+
+def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
+    """Every gate, written once."""
+    a, b, lib, dev = ctx.a, ctx.b, row.library, ctx.device
     if not accelerators_enabled():
         return "accelerators are off (KLX_ACCELERATORS=0 or klx.set_accelerators(False))"
-    if library_name(a) != lib:
+    if ctx.lib != lib:
         return f"serves {lib} arrays only"
-    if row.eager_only:
-        why = _traced(lib, a) or _traced(lib, b)
-        if why:
-            return why
-    base = _BASE_TYPES.get(lib)
-    if base is not None:
-        cls = getattr(sys.modules[base[0]], base[1])
-        if type(a) is not cls or type(b) is not cls:
-            return f"a subclass of {base[0]}.{base[1]} keeps its own semantics"
-    if row.devices:
-        dev = _device_type(lib, a)
-        if dev not in row.devices:
-            return f"serves {'/'.join(row.devices)} arrays, not {dev}"
+    if row.eager_only and ctx.traced:
+        return ctx.traced
+    cls = _base_type(lib)
+    if cls is not None and (type(a) is not cls or type(b) is not cls):
+        return f"a subclass of {cls.__module__}.{cls.__qualname__} keeps its own semantics"
+    if row.devices and dev not in row.devices:
+        return f"serves {'/'.join(row.devices)} arrays, not {dev}"
     if a.dtype != b.dtype:
         return "the two arrays have different dtypes"
     if _dtype_name(a.dtype) not in row.dtypes:
@@ -352,9 +401,22 @@ def refusal(row: Accelerator, call: Any) -> str | None:
             return "serves distributions along the last axis only"
     if not row.autograd and lib == "torch" and (a.requires_grad or b.requires_grad):
         return "inputs require gradients and it has no backward"
+    for module in row.requires:
+        if not _importable(module):
+            return f"needs {module}, which is not installed"
     if row.name in _UNLOADABLE:
         return _UNLOADABLE[row.name]
     return None
+
+
+_IMPORTABLE: dict[str, bool] = {}
+
+
+def _importable(module: str) -> bool:
+    found = _IMPORTABLE.get(module)
+    if found is None:
+        found = _IMPORTABLE[module] = importlib.util.find_spec(module) is not None
+    return found
 
 
 # --------------------------------------------------------------------------- selection
@@ -383,19 +445,19 @@ _RECORDS: list[Dispatch] = []
 
 def select(call: Any, operation: str) -> Accelerator | None:
     """The first accelerator that serves `call`, or None (the definition)."""
-    a = _arrays(call)[0]
-    lib = library_name(a) or ""
-    rows = _BY_KEY.get((operation, lib), ())
+    rows = _BY_KEY.get((operation, library_of(call.xp)), ())
+    if not rows:
+        return None
+    ctx = _context(call)
     record = _RECORDS[-1] if _RECORDS else None
     # (torch.compile cannot trace a logger: no log lines from inside a compiled graph)
     logging_on = (
         record is None
-        and bool(rows)
-        and not (lib == "torch" and sys.modules["torch"].compiler.is_compiling())
+        and not (ctx.traced and "torch.compile" in ctx.traced)
         and _log.isEnabledFor(logging.DEBUG)
     )
     for row in rows:
-        why = refusal(row, call)
+        why = _refusal(row, call, ctx)
         if why is None:
             why = _first_use(row, call)
         if why is None:
@@ -450,11 +512,19 @@ def explain(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Dispatch:
 
 
 def _implementation(row: Accelerator) -> Callable[[Any], Array] | None:
-    try:
-        return row.load()
-    except ImportError as exc:  # e.g. triton or cupy missing
-        _UNLOADABLE[row.name] = f"cannot be imported ({exc})"
-        return None
+    module = _MODULES.get(row.name)
+    if module is None:
+        try:
+            module = _MODULES[row.name] = importlib.import_module(row.module)
+        except ImportError as exc:  # e.g. triton or cupy missing
+            _UNLOADABLE[row.name] = f"cannot be imported ({exc})"
+            return None
+    fn: Callable[[Any], Array] = getattr(module, row.function)  # looked up per call
+    return fn
+
+
+#: Imported implementation modules, by row name.
+_MODULES: dict[str, Any] = {}
 
 
 def evaluate_kl_div(call: Any) -> Array:
