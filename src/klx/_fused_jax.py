@@ -1,0 +1,134 @@
+"""JAX for :func:`klx.fused_linear_divergence`: a ``custom_vjp`` over ``lax.map`` / ``lax.scan``.
+
+The tokens are padded to a whole number of chunks and reshaped to [chunks, chunk, ...];
+the forward maps the chunk's definition over them (:func:`jax.lax.map`: one chunk's
+logits live at a time, under ``jax.jit`` too) and the backward scans them, recomputing
+each chunk's logits and taking the chunk's VJP, the weight and bias gradients carried
+along. Differentiating through the map alone would make XLA keep every chunk's logits
+for the backward; the custom VJP is what keeps memory bounded.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from klx._fused_linear import FusedSpec, _Flat, chunk_from_hidden
+
+__all__ = ["jax_rows"]
+
+Array = Any
+
+
+def jax_rows(spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """Per-token values [tokens], differentiable by ``jax.grad`` (bounded memory)."""
+    return _rows(spec, acc, chunk, f.hp, f.wp, f.bp, f.hq, f.wq, f.bq, f.keep, f.labels)
+
+
+def _chunked(x: Array | None, chunk: int, pad: int) -> Array | None:
+    """[tokens, ...] -> [chunks, chunk, ...], padded with zeros (False) at the end."""
+    if x is None:
+        return None
+    if pad:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return jnp.reshape(x, (-1, chunk, *x.shape[1:]))
+
+
+def _layout(n: int, chunk: int) -> tuple[int, int]:
+    chunk = max(1, min(chunk, n))
+    return chunk, (-n) % chunk
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _rows(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    n = hq.shape[0]
+    if n == 0:
+        return jnp.zeros((0,), dtype=acc)
+    chunk, pad = _layout(n, chunk)
+    xs = (
+        _chunked(hp, chunk, pad),
+        _chunked(hq, chunk, pad),
+        _chunked(keep, chunk, pad),
+        _chunked(labels, chunk, pad),
+    )
+
+    def one(x: tuple[Array, ...]) -> Array:
+        hp_c, hq_c, k, lab = x
+        return chunk_from_hidden(jnp, spec, acc, hp_c, wp, bp, hq_c, wq, bq, k, lab)
+
+    rows = jax.lax.map(one, xs)
+    return jnp.reshape(rows, (-1,))[:n]
+
+
+def _rows_fwd(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> tuple[Array, tuple[Array | None, ...]]:
+    out = _rows(spec, acc, chunk, hp, wp, bp, hq, wq, bq, keep, labels)
+    return out, (hp, wp, bp, hq, wq, bq, keep, labels)
+
+
+def _rows_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tuple[Any, ...]:
+    hp, wp, bp, hq, wq, bq, keep, labels = res
+    n = hq.shape[0]
+    if n == 0:
+        zeros = (_zeros(hp), _zeros(wp), _zeros(bp), _zeros(hq), _zeros(wq), _zeros(bq))
+        return (*zeros, None, None)
+    chunk, pad = _layout(n, chunk)
+    xs = (
+        _chunked(hp, chunk, pad),
+        _chunked(hq, chunk, pad),
+        _chunked(keep, chunk, pad),
+        _chunked(labels, chunk, pad),
+        _chunked(g, chunk, pad),
+    )
+
+    def step(carry: Any, x: Any) -> tuple[Any, tuple[Array, Array]]:
+        hp_c, hq_c, k, lab, g_c = x
+
+        def f(
+            hp_c: Array, wp: Array | None, bp: Array | None, hq_c: Array, wq: Array, bq: Array
+        ) -> Array:
+            return chunk_from_hidden(jnp, spec, acc, hp_c, wp, bp, hq_c, wq, bq, k, lab)
+
+        _, vjp = jax.vjp(f, hp_c, wp, bp, hq_c, wq, bq)
+        ghp, gwp, gbp, ghq, gwq, gbq = vjp(g_c.astype(acc))
+        carry = jax.tree_util.tree_map(jnp.add, carry, (gwp, gbp, gwq, gbq))
+        return carry, (ghp, ghq)
+
+    init: Any = (_zeros(wp), _zeros(bp), _zeros(wq), _zeros(bq))
+    (gwp, gbp, gwq, gbq), (ghp, ghq) = jax.lax.scan(step, init, xs)
+    ghp = jnp.reshape(ghp, (-1, *hp.shape[1:]))[:n]
+    ghq = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
+    return (ghp, gwp, gbp, ghq, gwq, gbq, None, None)
+
+
+def _zeros(x: Array | None) -> Array | None:
+    return None if x is None else jnp.zeros_like(x)
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
