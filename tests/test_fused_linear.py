@@ -316,7 +316,7 @@ def test_jax_vmap_and_jit(backend):
     import jax
     import jax.numpy as jnp
 
-    arrays, kwargs = make_case("plain", seed=4)
+    arrays, _ = make_case("plain", seed=4)
     a = {k: backend.asarray(v) for k, v in arrays.items()}
     batch = jnp.stack([a["q_hidden"], 0.5 * a["q_hidden"], -a["q_hidden"]])
 
