@@ -1,11 +1,17 @@
-"""JAX for :func:`klx.fused_linear_divergence`: a ``custom_vjp`` over ``lax.map`` / ``lax.scan``.
+"""JAX for :func:`klx.fused_linear_divergence`: ``custom_vjp`` over ``lax.map`` / ``lax.scan``.
 
-The tokens are padded to a whole number of chunks and reshaped to [chunks, chunk, ...];
-the forward maps the chunk's definition over them (:func:`jax.lax.map`: one chunk's
-logits live at a time, under ``jax.jit`` too) and the backward scans them, recomputing
-each chunk's logits and taking the chunk's VJP, the weight and bias gradients carried
-along. Differentiating through the map alone would make XLA keep every chunk's logits
-for the backward; the custom VJP is what keeps memory bounded.
+The tokens are padded to a whole number of chunks and reshaped to [chunks, chunk, ...].
+
+* 'sum' / 'batchmean' (:func:`jax_total`): the plain forward maps the chunk's definition
+  over the chunks (:func:`jax.lax.map`: one chunk's logits live at a time, under
+  ``jax.jit`` too). Under ``jax.grad`` the forward rule scans the chunks once, taking
+  each chunk's value and VJP (four matrix products per chunk), with the weight and bias
+  gradients carried along; the backward only scales them.
+* 'none' (:func:`jax_rows`): the forward maps; the backward scans again, recomputing
+  each chunk's logits, with the per-token cotangent.
+
+Differentiating through the map alone would make XLA keep every chunk's logits for the
+backward; the custom VJPs are what keep memory bounded.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import jax.numpy as jnp
 
 from klx._fused_linear import FusedSpec, _Flat, chunk_from_hidden
 
-__all__ = ["jax_rows"]
+__all__ = ["jax_rows", "jax_total"]
 
 Array = Any
 
@@ -26,6 +32,13 @@ Array = Any
 def jax_rows(spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
     """Per-token values [tokens], differentiable by ``jax.grad`` (bounded memory)."""
     return _rows(spec, acc, chunk, f.hp, f.wp, f.bp, f.hq, f.wq, f.bq, f.keep, f.labels)
+
+
+def jax_total(spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """The sum of the per-token values; under ``jax.grad`` its forward pass computes the
+    gradients too (one walk, four matrix products per chunk) and the backward scales them.
+    """
+    return _total(spec, acc, chunk, f.hp, f.wp, f.bp, f.hq, f.wq, f.bq, f.keep, f.labels)
 
 
 def _chunked(x: Array | None, chunk: int, pad: int) -> Array | None:
@@ -93,12 +106,25 @@ def _rows_fwd(
 
 
 def _rows_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tuple[Any, ...]:
+    _, grads = _walk(spec, acc, chunk, res, g)
+    return (*grads, None, None)
+
+
+def _walk(
+    spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array | None
+) -> tuple[Array, tuple[Any, ...]]:
+    """Scan the chunks: the total of ``rows * g`` and its gradients for the six arrays.
+
+    `g` is the per-token cotangent [tokens], or None for ones.
+    """
     hp, wp, bp, hq, wq, bq, keep, labels = res
     n = hq.shape[0]
     if n == 0:
         zeros = (_zeros(hp), _zeros(wp), _zeros(bp), _zeros(hq), _zeros(wq), _zeros(bq))
-        return (*zeros, None, None)
+        return jnp.zeros((), dtype=acc), zeros
     chunk, pad = _layout(n, chunk)
+    if g is None:
+        g = jnp.ones((n,), dtype=acc)
     xs = (
         _chunked(hp, chunk, pad),
         _chunked(hq, chunk, pad),
@@ -115,16 +141,19 @@ def _rows_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tupl
         ) -> Array:
             return chunk_from_hidden(jnp, spec, acc, hp_c, wp, bp, hq_c, wq, bq, k, lab)
 
-        _, vjp = jax.vjp(f, hp_c, wp, bp, hq_c, wq, bq)
-        ghp, gwp, gbp, ghq, gwq, gbq = vjp(g_c.astype(acc))
-        carry = jax.tree_util.tree_map(jnp.add, carry, (gwp, gbp, gwq, gbq))
-        return carry, (ghp, ghq)
+        rows, vjp = jax.vjp(f, hp_c, wp, bp, hq_c, wq, bq)
+        g_c = g_c.astype(acc)
+        ghp, gwp, gbp, ghq, gwq, gbq = vjp(g_c)
+        total, *acc_grads = carry
+        total = total + jnp.sum(rows * g_c)
+        acc_grads = jax.tree_util.tree_map(jnp.add, tuple(acc_grads), (gwp, gbp, gwq, gbq))
+        return (total, *acc_grads), (ghp, ghq)
 
-    init: Any = (_zeros(wp), _zeros(bp), _zeros(wq), _zeros(bq))
-    (gwp, gbp, gwq, gbq), (ghp, ghq) = jax.lax.scan(step, init, xs)
+    init: Any = (jnp.zeros((), dtype=acc), _zeros(wp), _zeros(bp), _zeros(wq), _zeros(bq))
+    (total, gwp, gbp, gwq, gbq), (ghp, ghq) = jax.lax.scan(step, init, xs)
     ghp = jnp.reshape(ghp, (-1, *hp.shape[1:]))[:n]
     ghq = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
-    return (ghp, gwp, gbp, ghq, gwq, gbq, None, None)
+    return total, (ghp, gwp, gbp, ghq, gwq, gbq)
 
 
 def _zeros(x: Array | None) -> Array | None:
@@ -132,3 +161,44 @@ def _zeros(x: Array | None) -> Array | None:
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _total(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    return jnp.sum(_rows(spec, acc, chunk, hp, wp, bp, hq, wq, bq, keep, labels))
+
+
+def _total_fwd(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> tuple[Array, tuple[Any, ...]]:
+    return _walk(spec, acc, chunk, (hp, wp, bp, hq, wq, bq, keep, labels), None)
+
+
+def _total_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tuple[Any, ...]:
+    grads = tuple(None if x is None else (x * g).astype(x.dtype) for x in res)
+    return (*grads, None, None)
+
+
+_total.defvjp(_total_fwd, _total_bwd)

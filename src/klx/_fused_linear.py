@@ -13,10 +13,10 @@ Per backend:
   computed in the forward pass (four matrix products per chunk, as many as eager
   autograd makes in all) and scaled in the backward; for 'none' the backward walks the
   chunks again. Under :func:`torch.compile` it runs eagerly (a graph break).
-* JAX: a :func:`jax.custom_vjp` whose forward and backward are :func:`jax.lax.map` /
-  :func:`jax.lax.scan` over the chunks, so memory stays bounded under ``jax.jit``; the
-  backward recomputes each chunk's logits. Works under ``jax.grad``, ``jax.jit`` and
-  ``jax.vmap``.
+* JAX: :func:`jax.custom_vjp` over :func:`jax.lax.map` / :func:`jax.lax.scan` of the
+  chunks, so memory stays bounded under ``jax.jit``; for 'sum' / 'batchmean' the
+  forward rule computes the gradients as on torch, for 'none' the backward recomputes
+  each chunk's logits. Works under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
 * NumPy, CuPy, Dask, array-api-strict: the value, a chunk at a time.
 """
 
@@ -431,17 +431,15 @@ def fused_linear_divergence(
             out = torch_fused(xp, spec, acc, chunk, flat, red, scale)
         else:
             if lib == "jax":
-                from klx._fused_jax import jax_rows
+                from klx._fused_jax import jax_rows, jax_total
 
-                rows = jax_rows(spec, acc, chunk, flat)
+                out = (jax_rows if red == "none" else jax_total)(spec, acc, chunk, flat)
             else:
-                rows = _rows_by_chunks(xp, spec, acc, chunk, flat)
-            if red == "none":
-                out = rows
-            else:
-                out = xp.sum(rows)
-                if scale is not None:
-                    out = out * scale
+                out = _rows_by_chunks(xp, spec, acc, chunk, flat)
+                if red != "none":
+                    out = xp.sum(out)
+            if scale is not None:
+                out = out * scale
         if red == "none":
             out = xp.reshape(out, token_shape)
         return as_array(xp.astype(out, dtype, copy=False))
