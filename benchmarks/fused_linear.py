@@ -37,7 +37,7 @@ from benchmarks.timing import extra_peak_bytes, median_time, synchronizer
 
 PRESETS = {
     "default": {"tokens": [1024, 2048, 4096], "hidden": 512, "vocab": 32000, "dtype": "float32"},
-    "quick": {"tokens": [256, 512], "hidden": 256, "vocab": 8000, "dtype": "float32"},
+    "quick": {"tokens": [256, 512, 1024], "hidden": 256, "vocab": 32000, "dtype": "float32"},
     "full": {"tokens": [2048, 4096, 8192], "hidden": 4096, "vocab": 128256, "dtype": "bfloat16"},
 }
 

@@ -288,22 +288,23 @@ def test_gradients_match_reference(backend, kind, config, dtype):
         _close(grads[k], ref_grads[k], gtol, f"d/d {k}")
 
 
+@pytest.mark.parametrize("kind", ["kl", "js"])  # torch: kl in closed form, js by autograd
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @only("torch", "jax")
-def test_student_only_gradients_and_nan_in_dropped_tokens(backend, reduction):
+def test_student_only_gradients_and_nan_in_dropped_tokens(backend, reduction, kind):
     """The teacher needs no gradient; dropped tokens get exactly 0, NaN hidden states too."""
     arrays, kwargs = make_case("full", seed=2)
     kwargs = dict(kwargs, reduction=reduction)
     if reduction == "none":
         del kwargs["normalizer"]
-    _, ref_grads = ref_for("js", arrays, kwargs)
+    _, ref_grads = ref_for(kind, arrays, kwargs)
     keep = kwargs["where"]
     poisoned = dict(arrays)
     for name in ("p_hidden", "q_hidden"):
         poisoned[name] = arrays[name].copy()
         poisoned[name][~keep] = np.nan
     wrt = ["q_hidden", "q_weight", "q_bias"]
-    out, grads = _grads(backend, "js", poisoned, kwargs, "float64", 4, wrt)
+    out, grads = _grads(backend, kind, poisoned, kwargs, "float64", 4, wrt)
     assert np.all(np.isfinite(backend.to_numpy(out)))
     assert np.all(grads["q_hidden"][~keep] == 0.0)
     for k in wrt:
@@ -365,8 +366,9 @@ def test_torch_compile_falls_back_to_eager(backend):
 # --------------------------------------------------------------------------- memory
 
 
+@pytest.mark.parametrize("kind", ["kl", "js"])
 @only("torch")
-def test_torch_never_allocates_tokens_by_vocab(backend):
+def test_torch_never_allocates_tokens_by_vocab(backend, kind):
     """Every tensor made in the forward and backward is smaller than [tokens, vocab]."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -390,7 +392,7 @@ def test_torch_never_allocates_tokens_by_vocab(backend):
             return out
 
     with Watch():
-        loss = klx.fused_linear_divergence(hp, wp, hq, wq, divergence="js", chunk_size=16)
+        loss = klx.fused_linear_divergence(hp, wp, hq, wq, divergence=kind, chunk_size=16)
         loss.backward()
     assert max(biggest) <= 16 * vocab, f"a tensor of {max(biggest)} elements was made"
     assert max(biggest) >= 16 * vocab  # the watch saw the chunks' logits
