@@ -54,14 +54,18 @@ def _walk(
     """
     hp, wp, bp, hq, wq, bq = f.hp, f.wp, f.bp, f.hq, f.wq, f.bq
     n = hq.shape[0]
+    # Weight and bias gradients are accumulated in place; the hidden states' are made a
+    # chunk at a time and concatenated (which DTensors support, unlike slice assignment).
     grads: list[Array | None] = [
         None if not want or x is None else torch.zeros_like(x)
-        for want, x in zip(need, (hp, wp, bp, hq, wq, bq), strict=True)
+        for want, x in zip(need, (None, wp, bp, None, wq, bq), strict=True)
     ]
-    g_hp, g_wp, g_bp, g_hq, g_wq, g_bq = grads
+    _, g_wp, g_bp, _, g_wq, g_bq = grads
+    parts_p: list[Array] | None = [] if need[0] else None
+    parts_q: list[Array] | None = [] if need[3] else None
     want_p = need[0] or need[1] or need[2]
     want_q = need[3] or need[4] or need[5]
-    total = torch.zeros((), dtype=acc, device=hq.device)
+    total = None
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
         keep = None if f.keep is None else f.keep[r0:r1]
@@ -83,11 +87,16 @@ def _walk(
                 wrt = [z for z, w in ((zp, want_p), (zq, want_q)) if w]
                 dz = list(torch.autograd.grad(s, wrt)) if wrt else []
                 del rows
-        total += s.detach()
+        total = s.detach() if total is None else total + s.detach()
         if want_p:
-            _accumulate(dz.pop(0), hp_c, wp, g_hp, g_wp, g_bp, r0, r1)
+            _accumulate(dz.pop(0), hp_c, wp, parts_p, g_wp, g_bp)
         if want_q:
-            _accumulate(dz.pop(0), hq_c, wq, g_hq, g_wq, g_bq, r0, r1)
+            _accumulate(dz.pop(0), hq_c, wq, parts_q, g_wq, g_bq)
+    for i, parts, h in ((0, parts_p, hp), (3, parts_q, hq)):
+        if parts is not None:
+            grads[i] = torch.cat(parts) if parts else torch.zeros_like(h)
+    if total is None:
+        total = torch.zeros((), dtype=acc, device=hq.device)
     return total, grads
 
 
@@ -164,15 +173,13 @@ def _accumulate(
     dz: Array,
     h: Array,
     w: Array | None,
-    g_h: Array | None,
+    parts_h: list[Array] | None,
     g_w: Array | None,
     g_b: Array | None,
-    r0: int,
-    r1: int,
 ) -> None:
     """Add one chunk's logits gradient `dz` [n, vocab] to the hidden, weight, bias grads."""
-    if g_h is not None:
-        g_h[r0:r1] = dz.to(g_h.dtype) if w is None else dz.to(w.dtype) @ w
+    if parts_h is not None:
+        parts_h.append(dz.to(h.dtype) if w is None else dz.to(w.dtype) @ w)
     if g_w is not None:
         g_w.addmm_(dz.to(g_w.dtype).T, h.to(g_w.dtype))
     if g_b is not None:
