@@ -79,6 +79,20 @@ SCRIPT = textwrap.dedent(
             record(f"fused {kind} vocab",
                    lambda: klx.fused_linear_divergence(*dist_args, where=dtok, **kw),
                    klx.fused_linear_divergence(hp, wp, hq, wq, where=tok, **kw))
+            # gradients with respect to the student's (vocab-sharded) weights and hidden states
+            wq1, hq1 = wq.clone().requires_grad_(True), hq.clone().requires_grad_(True)
+            klx.fused_linear_divergence(hp, wp, hq1, wq1, where=tok, **kw).backward()
+            dwq = distribute_tensor(wq, mesh, vocab).requires_grad_(True)
+            dhq = distribute_tensor(hq, mesh, rep).requires_grad_(True)
+            d_args = (dist_args[0], dist_args[1], dhq, dwq)
+            comm = CommDebugMode()
+            with comm:
+                klx.fused_linear_divergence(*d_args, where=dtok, **kw).backward()
+            counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+            for name, got, ref in (("weight", dwq.grad, wq1.grad), ("hidden", dhq.grad, hq1.grad)):
+                results.append({"name": f"fused {kind} grad {name}",
+                                "got": got.full_tensor().tolist(), "ref": ref.tolist(),
+                                "comms": counts})
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)
@@ -167,3 +181,18 @@ def test_fused_linear_with_vocab_sharded_weights(backend, two_process_results, k
     np.testing.assert_allclose(case["got"], case["ref"], rtol=1e-12)
     assert case["comms"], "tensor parallelism must reduce over the vocabulary"
     assert all("all_reduce" in op for op in case["comms"]), case["comms"]
+
+
+@pytest.mark.slow
+@only("torch")
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("wrt", ["weight", "hidden"])
+def test_fused_linear_gradients_with_vocab_sharded_weights(backend, two_process_results, kind, wrt):
+    """Gradients equal one process's. KL's (closed form) communicate by all-reduces only;
+    JS's come from DTensor's autograd of the definition, which also gathers (not checked)."""
+    import numpy as np
+
+    case = _case(two_process_results, f"fused {kind} grad {wrt}")
+    np.testing.assert_allclose(case["got"], case["ref"], rtol=1e-12, atol=1e-15)
+    if kind == "kl":
+        assert all("all_reduce" in op for op in case["comms"]), case["comms"]

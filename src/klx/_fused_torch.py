@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from klx._agnostic import log_softmax
 from klx._fused_linear import (
     FusedSpec,
     _Flat,
@@ -77,7 +78,7 @@ def _walk(
             zq = _logits(xp, hq_c, wq, bq, acc)
         c = cot[r0:r1] if per_token else cot
         if spec.kind == "kl":
-            s, dz = _kl_chunk(spec, zp, zq, keep, labels, c, want_p, want_q)
+            s, dz = _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
         else:
             with torch.enable_grad():
                 zp.requires_grad_(want_p)
@@ -101,6 +102,7 @@ def _walk(
 
 
 def _kl_chunk(
+    xp: ModuleType,
     spec: FusedSpec,
     zp: Array,
     zq: Array,
@@ -127,11 +129,12 @@ def _kl_chunk(
             tp, tq = torch.tanh(zp / cap), torch.tanh(zq / cap)
             zp, zq = cap * tp, cap * tq
         t, hw = spec.temperature, spec.hard_weight
-        lp = torch.log_softmax(zp / t if t != 1.0 else zp, -1)
-        lq = torch.log_softmax(zq / t if t != 1.0 else zq, -1)
+        # max / exp / sum written out (not torch.log_softmax): on DTensors sharded along
+        # the vocabulary these are all-reduces, where log_softmax would gather the logits.
+        lp = log_softmax(xp, zp / t if t != 1.0 else zp, -1)
+        lq = log_softmax(xp, zq / t if t != 1.0 else zq, -1)
         p = torch.exp(lp)
         diff = torch.where(p == 0, 0.0, lp - lq)
-        del lq
         soft = torch.sum(p * diff, -1)
         w = torch.ones_like(soft) * c
         if keep is not None:
@@ -145,20 +148,20 @@ def _kl_chunk(
                 dzp *= 1.0 - tp * tp
         del diff
         if want_q:
-            # Q - P, without keeping Q: softmax of b
-            dzq = torch.softmax(zq / t if t != 1.0 else zq, -1)
+            dzq = torch.exp(lq)
             dzq -= p
             dzq *= (1.0 - hw) / t
+        del lq
         if hw > 0.0 and labels is not None:
             valid = labels != spec.ignore_index
             safe = torch.where(valid, labels, 0).long()
-            lse = torch.logsumexp(zq, -1)
-            picked = torch.gather(zq, 1, safe[:, None])[:, 0]
-            rows = rows + hw * torch.where(valid, lse - picked, 0.0)
+            log_q1 = log_softmax(xp, zq, -1)
+            picked = torch.gather(log_q1, 1, safe[:, None])[:, 0]
+            rows = rows + hw * torch.where(valid, -picked, 0.0)
             if want_q:
                 assert dzq is not None
                 vw = (hw * valid).to(zq.dtype)[:, None]
-                dzq += torch.softmax(zq, -1) * vw
+                dzq += torch.exp(log_q1) * vw
                 dzq.scatter_add_(1, safe[:, None], -vw)
         if want_q:
             assert dzq is not None
