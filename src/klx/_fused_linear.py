@@ -27,11 +27,11 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from klx._agnostic import DIVERGENCES, divergence_terms
-from klx._call import OPTION_CHECKS
+from klx._call import OPTION_CHECKS, normalizer_array
 from klx._checks import (
     REDUCTIONS,
-    check_beta,
     check_float,
+    check_normalizer,
     check_reduction,
     check_temperature,
     check_where,
@@ -308,7 +308,8 @@ def fused_linear_divergence(
         'batchmean'.
     normalizer : number or 0-d array, optional
         With 'batchmean', divide the sum by this instead of the count of kept tokens
-        (gradient accumulation over micro-batches needs the global count).
+        (gradient accumulation over micro-batches needs the global count). As in the
+        plain functions, a divisor of 0 (nothing kept) gives 0, not NaN.
     chunk_size : int, optional
         Tokens per chunk. By default the largest whose temporaries fit in
         ``klx._fused_linear.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (16 * vocab *
@@ -364,7 +365,7 @@ def fused_linear_divergence(
         ("labels", labels),
     ]
     present = [(n, a) for n, a in named if a is not None]
-    xp = array_namespace(present) if xp is None else xp
+    xp = array_namespace(present + normalizer_array(normalizer)) if xp is None else xp
     for name, a in present:
         if name not in ("where", "labels"):
             check_float(xp, name, a)
@@ -387,13 +388,7 @@ def fused_linear_divergence(
         ignore_index,
     )
     red = check_reduction(reduction, REDUCTIONS)
-    if normalizer is not None and red != "batchmean":
-        msg = (
-            f"`normalizer` divides the 'batchmean' sum, but `reduction` is {red!r}; "
-            "pass reduction='batchmean' or leave normalizer at None."
-        )
-        raise ValueError(msg)
-    _check_normalizer(normalizer)
+    norm = check_normalizer(xp, normalizer, red)
     vocab = int(q_weight.shape[0])
     n_tokens = math.prod(int(s) for s in token_shape)
     dtypes = [a for n, a in present if n not in ("where", "labels")]
@@ -422,7 +417,7 @@ def fused_linear_divergence(
     )
     scale = None
     if red == "batchmean":
-        scale = _batchmean_scale(xp, normalizer, keep, n_tokens, acc)
+        scale = _batchmean_scale(xp, norm, keep, n_tokens, acc)
     lib = library_name(q_hidden)
     with numpy_quiet(q_hidden):
         if lib == "torch":
@@ -448,38 +443,24 @@ def fused_linear_divergence(
 def _batchmean_scale(
     xp: ModuleType, normalizer: Any, keep: Array | None, n_tokens: int, acc: Any
 ) -> Any:
-    """What the 'batchmean' sum is multiplied by: 1 / normalizer, or 1 / the kept count."""
+    """What the 'batchmean' sum is multiplied by: 1 / normalizer, or 1 / the kept count.
+
+    As in :func:`klx._agnostic.reduce_rows`, a divisor of 0 (nothing kept, no tokens, or
+    a normalizer of 0) is taken as 1, so the loss and its gradient are then 0.
+    """
+    if isinstance(normalizer, float):
+        return 1.0 / normalizer if normalizer != 0 else 1.0
     if normalizer is not None:
-        if isinstance(normalizer, (int, float)):
-            return 1.0 / float(normalizer)
-        return 1.0 / xp.astype(normalizer, acc)
-    if keep is None:
-        return 1.0 / n_tokens if n_tokens else math.nan
-    kept = xp.sum(xp.astype(keep, acc))
-    # Nothing kept gives NaN, without a 0/0 warning.
-    some = kept > 0
-    return xp.where(some, 1.0 / xp.where(some, kept, 1.0), math.nan)
+        n = xp.astype(normalizer, acc)
+    elif keep is None:
+        return 1.0 / n_tokens if n_tokens else 1.0
+    else:
+        n = xp.sum(xp.astype(keep, acc))
+    return 1.0 / xp.where(n == 0, 1.0, n)
 
 
 def _itemsize(xp: ModuleType, dtype: Any) -> int:
     return int(xp.finfo(dtype).bits) // 8
-
-
-def _check_normalizer(normalizer: Any) -> None:
-    if normalizer is None or library_name(normalizer) is not None:
-        if normalizer is not None and tuple(normalizer.shape) != ():
-            msg = (
-                f"`normalizer` must be a number or a 0-d array, got shape "
-                f"{tuple(normalizer.shape)}; pass the global token count."
-            )
-            raise ValueError(msg)
-        return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        msg = f"`normalizer` must be a positive number or a 0-d array, got {normalizer!r}."
-        raise TypeError(msg)
-    if not (normalizer > 0 and math.isfinite(normalizer)):
-        msg = f"`normalizer` must be positive and finite (a token count), got {normalizer!r}."
-        raise ValueError(msg)
 
 
 def _check(
@@ -515,7 +496,7 @@ def _check(
     option = _KIND_OPTION.get(kind)
     if option is not None:
         value = beta if option == "beta" else alpha
-        options = ((option, OPTION_CHECKS.get(option, _check_unit(option))(value)),)
+        options = ((option, OPTION_CHECKS[option](value)),)
     t = check_temperature(temperature, ("logits",))
     cap = None
     if softcap is not None:
@@ -526,7 +507,7 @@ def _check(
             msg = f"`softcap` must be positive and finite (e.g. 30.0), got {softcap!r}."
             raise ValueError(msg)
         cap = float(softcap)
-    hw = _check_unit("hard_weight")(hard_weight)
+    hw = _check_hard_weight(hard_weight)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         msg = f"`ignore_index` must be an int, got {ignore_index!r}."
         raise TypeError(msg)
@@ -602,19 +583,15 @@ def _check_2d(name: str, w: Array, layout: str) -> None:
         raise ValueError(msg)
 
 
-def _check_unit(name: str) -> Any:
-    """A check that `name` is a real number in [0, 1]."""
-
-    def check(value: object) -> float:
-        if name == "beta":
-            return check_beta(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            msg = f"`{name}` must be a real number in [0, 1], got {value!r}."
-            raise TypeError(msg)
-        v = float(value)
-        if not 0.0 <= v <= 1.0:
-            msg = f"`{name}` must lie in [0, 1], got {value!r}."
-            raise ValueError(msg)
-        return v
-
-    return check
+def _check_hard_weight(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"`hard_weight` must be a real number in [0, 1], got {value!r}."
+        raise TypeError(msg)
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        msg = (
+            f"`hard_weight` must lie in [0, 1] (the weight of the cross-entropy with the "
+            f"labels; the divergence gets 1 - hard_weight), got {value!r}."
+        )
+        raise ValueError(msg)
+    return v

@@ -9,15 +9,11 @@ temperature, the softcap and the linear layer.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from scipy import special
 
 import klx
-from backends import only
-from klx._agnostic import DIVERGENCES
 
 # --------------------------------------------------------------------------- reference
 
@@ -106,20 +102,7 @@ def reference(
 
 # --------------------------------------------------------------------------- cases
 
-KINDS = [
-    pytest.param("kl", id="kl"),
-    pytest.param("js", id="js"),
-    pytest.param(
-        "skew_kl",
-        id="skew_kl",
-        marks=pytest.mark.skipif("skew_kl" not in DIVERGENCES, reason="skew_kl not landed yet"),
-    ),
-    pytest.param(
-        "tvd",
-        id="tvd",
-        marks=pytest.mark.skipif("tv" not in DIVERGENCES, reason="tv not landed yet"),
-    ),
-]
+KINDS = ["kl", "js", "skew_kl", "tvd"]
 OPTS = {"kl": None, "js": 0.3, "skew_kl": 0.2, "tvd": None}
 TOKENS, H_P, H_Q, VOCAB = (2, 5), 6, 4, 11
 
@@ -276,7 +259,7 @@ def _grads(backend, kind, arrays, kwargs, dtype, chunk_size, wrt, jit=False):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("config", ["plain", "full", "teacher_logits", "none"])
 @pytest.mark.parametrize("kind", KINDS)
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
 def test_gradients_match_reference(backend, kind, config, dtype):
     arrays, kwargs = make_case(config, seed=1)
     ref, ref_grads = ref_for(kind, arrays, kwargs)
@@ -290,7 +273,7 @@ def test_gradients_match_reference(backend, kind, config, dtype):
 
 @pytest.mark.parametrize("kind", ["kl", "js"])  # torch: kl in closed form, js by autograd
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-@only("torch", "jax")
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
 def test_student_only_gradients_and_nan_in_dropped_tokens(backend, reduction, kind):
     """The teacher needs no gradient; dropped tokens get exactly 0, NaN hidden states too."""
     arrays, kwargs = make_case("full", seed=2)
@@ -312,7 +295,7 @@ def test_student_only_gradients_and_nan_in_dropped_tokens(backend, reduction, ki
         _close(grads[k], ref_grads[k], 1e-10, f"d/d {k}")
 
 
-@only("jax")
+@pytest.mark.backends("jax", reason="JAX transforms")
 def test_jax_vmap_and_jit(backend):
     import jax
     import jax.numpy as jnp
@@ -340,7 +323,7 @@ def test_jax_vmap_and_jit(backend):
 # own warning, raised to an error by this suite's filterwarnings).
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 @pytest.mark.slow
-@only("torch")
+@pytest.mark.backends("torch", reason="torch.compile")
 def test_torch_compile_falls_back_to_eager(backend):
     import torch
 
@@ -367,7 +350,7 @@ def test_torch_compile_falls_back_to_eager(backend):
 
 
 @pytest.mark.parametrize("kind", ["kl", "js"])
-@only("torch")
+@pytest.mark.backends("torch", reason="watches torch's allocations")
 def test_torch_never_allocates_tokens_by_vocab(backend, kind):
     """Every tensor made in the forward and backward is smaller than [tokens, vocab]."""
     import torch
@@ -403,7 +386,7 @@ def test_torch_never_allocates_tokens_by_vocab(backend, kind):
     assert max(biggest) == n * vocab
 
 
-@only("numpy")
+@pytest.mark.backends("numpy", reason="argument checks and NumPy memory, backend-independent")
 def test_numpy_peak_memory_is_one_chunk(backend):
     import tracemalloc
 
@@ -432,11 +415,12 @@ def test_default_chunk_size_follows_the_budget():
 # --------------------------------------------------------------------------- errors
 
 
-@only("numpy")
+@pytest.mark.backends("numpy", reason="argument checks and NumPy memory, backend-independent")
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
         ({"divergence": "kld"}, ValueError, "`divergence` must be one of"),
+        ({"divergence": "skew_kl", "alpha": 2.0}, ValueError, "alpha"),
         ({"q_weight": np.ones((VOCAB, H_Q + 1))}, ValueError, "last axis must equal"),
         ({"p_weight": np.ones((VOCAB + 1, H_P))}, ValueError, "share the vocabulary"),
         ({"hard_weight": 0.5}, ValueError, "no labels were given"),
@@ -444,7 +428,7 @@ def test_default_chunk_size_follows_the_budget():
         ({"labels": np.zeros(TOKENS)}, TypeError, "`labels` must be an integer array"),
         ({"softcap": -1.0}, ValueError, "`softcap` must be positive"),
         ({"normalizer": 4.0, "reduction": "sum"}, ValueError, "normalizer"),
-        ({"normalizer": 0}, ValueError, "normalizer"),
+        ({"normalizer": -1.0}, ValueError, "normalizer"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"where": np.ones(3, bool)}, ValueError, "`where` has shape"),
         ({"p_bias": np.ones(3)}, ValueError, "`p_bias` must have shape"),
@@ -460,9 +444,13 @@ def test_bad_arguments_name_the_argument(backend, change, error, match):
         klx.fused_linear_divergence(*pos, **args, **kw)
 
 
-@only("numpy")
-def test_nothing_kept_is_nan(backend):
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
+def test_nothing_kept_is_zero_with_zero_gradient(backend):
+    """As the plain functions: 'batchmean' with every token dropped is 0, not NaN."""
     arrays, _ = make_case("plain")
-    pos = [arrays[k] for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
-    out = klx.fused_linear_divergence(*pos, where=np.zeros(TOKENS, bool))
-    assert math.isnan(float(out))
+    arrays["q_hidden"][0, 0] = np.nan  # dropped, like every token
+    kwargs = {"where": np.zeros(TOKENS, bool)}
+    out, grads = _grads(backend, "kl", arrays, kwargs, "float64", 4, ["q_hidden", "q_weight"])
+    assert float(backend.to_numpy(out)) == 0.0
+    for k, g in grads.items():
+        assert np.all(g == 0.0), k

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from backends import only
-
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -116,7 +114,7 @@ def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     folder = tmp_path_factory.mktemp("dtensor")
     script, out = folder / "run.py", folder / "results.json"
     script.write_text(SCRIPT)
-    src = str(Path(__file__).parents[1] / "src")
+    src = str(Path(__file__).parents[2] / "src")
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",
@@ -142,7 +140,7 @@ def _case(results: list[dict], name: str) -> dict:
 
 
 @pytest.mark.slow
-@only("torch")
+@pytest.mark.backends("torch", reason="torch DTensor")
 @pytest.mark.parametrize("fn", ["kl_divergence", "js_divergence"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_batch_sharded_equals_one_process(backend, two_process_results, fn, reduction):
@@ -157,7 +155,7 @@ def test_batch_sharded_equals_one_process(backend, two_process_results, fn, redu
 
 
 @pytest.mark.slow
-@only("torch")
+@pytest.mark.backends("torch", reason="torch DTensor")
 @pytest.mark.parametrize("fn", ["kl_divergence", "js_divergence"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_vocab_sharded_equals_one_process_with_all_reduces_only(
@@ -172,7 +170,7 @@ def test_vocab_sharded_equals_one_process_with_all_reduces_only(
 
 
 @pytest.mark.slow
-@only("torch")
+@pytest.mark.backends("torch", reason="torch DTensor")
 @pytest.mark.parametrize("kind", ["kl", "js"])
 def test_fused_linear_with_vocab_sharded_weights(backend, two_process_results, kind):
     import numpy as np
@@ -184,7 +182,7 @@ def test_fused_linear_with_vocab_sharded_weights(backend, two_process_results, k
 
 
 @pytest.mark.slow
-@only("torch")
+@pytest.mark.backends("torch", reason="torch DTensor")
 @pytest.mark.parametrize("kind", ["kl", "js"])
 @pytest.mark.parametrize("wrt", ["weight", "hidden"])
 def test_fused_linear_gradients_with_vocab_sharded_weights(backend, two_process_results, kind, wrt):
