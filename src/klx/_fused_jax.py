@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from klx._fused_linear import FusedSpec, _Flat, chunk_from_hidden
 
@@ -111,16 +112,24 @@ def _rows_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tupl
 
 
 def _walk(
-    spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array | None
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    res: Any,
+    g: Array | None,
+    wrt: tuple[bool, ...] = (True,) * 6,
 ) -> tuple[Array, tuple[Any, ...]]:
     """Scan the chunks: the total of ``rows * g`` and its gradients for the six arrays.
 
-    `g` is the per-token cotangent [tokens], or None for ones.
+    `g` is the per-token cotangent [tokens], or None for ones. Only the arrays flagged in
+    `wrt` (and not None) get a gradient; the others get None (a zero cotangent).
     """
     hp, wp, bp, hq, wq, bq, keep, labels = res
+    arrays = (hp, wp, bp, hq, wq, bq)
+    idx = tuple(i for i in range(6) if wrt[i] and arrays[i] is not None)
     n = hq.shape[0]
     if n == 0:
-        zeros = (_zeros(hp), _zeros(wp), _zeros(bp), _zeros(hq), _zeros(wq), _zeros(bq))
+        zeros = tuple(_zeros(a) if i in idx else None for i, a in enumerate(arrays))
         return jnp.zeros((), dtype=acc), zeros
     chunk, pad = _layout(n, chunk)
     if g is None:
@@ -132,28 +141,38 @@ def _walk(
         _chunked(labels, chunk, pad),
         _chunked(g, chunk, pad),
     )
+    # Weights and biases (slots 1, 2, 4, 5) are carried; hidden states (0, 3) emitted.
+    carried = tuple(i for i in (1, 2, 4, 5) if i in idx)
 
-    def step(carry: Any, x: Any) -> tuple[Any, tuple[Array, Array]]:
+    def step(carry: Any, x: Any) -> tuple[Any, tuple[Any, Any]]:
         hp_c, hq_c, k, lab, g_c = x
+        full = [hp_c, wp, bp, hq_c, wq, bq]
 
-        def f(
-            hp_c: Array, wp: Array | None, bp: Array | None, hq_c: Array, wq: Array, bq: Array
-        ) -> Array:
-            return chunk_from_hidden(jnp, spec, acc, hp_c, wp, bp, hq_c, wq, bq, k, lab)
+        def f(*diff: Array) -> Array:
+            args = list(full)
+            for i, d in zip(idx, diff, strict=True):
+                args[i] = d
+            a_hp, a_wp, a_bp, a_hq, a_wq, a_bq = args
+            return chunk_from_hidden(jnp, spec, acc, a_hp, a_wp, a_bp, a_hq, a_wq, a_bq, k, lab)
 
-        rows, vjp = jax.vjp(f, hp_c, wp, bp, hq_c, wq, bq)
         g_c = g_c.astype(acc)
-        ghp, gwp, gbp, ghq, gwq, gbq = vjp(g_c)
-        total, *acc_grads = carry
+        rows, vjp = jax.vjp(f, *(full[i] for i in idx))
+        got = dict(zip(idx, vjp(g_c), strict=True))
+        total, sums = carry
         total = total + jnp.sum(rows * g_c)
-        acc_grads = jax.tree_util.tree_map(jnp.add, tuple(acc_grads), (gwp, gbp, gwq, gbq))
-        return (total, *acc_grads), (ghp, ghq)
+        sums = tuple(a + got[i] for a, i in zip(sums, carried, strict=True))
+        return (total, sums), (got.get(0), got.get(3))
 
-    init: Any = (jnp.zeros((), dtype=acc), _zeros(wp), _zeros(bp), _zeros(wq), _zeros(bq))
-    (total, gwp, gbp, gwq, gbq), (ghp, ghq) = jax.lax.scan(step, init, xs)
-    ghp = jnp.reshape(ghp, (-1, *hp.shape[1:]))[:n]
-    ghq = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
-    return total, (ghp, gwp, gbp, ghq, gwq, gbq)
+    init: Any = (jnp.zeros((), dtype=acc), tuple(jnp.zeros_like(arrays[i]) for i in carried))
+    (total, sums), (ghp, ghq) = jax.lax.scan(step, init, xs)
+    grads: list[Any] = [None] * 6
+    for i, a in zip(carried, sums, strict=True):
+        grads[i] = a
+    if ghp is not None:
+        grads[0] = jnp.reshape(ghp, (-1, *hp.shape[1:]))[:n]
+    if ghq is not None:
+        grads[3] = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
+    return total, tuple(grads)
 
 
 def _zeros(x: Array | None) -> Array | None:
@@ -184,21 +203,25 @@ def _total_fwd(
     spec: FusedSpec,
     acc: Any,
     chunk: int,
-    hp: Array,
-    wp: Array | None,
-    bp: Array | None,
-    hq: Array,
-    wq: Array,
-    bq: Array | None,
-    keep: Array | None,
-    labels: Array | None,
+    *primals: Any,
 ) -> tuple[Array, tuple[Any, ...]]:
-    return _walk(spec, acc, chunk, (hp, wp, bp, hq, wq, bq, keep, labels), None)
+    """With ``symbolic_zeros=True`` each primal comes as ``CustomVJPPrimal(value, perturbed)``:
+    only the perturbed inputs (those ``jax.grad`` differentiates) get gradients, so a
+    teacher held constant costs no gradient products."""
+    leaf = lambda x: isinstance(x, CustomVJPPrimal)  # noqa: E731
+    values = jax.tree_util.tree_map(lambda p: p.value, primals, is_leaf=leaf)
+    wrt = tuple(
+        any(p.perturbed for p in jax.tree_util.tree_leaves(arg, is_leaf=leaf))
+        for arg in primals[:6]
+    )
+    return _walk(spec, acc, chunk, values, None, wrt)
 
 
 def _total_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tuple[Any, ...]:
+    if isinstance(g, SymbolicZero):
+        return (None,) * 8
     grads = tuple(None if x is None else (x * g).astype(x.dtype) for x in res)
     return (*grads, None, None)
 
 
-_total.defvjp(_total_fwd, _total_bwd)
+_total.defvjp(_total_fwd, _total_bwd, symbolic_zeros=True)

@@ -322,6 +322,23 @@ def test_jax_vmap_and_jit(backend):
 # Dynamo reads .grad of the non-leaf loss when it resumes after the graph break (torch's
 # own warning, raised to an error by this suite's filterwarnings).
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.backends("jax", reason="JAX transforms")
+def test_jax_computes_no_teacher_gradient_when_the_teacher_is_constant(backend):
+    """Four matrix products under jax.grad of the student (two logits, dz @ W, dz.T @ h);
+    six when the teacher is differentiated too."""
+    import jax
+
+    arrays, _ = make_case("plain", seed=8)
+    a = [backend.asarray(arrays[k]) for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
+
+    def loss(hp, wp, hq, wq):
+        return klx.fused_linear_divergence(hp, wp, hq, wq, chunk_size=4)
+
+    for argnums, products in (((2, 3), 4), ((0, 1, 2, 3), 6)):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(*a))
+        assert jaxpr.count("dot_general") == products, argnums
+
+
 @pytest.mark.slow
 @pytest.mark.backends("torch", reason="torch.compile")
 def test_torch_compile_falls_back_to_eager(backend):
