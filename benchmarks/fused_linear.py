@@ -65,7 +65,7 @@ def torch_cases(n: int, args: argparse.Namespace, device: str) -> dict[str, Call
 
     def fused(hp: Any, wp: Any, hq: Any, wq: Any) -> Any:
         return klx.fused_linear_divergence(
-            hp, wp, hq, wq, temperature=T, divergence=args.divergence
+            hp, wp, hq, wq, temperature=T, divergence=args.divergence, chunk_size=args.chunk_size
         )
 
     def step(fn: Callable[..., Any]) -> Callable[[], Any]:
@@ -102,7 +102,7 @@ def jax_cases(n: int, args: argparse.Namespace) -> dict[str, Callable[[], Any]]:
 
     def fused(hp: Any, wp: Any, hq: Any, wq: Any) -> Any:
         return klx.fused_linear_divergence(
-            hp, wp, hq, wq, temperature=T, divergence=args.divergence
+            hp, wp, hq, wq, temperature=T, divergence=args.divergence, chunk_size=args.chunk_size
         )
 
     out = {}
@@ -131,7 +131,7 @@ def numpy_cases(n: int, args: argparse.Namespace) -> dict[str, Callable[[], Any]
 
     def fused() -> Any:
         return klx.fused_linear_divergence(
-            hp, wp, hq, wq, temperature=T, divergence=args.divergence
+            hp, wp, hq, wq, temperature=T, divergence=args.divergence, chunk_size=args.chunk_size
         )
 
     return {"klx (forward)": fused, "formula (forward)": formula}
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", help=f"default {d['dtype']}")
     ap.add_argument("--temperature", type=float, default=2.0, help="default 2.0")
     ap.add_argument("--divergence", default="kl", help="klx's divergence= (default 'kl')")
+    ap.add_argument(
+        "--chunk-size", type=int, default=None, help="klx's chunk_size= (default: its budget)"
+    )
     ap.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (3)")
     ap.add_argument("--backends", nargs="*", help="default: numpy torch jax (installed ones)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
