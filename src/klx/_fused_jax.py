@@ -5,8 +5,9 @@ The tokens are padded to a whole number of chunks and reshaped to [chunks, chunk
 * 'sum' / 'batchmean' (:func:`jax_total`): the plain forward maps the chunk's definition
   over the chunks (:func:`jax.lax.map`: one chunk's logits live at a time, under
   ``jax.jit`` too). Under ``jax.grad`` the forward rule scans the chunks once, taking
-  each chunk's value and VJP (four matrix products per chunk), with the weight and bias
-  gradients carried along; the backward only scales them.
+  each chunk's value and VJP with respect to the differentiated inputs only (symbolic
+  zeros: four matrix products per chunk for the student alone), with the weight and
+  bias gradients carried along; the backward only scales them.
 * 'none' (:func:`jax_rows`): the forward maps; the backward scans again, recomputing
   each chunk's logits, with the per-token cotangent.
 
