@@ -319,9 +319,6 @@ def test_jax_vmap_and_jit(backend):
         _close(grads[i], ref_grads["q_hidden"], 1e-10, "d/d q_hidden")
 
 
-# Dynamo reads .grad of the non-leaf loss when it resumes after the graph break (torch's
-# own warning, raised to an error by this suite's filterwarnings).
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 @pytest.mark.backends("jax", reason="JAX transforms")
 def test_jax_computes_no_teacher_gradient_when_the_teacher_is_constant(backend):
     """Four matrix products under jax.grad of the student (two logits, dz @ W, dz.T @ h);
@@ -339,6 +336,9 @@ def test_jax_computes_no_teacher_gradient_when_the_teacher_is_constant(backend):
         assert jaxpr.count("dot_general") == products, argnums
 
 
+# Dynamo reads .grad of the non-leaf loss when it resumes after the graph break (torch's
+# own warning, raised to an error by this suite's filterwarnings).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 @pytest.mark.slow
 @pytest.mark.backends("torch", reason="torch.compile")
 def test_torch_compile_falls_back_to_eager(backend):
