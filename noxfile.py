@@ -62,10 +62,11 @@ def tests(session: nox.Session, backend: str) -> None:
         session.install("-e", ".[test]", *BACKENDS[backend])
     args = [f"--backend={backend}", f"--conformance-out={CONFORMANCE}"]
     if backend == "numpy":
-        # The kernel modules import torch/triton or cupy, which this session has not.
+        # The kernel modules import torch/triton or cupy, which this session has not; so do
+        # fused_linear_divergence's torch and JAX modules.
         kernels = [
             f"--ignore=src/klx/_accel/{m}.py" for m in ("triton_kl", "triton_distill", "cupy_kl")
-        ]
+        ] + [f"--ignore=src/klx/{m}.py" for m in ("_fused_torch", "_fused_jax")]
         args += ["--doctest-modules", *kernels, "src/klx", "tests"]
     env = {}
     if backend == "torch" and session.venv_backend != "none":

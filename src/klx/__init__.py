@@ -10,6 +10,7 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`skew_kl_divergence`, :func:`tv_distance` -- skew KL and total variation.
 * :func:`sparse_kl_divergence` -- KL(P || Q) with P known on its top k indices only.
 * :func:`kl_estimate` -- sampled KL estimators for RL (k1, k2, k3; gradient options).
+* :func:`fused_linear_divergence` -- distillation from hidden states, without the logits.
 * :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
 * :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
 """
@@ -24,6 +25,7 @@ from klx._config import (
 )
 from klx._divergences import js_divergence, kl_divergence, skew_kl_divergence, tv_distance
 from klx._estimators import kl_estimate
+from klx._fused_linear import fused_linear_divergence
 from klx._kl_div import KLDivMeanWarning, kl_div
 from klx._sparse import sparse_kl_divergence
 
@@ -36,6 +38,7 @@ __all__ = [
     "__version__",
     "accelerators_enabled",
     "explain",
+    "fused_linear_divergence",
     "is_validating",
     "js_divergence",
     "kl_div",

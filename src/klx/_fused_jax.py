@@ -1,0 +1,228 @@
+"""JAX for :func:`klx.fused_linear_divergence`: ``custom_vjp`` over ``lax.map`` / ``lax.scan``.
+
+The tokens are padded to a whole number of chunks and reshaped to [chunks, chunk, ...].
+
+* 'sum' / 'batchmean' (:func:`jax_total`): the plain forward maps the chunk's definition
+  over the chunks (:func:`jax.lax.map`: one chunk's logits live at a time, under
+  ``jax.jit`` too). Under ``jax.grad`` the forward rule scans the chunks once, taking
+  each chunk's value and VJP with respect to the differentiated inputs only (symbolic
+  zeros: four matrix products per chunk for the student alone), with the weight and
+  bias gradients carried along; the backward only scales them.
+* 'none' (:func:`jax_rows`): the forward maps; the backward scans again, recomputing
+  each chunk's logits, with the per-token cotangent.
+
+Differentiating through the map alone would make XLA keep every chunk's logits for the
+backward; the custom VJPs are what keep memory bounded.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from klx._fused_linear import FusedSpec, _Flat, chunk_from_hidden
+
+__all__ = ["jax_rows", "jax_total"]
+
+Array = Any
+
+
+def jax_rows(spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """Per-token values [tokens], differentiable by ``jax.grad`` (bounded memory)."""
+    return _rows(spec, acc, chunk, f.hp, f.wp, f.bp, f.hq, f.wq, f.bq, f.keep, f.labels)
+
+
+def jax_total(spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """The sum of the per-token values; under ``jax.grad`` its forward pass computes the
+    gradients too (one walk, four matrix products per chunk) and the backward scales them.
+    """
+    return _total(spec, acc, chunk, f.hp, f.wp, f.bp, f.hq, f.wq, f.bq, f.keep, f.labels)
+
+
+def _chunked(x: Array | None, chunk: int, pad: int) -> Array | None:
+    """[tokens, ...] -> [chunks, chunk, ...], padded with zeros (False) at the end."""
+    if x is None:
+        return None
+    if pad:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return jnp.reshape(x, (-1, chunk, *x.shape[1:]))
+
+
+def _layout(n: int, chunk: int) -> tuple[int, int]:
+    chunk = max(1, min(chunk, n))
+    return chunk, (-n) % chunk
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _rows(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    n = hq.shape[0]
+    if n == 0:
+        return jnp.zeros((0,), dtype=acc)
+    chunk, pad = _layout(n, chunk)
+    xs = (
+        _chunked(hp, chunk, pad),
+        _chunked(hq, chunk, pad),
+        _chunked(keep, chunk, pad),
+        _chunked(labels, chunk, pad),
+    )
+
+    def one(x: tuple[Array, ...]) -> Array:
+        hp_c, hq_c, k, lab = x
+        return chunk_from_hidden(jnp, spec, acc, hp_c, wp, bp, hq_c, wq, bq, k, lab)
+
+    rows = jax.lax.map(one, xs)
+    return jnp.reshape(rows, (-1,))[:n]
+
+
+def _rows_fwd(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> tuple[Array, tuple[Array | None, ...]]:
+    out = _rows(spec, acc, chunk, hp, wp, bp, hq, wq, bq, keep, labels)
+    return out, (hp, wp, bp, hq, wq, bq, keep, labels)
+
+
+def _rows_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tuple[Any, ...]:
+    _, grads = _walk(spec, acc, chunk, res, g)
+    return (*grads, None, None)
+
+
+def _walk(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    res: Any,
+    g: Array | None,
+    wrt: tuple[bool, ...] = (True,) * 6,
+) -> tuple[Array, tuple[Any, ...]]:
+    """Scan the chunks: the total of ``rows * g`` and its gradients for the six arrays.
+
+    `g` is the per-token cotangent [tokens], or None for ones. Only the arrays flagged in
+    `wrt` (and not None) get a gradient; the others get None (a zero cotangent).
+    """
+    hp, wp, bp, hq, wq, bq, keep, labels = res
+    arrays = (hp, wp, bp, hq, wq, bq)
+    idx = tuple(i for i in range(6) if wrt[i] and arrays[i] is not None)
+    n = hq.shape[0]
+    if n == 0:
+        zeros = tuple(_zeros(a) if i in idx else None for i, a in enumerate(arrays))
+        return jnp.zeros((), dtype=acc), zeros
+    chunk, pad = _layout(n, chunk)
+    if g is None:
+        g = jnp.ones((n,), dtype=acc)
+    xs = (
+        _chunked(hp, chunk, pad),
+        _chunked(hq, chunk, pad),
+        _chunked(keep, chunk, pad),
+        _chunked(labels, chunk, pad),
+        _chunked(g, chunk, pad),
+    )
+    # Weights and biases (slots 1, 2, 4, 5) are carried; hidden states (0, 3) emitted.
+    carried = tuple(i for i in (1, 2, 4, 5) if i in idx)
+
+    def step(carry: Any, x: Any) -> tuple[Any, tuple[Any, Any]]:
+        hp_c, hq_c, k, lab, g_c = x
+        full = [hp_c, wp, bp, hq_c, wq, bq]
+
+        def f(*diff: Array) -> Array:
+            args = list(full)
+            for i, d in zip(idx, diff, strict=True):
+                args[i] = d
+            a_hp, a_wp, a_bp, a_hq, a_wq, a_bq = args
+            return chunk_from_hidden(jnp, spec, acc, a_hp, a_wp, a_bp, a_hq, a_wq, a_bq, k, lab)
+
+        g_c = g_c.astype(acc)
+        rows, vjp = jax.vjp(f, *(full[i] for i in idx))
+        got = dict(zip(idx, vjp(g_c), strict=True))
+        total, sums = carry
+        total = total + jnp.sum(rows * g_c)
+        sums = tuple(a + got[i] for a, i in zip(sums, carried, strict=True))
+        return (total, sums), (got.get(0), got.get(3))
+
+    init: Any = (jnp.zeros((), dtype=acc), tuple(jnp.zeros_like(arrays[i]) for i in carried))
+    (total, sums), (ghp, ghq) = jax.lax.scan(step, init, xs)
+    grads: list[Any] = [None] * 6
+    for i, a in zip(carried, sums, strict=True):
+        grads[i] = a
+    if ghp is not None:
+        grads[0] = jnp.reshape(ghp, (-1, *hp.shape[1:]))[:n]
+    if ghq is not None:
+        grads[3] = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
+    return total, tuple(grads)
+
+
+def _zeros(x: Array | None) -> Array | None:
+    return None if x is None else jnp.zeros_like(x)
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _total(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    return jnp.sum(_rows(spec, acc, chunk, hp, wp, bp, hq, wq, bq, keep, labels))
+
+
+def _total_fwd(
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    *primals: Any,
+) -> tuple[Array, tuple[Any, ...]]:
+    """With ``symbolic_zeros=True`` each primal comes as ``CustomVJPPrimal(value, perturbed)``:
+    only the perturbed inputs (those ``jax.grad`` differentiates) get gradients, so a
+    teacher held constant costs no gradient products."""
+    leaf = lambda x: isinstance(x, CustomVJPPrimal)  # noqa: E731
+    values = jax.tree_util.tree_map(lambda p: p.value, primals, is_leaf=leaf)
+    wrt = tuple(
+        any(p.perturbed for p in jax.tree_util.tree_leaves(arg, is_leaf=leaf))
+        for arg in primals[:6]
+    )
+    return _walk(spec, acc, chunk, values, None, wrt)
+
+
+def _total_bwd(spec: FusedSpec, acc: Any, chunk: int, res: Any, g: Array) -> tuple[Any, ...]:
+    if isinstance(g, SymbolicZero):
+        return (None,) * 8
+    grads = tuple(None if x is None else (x * g).astype(x.dtype) for x in res)
+    return (*grads, None, None)
+
+
+_total.defvjp(_total_fwd, _total_bwd, symbolic_zeros=True)

@@ -1,0 +1,597 @@
+"""Divergences from hidden states and output-layer weights, never holding the logits.
+
+:func:`fused_linear_divergence` walks the tokens a chunk at a time: per chunk it computes
+the two models' logits (``hidden @ weight.T + bias``), the divergence of each token by
+the definition (:func:`klx._agnostic.divergence_terms`), and, where gradients are asked
+for, its gradient with respect to the chunk's logits and from there with respect to the
+hidden states, weights and biases. Nothing of size [tokens, vocab] is allocated: the
+extra memory is that of one chunk's logits and temporaries, plus the gradients.
+
+Per backend:
+
+* torch: a :class:`torch.autograd.Function`. For 'sum' and 'batchmean' the gradients are
+  computed in the forward pass (four matrix products per chunk, as many as eager
+  autograd makes in all) and scaled in the backward; for 'none' the backward walks the
+  chunks again. Under :func:`torch.compile` it runs eagerly (a graph break).
+* JAX: :func:`jax.custom_vjp` over :func:`jax.lax.map` / :func:`jax.lax.scan` of the
+  chunks, so memory stays bounded under ``jax.jit``; for 'sum' / 'batchmean' the
+  forward rule computes the gradients as on torch, for 'none' the backward recomputes
+  each chunk's logits. Works under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
+* NumPy, CuPy, Dask, array-api-strict: the value, a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from klx._agnostic import DIVERGENCES, divergence_terms
+from klx._call import OPTION_CHECKS, normalizer_array
+from klx._checks import (
+    REDUCTIONS,
+    check_float,
+    check_normalizer,
+    check_reduction,
+    check_temperature,
+    check_where,
+)
+from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
+from klx._namespace import array_namespace, check_same_device, library_name
+
+__all__ = [
+    "CHUNK_BYTES",
+    "CHUNK_TEMPORARIES",
+    "FusedSpec",
+    "chunk_size_for",
+    "fused_linear_divergence",
+]
+
+Array = Any
+
+#: The memory budget of one chunk when ``chunk_size=None``: the chunk's rows times the
+#: vocabulary times :data:`CHUNK_TEMPORARIES` arrays of the accumulation dtype fit in it.
+#: 128 MiB by default; set ``klx._fused_linear.CHUNK_BYTES`` to change it process-wide.
+CHUNK_BYTES = 1 << 27
+#: How many [chunk, vocab] arrays one chunk holds at its peak (both models' logits, the
+#: definition's temporaries, and their gradients): an upper estimate.
+CHUNK_TEMPORARIES = 16
+
+#: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
+_KINDS = {"kl": "kl", "js": "js", "skew_kl": "skew_kl", "tvd": "tv"}
+#: The option each kind takes, by kind.
+_KIND_OPTION = {"js": "beta", "skew_kl": "alpha"}
+
+
+class FusedSpec(NamedTuple):
+    """The static (Python-valued, hashable) part of a call: the same in every chunk."""
+
+    kind: str
+    options: tuple[tuple[str, float], ...]
+    temperature: float
+    softcap: float | None
+    hard_weight: float
+    ignore_index: int
+
+
+def chunk_size_for(n_tokens: int, vocab: int, itemsize: int) -> int:
+    """Tokens per chunk so one chunk's temporaries fit in :data:`CHUNK_BYTES`.
+
+    ``CHUNK_BYTES // (CHUNK_TEMPORARIES * vocab * itemsize)``, rounded down to a multiple
+    of 8 (when at least 8), at least 1 and at most `n_tokens`.
+    """
+    rows = CHUNK_BYTES // max(1, CHUNK_TEMPORARIES * vocab * itemsize)
+    if rows >= 8:
+        rows -= rows % 8
+    return max(1, min(max(n_tokens, 1), rows))
+
+
+# --------------------------------------------------------------------------- one chunk
+
+
+def _safe_rows(xp: ModuleType, h: Array, keep: Array | None) -> Array:
+    """`h` with the dropped tokens' rows set to 0 (so NaN there reaches nothing)."""
+    if keep is None:
+        return h
+    return xp.where(keep[:, None], h, 0.0)
+
+
+def _logits(xp: ModuleType, h: Array, w: Array | None, b: Array | None, acc: Any) -> Array:
+    """``h @ w.T + b`` of one chunk in the accumulation dtype (`h` itself if `w` is None)."""
+    z = h if w is None else xp.matmul(h, w.T)
+    if b is not None:
+        z = z + b
+    return xp.astype(z, acc, copy=False)
+
+
+def chunk_rows(
+    xp: ModuleType,
+    spec: FusedSpec,
+    zp: Array,
+    zq: Array,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    """Per-token loss of one chunk from the raw logits [n, vocab]: 0 where `keep` drops."""
+    if keep is not None:
+        zp = xp.where(keep[:, None], zp, 0.0)
+        zq = xp.where(keep[:, None], zq, 0.0)
+    if spec.softcap is not None:
+        c = spec.softcap
+        zp = c * xp.tanh(zp / c)
+        zq = c * xp.tanh(zq / c)
+    hw = spec.hard_weight
+    rows = None
+    if hw < 1.0:
+        terms = divergence_terms(spec.kind)(
+            xp,
+            zp,
+            zq,
+            p_form="logits",
+            q_form="logits",
+            axis=-1,
+            temperature=spec.temperature,
+            **dict(spec.options),
+        )
+        rows = xp.sum(terms, axis=-1)
+        if hw > 0.0:
+            rows = (1.0 - hw) * rows
+    if hw > 0.0 and labels is not None:
+        ce = hw * _cross_entropy(xp, zq, labels, spec.ignore_index)
+        rows = ce if rows is None else rows + ce
+    if rows is None:  # hard_weight 1 with no labels is refused by the checks
+        rows = xp.zeros(zq.shape[:-1], dtype=zq.dtype)
+    if keep is not None:
+        rows = xp.where(keep, rows, 0.0)
+    return rows
+
+
+def _cross_entropy(xp: ModuleType, z: Array, labels: Array, ignore_index: int) -> Array:
+    """``logsumexp(z) - z[label]`` per row; 0 where the label is `ignore_index`."""
+    valid = labels != ignore_index
+    safe = xp.where(valid, labels, xp.zeros_like(labels))
+    vocab = xp.arange(z.shape[-1], dtype=labels.dtype, **_device_kw(z))
+    picked = xp.sum(xp.where(vocab == safe[:, None], z, 0.0), axis=-1)
+    top = xp.max(z, axis=-1, keepdims=True)
+    lse = xp.log(xp.sum(xp.exp(z - top), axis=-1)) + top[:, 0]
+    return xp.where(valid, lse - picked, 0.0)
+
+
+def _device_kw(x: Array) -> dict[str, Any]:
+    lib = library_name(x)
+    if lib in ("torch", "cupy"):
+        return {"device": x.device}
+    return {}
+
+
+def chunk_from_hidden(
+    xp: ModuleType,
+    spec: FusedSpec,
+    acc: Any,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    """Per-token loss of one chunk of hidden states [n, hidden] (by the definition)."""
+    zp = _logits(xp, _safe_rows(xp, hp, keep), wp, bp, acc)
+    zq = _logits(xp, _safe_rows(xp, hq, keep), wq, bq, acc)
+    return chunk_rows(xp, spec, zp, zq, keep, labels)
+
+
+class _Flat(NamedTuple):
+    """The inputs with the tokens flattened to one axis."""
+
+    hp: Array
+    wp: Array | None
+    bp: Array | None
+    hq: Array
+    wq: Array
+    bq: Array | None
+    keep: Array | None
+    labels: Array | None
+
+
+def _rows_by_chunks(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """Per-token values [tokens], a chunk at a time (any namespace; no gradients)."""
+    n = f.hq.shape[0]
+    parts = []
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        parts.append(
+            chunk_from_hidden(
+                xp,
+                spec,
+                acc,
+                f.hp[r0:r1, ...],
+                f.wp,
+                f.bp,
+                f.hq[r0:r1, ...],
+                f.wq,
+                f.bq,
+                None if f.keep is None else f.keep[r0:r1],
+                None if f.labels is None else f.labels[r0:r1],
+            )
+        )
+    if not parts:
+        return xp.zeros((0,), dtype=acc)
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def fused_linear_divergence(
+    p_hidden: Array,
+    p_weight: Array | None,
+    q_hidden: Array,
+    q_weight: Array,
+    *,
+    p_bias: Array | None = None,
+    q_bias: Array | None = None,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    where: Array | None = None,
+    reduction: str = "batchmean",
+    normalizer: Any = None,
+    chunk_size: int | None = None,
+    labels: Array | None = None,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""A divergence between two models' output distributions, from their last hidden states.
+
+    P (the teacher) and Q (the student) are, per token,
+
+    .. math::
+
+        P = \mathrm{softmax}\big(\mathrm{cap}(h_P W_P^\top + b_P) / T\big), \qquad
+        Q = \mathrm{softmax}\big(\mathrm{cap}(h_Q W_Q^\top + b_Q) / T\big),
+
+    with :math:`\mathrm{cap}(x) = c \tanh(x / c)` when `softcap` is given (Gemma-style,
+    applied before the temperature). The [tokens, vocab] logits are never materialised:
+    tokens are taken `chunk_size` at a time, and per chunk klx computes the logits, the
+    divergence by its definition, and (torch, JAX) the gradients with respect to the
+    hidden states, weights and biases. The per-token loss is
+
+    .. math::
+
+        \ell = (1 - w_h) \, D(P, Q) + w_h \, \mathrm{CE}(Q_1, y)
+
+    where :math:`w_h` is `hard_weight`, and :math:`\mathrm{CE}(Q_1, y)` the cross-entropy
+    of the student's (capped) logits at temperature 1 with the label :math:`y`, as in
+    Liger Kernel's distillation losses.
+
+    Parameters
+    ----------
+    p_hidden : array
+        The teacher's hidden states [..., hidden_p], or, with ``p_weight=None``, the
+        teacher's logits [..., vocab] (computed offline).
+    p_weight : array or None
+        The teacher's output layer [vocab, hidden_p], laid out as
+        :attr:`torch.nn.Linear.weight` (a Flax ``Dense`` kernel is ``kernel.T``).
+    q_hidden : array
+        The student's hidden states [..., hidden_q]; the leading (token) shape is that
+        of `p_hidden`. The hidden sizes may differ.
+    q_weight : array
+        The student's output layer [vocab, hidden_q].
+    p_bias, q_bias : array, optional
+        Output-layer biases [vocab].
+    divergence : {'kl', 'js', 'skew_kl', 'tvd'}, optional
+        'kl': KL(P || Q), the forward KL of distillation (for the reverse KL swap the
+        sides). 'js': the generalized Jensen-Shannon divergence with weight `beta` on P,
+        as :func:`klx.js_divergence` (TRL's GKD loss with ``beta`` is this with
+        ``beta_trl = 1 - beta``). 'skew_kl': KL(P || alpha P + (1 - alpha) Q) (DistiLLM).
+        'tvd': the total variation, 0.5 sum |p - q|. Default 'kl'.
+    beta : float, optional
+        The weight of P in JS's mixture, in [0, 1]. Default 0.5.
+    alpha : float, optional
+        The weight of P in skew KL's mixture, in [0, 1]. Default 0.1.
+    temperature : float, optional
+        Both models' logits are divided by it. Default 1.
+    softcap : float, optional
+        ``softcap * tanh(logits / softcap)`` first. Default None (no cap).
+    where : bool array, optional
+        Which tokens count, broadcastable to the token shape. Dropped tokens contribute
+        nothing, and get exactly zero gradient even if their hidden states hold NaN.
+    reduction : {'batchmean', 'sum', 'none'}, optional
+        'none': one value per token (the token shape); 'sum': their sum; 'batchmean':
+        the sum divided by the number of kept tokens (or by `normalizer`). Default
+        'batchmean'.
+    normalizer : number or 0-d array, optional
+        With 'batchmean', divide the sum by this instead of the count of kept tokens
+        (gradient accumulation over micro-batches needs the global count). As in the
+        plain functions, a divisor of 0 (nothing kept) gives 0, not NaN.
+    chunk_size : int, optional
+        Tokens per chunk. By default the largest whose temporaries fit in
+        ``klx._fused_linear.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (16 * vocab *
+        itemsize)``, rounded down to a multiple of 8.
+    labels : integer array, optional
+        The tokens' labels (the token shape), for the hard term.
+    hard_weight : float, optional
+        The weight :math:`w_h` in [0, 1] of the cross-entropy with `labels`. Tokens
+        whose label is `ignore_index` have no hard term (their soft term stays unless
+        `where` drops them). Default 0.
+    ignore_index : int, optional
+        The label of tokens without a hard term. Default -100.
+    xp : namespace, optional
+        The array namespace; by default that of the arrays.
+
+    Returns
+    -------
+    array
+        A 0-d array ('sum', 'batchmean') or the token shape ('none'), of the inputs'
+        library and promoted dtype (computed in float32 for float16 / bfloat16 inputs).
+
+    See Also
+    --------
+    kl_divergence, js_divergence : the same divergences from arrays of logits.
+    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss : the torch/Triton analogue (JSD).
+
+    Notes
+    -----
+    Extra memory: one chunk's ``16 * chunk * vocab`` accumulation-dtype elements at
+    most, plus the gradients (the size of the inputs that require them). On torch the
+    gradients of the teacher's inputs are computed only if they require grad.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> rng = np.random.default_rng(0)
+    >>> h_t, w_t = rng.normal(size=(6, 4)), rng.normal(size=(10, 4))  # teacher
+    >>> h_s, w_s = rng.normal(size=(6, 3)), rng.normal(size=(10, 3))  # student
+    >>> loss = klx.fused_linear_divergence(h_t, w_t, h_s, w_s, temperature=2.0, chunk_size=4)
+    >>> bool(np.isclose(loss, klx.kl_divergence(h_t @ w_t.T, h_s @ w_s.T, p_form="logits",
+    ...      q_form="logits", temperature=2.0, reduction="batchmean")))
+    True
+    """
+    named = [
+        ("p_hidden", p_hidden),
+        ("p_weight", p_weight),
+        ("q_hidden", q_hidden),
+        ("q_weight", q_weight),
+        ("p_bias", p_bias),
+        ("q_bias", q_bias),
+        ("where", where),
+        ("labels", labels),
+    ]
+    present = [(n, a) for n, a in named if a is not None]
+    xp = array_namespace(present + normalizer_array(normalizer)) if xp is None else xp
+    for name, a in present:
+        if name not in ("where", "labels"):
+            check_float(xp, name, a)
+    check_same_device(present, xp)
+    spec, token_shape = _check(
+        xp,
+        p_hidden,
+        p_weight,
+        q_hidden,
+        q_weight,
+        p_bias,
+        q_bias,
+        divergence,
+        beta,
+        alpha,
+        temperature,
+        softcap,
+        labels,
+        hard_weight,
+        ignore_index,
+    )
+    red = check_reduction(reduction, REDUCTIONS)
+    norm = check_normalizer(xp, normalizer, red)
+    vocab = int(q_weight.shape[0])
+    n_tokens = math.prod(int(s) for s in token_shape)
+    dtypes = [a for n, a in present if n not in ("where", "labels")]
+    dtype = xp.result_type(*dtypes)
+    acc = accumulation_dtype(xp, dtype)
+    if chunk_size is None:
+        chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc))
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            msg = f"`chunk_size` must be a positive int (tokens per chunk), got {chunk_size!r}."
+            raise ValueError(msg)
+        chunk = chunk_size
+    keep = None
+    if where is not None:
+        check_where(xp, where, token_shape)
+        keep = xp.reshape(xp.broadcast_to(where, token_shape), (n_tokens,))
+    flat = _Flat(
+        xp.reshape(p_hidden, (n_tokens, int(p_hidden.shape[-1]))),
+        p_weight,
+        p_bias,
+        xp.reshape(q_hidden, (n_tokens, int(q_hidden.shape[-1]))),
+        q_weight,
+        q_bias,
+        keep,
+        None if labels is None else xp.reshape(labels, (n_tokens,)),
+    )
+    scale = None
+    if red == "batchmean":
+        scale = _batchmean_scale(xp, norm, keep, n_tokens, acc)
+    lib = library_name(q_hidden)
+    with numpy_quiet(q_hidden):
+        if lib == "torch":
+            from klx._fused_torch import torch_fused
+
+            out = torch_fused(xp, spec, acc, chunk, flat, red, scale)
+        else:
+            if lib == "jax":
+                from klx._fused_jax import jax_rows, jax_total
+
+                out = (jax_rows if red == "none" else jax_total)(spec, acc, chunk, flat)
+            else:
+                out = _rows_by_chunks(xp, spec, acc, chunk, flat)
+                if red != "none":
+                    out = xp.sum(out)
+            if scale is not None:
+                out = out * scale
+        if red == "none":
+            out = xp.reshape(out, token_shape)
+        return as_array(xp.astype(out, dtype, copy=False))
+
+
+def _batchmean_scale(
+    xp: ModuleType, normalizer: Any, keep: Array | None, n_tokens: int, acc: Any
+) -> Any:
+    """What the 'batchmean' sum is multiplied by: 1 / normalizer, or 1 / the kept count.
+
+    As in :func:`klx._agnostic.reduce_rows`, a divisor of 0 (nothing kept, no tokens, or
+    a normalizer of 0) is taken as 1, so the loss and its gradient are then 0.
+    """
+    if isinstance(normalizer, float):
+        return 1.0 / normalizer if normalizer != 0 else 1.0
+    if normalizer is not None:
+        n = xp.astype(normalizer, acc)
+    elif keep is None:
+        return 1.0 / n_tokens if n_tokens else 1.0
+    else:
+        n = xp.sum(xp.astype(keep, acc))
+    return 1.0 / xp.where(n == 0, 1.0, n)
+
+
+def _itemsize(xp: ModuleType, dtype: Any) -> int:
+    return int(xp.finfo(dtype).bits) // 8
+
+
+def _check(
+    xp: ModuleType,
+    p_hidden: Array,
+    p_weight: Array | None,
+    q_hidden: Array,
+    q_weight: Array,
+    p_bias: Array | None,
+    q_bias: Array | None,
+    divergence: object,
+    beta: object,
+    alpha: object,
+    temperature: object,
+    softcap: object,
+    labels: Array | None,
+    hard_weight: object,
+    ignore_index: object,
+) -> tuple[FusedSpec, tuple[int, ...]]:
+    """Check shapes and Python options; return the static spec and the token shape."""
+    if not isinstance(divergence, str) or divergence not in _KINDS:
+        valid = ", ".join(repr(k) for k in _KINDS)
+        msg = f"`divergence` must be one of {valid}, got {divergence!r}."
+        raise ValueError(msg)
+    kind = _KINDS[divergence]
+    if kind not in DIVERGENCES:
+        msg = (
+            f"`divergence`={divergence!r} is not available in this version of klx (known: "
+            f"{', '.join(sorted(DIVERGENCES))}); upgrade klx or choose another divergence."
+        )
+        raise ValueError(msg)
+    options: tuple[tuple[str, float], ...] = ()
+    option = _KIND_OPTION.get(kind)
+    if option is not None:
+        value = beta if option == "beta" else alpha
+        options = ((option, OPTION_CHECKS[option](value)),)
+    t = check_temperature(temperature, ("logits",))
+    cap = None
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            msg = f"`softcap` must be a positive number or None, got {softcap!r}."
+            raise TypeError(msg)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            msg = f"`softcap` must be positive and finite (e.g. 30.0), got {softcap!r}."
+            raise ValueError(msg)
+        cap = float(softcap)
+    hw = _check_hard_weight(hard_weight)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        msg = f"`ignore_index` must be an int, got {ignore_index!r}."
+        raise TypeError(msg)
+    if hw > 0 and labels is None:
+        msg = (
+            f"`hard_weight`={hard_weight!r} weights a cross-entropy with `labels`, but no "
+            "labels were given; pass labels=... or leave hard_weight at 0."
+        )
+        raise ValueError(msg)
+
+    _check_2d("q_weight", q_weight, "[vocab, hidden]")
+    vocab = int(q_weight.shape[0])
+    token_shape = tuple(int(s) for s in q_hidden.shape[:-1])
+    if q_hidden.ndim < 1 or int(q_hidden.shape[-1]) != int(q_weight.shape[1]):
+        msg = (
+            f"`q_hidden` has shape {tuple(q_hidden.shape)} and `q_weight` {tuple(q_weight.shape)}"
+            "; the hidden states' last axis must equal the weight's second (weights are "
+            "[vocab, hidden] as torch.nn.Linear.weight; for a Flax kernel pass kernel.T)."
+        )
+        raise ValueError(msg)
+    if p_weight is None:
+        if p_bias is not None:
+            msg = (
+                "`p_bias` is given but `p_weight` is None (p_hidden holds the teacher's "
+                "logits); add the bias to the logits yourself or pass p_weight."
+            )
+            raise ValueError(msg)
+        want = (*token_shape, vocab)
+        if tuple(int(s) for s in p_hidden.shape) != want:
+            msg = (
+                f"`p_weight` is None, so `p_hidden` must hold the teacher's logits of shape "
+                f"{want} (the student's tokens by the vocabulary), got {tuple(p_hidden.shape)}."
+            )
+            raise ValueError(msg)
+    else:
+        _check_2d("p_weight", p_weight, "[vocab, hidden]")
+        if int(p_weight.shape[0]) != vocab:
+            msg = (
+                f"`p_weight` has {int(p_weight.shape[0])} rows and `q_weight` {vocab}; both "
+                "models must share the vocabulary (rows are vocabulary entries)."
+            )
+            raise ValueError(msg)
+        if tuple(int(s) for s in p_hidden.shape[:-1]) != token_shape or int(
+            p_hidden.shape[-1]
+        ) != int(p_weight.shape[1]):
+            msg = (
+                f"`p_hidden` has shape {tuple(p_hidden.shape)}, `p_weight` "
+                f"{tuple(p_weight.shape)} and `q_hidden` {tuple(q_hidden.shape)}; p_hidden "
+                "must have q_hidden's token shape and p_weight's hidden size as its last axis."
+            )
+            raise ValueError(msg)
+    for name, b in (("p_bias", p_bias), ("q_bias", q_bias)):
+        if b is not None and tuple(int(s) for s in b.shape) != (vocab,):
+            msg = (
+                f"`{name}` must have shape ({vocab},) (one per vocabulary entry), got "
+                f"{tuple(b.shape)}."
+            )
+            raise ValueError(msg)
+    if labels is not None:
+        if not xp.isdtype(labels.dtype, "integral"):
+            msg = f"`labels` must be an integer array, got dtype {labels.dtype}."
+            raise TypeError(msg)
+        if tuple(int(s) for s in labels.shape) != token_shape:
+            msg = f"`labels` must have the token shape {token_shape}, got {tuple(labels.shape)}."
+            raise ValueError(msg)
+    spec = FusedSpec(kind, options, t, cap, hw, int(ignore_index))
+    return spec, token_shape
+
+
+def _check_2d(name: str, w: Array, layout: str) -> None:
+    if w.ndim != 2:
+        msg = f"`{name}` must be a 2-d array {layout}, got shape {tuple(w.shape)}."
+        raise ValueError(msg)
+
+
+def _check_hard_weight(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"`hard_weight` must be a real number in [0, 1], got {value!r}."
+        raise TypeError(msg)
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        msg = (
+            f"`hard_weight` must lie in [0, 1] (the weight of the cross-entropy with the "
+            f"labels; the divergence gets 1 - hard_weight), got {value!r}."
+        )
+        raise ValueError(msg)
+    return v

@@ -1,0 +1,279 @@
+"""torch autograd for :func:`klx.fused_linear_divergence`: a chunked autograd.Function.
+
+Per chunk: the two logits blocks (one matrix product each), the per-token loss by the
+definition, its gradient with respect to the logits (autograd of the chunk's
+definition, local to the chunk), then the gradients with respect to the hidden states
+(``dz @ W``), the weights (``W.grad += dz.T @ h``, in place) and the biases. Only the
+inputs that require gradients get them.
+
+'sum' / 'batchmean': the gradients are computed in the forward pass, for a unit
+upstream gradient, and the backward scales them (as Liger Kernel's fused-linear losses
+do): four matrix products per chunk in all. 'none': the forward computes the values
+only and the backward walks the chunks again with the per-token upstream gradient.
+
+Under :func:`torch.compile` the call runs eagerly (``torch.compiler.disable``: a graph
+break), since the walk over chunks is a Python loop around autograd.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from klx._agnostic import log_softmax
+from klx._fused_linear import (
+    FusedSpec,
+    _Flat,
+    _logits,
+    _rows_by_chunks,
+    _safe_rows,
+    chunk_rows,
+)
+
+__all__ = ["torch_fused"]
+
+Array = Any
+_DIFFERENTIABLE = ("hp", "wp", "bp", "hq", "wq", "bq")
+
+
+def _walk(
+    xp: ModuleType,
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    f: _Flat,
+    need: tuple[bool, ...],
+    cot: Any,
+    per_token: bool,
+) -> tuple[Array, list[Array | None]]:
+    """Walk the chunks: the total of ``rows * cot`` and its gradients for the `need`ed inputs.
+
+    `cot` is a scalar (a Python float or 0-d tensor) or, with `per_token`, a tensor
+    [tokens] (the upstream gradient of 'none').
+    """
+    hp, wp, bp, hq, wq, bq = f.hp, f.wp, f.bp, f.hq, f.wq, f.bq
+    n = hq.shape[0]
+    # Weight and bias gradients are accumulated in place; the hidden states' are made a
+    # chunk at a time and concatenated (which DTensors support, unlike slice assignment).
+    grads: list[Array | None] = [
+        None if not want or x is None else torch.zeros_like(x)
+        for want, x in zip(need, (None, wp, bp, None, wq, bq), strict=True)
+    ]
+    _, g_wp, g_bp, _, g_wq, g_bq = grads
+    parts_p: list[Array] | None = [] if need[0] else None
+    parts_q: list[Array] | None = [] if need[3] else None
+    want_p = need[0] or need[1] or need[2]
+    want_q = need[3] or need[4] or need[5]
+    total = None
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        keep = None if f.keep is None else f.keep[r0:r1]
+        labels = None if f.labels is None else f.labels[r0:r1]
+        hp_c = _safe_rows(xp, hp[r0:r1], keep)
+        hq_c = _safe_rows(xp, hq[r0:r1], keep)
+        with torch.no_grad():
+            zp = _logits(xp, hp_c, wp, bp, acc)
+            zq = _logits(xp, hq_c, wq, bq, acc)
+        c = cot[r0:r1] if per_token else cot
+        if spec.kind == "kl":
+            s, dz = _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
+        else:
+            with torch.enable_grad():
+                zp.requires_grad_(want_p)
+                zq.requires_grad_(want_q)
+                rows = chunk_rows(xp, spec, zp, zq, keep, labels)
+                s = torch.sum(rows * c)
+                wrt = [z for z, w in ((zp, want_p), (zq, want_q)) if w]
+                dz = list(torch.autograd.grad(s, wrt)) if wrt else []
+                del rows
+        total = s.detach() if total is None else total + s.detach()
+        if want_p:
+            _accumulate(dz.pop(0), hp_c, wp, parts_p, g_wp, g_bp)
+        if want_q:
+            _accumulate(dz.pop(0), hq_c, wq, parts_q, g_wq, g_bq)
+    for i, parts, h in ((0, parts_p, hp), (3, parts_q, hq)):
+        if parts is not None:
+            grads[i] = torch.cat(parts) if parts else torch.zeros_like(h)
+    if total is None:
+        total = torch.zeros((), dtype=acc, device=hq.device)
+    return total, grads
+
+
+def _kl_chunk(
+    xp: ModuleType,
+    spec: FusedSpec,
+    zp: Array,
+    zq: Array,
+    keep: Array | None,
+    labels: Array | None,
+    c: Any,
+    want_p: bool,
+    want_q: bool,
+) -> tuple[Array, list[Array]]:
+    """KL(P || Q) of one chunk in closed form: ``sum(rows * c)`` and its logits gradients.
+
+    With ``a = cap(zp) / T``, ``b = cap(zq) / T``: d/db = Q - P and d/da =
+    P (log P - log Q - KL); the hard term adds softmax(cap(zq)) - onehot(label); the
+    softcap multiplies by 1 - tanh^2. Entries with P = 0 contribute 0 (as the definition
+    says) through one guarded difference. Fewer passes over [chunk, vocab] than autograd
+    of the definition, which the other kinds use.
+    """
+    with torch.no_grad():
+        if keep is not None:
+            zp = torch.where(keep[:, None], zp, 0.0)
+            zq = torch.where(keep[:, None], zq, 0.0)
+        cap = spec.softcap
+        if cap is not None:
+            tp, tq = torch.tanh(zp / cap), torch.tanh(zq / cap)
+            zp, zq = cap * tp, cap * tq
+        t, hw = spec.temperature, spec.hard_weight
+        # max / exp / sum written out (not torch.log_softmax): on DTensors sharded along
+        # the vocabulary these are all-reduces, where log_softmax would gather the logits.
+        lp = log_softmax(xp, zp / t if t != 1.0 else zp, -1)
+        lq = log_softmax(xp, zq / t if t != 1.0 else zq, -1)
+        p = torch.exp(lp)
+        diff = torch.where(p == 0, 0.0, lp - lq)
+        soft = torch.sum(p * diff, -1)
+        w = torch.ones_like(soft) * c
+        if keep is not None:
+            w = torch.where(keep, w, 0.0)
+        rows = soft if hw == 0.0 else (1.0 - hw) * soft
+        dzp = dzq = None
+        if want_p:
+            dzp = p * (diff - soft[:, None]) * ((1.0 - hw) / t)
+            dzp *= w[:, None]
+            if cap is not None:
+                dzp *= 1.0 - tp * tp
+        del diff
+        if want_q:
+            dzq = torch.exp(lq)
+            dzq -= p
+            dzq *= (1.0 - hw) / t
+        del lq
+        if hw > 0.0 and labels is not None:
+            valid = labels != spec.ignore_index
+            safe = torch.where(valid, labels, 0).long()
+            log_q1 = log_softmax(xp, zq, -1)
+            picked = torch.gather(log_q1, 1, safe[:, None])[:, 0]
+            rows = rows + hw * torch.where(valid, -picked, 0.0)
+            if want_q:
+                assert dzq is not None
+                vw = (hw * valid).to(zq.dtype)[:, None]
+                dzq += torch.exp(log_q1) * vw
+                dzq.scatter_add_(1, safe[:, None], -vw)
+        if want_q:
+            assert dzq is not None
+            dzq *= w[:, None]
+            if cap is not None:
+                dzq *= 1.0 - tq * tq
+        s = torch.sum(torch.where(w != 0, rows, 0.0) * w)
+    return s, [d for d in (dzp, dzq) if d is not None]
+
+
+def _accumulate(
+    dz: Array,
+    h: Array,
+    w: Array | None,
+    parts_h: list[Array] | None,
+    g_w: Array | None,
+    g_b: Array | None,
+) -> None:
+    """Add one chunk's logits gradient `dz` [n, vocab] to the hidden, weight, bias grads."""
+    if parts_h is not None:
+        parts_h.append(dz.to(h.dtype) if w is None else dz.to(w.dtype) @ w)
+    if g_w is not None:
+        g_w.addmm_(dz.to(g_w.dtype).T, h.to(g_w.dtype))
+    if g_b is not None:
+        g_b += torch.sum(dz, dim=0).to(g_b.dtype)
+
+
+class _Reduced(torch.autograd.Function):
+    """'sum' / 'batchmean': the gradients come out of the forward pass."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        xp: ModuleType,
+        spec: FusedSpec,
+        acc: Any,
+        chunk: int,
+        scale: Any,
+        keep: Array | None,
+        labels: Array | None,
+        *arrays: Array | None,
+    ) -> Array:
+        f = _Flat(*arrays, keep, labels)  # type: ignore[call-arg]
+        need = tuple(bool(x) for x in ctx.needs_input_grad[7:13])
+        total, grads = _walk(xp, spec, acc, chunk, f, need, scale, per_token=False)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.present = tuple(g is not None for g in grads)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, g: Array) -> tuple[Array | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) * g if present else None for present in ctx.present]
+        return (None,) * 7 + tuple(out)
+
+
+class _Rows(torch.autograd.Function):
+    """'none': values in the forward, a second walk in the backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        xp: ModuleType,
+        spec: FusedSpec,
+        acc: Any,
+        chunk: int,
+        keep: Array | None,
+        labels: Array | None,
+        *arrays: Array | None,
+    ) -> Array:
+        f = _Flat(*arrays, keep, labels)  # type: ignore[call-arg]
+        ctx.xp, ctx.spec, ctx.acc, ctx.chunk = xp, spec, acc, chunk
+        ctx.keep, ctx.labels = keep, labels
+        ctx.save_for_backward(*(x for x in arrays if x is not None))
+        ctx.present = tuple(x is not None for x in arrays)
+        with torch.no_grad():
+            return _rows_by_chunks(xp, spec, acc, chunk, f)
+
+    @staticmethod
+    def backward(ctx: Any, g: Array) -> tuple[Array | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        arrays = [next(saved) if p else None for p in ctx.present]
+        f = _Flat(*arrays, ctx.keep, ctx.labels)  # type: ignore[call-arg]
+        need = tuple(bool(x) for x in ctx.needs_input_grad[6:12])
+        _, grads = _walk(ctx.xp, ctx.spec, ctx.acc, ctx.chunk, f, need, g, per_token=True)
+        return (None,) * 6 + tuple(grads)
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def torch_fused(
+    xp: ModuleType,
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    f: _Flat,
+    reduction: str,
+    scale: Any,
+) -> Array:
+    """The reduced loss ('sum', 'batchmean': times `scale`) or the per-token values."""
+    arrays = (f.hp, f.wp, f.bp, f.hq, f.wq, f.bq)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in arrays)
+    if reduction == "none":
+        if not grad:
+            return _rows_by_chunks(xp, spec, acc, chunk, f)
+        return _apply(_Rows, xp, spec, acc, chunk, f.keep, f.labels, *arrays)
+    if not grad:
+        total = torch.sum(_rows_by_chunks(xp, spec, acc, chunk, f))
+        return total if scale is None else total * scale
+    return _apply(
+        _Reduced, xp, spec, acc, chunk, 1.0 if scale is None else scale, f.keep, f.labels, *arrays
+    )
+
+
+def _apply(fn: Any, *args: Any) -> Array:
+    return fn.apply(*args)

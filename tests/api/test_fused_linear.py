@@ -1,0 +1,473 @@
+"""klx.fused_linear_divergence against a float64 NumPy reference computed with full logits.
+
+The reference (below, never klx) forms the [tokens, vocab] logits, the divergence by its
+formula, and the gradients analytically: for a divergence D(P, Q) with partial
+derivatives g_P = dD/dP, g_Q = dD/dQ, the gradient with respect to P's logits a is
+P * (g_P - <P, g_P>) (the softmax Jacobian), then the chain rule through the
+temperature, the softcap and the linear layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import special
+
+import klx
+
+# --------------------------------------------------------------------------- reference
+
+
+def _divergence_and_partials(kind, lp, lq, opt):
+    """Per-row D, and dD/dP, dD/dQ (up to a per-row constant, which the softmax drops)."""
+    p, q = np.exp(lp), np.exp(lq)
+    if kind == "kl":
+        return np.sum(p * (lp - lq), -1), lp - lq, -np.exp(lp - lq)
+    if kind == "js":
+        b = opt
+        lm = np.logaddexp(np.log(b) + lp, np.log1p(-b) + lq)
+        d = b * np.sum(p * (lp - lm), -1) + (1 - b) * np.sum(q * (lq - lm), -1)
+        return d, b * (lp - lm), (1 - b) * (lq - lm)
+    if kind == "skew_kl":
+        a = opt
+        lm = np.logaddexp(np.log(a) + lp, np.log1p(-a) + lq)
+        r = np.exp(lp - lm)
+        return np.sum(p * (lp - lm), -1), lp - lm - a * r, -(1 - a) * r
+    assert kind == "tvd"
+    s = 0.5 * np.sign(p - q)
+    return 0.5 * np.sum(np.abs(p - q), -1), s, -s
+
+
+def reference(
+    hp, wp, hq, wq, *, bp=None, bq=None, kind="kl", opt=None, temperature=1.0, softcap=None,
+    keep=None, labels=None, hard_weight=0.0, ignore_index=-100, reduction="batchmean",
+    normalizer=None,
+):  # fmt: skip
+    """(value, {name: gradient}) in float64; the gradient of the sum for 'none'."""
+    n_tok = hq.shape[:-1]
+    hp2 = hp.reshape(-1, hp.shape[-1])
+    hq2 = hq.reshape(-1, hq.shape[-1])
+    k = np.ones(hq2.shape[0], bool) if keep is None else np.broadcast_to(keep, n_tok).ravel()
+    hp2 = np.where(k[:, None], hp2, 0.0)
+    hq2 = np.where(k[:, None], hq2, 0.0)
+    zp_raw = hp2 if wp is None else hp2 @ wp.T + (0 if bp is None else bp)
+    zq_raw = hq2 @ wq.T + (0 if bq is None else bq)
+    if softcap is None:
+        zp, zq, cp, cq = zp_raw, zq_raw, 1.0, 1.0
+    else:
+        zp, zq = softcap * np.tanh(zp_raw / softcap), softcap * np.tanh(zq_raw / softcap)
+        cp, cq = 1 - np.tanh(zp_raw / softcap) ** 2, 1 - np.tanh(zq_raw / softcap) ** 2
+    lp = special.log_softmax(zp / temperature, -1)
+    lq = special.log_softmax(zq / temperature, -1)
+    d, g_p, g_q = _divergence_and_partials(kind, lp, lq, opt)
+    p, q = np.exp(lp), np.exp(lq)
+    dzp = p * (g_p - np.sum(p * g_p, -1, keepdims=True)) / temperature
+    dzq = q * (g_q - np.sum(q * g_q, -1, keepdims=True)) / temperature
+    loss = (1 - hard_weight) * d
+    dzp, dzq = (1 - hard_weight) * dzp, (1 - hard_weight) * dzq
+    if labels is not None and hard_weight > 0:
+        lab = labels.ravel()
+        valid = lab != ignore_index
+        onehot = np.arange(zq.shape[-1]) == np.where(valid, lab, 0)[:, None]
+        ce = special.logsumexp(zq, -1) - np.sum(np.where(onehot, zq, 0.0), -1)
+        loss = loss + hard_weight * np.where(valid, ce, 0.0)
+        dce = special.softmax(zq, -1) - onehot
+        dzq = dzq + hard_weight * np.where(valid[:, None], dce, 0.0)
+    dzp, dzq = dzp * cp, dzq * cq
+    loss = np.where(k, loss, 0.0)
+    if reduction == "none":
+        w = np.ones_like(loss)
+        value = loss.reshape(n_tok)
+    else:
+        div = 1.0
+        if reduction == "batchmean":
+            div = normalizer if normalizer is not None else np.sum(k)
+        w = np.full_like(loss, 1.0 / div)
+        value = np.sum(loss) / div
+    w = np.where(k, w, 0.0)[:, None]
+    dzp, dzq = dzp * w, dzq * w
+    grads = {
+        "q_hidden": (dzq @ wq).reshape(hq.shape),
+        "q_weight": dzq.T @ hq2,
+        "q_bias": np.sum(dzq, 0),
+    }
+    if wp is None:
+        grads["p_hidden"] = dzp.reshape(hp.shape)
+    else:
+        grads["p_hidden"] = (dzp @ wp).reshape(hp.shape)
+        grads["p_weight"] = dzp.T @ hp2
+        grads["p_bias"] = np.sum(dzp, 0)
+    return value, grads
+
+
+# --------------------------------------------------------------------------- cases
+
+KINDS = ["kl", "js", "skew_kl", "tvd"]
+OPTS = {"kl": None, "js": 0.3, "skew_kl": 0.2, "tvd": None}
+TOKENS, H_P, H_Q, VOCAB = (2, 5), 6, 4, 11
+
+
+def make_case(config, seed=0):
+    """Inputs (float64 NumPy) and the keyword arguments of one configuration."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "p_hidden": rng.normal(size=(*TOKENS, H_P)),
+        "p_weight": rng.normal(size=(VOCAB, H_P)) * 0.8,
+        "q_hidden": rng.normal(size=(*TOKENS, H_Q)),
+        "q_weight": rng.normal(size=(VOCAB, H_Q)) * 0.8,
+    }
+    kwargs = {}
+    if config == "full":
+        arrays["p_bias"] = rng.normal(size=VOCAB)
+        arrays["q_bias"] = rng.normal(size=VOCAB)
+        keep = np.ones(TOKENS, bool)
+        keep[0, 1] = keep[1, 3] = False
+        labels = rng.integers(0, VOCAB, size=TOKENS)
+        labels[1, 0] = -100
+        kwargs = {
+            "temperature": 2.0,
+            "softcap": 3.0,
+            "where": keep,
+            "labels": labels,
+            "hard_weight": 0.25,
+            "normalizer": 7.0,
+        }
+    elif config == "teacher_logits":
+        arrays["p_hidden"] = rng.normal(size=(*TOKENS, VOCAB)) * 2
+        arrays["p_weight"] = None
+        kwargs = {"temperature": 0.7, "reduction": "sum"}
+    elif config == "none":
+        keep = np.array([True, False, True, True, True])  # broadcast over the first axis
+        kwargs = {"where": keep, "reduction": "none", "temperature": 1.5}
+    return arrays, kwargs
+
+
+def ref_for(kind, arrays, kwargs):
+    names = {"p_hidden": "hp", "p_weight": "wp", "q_hidden": "hq", "q_weight": "wq"}
+    names |= {"p_bias": "bp", "q_bias": "bq"}
+    args = {names[k]: v for k, v in arrays.items()}
+    extra = {k: v for k, v in kwargs.items() if k != "where"}
+    return reference(kind=kind, opt=OPTS[kind], keep=kwargs.get("where"), **args, **extra)
+
+
+def klx_kwargs(kind, backend, kwargs, chunk_size):
+    out = dict(kwargs, divergence=kind, chunk_size=chunk_size)
+    if kind == "js":
+        out["beta"] = OPTS[kind]
+    if kind == "skew_kl":
+        out["alpha"] = OPTS[kind]
+    for name in ("where", "labels"):
+        if name in out:
+            out[name] = _to(backend, out[name])
+    return out
+
+
+def _to(backend, a):
+    """A boolean or integer NumPy array onto the backend (asarray keeps non-float dtypes)."""
+    return backend.asarray(a)
+
+
+TOL = {"float32": (1e-5, 1e-4), "float64": (1e-11, 1e-10)}
+
+
+def _close(got, ref, rtol, what):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, what
+    scale = max(np.max(np.abs(ref)), 1e-30)
+    err = np.max(np.abs(got - ref)) / scale if ref.size else 0.0
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+# --------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("chunk_size", [3, None])
+@pytest.mark.parametrize("config", ["plain", "full", "teacher_logits", "none"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_value_matches_full_logits_reference(backend, xp, kind, config, chunk_size, dtype):
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    arrays, kwargs = make_case(config)
+    ref, _ = ref_for(kind, arrays, kwargs)
+    args = {k: None if v is None else backend.asarray(v, dtype) for k, v in arrays.items()}
+    pos = [args.pop(k) for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
+    out = klx.fused_linear_divergence(*pos, **args, **klx_kwargs(kind, backend, kwargs, chunk_size))
+    assert type(out).__module__.split(".")[0] == type(pos[2]).__module__.split(".")[0]
+    assert out.dtype == backend.dtypes[dtype]
+    assert tuple(out.shape) == np.shape(ref)
+    _close(backend.to_numpy(out), ref, TOL[dtype][0], "value")
+
+
+def test_agrees_with_the_plain_functions(backend, xp):
+    """Full logits through kl_divergence / js_divergence give the same numbers."""
+    arrays, _ = make_case("plain", seed=3)
+    a = {k: backend.asarray(v) for k, v in arrays.items()}
+    zp = xp.matmul(a["p_hidden"], a["p_weight"].T)
+    zq = xp.matmul(a["q_hidden"], a["q_weight"].T)
+    pos = (a["p_hidden"], a["p_weight"], a["q_hidden"], a["q_weight"])
+    plain = {"p_form": "logits", "q_form": "logits", "temperature": 2.0, "reduction": "sum"}
+    for name, fn in (("kl", klx.kl_divergence), ("js", klx.js_divergence)):
+        got = klx.fused_linear_divergence(
+            *pos, divergence=name, temperature=2.0, reduction="sum", chunk_size=4
+        )
+        want = fn(zp, zq, **plain)
+        np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(want), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _grads(backend, kind, arrays, kwargs, dtype, chunk_size, wrt, jit=False):
+    """(value, {name: gradient}) from klx on torch or JAX; 'none' is summed first."""
+    names = list(arrays)
+    kw = klx_kwargs(kind, backend, kwargs, chunk_size)
+    summed = kwargs.get("reduction") == "none"
+    if backend.name == "torch":
+        ts = {}
+        for k, v in arrays.items():
+            ts[k] = None if v is None else backend.asarray(v, dtype)
+            if k in wrt:
+                ts[k].requires_grad_(True)
+        pos = [ts.pop(k) for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
+        out = klx.fused_linear_divergence(*pos, **ts, **kw)
+        (out.sum() if summed else out).backward()
+        got = dict(zip(("p_hidden", "p_weight", "q_hidden", "q_weight"), pos, strict=True))
+        got |= ts
+        for k, v in got.items():
+            if v is not None and k not in wrt:
+                assert v.grad is None, f"{k} does not require grad and must get none"
+        return out, {k: backend.to_numpy(got[k].grad) for k in wrt}
+    import jax
+
+    vals = {k: None if v is None else backend.asarray(v, dtype) for k, v in arrays.items()}
+
+    def f(diff):
+        a = vals | diff
+        pos = [a.pop(k) for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
+        out = klx.fused_linear_divergence(*pos, **a, **kw)
+        return (out.sum() if summed else out), out
+
+    vg = jax.value_and_grad(f, has_aux=True)
+    if jit:
+        vg = jax.jit(vg)
+    (_, out), g = vg({k: vals[k] for k in wrt})
+    del names
+    return out, {k: np.asarray(g[k], np.float64) for k in wrt}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config", ["plain", "full", "teacher_logits", "none"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
+def test_gradients_match_reference(backend, kind, config, dtype):
+    arrays, kwargs = make_case(config, seed=1)
+    ref, ref_grads = ref_for(kind, arrays, kwargs)
+    wrt = [k for k, v in arrays.items() if v is not None]  # teacher's too
+    out, grads = _grads(backend, kind, arrays, kwargs, dtype, 3, wrt, jit=True)
+    vtol, gtol = TOL[dtype]
+    _close(backend.to_numpy(out), ref, vtol, "value")
+    for k in wrt:
+        _close(grads[k], ref_grads[k], gtol, f"d/d {k}")
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])  # torch: kl in closed form, js by autograd
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
+def test_student_only_gradients_and_nan_in_dropped_tokens(backend, reduction, kind):
+    """The teacher needs no gradient; dropped tokens get exactly 0, NaN hidden states too."""
+    arrays, kwargs = make_case("full", seed=2)
+    kwargs = dict(kwargs, reduction=reduction)
+    if reduction == "none":
+        del kwargs["normalizer"]
+    _, ref_grads = ref_for(kind, arrays, kwargs)
+    keep = kwargs["where"]
+    poisoned = dict(arrays)
+    for name in ("p_hidden", "q_hidden"):
+        poisoned[name] = arrays[name].copy()
+        poisoned[name][~keep] = np.nan
+    wrt = ["q_hidden", "q_weight", "q_bias"]
+    out, grads = _grads(backend, kind, poisoned, kwargs, "float64", 4, wrt)
+    assert np.all(np.isfinite(backend.to_numpy(out)))
+    assert np.all(grads["q_hidden"][~keep] == 0.0)
+    for k in wrt:
+        assert np.all(np.isfinite(grads[k])), k
+        _close(grads[k], ref_grads[k], 1e-10, f"d/d {k}")
+
+
+@pytest.mark.backends("jax", reason="JAX transforms")
+def test_jax_vmap_and_jit(backend):
+    import jax
+    import jax.numpy as jnp
+
+    arrays, _ = make_case("plain", seed=4)
+    a = {k: backend.asarray(v) for k, v in arrays.items()}
+    batch = jnp.stack([a["q_hidden"], 0.5 * a["q_hidden"], -a["q_hidden"]])
+
+    def loss(h):
+        return klx.fused_linear_divergence(
+            a["p_hidden"], a["p_weight"], h, a["q_weight"], temperature=2.0, chunk_size=4
+        )
+
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(batch)
+    for i in range(3):
+        hq = np.asarray(batch[i])
+        ref, ref_grads = reference(
+            arrays["p_hidden"], arrays["p_weight"], hq, arrays["q_weight"], temperature=2.0
+        )
+        _close(values[i], ref, 1e-12, "value")
+        _close(grads[i], ref_grads["q_hidden"], 1e-10, "d/d q_hidden")
+
+
+@pytest.mark.backends("jax", reason="JAX transforms")
+def test_jax_computes_no_teacher_gradient_when_the_teacher_is_constant(backend):
+    """Four matrix products under jax.grad of the student (two logits, dz @ W, dz.T @ h);
+    six when the teacher is differentiated too."""
+    import jax
+
+    arrays, _ = make_case("plain", seed=8)
+    a = [backend.asarray(arrays[k]) for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
+
+    def loss(hp, wp, hq, wq):
+        return klx.fused_linear_divergence(hp, wp, hq, wq, chunk_size=4)
+
+    for argnums, products in (((2, 3), 4), ((0, 1, 2, 3), 6)):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(*a))
+        assert jaxpr.count("dot_general") == products, argnums
+
+
+# Dynamo reads .grad of the non-leaf loss when it resumes after the graph break (torch's
+# own warning, raised to an error by this suite's filterwarnings).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.slow
+@pytest.mark.backends("torch", reason="torch.compile")
+def test_torch_compile_falls_back_to_eager(backend):
+    import torch
+
+    arrays, kwargs = make_case("full", seed=5)
+    ref, ref_grads = ref_for("kl", arrays, kwargs)
+    kw = klx_kwargs("kl", backend, kwargs, 4)
+    t = {k: backend.asarray(v, "float32") for k, v in arrays.items()}
+    t["q_weight"].requires_grad_(True)
+
+    def step(p_hidden, p_weight, q_hidden, q_weight, p_bias, q_bias):
+        loss = klx.fused_linear_divergence(
+            p_hidden, p_weight, q_hidden, q_weight, p_bias=p_bias, q_bias=q_bias, **kw
+        )
+        return 2.0 * loss
+
+    compiled = torch.compile(step)
+    out = compiled(**t)
+    out.backward()
+    _close(backend.to_numpy(out), 2.0 * ref, 1e-5, "value")
+    _close(backend.to_numpy(t["q_weight"].grad), 2.0 * ref_grads["q_weight"], 1e-4, "d/d W")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.backends("torch", reason="watches torch's allocations")
+def test_torch_never_allocates_tokens_by_vocab(backend, kind):
+    """Every tensor made in the forward and backward is smaller than [tokens, vocab]."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, vocab, hidden = 64, 512, 8
+    rng = np.random.default_rng(6)
+    hp, wp = (
+        torch.tensor(rng.normal(size=(n, hidden))),
+        torch.tensor(rng.normal(size=(vocab, hidden))),
+    )
+    hq = torch.tensor(rng.normal(size=(n, hidden)), requires_grad=True)
+    wq = torch.tensor(rng.normal(size=(vocab, hidden)), requires_grad=True)
+    biggest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor):
+                    biggest.append(o.numel())
+            return out
+
+    with Watch():
+        loss = klx.fused_linear_divergence(hp, wp, hq, wq, divergence=kind, chunk_size=16)
+        loss.backward()
+    assert max(biggest) <= 16 * vocab, f"a tensor of {max(biggest)} elements was made"
+    assert max(biggest) >= 16 * vocab  # the watch saw the chunks' logits
+    # the eager formula makes [tokens, vocab] tensors (the check above can fail)
+    biggest.clear()
+    with Watch():
+        torch.log_softmax(hq @ wq.T, -1).sum().backward()
+    assert max(biggest) == n * vocab
+
+
+@pytest.mark.backends("numpy", reason="argument checks and NumPy memory, backend-independent")
+def test_numpy_peak_memory_is_one_chunk(backend):
+    import tracemalloc
+
+    n, vocab, hidden = 2048, 2048, 16
+    rng = np.random.default_rng(7)
+    hp, wp = rng.normal(size=(n, hidden)), rng.normal(size=(vocab, hidden))
+    hq, wq = rng.normal(size=(n, hidden)), rng.normal(size=(vocab, hidden))
+    full = n * vocab * 8
+    tracemalloc.start()
+    try:
+        klx.fused_linear_divergence(hp, wp, hq, wq, chunk_size=16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < full / 8, f"peak {peak} bytes against {full} for the full logits"
+
+
+def test_default_chunk_size_follows_the_budget():
+    from klx import _fused_linear as fl
+
+    assert fl.chunk_size_for(10**6, 32000, 4) == 2**27 // (16 * 32000 * 4) // 8 * 8
+    assert fl.chunk_size_for(5, 32000, 4) == 5
+    assert fl.chunk_size_for(10**6, 2**30, 4) == 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.backends("numpy", reason="argument checks and NumPy memory, backend-independent")
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"divergence": "kld"}, ValueError, "`divergence` must be one of"),
+        ({"divergence": "skew_kl", "alpha": 2.0}, ValueError, "alpha"),
+        ({"q_weight": np.ones((VOCAB, H_Q + 1))}, ValueError, "last axis must equal"),
+        ({"p_weight": np.ones((VOCAB + 1, H_P))}, ValueError, "share the vocabulary"),
+        ({"hard_weight": 0.5}, ValueError, "no labels were given"),
+        ({"hard_weight": 1.5, "labels": np.zeros(TOKENS, int)}, ValueError, "hard_weight"),
+        ({"labels": np.zeros(TOKENS)}, TypeError, "`labels` must be an integer array"),
+        ({"softcap": -1.0}, ValueError, "`softcap` must be positive"),
+        ({"normalizer": 4.0, "reduction": "sum"}, ValueError, "normalizer"),
+        ({"normalizer": -1.0}, ValueError, "normalizer"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"where": np.ones(3, bool)}, ValueError, "`where` has shape"),
+        ({"p_bias": np.ones(3)}, ValueError, "`p_bias` must have shape"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+    ],
+)
+def test_bad_arguments_name_the_argument(backend, change, error, match):
+    arrays, _ = make_case("plain")
+    args = dict(arrays, **{k: v for k, v in change.items() if k in arrays or "bias" in k})
+    kw = {k: v for k, v in change.items() if k not in args}
+    pos = [args.pop(k) for k in ("p_hidden", "p_weight", "q_hidden", "q_weight")]
+    with pytest.raises(error, match=match):
+        klx.fused_linear_divergence(*pos, **args, **kw)
+
+
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
+def test_nothing_kept_is_zero_with_zero_gradient(backend):
+    """As the plain functions: 'batchmean' with every token dropped is 0, not NaN."""
+    arrays, _ = make_case("plain")
+    arrays["q_hidden"][0, 0] = np.nan  # dropped, like every token
+    kwargs = {"where": np.zeros(TOKENS, bool)}
+    out, grads = _grads(backend, "kl", arrays, kwargs, "float64", 4, ["q_hidden", "q_weight"])
+    assert float(backend.to_numpy(out)) == 0.0
+    for k, g in grads.items():
+        assert np.all(g == 0.0), k
