@@ -7,10 +7,13 @@ lazy arrays. There is no branch on array values.
 
 Conventions (those of :func:`scipy.special.rel_entr`):
 
-* a term whose weight ``p`` is 0 is 0, whatever ``q`` is (``-inf`` log-probability
-  included), unless ``q`` is NaN;
-* ``p > 0`` with ``q = 0`` gives ``+inf``;
-* NaN propagates.
+* a term whose weight ``p`` is exactly 0 (``p == 0``, ``log p == -inf``) is 0, whatever
+  ``q`` is (``-inf`` log-probability included), unless ``q`` is NaN;
+* ``p > 0`` with ``q = 0`` gives ``+inf`` (also a finite ``log p`` whose exp underflows);
+* a negative probability gives ``+inf``;
+* NaN propagates, also from a side whose weight is 0.
+
+The accuracy rules (exact zeros, signs, near-equal inputs) are in ``docs/numerics.md``.
 
 Every ``where`` that guards a singular value is doubled: the untaken branch is fed
 a safe value (1 for probabilities, 0 for logarithms), so its derivative stays finite
