@@ -172,13 +172,13 @@ def kl_terms(
     wq = weighted(xp, q, q_form, axis, temperature)
     # p > 0 (however small) with q = 0 is +inf.
     infinite = wq.zero & ~wp.zero
-    d = xp.where(infinite, 0.0, _log_ratio(xp, wp, wq, p_form == q_form == "probs"))
+    d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")  # finite: from safe values
     if p_form == q_form == "logits":
         # d + expm1(-d) >= 0 where expm1 cannot overflow; p d + q - p (no cancellation) else.
         small = d > -1.0
         ds = xp.where(small, d, 0.0)
         terms = xp.where(small, wp.w * (ds + xp.expm1(-ds)), wp.w * d + (wq.w - wp.w))
-        terms = xp.where(wp.zero, wq.w, terms)
+        terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, wq.w), terms)  # (q.w is 1 at 0)
     else:
         terms = xp.where(wp.zero, 0.0, wp.w * d)
     terms = xp.where(infinite, math.inf, terms)

@@ -724,3 +724,15 @@ def test_meta_tensors_with_validation_get_a_clear_error(backend):
         klx.kl_div(x, x, reduction="sum", validate=True)
     out = klx.kl_div(x, x, reduction="sum", validate=False)  # shapes only: fine
     assert out.device.type == "meta" and out.shape == ()
+
+
+def test_kl_from_logits_with_neginf_on_both_sides(backend):
+    """-inf logits where both P and Q are 0 (a masked vocabulary) contribute nothing."""
+    t = np.array([[2.0, -np.inf, 0.5, -np.inf], [0.0, 1.0, -np.inf, 3.0]])
+    s = np.array([[1.0, -np.inf, 0.3, 2.0], [0.5, -0.5, -np.inf, 1.0]])
+    p, q = np.exp(reference.log_softmax(t, -1)), np.exp(reference.log_softmax(s, -1))
+    want, scale = reference.kl_rows(p, q, -1)
+    got = klx.kl_divergence(
+        backend.asarray(t), backend.asarray(s), p_form="logits", q_form="logits"
+    )
+    assert reference.rel_error(backend.to_numpy(got), want, scale) <= 1e-12
