@@ -181,14 +181,17 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
-def check_temperature(temperature: object, forms: Sequence[str], xp: ModuleType) -> Any:
+def check_temperature(
+    temperature: object, forms: Sequence[str], xp: ModuleType | None = None
+) -> Any:
     """A positive, finite temperature (a float), or a 0-d array used as it is.
 
-    A 0-d real array of the inputs' library (a JAX tracer inside ``jax.jit`` /
-    ``jax.grad``, a torch tensor that requires grad) is not read: its value may not be
-    known yet, and this lets a temperature be annealed or learned inside a compiled
-    function. A ``torch.SymFloat`` (a number under ``torch.compile(dynamic=True)``) is
-    compared, never converted.
+    Given the namespace `xp`, a 0-d real array of the inputs' library (a JAX tracer
+    inside ``jax.jit`` / ``jax.grad``, a torch tensor that requires grad) is not read:
+    its value may not be known yet, and this lets a temperature be annealed or learned
+    inside a compiled function (without `xp`, only numbers are taken). A
+    ``torch.SymFloat`` (a number under ``torch.compile(dynamic=True)``) is compared,
+    never converted.
     """
     t: Any = temperature
     if type(t).__name__ == "SymFloat" or isinstance(t, numbers.Real):
@@ -197,7 +200,7 @@ def check_temperature(temperature: object, forms: Sequence[str], xp: ModuleType)
         if not (t > 0 and t < math.inf):  # comparisons: math.isfinite breaks a SymFloat
             msg = f"`temperature` must be positive and finite, got {temperature!r}."
             raise ValueError(msg)
-    elif _is_array(t):
+    elif _is_array(t) and xp is not None:
         if t.ndim != 0 or not xp.isdtype(t.dtype, "real floating"):
             msg = (
                 "`temperature` given as an array must be a 0-d real floating array of the "
