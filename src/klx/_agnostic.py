@@ -7,10 +7,13 @@ lazy arrays. There is no branch on array values.
 
 Conventions (those of :func:`scipy.special.rel_entr`):
 
-* a term whose weight ``p`` is 0 is 0, whatever ``q`` is (``-inf`` log-probability
-  included), unless ``q`` is NaN;
-* ``p > 0`` with ``q = 0`` gives ``+inf``;
-* NaN propagates.
+* a term whose weight ``p`` is exactly 0 (``p == 0``, ``log p == -inf``) is 0, whatever
+  ``q`` is (``-inf`` log-probability included), unless ``q`` is NaN;
+* ``p > 0`` with ``q = 0`` gives ``+inf`` (also a finite ``log p`` whose exp underflows);
+* a negative probability gives ``+inf``;
+* NaN propagates, also from a side whose weight is 0.
+
+The accuracy rules (exact zeros, signs, near-equal inputs) are in ``docs/numerics.md``.
 
 Every ``where`` that guards a singular value is doubled: the untaken branch is fed
 a safe value (1 for probabilities, 0 for logarithms), so its derivative stays finite
@@ -53,63 +56,100 @@ __all__ = [
 
 
 class Weighted(NamedTuple):
-    """A distribution as weights ``w``, their logs (0 where ``w`` is 0) and the zero mask."""
+    """A distribution as weights ``w``, their logs, and where the weight is exactly 0.
+
+    ``w`` and ``log_w`` hold safe values (1 and 0) where `zero` or `outside` is set, so
+    that no untaken branch of a ``where`` sees a singular value. `outside` marks negative
+    probabilities (None for log-space forms, which cannot be negative); `given` is the
+    array as the caller gave it, whose NaNs reach the result.
+    """
 
     w: Array
     log_w: Array
     zero: Array
+    outside: Array | None = None
+    given: Array = None
 
 
-def log_softmax(xp: ModuleType, x: Array, axis: int) -> Array:
-    """``x - logsumexp(x)`` along `axis`, shifted by the maximum for stability."""
+def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> Array:
+    """``(x - max x) / T - log(sum(exp(...)))`` along `axis`.
+
+    The maximum is subtracted *before* dividing by the temperature, so the largest entry
+    is exactly 0 and no entry can overflow, however small `T` is and however a compiler
+    rewrites the division. The log-sum-exp is ``log1p`` of the mass besides one maximal
+    entry (counted exactly): for a nearly one-hot distribution that mass is far below the
+    rounding of 1, and ``log(1 + mass)`` would lose it.
+    """
     shifted = x - xp.max(x, axis=axis, keepdims=True)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        shifted = shifted / temperature
+    top = shifted == 0
+    # exp(s) - 1 (exactly 0) at the maxima, exp(s) elsewhere: the gradient of the maximum
+    # then cancels whichever way a library splits it between ties.
+    rest = xp.sum(xp.where(top, xp.expm1(shifted), xp.exp(shifted)), axis=axis, keepdims=True)
+    ties = xp.sum(xp.astype(top, shifted.dtype), axis=axis, keepdims=True) - 1.0
+    return shifted - xp.log1p(rest + ties)
 
 
-def as_log(xp: ModuleType, x: Array, form: str, axis: int, temperature: float) -> Array:
+def as_log(xp: ModuleType, x: Array, form: str, axis: int, temperature: Any) -> Array:
     """Log-probabilities of `x` given as 'log_probs' or 'logits' (divided by `temperature`)."""
     if form == "log_probs":
         return x
-    if temperature != 1.0:
-        x = x / temperature
-    return log_softmax(xp, x, axis)
+    return log_softmax(xp, x, axis, temperature)
 
 
-def probabilities(xp: ModuleType, x: Array, form: str, axis: int, temperature: float) -> Array:
+def probabilities(xp: ModuleType, x: Array, form: str, axis: int, temperature: Any) -> Array:
     """The probabilities of `x` given in any form (no logarithm taken for 'probs')."""
     if form == "probs":
         return x
     return xp.exp(as_log(xp, x, form, axis, temperature))
 
 
-def weighted(xp: ModuleType, x: Array, form: str, axis: int, temperature: float) -> Weighted:
-    """The first argument of a divergence: weights, safe logs and where the weight is 0."""
-    if form == "probs":
-        zero = x == 0
-        return Weighted(x, xp.log(xp.where(zero, 1.0, x)), zero)
-    log_x = as_log(xp, x, form, axis, temperature)
-    w = xp.exp(log_x)
-    zero = w == 0
-    return Weighted(w, xp.where(zero, 0.0, log_x), zero)
+def weighted(xp: ModuleType, x: Array, form: str, axis: int, temperature: Any) -> Weighted:
+    """A distribution's weights, safe logs, and where its weight is exactly 0.
 
-
-def _log_q(
-    xp: ModuleType, q: Array, form: str, axis: int, temperature: float, zero: Array
-) -> tuple[Array, Array]:
-    """``log q`` (``-inf`` where q is 0), made safe where the weight `zero` is set.
-
-    Also returns the array whose NaNs must reach the result where the weight is 0.
+    For probabilities, the weight is 0 where ``p == 0``, and a negative ``p`` is
+    `outside` the domain. In log space the weight is 0 only where ``log p = -inf``: a
+    finite ``log p`` whose exp underflows is a positive weight too small to represent.
     """
     if form == "probs":
-        return xp.log(xp.where(zero, 1.0, q)), q
-    log_q = as_log(xp, q, form, axis, temperature)
-    return xp.where(zero, 0.0, log_q), log_q
+        zero = x == 0
+        outside = x < 0
+        safe = xp.where(zero | outside, 1.0, x)
+        return Weighted(safe, xp.log(safe), zero, outside, x)
+    log_x = as_log(xp, x, form, axis, temperature)
+    zero = log_x == -math.inf
+    safe_log = xp.where(zero, 0.0, log_x)
+    return Weighted(xp.exp(safe_log), safe_log, zero, None, x)
 
 
-def _terms(xp: ModuleType, p: Weighted, log_q: Array, nan_source: Array) -> Array:
-    """``w * (log w - log q)``, and 0 (or NaN, if `nan_source` is NaN) where ``w`` is 0."""
-    nan_or_zero = xp.where(xp.isnan(nan_source), nan_source, 0.0)
-    return xp.where(p.zero, nan_or_zero, p.w * (p.log_w - log_q))
+def _either(a: Array | None, b: Array | None) -> Array | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+def _log_ratio(xp: ModuleType, p: Weighted, q: Weighted, both_probs: bool) -> Array:
+    """``log p - log q`` on the safe values; for two probabilities within a factor 2 of
+    each other ``log1p((p - q) / q)``, whose ``p - q`` is exact (the accuracy of
+    :func:`scipy.special.rel_entr`, gh-20710)."""
+    if not both_probs:
+        return p.log_w - q.log_w
+    close = (p.w > 0.5 * q.w) & (p.w < 2.0 * q.w)  # no division: nothing overflows
+    pc = xp.where(close, p.w, 1.0)
+    qc = xp.where(close, q.w, 1.0)
+    return xp.where(close, xp.log1p((pc - qc) / qc), p.log_w - q.log_w)
+
+
+def _outside_and_nan(xp: ModuleType, terms: Array, p: Weighted, q: Weighted) -> Array:
+    """+inf where a probability is negative (as rel_entr), NaN where an input is NaN."""
+    outside = _either(p.outside, q.outside)
+    if outside is not None:
+        terms = xp.where(outside, math.inf, terms)
+    nan = xp.isnan(p.given) | xp.isnan(q.given)
+    return xp.where(nan, math.nan, terms)
 
 
 def kl_terms(
@@ -120,16 +160,31 @@ def kl_terms(
     p_form: str,
     q_form: str,
     axis: int,
-    temperature: float = 1.0,
+    temperature: Any = 1.0,
 ) -> Array:
     """Pointwise terms ``p * (log p - log q)`` of KL(P || Q); their sum over `axis` is the KL.
 
     With ``p_form='probs'`` (or 'log_probs') and ``q_form='log_probs'`` these are the terms
-    of :func:`torch.nn.functional.kl_div` with ``target=p`` and ``input=q``.
+    of :func:`torch.nn.functional.kl_div` with ``target=p`` and ``input=q``. When both are
+    logits (normalised here, so that both sum to 1 exactly in exact arithmetic) each term
+    gets ``q - p`` added: ``p (d + expm1(-d))`` with ``d = log p - log q``, which is
+    ``>= 0`` term by term, so the KL is ``>= 0`` and loses nothing to cancellation.
     """
     wp = weighted(xp, p, p_form, axis, temperature)
-    log_q, nan_source = _log_q(xp, q, q_form, axis, temperature, wp.zero)
-    return _terms(xp, wp, log_q, nan_source)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    # p > 0 (however small) with q = 0 is +inf.
+    infinite = wq.zero & ~wp.zero
+    d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")  # finite: from safe values
+    if p_form == q_form == "logits":
+        # d + expm1(-d) >= 0 where expm1 cannot overflow; p d + q - p (no cancellation) else.
+        small = d > -1.0
+        ds = xp.where(small, d, 0.0)
+        terms = xp.where(small, wp.w * (ds + xp.expm1(-ds)), wp.w * d + (wq.w - wp.w))
+        terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, wq.w), terms)  # (q.w is 1 at 0)
+    else:
+        terms = xp.where(wp.zero, 0.0, wp.w * d)
+    terms = xp.where(infinite, math.inf, terms)
+    return _outside_and_nan(xp, terms, wp, wq)
 
 
 def js_terms(
@@ -140,37 +195,57 @@ def js_terms(
     p_form: str,
     q_form: str,
     axis: int,
-    temperature: float = 1.0,
+    temperature: Any = 1.0,
     beta: float = 0.5,
 ) -> Array:
     """Pointwise terms of ``beta KL(P || M) + (1 - beta) KL(Q || M)``, ``M = beta P + (1-beta) Q``.
 
-    ``log M`` is a ``logaddexp`` of the log-space inputs, so nothing underflows.
+    Each term is ``-(a u + b v)`` with the weights ``a = beta p``, ``b = (1 - beta) q``
+    and ``u = log(m / p) = log1p((1 - beta) expm1(r))``, ``v = log(m / q) =
+    log1p(beta expm1(-r))``, ``r = log(q / p)``: exactly 0 where ``p = q`` (``r = 0``), with
+    no ``log(beta)`` rounding to bias every term. A term is a Jensen gap, ``>= 0`` in exact
+    arithmetic, so a negative rounding error is set to 0: the JS is never negative.
     """
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
-    zp, zq, log_m = _log_mixture(xp, wp, wq, beta)
-    bp = Weighted(wp.w * beta, wp.log_w, zp)
-    bq = Weighted(wq.w * (1.0 - beta), wq.log_w, zq)
-    return _terms(xp, bp, log_m, log_m) + _terms(xp, bq, log_m, log_m)
+    zp, zq, u, v = _mixture_logs(xp, wp, wq, beta, p_form == q_form == "probs")
+    a = wp.w * beta
+    b = wq.w * (1.0 - beta)
+    gap = -(a * u + b * v)
+    gap = xp.where(gap < 0, 0.0, gap)
+    # One weight 0: M is the other one, and the term is -b log(1 - beta) or -a log(beta).
+    only_q = -b * _log(1.0 - beta)
+    only_p = -a * _log(beta)
+    terms = xp.where(zp, xp.where(zq, 0.0, only_q), xp.where(zq, only_p, gap))
+    return _outside_and_nan(xp, terms, wp, wq)
 
 
-def _log_mixture(
-    xp: ModuleType, wp: Weighted, wq: Weighted, b: float
-) -> tuple[Array, Array, Array]:
-    """``log M`` of ``M = b P + (1 - b) Q`` by ``logaddexp``, and where ``b p``, ``(1 - b) q``
-    are 0 (everywhere, for a weight of 0).
+def _mixture_logs(
+    xp: ModuleType, wp: Weighted, wq: Weighted, w: float, both_probs: bool
+) -> tuple[Array, Array, Array, Array]:
+    """For ``M = w P + (1 - w) Q``: where ``w p`` and ``(1 - w) q`` are 0, and
+    ``u = log(m / p) = log1p((1 - w) expm1(r))``, ``v = log(m / q) = log1p(w expm1(-r))``
+    with ``r = log(q / p)`` (0 where either weight is 0: safe values there).
 
-    Where both weights vanish, M is 0; ``log M`` is then a safe 0, for the terms there
-    (weight 0) do not need it.
+    Both are exactly 0 where ``p = q``, and no rounded ``log(w)`` biases them.
     """
-    zp = _zero_weight(wp.zero, b)
-    zq = _zero_weight(wq.zero, 1.0 - b)
-    # log(b p) and log((1 - b) q), -inf where the weight is 0.
-    log_bp = xp.where(zp, -math.inf, wp.log_w + _log_weight(b))
-    log_bq = xp.where(zq, -math.inf, wq.log_w + _log_weight(1.0 - b))
-    both = zp & zq
-    return zp, zq, xp.logaddexp(xp.where(both, 0.0, log_bp), xp.where(both, 0.0, log_bq))
+    zp = _zero_weight(wp.zero, w)
+    zq = _zero_weight(wq.zero, 1.0 - w)
+    r = xp.where(zp | zq, 0.0, _log_ratio(xp, wq, wp, both_probs))
+    # u directly where expm1(r) cannot overflow, else r + v; v likewise.
+    u_direct = xp.log1p((1.0 - w) * xp.expm1(xp.where(r > _DIRECT, _DIRECT, r)))
+    v_direct = xp.log1p(w * xp.expm1(-xp.where(r < -_DIRECT, -_DIRECT, r)))
+    u = xp.where(r > _DIRECT, r + v_direct, u_direct)
+    v = xp.where(r < -_DIRECT, u_direct - r, v_direct)
+    return zp, zq, u, v
+
+
+#: |log(q / p)| up to which expm1 of it cannot overflow float32 (exp(88) does).
+_DIRECT = 30.0
+
+
+def _log(b: float) -> float:
+    return math.log(b) if b > 0 else 0.0
 
 
 def skew_kl_terms(
@@ -181,23 +256,24 @@ def skew_kl_terms(
     p_form: str,
     q_form: str,
     axis: int,
-    temperature: float = 1.0,
+    temperature: Any = 1.0,
     alpha: float = 0.1,
 ) -> Array:
     """Pointwise terms of the skew KL(P || alpha P + (1 - alpha) Q).
 
-    ``log M`` is a ``logaddexp`` of the log-space inputs, as in :func:`js_terms`. Where P is
-    positive and ``alpha > 0``, M >= alpha P > 0: every term is finite, whatever Q is. At
-    ``alpha = 0`` the mixture is Q and these are the terms of :func:`kl_terms` exactly.
+    Each term is ``-p u`` with ``u = log(m / p)`` as in :func:`js_terms` (exactly 0 where
+    ``p = q``). Where P is positive and ``alpha > 0``, M >= alpha P > 0: every term is
+    finite, whatever Q is (``-p log(alpha)`` where Q is 0). At ``alpha = 0`` the mixture is
+    Q and these are the terms of :func:`kl_terms` exactly.
     """
     if alpha == 0.0:
-        # M is Q; the mixture's safe log M (for p > 0 = q) would hide KL's +inf there.
+        # M is Q: KL's own terms (+inf for p > 0 = q).
         return kl_terms(xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
-    # alpha > 0: alpha p vanishes only where p does, and M > 0 wherever p > 0.
-    _, _, log_m = _log_mixture(xp, wp, wq, alpha)
-    return _terms(xp, wp, log_m, log_m)
+    zp, zq, u, _ = _mixture_logs(xp, wp, wq, alpha, p_form == q_form == "probs")
+    terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * _log(alpha), -wp.w * u))
+    return _outside_and_nan(xp, terms, wp, wq)
 
 
 def tv_terms(
@@ -208,7 +284,7 @@ def tv_terms(
     p_form: str,
     q_form: str,
     axis: int,
-    temperature: float = 1.0,
+    temperature: Any = 1.0,
 ) -> Array:
     """Pointwise terms ``|p - q| / 2`` of the total variation distance; NaN propagates.
 
@@ -218,10 +294,6 @@ def tv_terms(
     wp = probabilities(xp, p, p_form, axis, temperature)
     wq = probabilities(xp, q, q_form, axis, temperature)
     return 0.5 * xp.abs(wp - wq)
-
-
-def _log_weight(b: float) -> float:
-    return math.log(b) if b > 0 else -math.inf
 
 
 def _zero_weight(zero: Array, b: float) -> Array:
@@ -315,7 +387,11 @@ def kl_div(xp: ModuleType, call: KLDivCall) -> Array:
     else:
         out = xp.sum(terms)
         div = reduction_divisor(call.reduction, call.shape, call.first)
-        if div != 1.0:
+        if div != div:  # a size Dask knows only when it computes: count lazily
+            x = call.input
+            counted = terms if call.reduction == "mean" else x[(slice(None),) + (0,) * (x.ndim - 1)]
+            out = out / xp.astype(_lazy_count(xp, counted), out.dtype)
+        elif div != 1.0:
             out = divide(out, div)
     return xp.astype(out, call.dtype, copy=False)
 
@@ -361,7 +437,7 @@ def reduce_rows(
       its gradient, never NaN.
 
     `count` is the number of distributions, used when `keep` is None (NaN where a size
-    is unknown, as in Dask: the mean is then NaN).
+    is unknown, as in Dask: the count is then taken lazily, when Dask computes).
     """
     if keep is not None:
         rows = xp.where(keep, rows, 0.0)
@@ -375,10 +451,17 @@ def reduce_rows(
     elif keep is not None and normalizer is None:
         normalizer = xp.sum(xp.astype(xp.broadcast_to(keep, rows.shape), rows.dtype))
     if normalizer is None:
+        if count != count:  # a size Dask knows only when it computes
+            return total / xp.astype(_lazy_count(xp, rows), total.dtype)
         return divide(total, count if count != 0 else 1.0)
     n = xp.astype(normalizer, total.dtype)
     # 0 / 1 where nothing is kept: never a 0/0 (NaN, and a warning on lazy arrays).
     return total / xp.where(n == 0, 1.0, n)
+
+
+def _lazy_count(xp: ModuleType, x: Array) -> Array:
+    """The number of elements of `x`, as a (lazy) float64 array."""
+    return xp.sum(xp.ones_like(x, dtype=xp.float64))
 
 
 def divide(total: Array, count: float) -> Array:

@@ -25,8 +25,10 @@ from klx._checks import (
     check_normalizer,
     check_reduction,
     check_temperature,
+    check_temperature_range,
     check_where,
     normalize_axis,
+    shape_of,
 )
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype
@@ -76,7 +78,8 @@ class DivergenceCall(NamedTuple):
     axis: int
     p_form: str
     q_form: str
-    temperature: float
+    #: A float, or a 0-d array of the inputs' library (a traced or learned temperature).
+    temperature: Any
     #: The divergence's own parameters (e.g. ``beta`` of JS), passed to its terms function.
     options: tuple[tuple[str, float], ...]
     keep: Array | None
@@ -100,15 +103,15 @@ def parse_kl_div(
 ) -> KLDivCall:
     """Check the arguments of :func:`klx.kl_div` (raising TypeError / ValueError)."""
     named = [("input", input), ("target", target)]
-    xp = array_namespace(named) if xp is None else xp
+    xp = array_namespace(named, xp)
     check_float(xp, "input", input)
     check_float(xp, "target", target)
     red = check_reduction(reduction, KL_DIV_REDUCTIONS)
     log_t = check_flag("log_target", log_target)
     check_same_device(named, xp)
-    shape = broadcast_shapes([("input", tuple(input.shape)), ("target", tuple(target.shape))])
+    shape = broadcast_shapes([("input", shape_of(input)), ("target", shape_of(target))])
     dtype = input.dtype if input.dtype == target.dtype else xp.result_type(input, target)
-    first = input.shape[0] if input.ndim else None
+    first = input.shape[0] if input.ndim else None  # NaN: unknown to Dask until computed
     return KLDivCall(
         xp,
         input,
@@ -146,15 +149,15 @@ def parse_divergence(
     :func:`klx._checks.check_normalizer` (with 'batchmean' only).
     """
     named = [("p", p), ("q", q), ("where", where), *normalizer_array(normalizer)]
-    xp = array_namespace(named) if xp is None else xp
+    xp = array_namespace(named, xp)
     check_float(xp, "p", p)
     check_float(xp, "q", q)
     forms = (check_form("p_form", p_form), check_form("q_form", q_form))
-    t = check_temperature(temperature, forms)
+    t = check_temperature(temperature, forms, xp)
     red = check_reduction(reduction, REDUCTIONS)
     norm = check_normalizer(xp, normalizer, red)
     check_same_device(named, xp)
-    shape = broadcast_shapes([("p", tuple(p.shape)), ("q", tuple(q.shape))])
+    shape = broadcast_shapes([("p", shape_of(p)), ("q", shape_of(q))])
     ax = normalize_axis(axis, len(shape))
     batch_shape = shape[:ax] + shape[ax + 1 :]
     keep = None
@@ -162,11 +165,25 @@ def parse_divergence(
         check_where(xp, where, batch_shape)
         lead = (1,) * (len(batch_shape) - where.ndim)
         keep = xp.expand_dims(xp.reshape(where, lead + tuple(where.shape)), axis=ax)
-    if tuple(p.shape) != shape:
-        p = xp.broadcast_to(p, shape)
-    if tuple(q.shape) != shape:
-        q = xp.broadcast_to(q, shape)
+    if None in shape:
+        # A Dask size known only when computed: broadcast (against size 1) as the
+        # element-wise operations go, not by `broadcast_to`, which needs the sizes.
+        if shape[ax] is None:
+            msg = (
+                f"the size of the distributions (axis {axis}) is unknown (Dask arrays of "
+                f"shapes {shape_of(p)} and {shape_of(q)}, e.g. after boolean indexing); "
+                "call `.compute_chunk_sizes()` on them first."
+            )
+            raise ValueError(msg)
+    else:
+        if tuple(p.shape) != shape:
+            p = xp.broadcast_to(p, shape)
+        if tuple(q.shape) != shape:
+            q = xp.broadcast_to(q, shape)
     dtype = xp.result_type(p, q)
+    acc = accumulation_dtype(xp, dtype)
+    if "logits" in forms:
+        check_temperature_range(t, xp.finfo(acc))
     return DivergenceCall(
         kind,
         xp,
@@ -182,7 +199,7 @@ def parse_divergence(
         resolve_validate(validate),
         batch_shape,
         dtype,
-        accumulation_dtype(xp, dtype),
+        acc,
         norm,
     )
 

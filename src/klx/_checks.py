@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -25,8 +26,11 @@ __all__ = [
     "check_normalizer",
     "check_reduction",
     "check_temperature",
+    "check_temperature_range",
     "check_where",
     "normalize_axis",
+    "real_number",
+    "shape_of",
 ]
 
 #: Reductions of the torch-compatible :func:`klx.kl_div`.
@@ -67,28 +71,49 @@ _REAL_FLOATING: dict[str, set[Any]] = {}
 
 
 def check_float(xp: ModuleType, name: str, x: Any) -> None:
-    """Require a real floating-point dtype."""
+    """Require a real floating dtype of at least 16 bits that the namespace computes with."""
     known = _REAL_FLOATING.setdefault(xp.__name__, set())
     if x.dtype in known:
         return
-    if xp.isdtype(x.dtype, "real floating"):
-        known.add(x.dtype)
-    else:
-        if xp.isdtype(x.dtype, "complex floating"):
-            fix = "take the real part or the magnitude first"
-        else:
-            fix = "convert it with `astype` to a floating dtype such as float32 first"
+    try:
+        real = xp.isdtype(x.dtype, "real floating")
+    except (TypeError, ValueError):  # e.g. ml_dtypes' bfloat16 in a NumPy array
         msg = (
-            f"`{name}` must have a real floating-point dtype (float16, bfloat16, float32 or "
-            f"float64), got {x.dtype}; {fix}."
+            f"`{name}` has dtype {x.dtype}, which {xp.__name__} cannot compute with (an "
+            "extension dtype such as ml_dtypes' bfloat16); convert it with "
+            "`astype(numpy.float32)` first."
         )
-        raise TypeError(msg)
+        raise TypeError(msg) from None
+    if real and xp.finfo(x.dtype).bits >= 16:
+        known.add(x.dtype)
+        return
+    if real:
+        fix = "float8 is a storage format: convert it to bfloat16, float16 or float32 first"
+    elif xp.isdtype(x.dtype, "complex floating"):
+        fix = "take the real part or the magnitude first"
+    else:
+        fix = "convert it with `astype` to a floating dtype such as float32 first"
+    msg = (
+        f"`{name}` must have a real floating-point dtype (float16, bfloat16, float32 or "
+        f"float64), got {x.dtype}; {fix}."
+    )
+    raise TypeError(msg)
+
+
+def shape_of(x: Any) -> Shape:
+    """`x`'s shape with None for a size not known yet (Dask's NaN after boolean indexing)."""
+    return tuple(None if s is None or s != s else s for s in x.shape)
 
 
 def broadcast_shapes(named: Sequence[tuple[str, Shape]]) -> Shape:
-    """Broadcast shapes by the array API rules, or raise a ValueError naming both shapes."""
+    """Broadcast shapes by the array API rules, or raise a ValueError naming both shapes.
+
+    A size not known yet (None, Dask after boolean indexing) broadcasts against 1 and
+    against another unknown size (trusted, as Dask does: a mismatch fails when computed);
+    against a known size other than 1 it is an error, since klx cannot check they match.
+    """
     first_name, first_shape = named[0]
-    if all(shape == first_shape for _, shape in named):
+    if None not in first_shape and all(shape == first_shape for _, shape in named):
         return tuple(first_shape)
     result: list[int | None] = []
     for name, shape in named:
@@ -98,10 +123,16 @@ def broadcast_shapes(named: Sequence[tuple[str, Shape]]) -> Shape:
         for a, b in zip(padded_result, padded_shape, strict=True):
             if a == 1:
                 merged.append(b)
-            elif b == 1 or a == b or b is None:
+            elif b == 1 or a == b:  # None == None: two unknown sizes are trusted, as Dask does
                 merged.append(a)
-            elif a is None:
-                merged.append(b)
+            elif a is None or b is None:
+                msg = (
+                    f"`{first_name}` has shape {tuple(first_shape)} and `{name}` has shape "
+                    f"{tuple(shape)}: a size that is not known yet (a Dask array after "
+                    "boolean indexing) cannot be matched against a known size other than 1; "
+                    "call `.compute_chunk_sizes()` on the Dask arrays first."
+                )
+                raise ValueError(msg)
             else:
                 msg = (
                     f"`{first_name}` has shape {tuple(first_shape)} and `{name}` has shape "
@@ -114,9 +145,10 @@ def broadcast_shapes(named: Sequence[tuple[str, Shape]]) -> Shape:
 
 
 def normalize_axis(axis: object, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    if isinstance(axis, bool) or not hasattr(axis, "__index__") or _is_array(axis):
         msg = f"`axis` must be an int, got {axis!r}."
         raise TypeError(msg)
+    axis = operator.index(axis)  # a NumPy integer too
     if ndim == 0:
         msg = (
             "the distributions must have at least one dimension, got 0-d arrays; "
@@ -137,15 +169,47 @@ def check_form(name: str, form: object) -> str:
     return form
 
 
-def check_temperature(temperature: object, forms: Sequence[str]) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        msg = f"`temperature` must be a positive real number, got {temperature!r}."
-        raise TypeError(msg)
-    t = float(temperature)
-    if not (t > 0 and math.isfinite(t)):
-        msg = f"`temperature` must be positive and finite, got {temperature!r}."
-        raise ValueError(msg)
-    if t != 1.0 and "logits" not in forms:
+def real_number(name: str, value: object, what: str) -> float:
+    """A Python (or NumPy) real number as a float; a TypeError naming `name` otherwise."""
+    if not _is_bool(value) and isinstance(value, numbers.Real):
+        return float(value)
+    msg = f"`{name}` must be {what}, got {value!r}."
+    raise TypeError(msg)
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def check_temperature(
+    temperature: object, forms: Sequence[str], xp: ModuleType | None = None
+) -> Any:
+    """A positive, finite temperature (a float), or a 0-d array used as it is.
+
+    Given the namespace `xp`, a 0-d real array of the inputs' library (a JAX tracer
+    inside ``jax.jit`` / ``jax.grad``, a torch tensor that requires grad) is not read:
+    its value may not be known yet, and this lets a temperature be annealed or learned
+    inside a compiled function (without `xp`, only numbers are taken). A
+    ``torch.SymFloat`` (a number under ``torch.compile(dynamic=True)``) is compared,
+    never converted.
+    """
+    t: Any = temperature
+    if type(t).__name__ == "SymFloat" or isinstance(t, numbers.Real):
+        if type(t).__name__ != "SymFloat":  # torch.compile's symbolic float stays one
+            t = real_number("temperature", t, "a positive real number")
+        if not (t > 0 and t < math.inf):  # comparisons: math.isfinite breaks a SymFloat
+            msg = f"`temperature` must be positive and finite, got {temperature!r}."
+            raise ValueError(msg)
+    elif _is_array(t) and xp is not None:
+        if t.ndim != 0 or not xp.isdtype(t.dtype, "real floating"):
+            msg = (
+                "`temperature` given as an array must be a 0-d real floating array of the "
+                f"inputs' library, got shape {tuple(t.shape)} and dtype {t.dtype}."
+            )
+            raise ValueError(msg)
+    else:
+        real_number("temperature", t, "a positive real number (or a 0-d array)")
+    if "logits" not in forms and not (isinstance(t, float) and t == 1.0):
         msg = (
             f"`temperature`={temperature!r} applies only to logits, but neither `p_form` nor "
             "`q_form` is 'logits'; give logits with p_form='logits' / q_form='logits', "
@@ -153,6 +217,31 @@ def check_temperature(temperature: object, forms: Sequence[str]) -> float:
         )
         raise ValueError(msg)
     return t
+
+
+def check_temperature_range(temperature: Any, finfo: Any) -> None:
+    """A temperature so small that logits / T overflow the dtype: a clear error.
+
+    Only for Python numbers (an array's value is not read). ``(x - max x) / T`` cannot
+    overflow to ``+inf``, but it needs ``1 / T`` finite (a compiler may multiply by it)
+    and `T` a normal number (subnormals are flushed to 0 by XLA on the CPU).
+    """
+    if not isinstance(temperature, float):
+        return
+    tiny, big = float(finfo.smallest_normal), float(finfo.max)
+    dtype = str(finfo.dtype).rsplit(".", 1)[-1]
+    if temperature < tiny or 1.0 / temperature > big:
+        msg = (
+            f"`temperature`={temperature!r} is too small for {dtype}, in which the "
+            f"logits are computed: it must be at least {max(tiny, 1.0 / big):.3g} (so that "
+            "1 / temperature is finite); use a larger temperature or float64 inputs."
+        )
+        raise ValueError(msg)
+
+
+def _is_array(x: object) -> bool:
+    """An array (a NumPy scalar is a number here, not an array)."""
+    return not isinstance(x, numbers.Number) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def check_beta(beta: object) -> float:
@@ -165,10 +254,7 @@ def check_alpha(alpha: object) -> float:
 
 def _mixture_weight(name: str, value: object) -> float:
     """A mixture weight `name` (beta of JS, alpha of skew KL): a real number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"`{name}` must be a real number in [0, 1], got {value!r}."
-        raise TypeError(msg)
-    w = float(value)
+    w = real_number(name, value, "a real number in [0, 1]")
     if not 0.0 <= w <= 1.0:
         msg = f"`{name}` must lie in [0, 1] (the weight of P in the mixture M), got {value!r}."
         raise ValueError(msg)

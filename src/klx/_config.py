@@ -1,11 +1,19 @@
-"""The program-wide validation switch.
+"""The program-wide switches: validation, accelerators, and klx's CPU threads.
 
 ``validate=None`` (the default of every public function) means "whatever the
 program-wide switch says". The switch starts from the environment variable
 ``KLX_VALIDATE`` (``1``, ``true``, ``yes`` or ``on`` turn it on) and is changed with
 :func:`klx.set_validation` or, for a block of code, :func:`klx.validation`.
-It is one process-wide flag (a plain module global, which ``torch.compile`` can
-read; a ``ContextVar`` would break its graph), shared by all threads.
+
+It is one process-wide setting, shared by all threads, on purpose: it is read inside
+``torch.compile``'d code, which can read a plain module global but not a ``ContextVar``
+or a thread-local (either breaks the graph), and a debugging switch that a worker
+thread (a DataLoader thread, a JAX callback) silently did not see would hide the very
+mistakes it is meant to catch. :func:`klx.validation` blocks are *overrides*: each
+``with`` adds its own entry and removes exactly that entry when it exits, and the
+innermost entry still open decides. So whatever the order in which threads enter and
+leave their blocks, once all have left the setting is what :func:`klx.set_validation`
+(or ``KLX_VALIDATE``) made it: no interleaving can leave it stuck.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from klx._checks import check_flag
 __all__ = [
     "accelerators_enabled",
     "is_validating",
+    "num_threads",
     "resolve_validate",
     "set_accelerators",
     "set_validation",
@@ -60,13 +69,19 @@ def set_accelerators(enabled: bool) -> None:
     _state["accelerators"] = check_flag("enabled", enabled)
 
 
+#: Open `validation()` blocks, oldest first: (a token of the block, its setting).
+_OVERRIDES: list[tuple[object, bool]] = []
+
+
 def is_validating() -> bool:
     """Whether validation is on for calls that leave ``validate`` unset."""
-    return _state["validate"]
+    return _OVERRIDES[-1][1] if _OVERRIDES else _state["validate"]
 
 
 def set_validation(enabled: bool) -> None:
     """Switch validation on or off for calls that leave ``validate`` unset.
+
+    Process-wide; an open :func:`klx.validation` block takes precedence until it exits.
 
     Examples
     --------
@@ -83,6 +98,10 @@ def set_validation(enabled: bool) -> None:
 def validation(enabled: bool = True) -> Iterator[None]:
     """Turn validation on (or off) inside a ``with`` block.
 
+    The setting is process-wide (all threads see it). Blocks nest; each removes only its
+    own setting when it exits, so interleaved blocks in several threads cannot leave it
+    stuck: after the last one exits, :func:`klx.set_validation` decides again.
+
     Examples
     --------
     >>> import klx
@@ -92,17 +111,17 @@ def validation(enabled: bool = True) -> Iterator[None]:
     >>> klx.is_validating()
     False
     """
-    before = _state["validate"]
-    _state["validate"] = check_flag("enabled", enabled)
+    entry = (object(), check_flag("enabled", enabled))
+    _OVERRIDES.append(entry)
     try:
         yield
     finally:
-        _state["validate"] = before
+        _OVERRIDES.remove(entry)
 
 
 def resolve_validate(validate: object) -> bool:
     if validate is None:
-        return _state["validate"]
+        return is_validating()
     if not isinstance(validate, bool):
         msg = (
             "`validate` must be True, False or None (None follows the program-wide "
@@ -110,3 +129,31 @@ def resolve_validate(validate: object) -> bool:
         )
         raise TypeError(msg)
     return validate
+
+
+def num_threads() -> int | None:
+    """``KLX_NUM_THREADS``: the most threads klx's NumPy accelerator uses (None: unset).
+
+    Read when klx is imported; anything but a positive integer is a ValueError then,
+    not on the first large array.
+    """
+    return _THREADS
+
+
+def _parse_threads(raw: str | None) -> int | None:
+    if raw is None or not raw.strip():
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        msg = (
+            f"the environment variable KLX_NUM_THREADS must be a positive integer (the most "
+            f"threads klx uses on the CPU), got {raw!r}; unset it to use every core."
+        )
+        raise ValueError(msg)
+    return n
+
+
+_THREADS = _parse_threads(os.environ.get("KLX_NUM_THREADS"))

@@ -41,9 +41,12 @@ def kl_divergence(
         \mathrm{KL}(P \,\|\, Q) = \sum_i p_i \, (\log p_i - \log q_i)
 
     summed over `axis`. Terms with :math:`p_i = 0` are 0 whatever :math:`q_i` is;
-    :math:`p_i > 0` with :math:`q_i = 0` gives ``+inf``; NaN propagates (the conventions
-    of :func:`scipy.special.rel_entr`). Gradients are finite with respect to every input
-    wherever the divergence is finite, including logits with ``-inf`` entries.
+    :math:`p_i > 0` with :math:`q_i = 0` gives ``+inf``; a negative probability gives
+    ``+inf``; NaN propagates (the conventions of :func:`scipy.special.rel_entr`, whose
+    accuracy for nearly equal arguments it matches). KL(P || P) is exactly 0, and from two
+    sets of logits the KL is never negative (see ``docs/numerics.md``). Gradients are
+    finite with respect to every input wherever the divergence is finite, including
+    logits with ``-inf`` entries.
 
     Parameters
     ----------
@@ -55,8 +58,12 @@ def kl_divergence(
     p_form, q_form : {'probs', 'log_probs', 'logits'}, optional
         How `p` and `q` are given. Logits are divided by `temperature` and normalised
         along `axis` with a stable log-sum-exp. Default 'probs'.
-    temperature : float, optional
-        Softmax temperature for logits; any value but 1 with no logits is an error.
+    temperature : float or 0-d array, optional
+        Softmax temperature for logits: they are normalised as ``(x - max x) / T``. Any
+        value but 1 with no logits is an error, as is a number too small for the dtype
+        (its reciprocal overflows). A 0-d real array of the inputs' library (a tracer
+        under ``jax.jit`` / ``jax.grad``, a tensor that requires grad) is used unread,
+        so the temperature can be annealed or learned.
     where : bool array, optional
         Which distributions to keep, broadcastable to the batch shape (the shape without
         `axis`). Dropped ones contribute nothing, in value (0 under 'none') and in gradient,
@@ -141,9 +148,11 @@ def js_divergence(
         \mathrm{JS}_\beta(P, Q) = \beta \, \mathrm{KL}(P \,\|\, M)
             + (1 - \beta) \, \mathrm{KL}(Q \,\|\, M), \qquad M = \beta P + (1 - \beta) Q.
 
-    ``log M`` is computed by ``logaddexp`` from the log-space inputs, so nothing underflows.
-    At ``beta = 0.5`` it is symmetric and at most ``log 2``; at ``beta`` 0 or 1 it is 0.
-    Natural logarithms throughout.
+    Each term is computed from ``r = log(q / p)`` in log space, so nothing underflows;
+    JS(P, P) is exactly 0 and JS is never negative (each term is a Jensen gap, and a
+    negative rounding error is set to 0). At ``beta = 0.5`` it is symmetric and at most
+    ``log 2``; at ``beta`` 0 or 1 it is 0 (NaN if either input holds NaN). Natural
+    logarithms throughout.
 
     Parameters
     ----------

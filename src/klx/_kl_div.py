@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from types import ModuleType
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from klx import _accel
 from klx._call import parse_kl_div
 from klx._dtypes import as_array, numpy_quiet
+from klx._namespace import library_name
 from klx._validation import check_distribution
 
 __all__ = ["KLDivMeanWarning", "kl_div"]
@@ -110,16 +112,29 @@ def kl_div(
     call = parse_kl_div(input, target, reduction, log_target, validate, xp)
     if call.validate:
         _validate(call)
-    if call.reduction == "mean":
+    if call.reduction == "mean" and not _compiling(input):
+        # (not inside torch.compile(fullgraph=True), which cannot trace a warning)
         warnings.warn(_MEAN_WARNING, KLDivMeanWarning, stacklevel=2)
     with numpy_quiet(input):
         return as_array(_accel.evaluate_kl_div(call))
 
 
+def _compiling(x: Any) -> bool:
+    torch = sys.modules.get("torch") if library_name(x) == "torch" else None
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
 def _validate(call: Any) -> None:
     # torch's convention: the distributions lie along the last axis.
     xp = call.xp
-    check_distribution(xp, "input", call.input, "log_probs", axis=-1 if call.input.ndim else None)
+    check_distribution(
+        xp,
+        "input",
+        call.input,
+        "log_probs",
+        axis=-1 if call.input.ndim else None,
+        hint_logits="if they are logits, pass their log_softmax",
+    )
     check_distribution(
         xp,
         "target",
@@ -128,4 +143,5 @@ def _validate(call: Any) -> None:
         axis=-1 if call.target.ndim else None,
         hint_log="pass log_target=True if `target` holds log-probabilities",
         hint_probs="pass log_target=False if `target` holds probabilities",
+        hint_logits="if they are logits, pass their log_softmax",
     )

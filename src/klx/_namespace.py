@@ -53,18 +53,22 @@ def _describe(x: Any) -> str:
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
-def array_namespace(named: Sequence[tuple[str, Any]]) -> ModuleType:
-    """The array-API namespace shared by the named arguments.
+def array_namespace(named: Sequence[tuple[str, Any]], xp: ModuleType | None = None) -> ModuleType:
+    """The array-API namespace shared by the named arguments (`xp` if given).
 
     Parameters
     ----------
     named
         ``(argument name, value)`` pairs; ``None`` is allowed for `where` only.
+    xp
+        A namespace given by the caller: the arguments are still checked to be arrays
+        of one library, and `xp` is returned.
 
     Raises
     ------
     TypeError
-        If a value is not an array, or if the arrays come from two libraries.
+        If a value is not an array, is a NumPy scalar, matrix or masked array, or if the
+        arrays come from two libraries.
     """
     libraries: dict[str, str] = {}
     arrays = []
@@ -72,6 +76,8 @@ def array_namespace(named: Sequence[tuple[str, Any]]) -> ModuleType:
         if value is None and name == "where":
             continue
         lib = library_name(value)
+        if lib is None or lib == "numpy":
+            _refuse_numpy_kinds(name, value)
         if lib is None:
             msg = (
                 f"`{name}` must be an array (NumPy, PyTorch, JAX, CuPy, Dask or another "
@@ -88,11 +94,45 @@ def array_namespace(named: Sequence[tuple[str, Any]]) -> ModuleType:
             "library first (for example with torch.as_tensor or numpy.asarray)."
         )
         raise TypeError(msg)
+    if xp is not None:
+        return xp
     if len(libraries) == 1:
         (only,) = libraries
         if only in _COMPAT:
             return _compat_namespace(only)
     return aac.array_namespace(*arrays)
+
+
+def _is_masked(value: Any) -> bool:
+    ma = sys.modules.get("numpy.ma")  # not imported: no masked array exists
+    return ma is not None and isinstance(value, ma.MaskedArray)
+
+
+def _refuse_numpy_kinds(name: str, value: Any) -> None:
+    """NumPy scalars, matrices and masked arrays: a TypeError saying what to pass instead.
+
+    A matrix multiplies with ``*`` and a masked array hides entries: klx would compute
+    something else than asked, so it refuses both rather than guess.
+    """
+    np = sys.modules.get("numpy")
+    if np is None:
+        return
+    if isinstance(value, np.generic):
+        fix = "wrap it with numpy.asarray(...) (0-d array) or give the whole array"
+        what = "a NumPy scalar"
+    elif isinstance(value, np.matrix):
+        fix = "convert it with numpy.asarray(...)"
+        what = "a numpy.matrix (whose `*` is a matrix product)"
+    elif _is_masked(value):
+        fix = (
+            "fill the masked entries (`x.filled(0.0)` for probabilities) or drop whole "
+            "distributions with `where=`"
+        )
+        what = "a NumPy masked array (klx would ignore its mask)"
+    else:
+        return
+    msg = f"`{name}` is {what}, {type(value).__name__}; {fix}."
+    raise TypeError(msg)
 
 
 #: Namespaces of the libraries array-api-compat wraps, by library name; looked up

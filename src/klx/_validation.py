@@ -30,6 +30,12 @@ def tolerance(xp: ModuleType, dtype: Any, n: int) -> float:
 
 
 def _require_concrete(name: str, x: Array) -> None:
+    if str(getattr(getattr(x, "device", None), "type", "")) == "meta":
+        msg = (
+            f"validation reads the values of `{name}`, but it is a tensor on the 'meta' "
+            "device, which has none; call with validate=False (or validate real tensors)."
+        )
+        raise ValueError(msg)
     if not is_concrete(x):
         msg = (
             f"validation reads the values of `{name}`, but it is a traced {library_name(x)} "
@@ -45,6 +51,19 @@ def _count(xp: ModuleType, flags: Array) -> int:
     return int(xp.sum(xp.astype(flags, xp.int64 if hasattr(xp, "int64") else xp.int32)))
 
 
+def _no_empty_rows(xp: ModuleType, name: str, empty: Array, axis: int, what: str) -> None:
+    """A distribution all of whose entries are -inf has no mass: not a distribution."""
+    if empty.shape[axis] == 0:
+        return
+    bad = _count(xp, xp.all(empty, axis=axis))
+    if bad:
+        msg = (
+            f"`{name}` has {bad} distribution(s) in which every {what} (no mass at all), "
+            "which gives NaN; drop them with `where=` (padding rows) or fix them."
+        )
+        raise ValueError(msg)
+
+
 def check_distribution(
     xp: ModuleType,
     name: str,
@@ -55,11 +74,13 @@ def check_distribution(
     keep_full: Array | None = None,
     hint_log: str = "",
     hint_probs: str = "",
+    hint_logits: str = "if they are logits, say so (p_form/q_form='logits')",
 ) -> None:
     """Raise ValueError if `x` is not a valid distribution of the given form along `axis`.
 
     `hint_log` names the way to declare log-probabilities (e.g. "pass log_target=True");
-    `hint_probs` the way to declare probabilities. With ``axis=None`` only the
+    `hint_probs` the way to declare probabilities, `hint_logits` what to do with logits
+    (empty: nothing to suggest). With ``axis=None`` only the
     element-wise checks run.
     """
     _require_concrete(name, x)
@@ -77,6 +98,15 @@ def check_distribution(
         msg = f"`{name}` contains {nans} NaN value(s); remove or mask them (`where=`)."
         raise ValueError(msg)
     if form == "logits":
+        big = _count(xp, x == math.inf)
+        if big:
+            msg = (
+                f"`{name}` holds {big} logit(s) equal to +inf, whose softmax is undefined "
+                "(inf - inf); clip them to a large finite value."
+            )
+            raise ValueError(msg)
+        if axis is not None:
+            _no_empty_rows(xp, name, x == -math.inf, axis, "logit is -inf")
         return
 
     if form == "probs":
@@ -103,8 +133,8 @@ def check_distribution(
                 msg = (
                     f"`{name}` must hold probabilities that sum to 1{where_msg}, but {bad} "
                     f"distribution(s) do not (the worst is off by {worst:.3g}; tolerance "
-                    f"{tol:.3g}); normalise them (p / p.sum(axis, keepdims=True)), or, if "
-                    f"they are logits, say so (p_form/q_form='logits')."
+                    f"{tol:.3g}); normalise them (p / p.sum(axis, keepdims=True))"
+                    f"{', or, ' + hint_logits if hint_logits else ''}."
                 )
                 raise ValueError(msg)
         return
@@ -120,6 +150,7 @@ def check_distribution(
         )
         raise ValueError(msg)
     if axis is not None:
+        _no_empty_rows(xp, name, x == -math.inf, axis, "log-probability is -inf")
         m = xp.max(x, axis=axis, keepdims=True)
         lse = xp.log(xp.sum(xp.exp(x - m), axis=axis)) + xp.squeeze(m, axis=axis)
         off = ~(xp.abs(lse) <= tol)  # NaN (a row of -inf) is off too
@@ -129,9 +160,8 @@ def check_distribution(
             msg = (
                 f"`{name}` must hold log-probabilities whose exp sums to 1{where_msg}, but "
                 f"{bad} distribution(s) do not (log of the sum off by up to {worst:.3g}; "
-                f"tolerance {tol:.3g}); take log_softmax of logits (or give them as "
-                "p_form/q_form='logits'), and pass the log of probabilities, not the "
-                "probabilities themselves."
+                f"tolerance {tol:.3g}); {hint_logits or 'take log_softmax of logits'}, and "
+                "pass the log of probabilities, not the probabilities themselves."
             )
             raise ValueError(msg)
 

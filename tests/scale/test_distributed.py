@@ -61,9 +61,9 @@ def test_local_cluster_matches_reference_with_chunks_along_the_axis(backend, clu
     np.testing.assert_allclose(kl_v, np.where(keep, rows, 0.0), rtol=1e-12)
     pt1, ps1 = np.exp(reference.log_softmax(t, -1)), np.exp(reference.log_softmax(s, -1))
     np.testing.assert_allclose(js_v, np.mean(reference.js_rows(pt1, ps1, -1, 0.5)), rtol=1e-12)
-    with np.errstate(all="ignore"):
-        ref_div, _ = reference.kl_div(t, s, "sum", log_target=False)
-    np.testing.assert_equal(np.isnan(div_v), np.isnan(ref_div))
+    # `s` holds negative "probabilities": their terms are +inf, as in scipy.special.rel_entr
+    # (docs/numerics.md; torch gives NaN)
+    assert np.any(s < 0) and div_v == np.inf
     del ps
 
 

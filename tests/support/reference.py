@@ -21,7 +21,9 @@ ATOL = {"float16": 2.0**-25}
 
 
 def kl_div_terms(x: np.ndarray, y: np.ndarray, log_target: bool) -> tuple[np.ndarray, np.ndarray]:
-    """torch's kl_div terms y (log y - x), or exp(y) (y - x); 0 where the target is 0."""
+    """torch's kl_div terms y (log y - x), or exp(y) (y - x); 0 where the target is 0, and
+    +inf where it is negative (outside the domain: scipy.special.rel_entr's rule; torch: NaN).
+    """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     with np.errstate(all="ignore"):
@@ -36,6 +38,10 @@ def kl_div_terms(x: np.ndarray, y: np.ndarray, log_target: bool) -> tuple[np.nda
         zero = p == 0
         terms = np.where(zero, np.where(np.isnan(x), np.nan, 0.0), terms)
         scale = np.where(zero, 0.0, scale)
+        if not log_target:
+            outside = (y < 0) & ~np.isnan(x)
+            terms = np.where(outside, np.inf, terms)
+            scale = np.where(outside, 0.0, scale)
     return terms, scale
 
 

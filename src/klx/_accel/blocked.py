@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from klx._agnostic import divide, kl_terms, reduction_divisor
+from klx._config import num_threads
 
 __all__ = ["kl_div_dask", "kl_div_numpy", "kl_div_torch", "kl_sum_numpy"]
 
@@ -245,7 +246,7 @@ def _workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, int(os.environ.get("KLX_NUM_THREADS", cores))))
+    return max(1, min(cores, num_threads() or cores))
 
 
 def _pool() -> Any:

@@ -399,6 +399,8 @@ def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
             return f"serves forms {row.forms}, not {(call.p_form, call.q_form)}"
         if call.axis != a.ndim - 1 and row.layout != "any":
             return "serves distributions along the last axis only"
+        if not isinstance(call.temperature, float):
+            return "the temperature is an array (a traced or learned one), not a number"
     if not row.autograd and lib == "torch" and (a.requires_grad or b.requires_grad):
         return "inputs require gradients and it has no backward"
     for module in row.requires:

@@ -1,0 +1,738 @@
+"""Numerical truth and robustness (issue 10): exactness, accuracy against mpmath and
+float64 references, the out-of-domain rules, and inputs that used to get unclear answers.
+
+Each rule tested here is stated in docs/numerics.md and in the README's conventions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import mpmath
+import numpy as np
+import pytest
+from scipy import special, stats
+
+import klx
+from support import reference
+
+FORMS = ("probs", "log_probs", "logits")
+TORCH = "torch's own API (autograd, torch.compile, torch.func, its dtypes and devices)"
+NUMPY = "NumPy's own kinds of input, and SciPy's recipe on NumPy arrays"
+
+
+def _given(p: np.ndarray, form: str) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return p if form == "probs" else np.log(p) + (3.0 if form == "logits" else 0.0)
+
+
+def _mp_kl(log_p, log_q) -> float:
+    """KL from float64 log-probabilities, in 50-digit arithmetic."""
+    mpmath.mp.dps = 50
+    return float(
+        sum(
+            mpmath.exp(mpmath.mpf(float(a))) * (mpmath.mpf(float(a)) - mpmath.mpf(float(b)))
+            for a, b in zip(log_p, log_q, strict=True)
+        )
+    )
+
+
+def _mp_log_softmax(x) -> list:
+    mpmath.mp.dps = 50
+    xs = [mpmath.mpf(float(v)) for v in x]
+    lse = mpmath.log(sum(mpmath.exp(v) for v in xs))
+    return [v - lse for v in xs]
+
+
+# ------------------------------------------------------------------ 1. JS(P, P) = 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("form", FORMS)
+def test_js_of_identical_inputs_is_exactly_zero(backend, form, dtype):
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(10), size=300)
+    p[:5, 3] = 0.0  # zeros (a -inf log-probability) included
+    p = np.vstack([p, [[0.1, 0.2, 0.7] + [0.0] * 7]])
+    x = backend.asarray(_given(p, form), dtype)
+    for beta in (0.5, 0.1, 0.9):
+        js = backend.to_numpy(klx.js_divergence(x, x, p_form=form, q_form=form, beta=beta))
+        assert np.all(js == 0.0), f"JS(P, P) must be exactly 0; worst {js.min():.3g}"
+    # so the square root (SciPy's jensenshannon) is 0, never NaN
+    assert not np.isnan(np.sqrt(js)).any()
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.1, 0.9])
+def test_js_is_never_negative_for_nearly_equal_inputs(backend, beta):
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.ones(10), size=500)
+    q = p * (1 + 1e-9 * rng.standard_normal(p.shape))
+    q /= q.sum(-1, keepdims=True)
+    for form in FORMS:
+        got = backend.to_numpy(
+            klx.js_divergence(
+                backend.asarray(_given(p, form)),
+                backend.asarray(_given(q, form)),
+                p_form=form,
+                q_form=form,
+                beta=beta,
+            )
+        )
+        assert np.all(got >= 0), f"{form}: {np.sum(got < 0)} negative rows"
+
+
+# ------------------------------------------------------------------ 2. near-equal P, Q
+
+#: SciPy's gh-20710 cases: terms of nearly equal arguments, and arguments far apart.
+_NEAR = [
+    (0.9456657713430001, 0.9456657713430094),
+    (0.48066098564791515, 0.48066098564794774),
+    (0.786048657854401, 0.7860486578542367),
+    (0.5, 0.5000000000000001),
+    (1e-200, 1e200),
+    (4.0, 2.23e-308),
+]
+
+
+def test_rel_entr_accuracy_of_nearly_equal_terms_matches_scipy(backend):
+    """SciPy's gh-20710 tests: relative error 1e-13 against mpmath (x log(x / y))."""
+    x = np.array([a for a, _ in _NEAR])
+    y = np.array([b for _, b in _NEAR])
+    mpmath.mp.dps = 40
+    want = [float(mpmath.mpf(a) * mpmath.log(mpmath.mpf(a) / mpmath.mpf(b))) for a, b in _NEAR]
+    # one term per distribution: distributions of length 1
+    got = klx.kl_divergence(backend.asarray(x[:, None]), backend.asarray(y[:, None]))
+    got = backend.to_numpy(got)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(special.rel_entr(x, y), want, rtol=1e-13, atol=0)  # SciPy too
+
+
+def test_js_of_nearly_equal_probabilities_is_accurate(backend):
+    p = np.array([[0.9456657713430001, 1 - 0.9456657713430001]])
+    q = np.array([[0.9456657713430094, 1 - 0.9456657713430094]])
+    mpmath.mp.dps = 50
+    want = 0.0
+    for a, b in zip(p[0], q[0], strict=True):
+        a, b = mpmath.mpf(a), mpmath.mpf(b)
+        m = (a + b) / 2
+        want += a / 2 * mpmath.log(a / m) + b / 2 * mpmath.log(b / m)
+    got = backend.to_numpy(klx.js_divergence(backend.asarray(p), backend.asarray(q)))
+    assert got[0] >= 0
+    # a second-order quantity: cancellation leaves about eps / |r| = 1e-3 relative
+    np.testing.assert_allclose(got[0], float(want), rtol=1e-2)
+
+
+# ------------------------------------------------------------------ 3. near-one-hot logits
+
+
+def _kl_of_logits(backend, a, b, dtype):
+    got = klx.kl_divergence(
+        backend.asarray(a, dtype), backend.asarray(b, dtype), p_form="logits", q_form="logits"
+    )
+    return backend.to_numpy(got)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "dtype", "rtol"),
+    [
+        ([20.0, 0, 0, 0], [19.0, 0, 0, 0], "float32", 1e-5),
+        ([15.0] + [0.0] * 99, [16.0] + [0.0] * 99, "float32", 1e-5),
+        ([15.0] + [0.0] * 99, [16.0] + [0.0] * 99, "float64", 1e-12),
+        ([40.0, 1.0, 0.5], [40.0, 1.5, 0.5], "float64", 1e-12),
+    ],
+)
+def test_near_one_hot_logits(backend, a, b, dtype, rtol):
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    a32 = np.asarray(np.asarray(a, dtype=dtype), dtype=np.float64)
+    b32 = np.asarray(np.asarray(b, dtype=dtype), dtype=np.float64)
+    want = _mp_kl(_mp_log_softmax(a32), _mp_log_softmax(b32))
+    got = _kl_of_logits(backend, a32, b32, dtype)
+    assert got >= 0, "KL >= 0"
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
+
+
+def test_kl_from_logits_is_never_negative(backend):
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(400, 8)) * 5
+    a[:, 0] += 25  # nearly one-hot
+    b = a + 1e-7 * rng.standard_normal(a.shape)
+    for dtype in ("float32", "float64"):
+        got = _kl_of_logits(backend, a, b, dtype)
+        assert np.all(got >= 0), f"{dtype}: {np.sum(got < 0)} negative"
+
+
+# ------------------------------------------------------------------ 4. temperature
+
+
+@pytest.mark.backends("jax", reason="JAX transforms (jax.jit, jax.grad, vmap)")
+def test_tiny_temperature_under_jit_matches_eager_and_reference(backend):
+    import jax
+
+    rng = np.random.default_rng(5)
+    t = rng.uniform(-1e4, 1e4, size=(64, 16)).astype(np.float32)
+    s = rng.uniform(-1e4, 1e4, size=(64, 16)).astype(np.float32)
+    s[::2] = t[::2] + rng.uniform(-1, 1, size=(32, 16)).astype(np.float32) * 1e-3
+
+    def f(a, b):
+        return klx.kl_divergence(a, b, p_form="logits", q_form="logits", temperature=1e-6)
+
+    ta, sa = backend.asarray(t, "float32"), backend.asarray(s, "float32")
+    jitted = np.asarray(jax.jit(f)(ta, sa), dtype=np.float64)
+    eager = np.asarray(f(ta, sa), dtype=np.float64)
+    lp = reference.log_softmax(t.astype(np.float64), -1, 1e-6)
+    lq = reference.log_softmax(s.astype(np.float64), -1, 1e-6)
+    want, scale = reference.kl_rows_log(np.exp(lp), lq, -1)
+    assert reference.rel_error(jitted, want, scale + 1.0) <= 2e-6
+    assert reference.rel_error(eager, want, scale + 1.0) <= 2e-6
+
+
+def test_temperature_too_small_for_the_dtype_is_a_clear_error(backend):
+    x = backend.asarray([[1.0, 2.0, 3.0]], "float32")
+    with pytest.raises(ValueError, match=r"`temperature`=1e-45 is too small for float32"):
+        klx.kl_divergence(x, x, p_form="logits", q_form="logits", temperature=1e-45)
+    # float64 holds 1 / 1e-45: the right answer (one-hot P = Q)
+    y = backend.asarray([[1.0, 2.0, 3.0]], "float64")
+    got = klx.kl_divergence(y, y, p_form="logits", q_form="logits", temperature=1e-45)
+    got = backend.to_numpy(got)
+    assert got[0] == 0.0
+
+
+@pytest.mark.backends("jax", reason="JAX transforms (jax.jit, jax.grad, vmap)")
+def test_traced_temperature_under_jit_and_grad(backend):
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(6)
+    t, s = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+
+    def loss(temp):
+        return klx.kl_divergence(
+            jnp.asarray(t),
+            jnp.asarray(s),
+            p_form="logits",
+            q_form="logits",
+            temperature=temp,
+            reduction="sum",
+        )
+
+    def ref(temp):
+        lp, lq = reference.log_softmax(t, -1, temp), reference.log_softmax(s, -1, temp)
+        return reference.kl_rows_log(np.exp(lp), lq, -1)[0].sum()
+
+    got = float(jax.jit(loss)(jnp.asarray(2.0)))
+    np.testing.assert_allclose(got, ref(2.0), rtol=1e-12)
+    grad = float(jax.jit(jax.grad(loss))(2.0))
+    h = 1e-5
+    np.testing.assert_allclose(grad, (ref(2.0 + h) - ref(2.0 - h)) / (2 * h), rtol=1e-6)
+    # annealed inside a jitted loop
+    temps = jnp.linspace(1.0, 3.0, 4)
+    annealed = np.asarray(jax.jit(jax.vmap(loss))(temps))
+    np.testing.assert_allclose(annealed, [ref(float(v)) for v in temps], rtol=1e-12)
+
+
+@pytest.mark.backends("torch", reason=TORCH)
+def test_learned_temperature_tensor_gets_a_gradient(backend):
+    import torch
+
+    rng = np.random.default_rng(7)
+    t, s = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    temp = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    out = klx.kl_divergence(
+        torch.from_numpy(t),
+        torch.from_numpy(s),
+        p_form="logits",
+        q_form="logits",
+        temperature=temp,
+        reduction="sum",
+    )
+    out.backward()
+
+    def ref(v):
+        lp, lq = reference.log_softmax(t, -1, v), reference.log_softmax(s, -1, v)
+        return reference.kl_rows_log(np.exp(lp), lq, -1)[0].sum()
+
+    np.testing.assert_allclose(out.item(), ref(2.0), rtol=1e-12)
+    np.testing.assert_allclose(temp.grad.item(), (ref(2 + 1e-5) - ref(2 - 1e-5)) / 2e-5, rtol=1e-6)
+
+
+def test_array_temperature_must_be_0d_float(backend):
+    x = backend.asarray([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="`temperature` given as an array must be a 0-d"):
+        klx.kl_divergence(
+            x, x, p_form="logits", q_form="logits", temperature=backend.asarray([2.0])
+        )
+
+
+# ------------------------------------------------------------------ 5. second-order gradients
+
+
+@pytest.mark.backends("torch", reason=TORCH)
+def test_js_second_order_gradients_are_finite_at_zero_probabilities(backend):
+    import torch
+
+    p = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64, requires_grad=True)
+    (grad_p,) = torch.autograd.grad(klx.js_divergence(p, q), p, create_graph=True)
+    (h,) = torch.autograd.grad(grad_p.sum(), q)
+    # d JS / d p_i = log(2 p_i / (p_i + q_i)) / 2 (0 where p_i = 0, klx's convention), so
+    # d^2 / dp_i dq_i = -1 / (2 (p_i + q_i)), and 0 at p_i = 0.
+    np.testing.assert_allclose(h.numpy(), [-1 / 1.5, 0.0, -0.5], rtol=1e-13)
+
+
+@pytest.mark.backends("torch", reason=TORCH)
+@pytest.mark.parametrize("form", ["probs", "logits"])
+def test_js_hessian_finite_with_zeros_and_neginf_logits(backend, form):
+    import torch
+
+    p = np.array([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.6, 0.4]])
+    q = np.array([[0.25, 0.25, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    a = torch.from_numpy(_given(p, form))
+    b = torch.from_numpy(_given(q, form))
+
+    def f(x, y):
+        return klx.js_divergence(x, y, p_form=form, q_form=form, reduction="sum", beta=0.3)
+
+    hess = torch.autograd.functional.hessian(f, (a, b))
+    for row in hess:
+        for block in row:
+            assert torch.isfinite(block).all(), "every second derivative is finite"
+
+
+# ------------------------------------------------------------------ 6. Liger's JSD
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_float32_js_matches_liger_reference_within_1e_6(backend, beta):
+    """Liger Kernel's JSD test: log-probabilities of shape (2, 16, 3200) in float32."""
+    rng = np.random.default_rng(8)
+    lp = special.log_softmax(rng.standard_normal((2, 16, 3200)), axis=-1).astype(np.float32)
+    lq = special.log_softmax(rng.standard_normal((2, 16, 3200)), axis=-1).astype(np.float32)
+    # float64 reference on the very float32 values
+    p, q = np.exp(lp.astype(np.float64)), np.exp(lq.astype(np.float64))
+    log_m = np.log(beta * p + (1 - beta) * q)
+    want = np.sum(beta * p * (lp - log_m) + (1 - beta) * q * (lq - log_m))
+    got = klx.js_divergence(
+        backend.asarray(lp, "float32"),
+        backend.asarray(lq, "float32"),
+        p_form="log_probs",
+        q_form="log_probs",
+        beta=beta,
+        reduction="sum",
+    )
+    assert abs(backend.to_numpy(got) - want) / want <= 1e-6
+
+
+# ------------------------------------------------------------------ 7. outside the domain
+
+
+def test_negative_probability_gives_inf_as_rel_entr(backend):
+    p = np.array([[1.5, -0.5], [0.5, 0.5], [0.0, 1.0]])
+    q = np.array([[0.5, 0.5], [1.5, -0.5], [-0.5, 1.5]])
+    want = special.rel_entr(p, q).sum(-1)
+    assert np.all(want == np.inf)
+    kl = backend.to_numpy(klx.kl_divergence(backend.asarray(p), backend.asarray(q)))
+    assert np.all(kl == np.inf)
+    js = backend.to_numpy(klx.js_divergence(backend.asarray(p), backend.asarray(q)))
+    assert np.all(js == np.inf)
+    # kl_div's target (probabilities) follows the same rule; torch's own gives NaN
+    terms = klx.kl_div(
+        backend.asarray(np.log([[0.5, 0.5]])), backend.asarray([[1.5, -0.5]]), reduction="none"
+    )
+    assert backend.to_numpy(terms)[0, 1] == np.inf
+
+
+def test_underflowing_log_probability_against_zero_is_inf(backend):
+    """log p = -150 is p > 0 (not representable in float32): against q = 0 it is +inf."""
+    lp = np.array([[0.0, -150.0]])
+    lq = np.array([[0.0, -np.inf]])
+    for dtype in ("float32", "float64"):
+        got = klx.kl_divergence(
+            backend.asarray(lp, dtype),
+            backend.asarray(lq, dtype),
+            p_form="log_probs",
+            q_form="log_probs",
+        )
+        assert backend.to_numpy(got)[0] == np.inf
+        terms = klx.kl_div(
+            backend.asarray(lq, dtype), backend.asarray(lp, dtype), log_target=True, reduction="sum"
+        )
+        assert backend.to_numpy(terms) == np.inf
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_nan_on_the_zero_weighted_side_propagates(backend, beta):
+    p = np.array([[0.5, np.nan], [0.5, 0.5]])
+    q = np.array([[0.5, 0.5], [0.5, 0.5]])
+    for a, b in ((p, q), (q, p)):
+        got = backend.to_numpy(klx.js_divergence(backend.asarray(a), backend.asarray(b), beta=beta))
+        assert np.isnan(got[0]) and got[1] == 0.0
+
+
+# ------------------------------------------------------------------ 8. subnormals
+
+
+def test_subnormal_probabilities(backend):
+    """float32 q = 1e-40 is subnormal: XLA on the CPU flushes it to 0 (a platform limit,
+    docs/numerics.md), and the KL is then +inf; elsewhere it is exact."""
+    p = backend.asarray([0.5, 0.5], "float32")
+    q = backend.asarray([1.0, 1e-40], "float32")
+    got = float(backend.to_numpy(klx.kl_divergence(p, q)))
+    qv = np.asarray([1.0, 1e-40], dtype=np.float32).astype(np.float64)
+    want = special.rel_entr([0.5, 0.5], qv).sum()
+    if backend.name == "jax":
+        flushes = bool(backend.xp.log(backend.asarray([1e-40], "float32"))[0] == -np.inf)
+        if flushes:
+            assert got == np.inf
+            return
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ 9. scipy.stats.entropy
+
+
+@pytest.mark.backends("numpy", reason=NUMPY)
+@pytest.mark.parametrize(("ps", "qs"), [((3,), (2, 1)), ((2, 3), (3,)), ((4, 1), (1, 5))])
+def test_readme_recipe_for_scipy_stats_entropy_broadcasts_first(backend, ps, qs):
+    rng = np.random.default_rng(9)
+    p, q = rng.uniform(0.1, 2, size=ps), rng.uniform(0.1, 2, size=qs)
+    want = stats.entropy(p, q, axis=-1)
+    # the README's row: broadcast first, then normalise
+    p2, q2 = np.broadcast_arrays(p, q)
+    a = -1
+    got = klx.kl_divergence(p2 / p2.sum(a, keepdims=True), q2 / q2.sum(a, keepdims=True), axis=a)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ 11. Dask unknown sizes
+
+
+@pytest.mark.backends("dask", reason="Dask arrays of unknown chunk sizes")
+def test_dask_unknown_chunk_sizes(backend):
+    import dask.array as da
+
+    rng = np.random.default_rng(10)
+    p = rng.dirichlet(np.ones(13), size=10)
+    q = rng.dirichlet(np.ones(13), size=10)
+    keep = p[:, 0] > 0.05
+    pd, qd = da.from_array(p, chunks=(4, 13)), da.from_array(q, chunks=(4, 13))
+    mask = da.from_array(keep, chunks=4)
+    pu, qu = pd[mask], qd[mask]
+    assert math.isnan(pu.shape[0])
+    rows, _ = reference.kl_rows(p[keep], q[keep], -1)
+    got = klx.kl_divergence(pu, qu, reduction="batchmean")
+    np.testing.assert_allclose(got.compute(), rows.mean(), rtol=1e-12)
+    ref, _ = reference.kl_div(np.log(q[keep]), p[keep], "mean", log_target=False)
+    with pytest.warns(klx.KLDivMeanWarning):
+        mean = klx.kl_div(da.log(qu), pu)
+    np.testing.assert_allclose(mean.compute(), ref, rtol=1e-12)
+    bm, _ = reference.kl_div(np.log(q[keep]), p[keep], "batchmean", log_target=False)
+    np.testing.assert_allclose(
+        klx.kl_div(da.log(qu), pu, reduction="batchmean").compute(), bm, rtol=1e-12
+    )
+    # against a (1, 13) row: broadcast lazily
+    one = da.from_array(q[:1], chunks=(1, 13))
+    want, _ = reference.kl_rows(p[keep], q[:1], -1)
+    np.testing.assert_allclose(klx.kl_divergence(pu, one).compute(), want, rtol=1e-12)
+    # against a known size other than 1: an error now, not at compute()
+    with pytest.raises(ValueError, match=r"do not broadcast together"):
+        klx.kl_divergence(pu, da.ones((1, 4)) / 4)
+    with pytest.raises(ValueError, match=r"not known yet.*compute_chunk_sizes"):
+        klx.kl_divergence(pu, da.from_array(q[:3], chunks=(3, 13)))
+    # unknown along the distribution axis
+    with pytest.raises(ValueError, match="size of the distributions"):
+        klx.kl_divergence(pu, qu, axis=0)
+
+
+# ------------------------------------------------------------------ 12. torch.compile
+
+
+@pytest.mark.slow
+@pytest.mark.backends("torch", reason=TORCH)
+def test_torch_compile_fullgraph_mean_new_temperature_and_dynamic(backend):
+    import torch
+
+    torch._dynamo.reset()
+    rng = np.random.default_rng(11)
+    x = torch.log_softmax(torch.from_numpy(rng.normal(size=(4, 8))), -1)
+    y = torch.softmax(torch.from_numpy(rng.normal(size=(4, 8))), -1)
+
+    @torch.compile(fullgraph=True)
+    def f(a, b, temperature):
+        return klx.kl_div(a, b), klx.kl_divergence(
+            b, a, p_form="logits", q_form="logits", temperature=temperature
+        )
+
+    for temperature in (2.0, 3.0):  # a new value: recompiled, not a failure
+        mean, rows = f(x, y, temperature)
+        want, _ = reference.kl_div(x.numpy(), y.numpy(), "mean", log_target=False)
+        np.testing.assert_allclose(mean.item(), want, rtol=1e-12)
+        lp = reference.log_softmax(y.numpy(), -1, temperature)
+        lq = reference.log_softmax(x.numpy(), -1, temperature)
+        np.testing.assert_allclose(
+            rows.numpy(), reference.kl_rows_log(np.exp(lp), lq, -1)[0], rtol=1e-12
+        )
+
+    g = torch.compile(
+        lambda a, b: klx.kl_divergence(a, b, p_form="logits", q_form="logits", reduction="sum"),
+        fullgraph=True,
+        dynamic=True,
+    )
+    for n in (4, 3, 2):
+        got = g(y[:n], x[:n]).item()
+        lp, lq = reference.log_softmax(y[:n].numpy(), -1), reference.log_softmax(x[:n].numpy(), -1)
+        np.testing.assert_allclose(
+            got, reference.kl_rows_log(np.exp(lp), lq, -1)[0].sum(), rtol=1e-12
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.backends("torch", reason=TORCH)
+def test_validate_inside_fullgraph_names_the_problem(backend):
+    import torch
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: klx.kl_div(a, b, validate=True, reduction="sum"), fullgraph=True)
+    x = torch.log_softmax(torch.ones(2, 3), -1)
+    # Dynamo wraps any exception raised while tracing; its text carries klx's message.
+    with pytest.raises(Exception, match=r"traced torch array.*validate=False inside the compiled"):
+        f(x, torch.exp(x))
+
+
+# ------------------------------------------------------------------ 13. torch.func
+
+
+@pytest.mark.backends("torch", reason=TORCH)
+def test_torch_func_vmap_and_forward_mode(backend):
+    import torch
+    import torch.autograd.forward_ad as fwAD
+
+    rng = np.random.default_rng(12)
+    for n in (8, 131072 // 64):  # small, and past the accelerators' sizes (131,072 elements)
+        x = torch.log_softmax(torch.from_numpy(rng.normal(size=(n, 64))), -1)
+        y = torch.softmax(torch.from_numpy(rng.normal(size=(n, 64))), -1)
+        got = torch.func.vmap(lambda a, b: klx.kl_div(a, b, reduction="sum"))(x, y)
+        want, _ = reference.kl_div_terms(x.numpy(), y.numpy(), log_target=False)
+        np.testing.assert_allclose(got.numpy(), want.sum(-1), rtol=1e-12)
+        tangent = torch.from_numpy(rng.normal(size=(n, 64)))
+        with fwAD.dual_level(), warnings.catch_warnings():
+            # torch loads its forward-AD decompositions with its own deprecated torch.jit
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
+            out = klx.kl_div(fwAD.make_dual(x, tangent), y, reduction="sum")
+            jvp = fwAD.unpack_dual(out).tangent
+        np.testing.assert_allclose(jvp.item(), float((-y * tangent).sum()), rtol=1e-10)
+        _, jvp2 = torch.func.jvp(lambda a, y=y: klx.kl_div(a, y, reduction="sum"), (x,), (tangent,))
+        np.testing.assert_allclose(jvp2.item(), float((-y * tangent).sum()), rtol=1e-10)
+
+
+# ------------------------------------------------------------------ 14. validation switch
+
+
+def test_validation_blocks_interleaved_across_threads_restore_the_setting():
+    assert not klx.is_validating()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with klx.validation(True):
+            a_in.set()
+            b_in.wait(5)
+            seen["a"] = klx.is_validating()  # B's block is the innermost one open: off
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(5)
+        with klx.validation(False):
+            b_in.set()
+            a_out.wait(5)
+            seen["b"] = klx.is_validating()
+
+    ta, tb = threading.Thread(target=thread_a), threading.Thread(target=thread_b)
+    ta.start()
+    tb.start()
+    ta.join(10)
+    tb.join(10)
+    assert seen == {"a": False, "b": False}
+    assert not klx.is_validating(), "A exits, then B: validation must not stay on"
+    # and in the other order of exits, nested in one thread
+    outer = klx.validation(True)
+    inner = klx.validation(False)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert not klx.is_validating()
+    inner.__exit__(None, None, None)
+    assert not klx.is_validating()
+
+
+# ------------------------------------------------------------------ 15-17. input kinds
+
+
+@pytest.mark.backends("numpy", reason=NUMPY)
+def test_numpy_matrix_masked_arrays_and_scalars_are_refused(backend):
+    p = np.array([[0.5, 0.5], [0.25, 0.75]])
+    with pytest.warns(PendingDeprecationWarning):  # NumPy's own, on making a matrix
+        matrix = np.asmatrix(p)
+    with pytest.raises(TypeError, match=r"`p` is a numpy.matrix.*numpy.asarray"):
+        klx.kl_divergence(matrix, p)
+    with pytest.raises(TypeError, match=r"`q` is a NumPy masked array.*where="):
+        klx.js_divergence(p, np.ma.masked_array(p, [[0, 1], [0, 0]]))
+    with pytest.raises(TypeError, match=r"`target` is a NumPy masked array"):
+        klx.kl_div(np.log(p), np.ma.masked_array(p))
+    for scalar in (np.float64(0.5), np.float32(0.5)):
+        with pytest.raises(TypeError, match=r"`input` is a NumPy scalar.*numpy.asarray"):
+            klx.kl_div(scalar, np.asarray(0.5), reduction="sum")
+
+
+def test_numpy_numbers_as_temperature_beta_and_axis(backend):
+    rng = np.random.default_rng(13)
+    t, s = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    a, b = backend.asarray(t), backend.asarray(s)
+    got = klx.kl_divergence(
+        a, b, p_form="logits", q_form="logits", temperature=np.float32(2.0), axis=np.int64(-1)
+    )
+    lp, lq = reference.log_softmax(t, -1, 2.0), reference.log_softmax(s, -1, 2.0)
+    np.testing.assert_allclose(
+        backend.to_numpy(got), reference.kl_rows_log(np.exp(lp), lq, -1)[0], rtol=1e-12
+    )
+    p, q = np.exp(lp), np.exp(lq)
+    got = klx.js_divergence(
+        backend.asarray(p), backend.asarray(q), beta=np.float32(0.25), axis=np.int32(1)
+    )
+    np.testing.assert_allclose(backend.to_numpy(got), reference.js_rows(p, q, 1, 0.25), rtol=1e-12)
+    for bad in (np.bool_(True), True):
+        with pytest.raises(TypeError, match="`beta` must be a real number"):
+            klx.js_divergence(backend.asarray(p), backend.asarray(q), beta=bad)
+
+
+@pytest.mark.backends("numpy", reason=NUMPY)
+def test_ml_dtypes_bfloat16_numpy_arrays_get_a_clear_error(backend):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.ones((2, 2), dtype=ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"`p` has dtype bfloat16.*astype\(numpy.float32\)"):
+        klx.kl_divergence(x, np.ones((2, 2), np.float32))
+
+
+@pytest.mark.backends("torch", reason=TORCH)
+def test_float8_is_refused(backend):
+    import torch
+
+    x = torch.full((2, 2), 0.5, dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"`p` must have a real floating.*float8 is a storage"):
+        klx.kl_divergence(x, x)
+
+
+def test_xp_keyword_still_checks_the_arguments(backend):
+    a = backend.asarray([[0.5, 0.5]])
+    with pytest.raises(TypeError, match="`p` must be an array"):
+        klx.kl_divergence([[0.5, 0.5]], a, xp=backend.xp)
+    with pytest.raises(TypeError, match="`input` must be an array"):
+        klx.kl_div([0.5], a, xp=backend.xp)
+    got = klx.kl_divergence(a, a, xp=backend.xp)
+    assert backend.to_numpy(got)[0] == 0.0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1.5"])
+def test_klx_num_threads_must_be_a_positive_integer(value):
+    code = "import klx"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KLX_NUM_THREADS": value},
+    )
+    assert out.returncode != 0
+    assert "KLX_NUM_THREADS must be a positive integer" in out.stderr
+    assert f"got {value!r}" in out.stderr
+
+
+def test_klx_num_threads_is_honoured():
+    code = "import klx._accel.blocked as b; print(b._workers())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KLX_NUM_THREADS": "1"},
+    )
+    assert out.stdout.strip() == "1"
+
+
+# ------------------------------------------------------------------ 18. validation messages
+
+
+def test_kl_div_sum_message_does_not_suggest_p_form(backend):
+    x = backend.asarray(np.log([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match="sum to 1") as err:
+        klx.kl_div(x, backend.asarray([[2.0, 3.0]]), reduction="sum", validate=True)
+    assert "p_form" not in str(err.value) and "log_softmax" in str(err.value)
+    with pytest.raises(ValueError, match="exp sums to 1") as err:
+        klx.kl_div(
+            backend.asarray([[-3.0, -3.0]]),
+            backend.asarray([[0.5, 0.5]]),
+            reduction="sum",
+            validate=True,
+        )
+    assert "p_form" not in str(err.value)
+
+
+def test_inf_logits_and_empty_rows_are_caught_by_validation(backend):
+    ok = backend.asarray([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"`p` holds 1 logit\(s\) equal to \+inf"):
+        klx.kl_divergence(
+            backend.asarray([[0.0, np.inf, 1.0], [1.0, 1.0, 1.0]]),
+            ok,
+            p_form="logits",
+            q_form="logits",
+            validate=True,
+        )
+    empty = [[-np.inf] * 3, [1.0, 1.0, 1.0]]
+    msg = r"`q` has 1 distribution\(s\) in which every logit is -inf"
+    with pytest.raises(ValueError, match=msg):
+        klx.kl_divergence(
+            ok, backend.asarray(empty), p_form="logits", q_form="logits", validate=True
+        )
+    with pytest.raises(ValueError, match=r"every log-probability is -inf") as err:
+        klx.kl_divergence(
+            ok,
+            backend.asarray([empty[0], [-math.log(3)] * 3]),
+            p_form="logits",
+            q_form="log_probs",
+            validate=True,
+        )
+    assert "nan" not in str(err.value)
+    # the same row dropped by `where` is fine
+    keep = backend.asarray(np.array([False, True]))
+    klx.kl_divergence(
+        ok, backend.asarray(empty), p_form="logits", q_form="logits", where=keep, validate=True
+    )
+
+
+@pytest.mark.backends("torch", reason=TORCH)
+def test_meta_tensors_with_validation_get_a_clear_error(backend):
+    import torch
+
+    x = torch.empty(2, 3, device="meta")
+    with pytest.raises(ValueError, match=r"`input`.*'meta' device.*validate=False"):
+        klx.kl_div(x, x, reduction="sum", validate=True)
+    out = klx.kl_div(x, x, reduction="sum", validate=False)  # shapes only: fine
+    assert out.device.type == "meta" and out.shape == ()
+
+
+def test_kl_from_logits_with_neginf_on_both_sides(backend):
+    """-inf logits where both P and Q are 0 (a masked vocabulary) contribute nothing."""
+    t = np.array([[2.0, -np.inf, 0.5, -np.inf], [0.0, 1.0, -np.inf, 3.0]])
+    s = np.array([[1.0, -np.inf, 0.3, 2.0], [0.5, -0.5, -np.inf, 1.0]])
+    p, q = np.exp(reference.log_softmax(t, -1)), np.exp(reference.log_softmax(s, -1))
+    want, scale = reference.kl_rows(p, q, -1)
+    got = klx.kl_divergence(
+        backend.asarray(t), backend.asarray(s), p_form="logits", q_form="logits"
+    )
+    assert reference.rel_error(backend.to_numpy(got), want, scale) <= 1e-12
