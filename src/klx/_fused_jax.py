@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from klx._fused_linear import FusedSpec, _Flat, chunk_from_hidden
+from klx._fused_chunks import FusedSpec, _Flat, chunk_from_hidden
 
 __all__ = ["jax_rows", "jax_total"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from klx._agnostic import log_softmax
-from klx._fused_linear import (
+from klx._fused_chunks import (
     FusedSpec,
     _Flat,
     _logits,

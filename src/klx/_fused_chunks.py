@@ -1,0 +1,192 @@
+"""One chunk of tokens for :func:`klx.fused_linear_divergence`: its logits and divergences.
+
+The per-chunk definition shared by the value path (:mod:`klx._fused_linear`) and the
+gradient paths (:mod:`klx._fused_torch`, :mod:`klx._fused_jax`): the chunk budget, the
+logits of a chunk of hidden states, each token's divergence by the definition
+(:func:`klx._agnostic.divergence_terms`), and the walk over chunks.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from klx._agnostic import divergence_terms
+from klx._namespace import library_name
+
+Array = Any
+
+#: The memory budget of one chunk when ``chunk_size=None``: the chunk's rows times the
+#: vocabulary times :data:`CHUNK_TEMPORARIES` arrays of the accumulation dtype fit in it.
+#: 128 MiB by default; set ``klx._fused_chunks.CHUNK_BYTES`` to change it process-wide.
+CHUNK_BYTES = 1 << 27
+#: How many [chunk, vocab] arrays one chunk holds at its peak (both models' logits, the
+#: definition's temporaries, and their gradients): an upper estimate.
+CHUNK_TEMPORARIES = 16
+
+#: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
+_KINDS = {"kl": "kl", "js": "js", "skew_kl": "skew_kl", "tvd": "tv"}
+#: The option each kind takes, by kind.
+_KIND_OPTION = {"js": "beta", "skew_kl": "alpha"}
+
+
+class FusedSpec(NamedTuple):
+    """The static (Python-valued, hashable) part of a call: the same in every chunk."""
+
+    kind: str
+    options: tuple[tuple[str, float], ...]
+    temperature: float
+    softcap: float | None
+    hard_weight: float
+    ignore_index: int
+
+
+def chunk_size_for(n_tokens: int, vocab: int, itemsize: int) -> int:
+    """Tokens per chunk so one chunk's temporaries fit in :data:`CHUNK_BYTES`.
+
+    ``CHUNK_BYTES // (CHUNK_TEMPORARIES * vocab * itemsize)``, rounded down to a multiple
+    of 8 (when at least 8), at least 1 and at most `n_tokens`.
+    """
+    rows = CHUNK_BYTES // max(1, CHUNK_TEMPORARIES * vocab * itemsize)
+    if rows >= 8:
+        rows -= rows % 8
+    return max(1, min(max(n_tokens, 1), rows))
+
+
+# --------------------------------------------------------------------------- one chunk
+
+
+def _safe_rows(xp: ModuleType, h: Array, keep: Array | None) -> Array:
+    """`h` with the dropped tokens' rows set to 0 (so NaN there reaches nothing)."""
+    if keep is None:
+        return h
+    return xp.where(keep[:, None], h, 0.0)
+
+
+def _logits(xp: ModuleType, h: Array, w: Array | None, b: Array | None, acc: Any) -> Array:
+    """``h @ w.T + b`` of one chunk in the accumulation dtype (`h` itself if `w` is None)."""
+    z = h if w is None else xp.matmul(h, w.T)
+    if b is not None:
+        z = z + b
+    return xp.astype(z, acc, copy=False)
+
+
+def chunk_rows(
+    xp: ModuleType,
+    spec: FusedSpec,
+    zp: Array,
+    zq: Array,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    """Per-token loss of one chunk from the raw logits [n, vocab]: 0 where `keep` drops."""
+    if keep is not None:
+        zp = xp.where(keep[:, None], zp, 0.0)
+        zq = xp.where(keep[:, None], zq, 0.0)
+    if spec.softcap is not None:
+        c = spec.softcap
+        zp = c * xp.tanh(zp / c)
+        zq = c * xp.tanh(zq / c)
+    hw = spec.hard_weight
+    rows = None
+    if hw < 1.0:
+        terms = divergence_terms(spec.kind)(
+            xp,
+            zp,
+            zq,
+            p_form="logits",
+            q_form="logits",
+            axis=-1,
+            temperature=spec.temperature,
+            **dict(spec.options),
+        )
+        rows = xp.sum(terms, axis=-1)
+        if hw > 0.0:
+            rows = (1.0 - hw) * rows
+    if hw > 0.0 and labels is not None:
+        ce = hw * _cross_entropy(xp, zq, labels, spec.ignore_index)
+        rows = ce if rows is None else rows + ce
+    if rows is None:  # hard_weight 1 with no labels is refused by the checks
+        rows = xp.zeros(zq.shape[:-1], dtype=zq.dtype)
+    if keep is not None:
+        rows = xp.where(keep, rows, 0.0)
+    return rows
+
+
+def _cross_entropy(xp: ModuleType, z: Array, labels: Array, ignore_index: int) -> Array:
+    """``logsumexp(z) - z[label]`` per row; 0 where the label is `ignore_index`."""
+    valid = labels != ignore_index
+    safe = xp.where(valid, labels, xp.zeros_like(labels))
+    vocab = xp.arange(z.shape[-1], dtype=labels.dtype, **_device_kw(z))
+    picked = xp.sum(xp.where(vocab == safe[:, None], z, 0.0), axis=-1)
+    top = xp.max(z, axis=-1, keepdims=True)
+    lse = xp.log(xp.sum(xp.exp(z - top), axis=-1)) + top[:, 0]
+    return xp.where(valid, lse - picked, 0.0)
+
+
+def _device_kw(x: Array) -> dict[str, Any]:
+    lib = library_name(x)
+    if lib in ("torch", "cupy"):
+        return {"device": x.device}
+    return {}
+
+
+def chunk_from_hidden(
+    xp: ModuleType,
+    spec: FusedSpec,
+    acc: Any,
+    hp: Array,
+    wp: Array | None,
+    bp: Array | None,
+    hq: Array,
+    wq: Array,
+    bq: Array | None,
+    keep: Array | None,
+    labels: Array | None,
+) -> Array:
+    """Per-token loss of one chunk of hidden states [n, hidden] (by the definition)."""
+    zp = _logits(xp, _safe_rows(xp, hp, keep), wp, bp, acc)
+    zq = _logits(xp, _safe_rows(xp, hq, keep), wq, bq, acc)
+    return chunk_rows(xp, spec, zp, zq, keep, labels)
+
+
+class _Flat(NamedTuple):
+    """The inputs with the tokens flattened to one axis."""
+
+    hp: Array
+    wp: Array | None
+    bp: Array | None
+    hq: Array
+    wq: Array
+    bq: Array | None
+    keep: Array | None
+    labels: Array | None
+
+
+def _rows_by_chunks(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """Per-token values [tokens], a chunk at a time (any namespace; no gradients)."""
+    n = f.hq.shape[0]
+    parts = []
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        parts.append(
+            chunk_from_hidden(
+                xp,
+                spec,
+                acc,
+                f.hp[r0:r1, ...],
+                f.wp,
+                f.bp,
+                f.hq[r0:r1, ...],
+                f.wq,
+                f.bq,
+                None if f.keep is None else f.keep[r0:r1],
+                None if f.labels is None else f.labels[r0:r1],
+            )
+        )
+    if not parts:
+        return xp.zeros((0,), dtype=acc)
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+
+# --------------------------------------------------------------------------- public
