@@ -84,9 +84,12 @@ def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> 
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
     top = shifted == 0
-    # exp(s) - 1 (exactly 0) at the maxima, exp(s) elsewhere: the gradient of the maximum
-    # then cancels whichever way a library splits it between ties.
-    rest = xp.sum(xp.where(top, xp.expm1(shifted), xp.exp(shifted)), axis=axis, keepdims=True)
+    # exp(s) - 1 (exactly 0, as s is exactly 0) at the maxima, exp(s) elsewhere: the
+    # gradient of the maximum then cancels whichever way a library splits it between ties.
+    # (exp(s) - 1 has every derivative of expm1(s), and at s = 0 its exact value: one
+    # exponential pass, not two.)
+    e = xp.exp(shifted)
+    rest = xp.sum(xp.where(top, e - 1.0, e), axis=axis, keepdims=True)
     ties = xp.sum(xp.astype(top, shifted.dtype), axis=axis, keepdims=True) - 1.0
     return shifted - xp.log1p(rest + ties)
 
