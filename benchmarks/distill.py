@@ -26,8 +26,8 @@ from typing import Any
 
 import benchmarks
 import klx
+from benchmarks.backends import available
 from benchmarks.cli import parser
-from benchmarks.run import available
 from benchmarks.timing import busy, extra_peak_bytes, load_average, median_time, synchronizer
 
 

@@ -31,8 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: the checkout's root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import klx
-from benchmarks.run import available
+from benchmarks.backends import available
 from benchmarks.timing import extra_peak_bytes, median_time, synchronizer
 
 PRESETS = {

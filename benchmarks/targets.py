@@ -73,7 +73,7 @@ def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _numpy_inputs(shape: tuple[int, int], zeros: bool) -> tuple[Any, Any]:
-    from benchmarks.run import make_inputs
+    from benchmarks.backends import make_inputs
 
     x, y = make_inputs("numpy", "cpu", shape, zeros=zeros)
     return x, y
