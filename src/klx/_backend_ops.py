@@ -55,4 +55,4 @@ def take_along_axis(xp: ModuleType, x: Array, indices: Array, axis: int) -> Arra
     def gather(block: Array, idx: Array) -> Array:
         return array_api_compat.array_namespace(block).take_along_axis(block, idx, axis=ax)
 
-    return da.map_blocks(gather, x, indices, dtype=x.dtype, chunks=indices.chunks)  # type: ignore[no-untyped-call]
+    return da.map_blocks(gather, x, indices, dtype=x.dtype, chunks=indices.chunks)  # type: ignore[no-untyped-call,unused-ignore]

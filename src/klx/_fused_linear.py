@@ -125,7 +125,7 @@ def fused_linear_divergence(
         sides). 'js': the generalized Jensen-Shannon divergence with weight `beta` on P,
         as :func:`klx.js_divergence` (TRL's GKD loss with ``beta`` is this with
         ``beta_trl = 1 - beta``). 'skew_kl': KL(P || alpha P + (1 - alpha) Q) (DistiLLM).
-        'tvd': the total variation, 0.5 sum |p - q|. Default 'kl'.
+        'tvd': the total variation, 0.5 sum ``|p - q|``. Default 'kl'.
     beta : float, optional
         The weight of P in JS's mixture, in [0, 1]. Default 0.5.
     alpha : float, optional
