@@ -1,8 +1,11 @@
-"""What every benchmark CLI shares: an argument parser whose ``--help`` shows each default."""
+"""What every benchmark CLI shares: an argument parser whose ``--help`` shows each default,
+and matplotlib for the plots."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -11,3 +14,16 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=_Formatter)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) if it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    return plt

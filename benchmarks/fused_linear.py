@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a file: the checkout's root on the path
 
 import klx
 from benchmarks.backends import available
+from benchmarks.cli import pyplot
 from benchmarks.timing import extra_peak_bytes, median_time, synchronizer
 
 PRESETS = {
@@ -216,13 +217,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[str, list[dict[str, Any]]] = {}

@@ -36,7 +36,7 @@ import benchmarks
 import klx
 from benchmarks import peers as peer_lib
 from benchmarks.backends import available, make_inputs
-from benchmarks.cli import parser
+from benchmarks.cli import parser, pyplot
 from benchmarks.timing import busy, extra_peak_bytes, load_average, measure, synchronizer
 
 SIZES = {
@@ -214,13 +214,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     """One panel per (backend, device) and reduction: time over the bound against size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     groups = sorted({(r["backend"], r["device"]) for r in rows})
     reductions = [red for red in REDUCTIONS["default"] if any(r["reduction"] == red for r in rows)]
