@@ -114,7 +114,7 @@ def torch_cases(quick: bool) -> Iterator[Case]:
             budget_s=4.0 if rows > 512 else 2.0,
             min_rounds=3,
         )
-    base_x, base_y = (torch.from_numpy(a) for a in _numpy_inputs((64, 256), False))
+    base_x, base_y = (torch.from_numpy(a) for a in _numpy_inputs((128, 256), False))
     layouts = {
         "contiguous": lambda a: a[:32, :100].contiguous(),
         "sliced": lambda a: a[:32, :100],

@@ -452,6 +452,7 @@ def _forcing(klx: Any, registry: Any, row: Any) -> Any:
         def __enter__(self) -> None:
             self.before = klx.accelerators_enabled()
             self.saved = registry._BY_KEY.copy()
+            registry.forget_choices()
             if row is None:
                 klx.set_accelerators(False)
             else:
@@ -461,6 +462,7 @@ def _forcing(klx: Any, registry: Any, row: Any) -> Any:
         def __exit__(self, *exc: object) -> None:
             registry._BY_KEY.clear()
             registry._BY_KEY.update(self.saved)
+            registry.forget_choices()
             klx.set_accelerators(self.before)
 
     return Only()

@@ -79,11 +79,33 @@ def test_kl_div_any_layout_matches_reference(backend, layout, shape, zeros, log_
 
 
 @pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
+@pytest.mark.filterwarnings("ignore::klx.KLDivMeanWarning")
+@pytest.mark.parametrize(
+    ("x_layout", "y_layout"),
+    [("transposed", "contiguous"), ("contiguous", "sliced"), ("expanded", "transposed")],
+)
+@pytest.mark.parametrize("shape", [(32, 100), (600, 700)])
+def test_kl_div_two_layouts_match_reference(backend, x_layout, y_layout, shape):
+    """Input and target in different layouts: the terms pair up element by element."""
+    log_q, tgt = _inputs(shape, zeros=True, log_target=False)
+    if "expanded" in (x_layout, y_layout):
+        log_q, tgt = np.broadcast_to(log_q[:1], shape), np.broadcast_to(tgt[:1], shape)
+    x = _layout(backend, log_q, "float32", x_layout)
+    y = _layout(backend, tgt, "float32", y_layout)
+    for reduction in REDUCTIONS:
+        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction)
+        assert chosen.endswith("-blocked")
+        assert tuple(out.shape) == (shape if reduction == "none" else ())
+        _check(backend, out, backend.to_numpy(x), backend.to_numpy(y), reduction, False, "float32")
+
+
+@pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
 @pytest.mark.parametrize("case", ["zero_vs_neginf", "nan_input", "negative_target", "posinf"])
-def test_kl_div_special_values_in_large_blocks(backend, case):
-    """Special values deep inside a threaded, blocked input: the definition's conventions."""
-    log_q, p = _inputs((512, 1024), zeros=True, log_target=False)
-    i = 300_000
+@pytest.mark.parametrize(("shape", "i"), [((512, 1024), 300_000), ((20, 50), 333)])
+def test_kl_div_special_values_in_blocks(backend, case, shape, i):
+    """Special values deep inside a threaded, blocked input, or in a small one-block
+    input: the definition's conventions."""
+    log_q, p = _inputs(shape, zeros=True, log_target=False)
     if case == "zero_vs_neginf":
         p.reshape(-1)[i] = 0.0
         log_q.reshape(-1)[i] = -np.inf  # 0 log 0 against -inf: 0
@@ -104,8 +126,9 @@ def test_kl_div_special_values_in_large_blocks(backend, case):
 
 @pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
 @pytest.mark.parametrize("log_target", [False, True])
-def test_kl_div_float16_is_blocked_and_accurate(backend, log_target):
-    log_q, tgt = _inputs((300, 1000), zeros=True, log_target=log_target)
+@pytest.mark.parametrize("shape", [(300, 1000), (20, 50)])
+def test_kl_div_float16_is_blocked_and_accurate(backend, log_target, shape):
+    log_q, tgt = _inputs(shape, zeros=True, log_target=log_target)
     x, y = backend.asarray(log_q, "float16"), backend.asarray(tgt, "float16")
     for reduction in ("none", "sum", "batchmean"):
         chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction, log_target=log_target)

@@ -458,21 +458,82 @@ def select(call: Any, operation: str) -> Accelerator | None:
         and not (ctx.traced and "torch.compile" in ctx.traced)
         and _log.isEnabledFor(logging.DEBUG)
     )
+    key = None if record is not None or logging_on else _memo_key(operation, call, ctx)
+    if key is not None:
+        if key in _SELECTED:
+            return _SELECTED[key]
+    chosen = None
     for row in rows:
         why = _refusal(row, call, ctx)
         if why is None:
-            why = _first_use(row, call)
+            why = _first_use(row, call, ctx)
         if why is None:
             if record is not None:
                 record.chosen = row.name
             elif logging_on:
                 _log.debug("%s: served by %s", operation, row.name)
-            return row
+            chosen = row
+            break
         if record is not None:
             record.refused.append((row.name, why))
         elif logging_on:
             _log.debug("%s: not %s: %s", operation, row.name, why)
-    return None
+    if key is not None:
+        if len(_SELECTED) >= _SELECTED_MAX:
+            _SELECTED.clear()
+        _SELECTED[key] = chosen
+    return chosen
+
+
+def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | None:
+    """Everything every gate reads about `call`, for NumPy arrays and torch tensors (whose
+    tiny calls the gates would otherwise cost a sixth of); None for other libraries.
+
+    Layout gates read shapes and strides, and first-use checks the device and dtype, so
+    equal keys get equal answers: a call whose key was seen takes the same row without
+    walking the gates again. Traced state (torch.compile, torch.func, forward AD, graph
+    capture) is worked out per call in `ctx` and is part of the key.
+    """
+    a, b, lib = ctx.a, ctx.b, ctx.lib
+    if lib == "torch":
+        layout: tuple[Any, ...] = (a.stride(), b.stride(), a.requires_grad, b.requires_grad)
+    elif lib == "numpy":
+        layout = (a.strides, b.strides)
+    else:
+        return None
+    extra = (
+        ()
+        if operation == "kl_div"
+        else (call.kind, call.p_form, call.q_form, call.axis, type(call.temperature))
+    )
+    return (
+        operation,
+        lib,
+        _device_key(ctx),
+        ctx.traced,
+        accelerators_enabled(),
+        type(a),
+        type(b),
+        a.dtype,
+        b.dtype,
+        a.shape,
+        b.shape,
+        layout,
+        extra,
+    )
+
+
+#: The row (or None: the definition) chosen for each call key seen (see `_memo_key`);
+#: cleared by :func:`reset_checks` and when it grows past `_SELECTED_MAX` entries.
+_SELECTED: dict[tuple[Any, ...], Accelerator | None] = {}
+_SELECTED_MAX = 4096
+
+
+def _device_key(ctx: _Context) -> str:
+    """The device as first-use checks name it: 'cpu', or e.g. 'cuda:1'."""
+    if ctx.device == "cpu":
+        return "cpu"
+    return str(getattr(ctx.a, "device", ctx.device))
 
 
 def explain(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Dispatch:
@@ -550,12 +611,11 @@ def evaluate_divergence(call: Any) -> Array:
 # --------------------------------------------------------------------------- first use
 
 
-def _first_use(row: Accelerator, call: Any) -> str | None:
+def _first_use(row: Accelerator, call: Any, ctx: _Context) -> str | None:
     """None if `row` passed (or needs no) first-use check on this device and dtype."""
     if not row.probe:
         return None
-    a = _arrays(call)[0]
-    key = (row.name, str(getattr(a, "device", "cpu")), _dtype_name(a.dtype))
+    key = (row.name, _device_key(ctx), _dtype_name(ctx.a.dtype))
     ok = _CHECKED.get(key)
     if ok is None:
         fn = _implementation(row)
@@ -600,15 +660,21 @@ def _no_grad(lib: str) -> Any:
     return _NullContext()
 
 
+def forget_choices() -> None:
+    """Forget the rows chosen for calls seen so far (after changing :data:`_BY_KEY`)."""
+    _SELECTED.clear()
+
+
 def checked() -> dict[tuple[str, str, str], bool]:
     """The first-use checks made so far: (row, device, dtype) -> passed."""
     return dict(_CHECKED)
 
 
 def reset_checks() -> None:
-    """Forget every first-use check (they run again on next use)."""
+    """Forget every first-use check (they run again on next use) and every choice made."""
     _CHECKED.clear()
     _UNLOADABLE.clear()
+    _SELECTED.clear()
 
 
 # --------------------------------------------------------------------------- docs
