@@ -222,6 +222,45 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
     np.testing.assert_array_equal(backend.to_numpy(again), backend.to_numpy(out))  # bit for bit
 
 
+@pytest.mark.backends("numpy", "torch", reason="the CPU rows path's KL from logits")
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_rows_kl_from_logits_special_rows(backend, temperature):
+    """The row path's own KL-from-logits kernel, row by row against float64: zero weights,
+    an infinite row, NaN (kept and masked), identical and near-equal rows, and a teacher
+    so peaked that ``expm1`` overflows (the definition decides those rows)."""
+    n, vocab = 40, 30000
+    rng = np.random.default_rng(5)
+    t = rng.normal(scale=2.0, size=(n, vocab)).astype(np.float32)
+    s = rng.normal(scale=2.0, size=(n, vocab)).astype(np.float32)
+    t[0, ::7] = -np.inf  # zero weights of P
+    s[1, 3] = -np.inf  # Q = 0 where P > 0: +inf
+    t[2, 10] = np.nan  # NaN propagates
+    t[3, 10] = np.nan  # ... unless the row is masked
+    s[4] = t[4]  # P = Q: exactly 0
+    s[5] = t[5] + np.float32(1e-3) * rng.normal(size=vocab).astype(np.float32)  # near-equal
+    t[6, 0] = 300.0  # P one-hot to float32: q / p beyond e^88 elsewhere
+    t[7, :5] = 400.0  # ties at the maximum
+    where = np.ones(n, dtype=bool)
+    where[3] = where[9] = False
+    p, q = backend.asarray(t, "float32"), backend.asarray(s, "float32")
+    kwargs = {"p_form": "logits", "q_form": "logits", "temperature": temperature}
+    chosen, out = _served_by(
+        klx.kl_divergence, p, q, reduction="none", where=backend.asarray(where), **kwargs
+    )
+    assert chosen == f"{'torch-cpu' if backend.name == 'torch' else 'numpy'}-rows"
+    got = backend.to_numpy(out).astype(np.float64)
+    lp = reference.log_softmax(t, -1, temperature)
+    lq = reference.log_softmax(s, -1, temperature)
+    ref, scale = reference.kl_rows_log(np.exp(lp), lq, -1)
+    assert np.isposinf(got[1]) and np.isnan(got[2])
+    assert got[3] == 0 and got[9] == 0 and got[4] == 0
+    finite = np.isfinite(ref) & where
+    assert np.all(got[finite] >= 0)
+    err = np.abs(got[finite] - ref[finite]) / (scale[finite] + 1e-30)
+    assert np.max(err) <= 1e-5, (np.argmax(err), np.max(err))
+    assert abs(got[5] - ref[5]) <= 1e-2 * ref[5]  # a divergence of ~1e-7, to 1%
+
+
 def _peak_bytes(fn):
     tracemalloc.start()
     try:

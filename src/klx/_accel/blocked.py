@@ -24,8 +24,8 @@ result is the same bit for bit on every run. The pool is made again in a forked 
 
 Torch CPU tensors take the same NumPy code through zero-copy views (``Tensor.numpy()``):
 no torch op runs per block, so nothing waits at torch's intra-op thread barriers when
-another process holds a core. Tiny tensors (any layout) take one call of torch's own
-``torch.kl_div``, whose dispatch is cheapest. Dask arrays are evaluated chunk by chunk by
+another process holds a core. Small inputs (any layout) are one block of a few NumPy calls
+(:func:`_small_sum`), each cheaper than one torch op. Dask arrays are evaluated chunk by chunk by
 the same NumPy code (:func:`kl_div_dask`), the sums added by Dask's reduction tree.
 
 It reads the block sums (a Python branch on values), so it runs only on eager CPU

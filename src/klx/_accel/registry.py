@@ -131,8 +131,8 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         dtypes=("float16", "float32", "float64"),
         layout="any",
         requires=("numpy",),
-        summary="one torch.kl_div call for small inputs, else the NumPy blocks on "
-        "zero-copy views (no torch intra-op barriers)",
+        summary="the NumPy blocks on zero-copy views (no torch intra-op barriers; a small "
+        "input is one block of a few NumPy calls, cheaper than one torch op)",
     ),
     Accelerator(
         "triton-kl-div",
@@ -184,8 +184,8 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         layout="any",
         kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
-        summary="blocks of rows, each by the definition, on klx's threads: bounded "
-        "memory, any axis or layout",
+        summary="blocks of rows on klx's threads, each by the definition (KL from logits "
+        "by its own kernel of half the passes): bounded memory, any axis or layout",
     ),
     Accelerator(
         "torch-cpu-rows",
@@ -198,8 +198,8 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
         requires=("numpy",),
-        summary="blocks of rows, each by the definition, on klx's threads through NumPy "
-        "views: bounded memory, any axis or layout",
+        summary="the NumPy row blocks (as numpy-rows) on zero-copy views: no torch "
+        "intra-op barriers, bounded memory, any axis or layout",
     ),
     Accelerator(
         "dask-rows",
@@ -459,9 +459,8 @@ def select(call: Any, operation: str) -> Accelerator | None:
         and _log.isEnabledFor(logging.DEBUG)
     )
     key = None if record is not None or logging_on else _memo_key(operation, call, ctx)
-    if key is not None:
-        if key in _SELECTED:
-            return _SELECTED[key]
+    if key is not None and key in _SELECTED:
+        return _SELECTED[key]
     chosen = None
     for row in rows:
         why = _refusal(row, call, ctx)
