@@ -23,6 +23,10 @@ CHUNK_BYTES = 1 << 27
 #: How many [chunk, vocab] arrays one chunk holds at its peak (both models' logits, the
 #: definition's temporaries, and their gradients): an upper estimate.
 CHUNK_TEMPORARIES = 16
+#: The same for torch CPU's closed-form KL chunk (``klx._fused_torch._kl_chunk_cpu``: the
+#: two logits blocks, overwritten in place, and their exponentials), which is 4: at
+#: V = 32,000 in float32 a chunk of 256 tokens, whose matrix products run at full speed.
+LEAN_TEMPORARIES = 4
 
 #: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
 _KINDS = {"kl": "kl", "js": "js", "skew_kl": "skew_kl", "tvd": "tv"}
@@ -41,16 +45,32 @@ class FusedSpec(NamedTuple):
     ignore_index: int
 
 
-def chunk_size_for(n_tokens: int, vocab: int, itemsize: int) -> int:
+def chunk_size_for(
+    n_tokens: int, vocab: int, itemsize: int, temporaries: int = CHUNK_TEMPORARIES
+) -> int:
     """Tokens per chunk so one chunk's temporaries fit in :data:`CHUNK_BYTES`.
 
-    ``CHUNK_BYTES // (CHUNK_TEMPORARIES * vocab * itemsize)``, rounded down to a multiple
+    ``CHUNK_BYTES // (temporaries * vocab * itemsize)``, rounded down to a multiple
     of 8 (when at least 8), at least 1 and at most `n_tokens`.
     """
-    rows = CHUNK_BYTES // max(1, CHUNK_TEMPORARIES * vocab * itemsize)
+    rows = CHUNK_BYTES // max(1, temporaries * vocab * itemsize)
     if rows >= 8:
         rows -= rows % 8
     return max(1, min(max(n_tokens, 1), rows))
+
+
+def temporaries_for(spec: FusedSpec, q_hidden: Array) -> int:
+    """:data:`LEAN_TEMPORARIES` where torch CPU's closed-form KL chunk serves (plain CPU
+    tensors, KL, no softcap, no hard term), else :data:`CHUNK_TEMPORARIES`."""
+    lean = (
+        spec.kind == "kl"
+        and spec.softcap is None
+        and spec.hard_weight == 0.0
+        and type(q_hidden).__module__ == "torch"
+        and type(q_hidden).__name__ == "Tensor"
+        and bool(q_hidden.is_cpu)
+    )
+    return LEAN_TEMPORARIES if lean else CHUNK_TEMPORARIES
 
 
 # --------------------------------------------------------------------------- one chunk

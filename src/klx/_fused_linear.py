@@ -42,19 +42,23 @@ from klx._fused_chunks import (
     _KINDS,
     CHUNK_BYTES,
     CHUNK_TEMPORARIES,
+    LEAN_TEMPORARIES,
     FusedSpec,
     _Flat,
     _rows_by_chunks,
     chunk_size_for,
+    temporaries_for,
 )
 from klx._namespace import array_namespace, check_same_device, library_name
 
 __all__ = [
     "CHUNK_BYTES",
     "CHUNK_TEMPORARIES",
+    "LEAN_TEMPORARIES",
     "FusedSpec",
     "chunk_size_for",
     "fused_linear_divergence",
+    "temporaries_for",
 ]
 
 Array = Any
@@ -147,8 +151,10 @@ def fused_linear_divergence(
         plain functions, a divisor of 0 (nothing kept) gives 0, not NaN.
     chunk_size : int, optional
         Tokens per chunk. By default the largest whose temporaries fit in
-        ``klx._fused_chunks.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (16 * vocab *
-        itemsize)``, rounded down to a multiple of 8.
+        ``klx._fused_chunks.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (k * vocab *
+        itemsize)``, rounded down to a multiple of 8, with ``k = 4`` arrays for KL on
+        torch CPU tensors without softcap or hard term (a closed form that overwrites
+        the logits in place: 256 tokens at V = 32,000 in float32) and ``k = 16`` otherwise.
     labels : integer array, optional
         The tokens' labels (the token shape), for the hard term.
     hard_weight : float, optional
@@ -230,7 +236,8 @@ def fused_linear_divergence(
     dtype = xp.result_type(*dtypes)
     acc = accumulation_dtype(xp, dtype)
     if chunk_size is None:
-        chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc))
+        temps = temporaries_for(spec, q_hidden)
+        chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps)
     else:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             msg = f"`chunk_size` must be a positive int (tokens per chunk), got {chunk_size!r}."

@@ -77,7 +77,10 @@ def _walk(
             zp = _logits(xp, hp_c, wp, bp, acc)
             zq = _logits(xp, hq_c, wq, bq, acc)
         c = cot[r0:r1] if per_token else cot
-        if spec.kind == "kl":
+        if spec.kind == "kl" and _lean(zp, zq):
+            own = (wp is not None or bp is not None, wq is not None or bq is not None)
+            s, dz = _kl_chunk_cpu(xp, spec, zp, zq, own, keep, labels, c, want_p, want_q)
+        elif spec.kind == "kl":
             s, dz = _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
         else:
             with torch.enable_grad():
@@ -172,6 +175,121 @@ def _kl_chunk(
     return s, [d for d in (dzp, dzq) if d is not None]
 
 
+def _lean(zp: Array, zq: Array) -> bool:
+    """Whether :func:`_kl_chunk_cpu` serves: plain CPU tensors (not DTensors, whose
+    vocabulary may be sharded; not CUDA, where its one check of the values would sync)."""
+    return type(zp) is torch.Tensor and type(zq) is torch.Tensor and zp.is_cpu and zq.is_cpu
+
+
+def _shifted_exp(z: Array, t: float, own: bool) -> tuple[Array, Array, Array]:
+    """``s = (z - max z) / t`` per row (in place in `z` if `own`), ``exp(s)``, and
+    ``log1p`` of the row's mass besides one maximum (whose ``exp(s)`` is exactly 1): the
+    definition's accurate log-sum-exp (:func:`klx._agnostic.log_softmax`) in fewer passes."""
+    top, at = torch.max(z, dim=-1, keepdim=True)
+    s = z.sub_(top) if own else z - top
+    if t != 1.0:
+        s.div_(t)
+    e = torch.exp(s)
+    e.scatter_(-1, at, 0.0)
+    rest = torch.sum(e, dim=-1)
+    e.scatter_(-1, at, 1.0)
+    return s, e, torch.log1p(rest)
+
+
+def _kl_rows_cpu(
+    spec: FusedSpec, zp: Array, zq: Array, own: tuple[bool, bool], keep: Array | None
+) -> tuple[Array, Array, Array, Array, Array]:
+    """KL(P || Q) per token of one chunk of CPU logits, in about half the definition's
+    passes: ``(kl, p, e_q, lse_q, d)`` with ``d = log P - log Q = (s_p - s_q) - (lse_p -
+    lse_q)`` and ``e_q = exp(s_q)`` (``Q = e_q exp(-lse_q)``), for the gradients.
+
+    `zp` / `zq` are overwritten where the chunk owns them (`own`: a matrix product's fresh
+    output). ``P d`` is NaN where P is 0 against ``log P = -inf`` (or for a NaN logit): in
+    those rows only, ``d`` is set to 0 where P is 0, as the definition's guard does, and
+    their KL taken again. Dropped tokens (`keep`) get logits 0, so NaN there reaches
+    nothing; their KL is 0.
+    """
+    t = spec.temperature
+    if keep is not None:
+        drop = ~keep[:, None]
+        zp = zp.masked_fill_(drop, 0.0) if own[0] else zp.masked_fill(drop, 0.0)
+        zq = zq.masked_fill_(drop, 0.0) if own[1] else zq.masked_fill(drop, 0.0)
+        own = (True, True)
+    sp, p, lse_p = _shifted_exp(zp, t, own[0])
+    sq, e_q, lse_q = _shifted_exp(zq, t, own[1])
+    del zp, zq
+    p.mul_(torch.exp(-lse_p)[:, None])
+    d = sp.sub_(sq).sub_((lse_p - lse_q)[:, None])
+    del sp, sq
+    kl = torch.einsum("ij,ij->i", p, d)
+    bad = torch.isnan(kl)
+    if bool(bad.any()):  # one flag read per chunk (a CPU tensor: no device sync)
+        rows = torch.nonzero(bad)[:, 0]
+        guarded = torch.where(p[rows] == 0, 0.0, d[rows])
+        d[rows] = guarded
+        kl[rows] = torch.einsum("ij,ij->i", p[rows], guarded)
+    if keep is not None:
+        kl = torch.where(keep, kl, 0.0)
+    return kl, p, e_q, lse_q, d
+
+
+def _kl_chunk_cpu(
+    xp: ModuleType,
+    spec: FusedSpec,
+    zp: Array,
+    zq: Array,
+    own: tuple[bool, bool],
+    keep: Array | None,
+    labels: Array | None,
+    c: Any,
+    want_p: bool,
+    want_q: bool,
+) -> tuple[Array, list[Array]]:
+    """:func:`_kl_chunk` on CPU tensors by :func:`_kl_rows_cpu`: the same quantities,
+    ``d/db = Q - P`` and ``d/da = P (d - KL)``, in about half the passes."""
+    if spec.softcap is not None or spec.hard_weight > 0.0:  # the general formula
+        return _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
+    with torch.no_grad():
+        kl, p, e_q, lse_q, d = _kl_rows_cpu(spec, zp, zq, own, keep)
+        w = torch.ones_like(kl) * c
+        if keep is not None:
+            w = torch.where(keep, w, 0.0)
+        s = torch.sum(torch.where(w != 0, kl, 0.0) * w)
+        scale = (w / spec.temperature)[:, None]
+        dzp = dzq = None
+        if want_p:
+            dzp = p * (d - kl[:, None])
+            dzp *= scale
+        del d
+        if want_q:
+            dzq = e_q.mul_(torch.exp(-lse_q)[:, None]).sub_(p)
+            dzq *= scale
+    return s, [x for x in (dzp, dzq) if x is not None]
+
+
+def _rows_no_grad(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
+    """Per-token values without gradients: :func:`_kl_rows_cpu` where it serves, else the
+    definition a chunk at a time (:func:`klx._fused_chunks._rows_by_chunks`)."""
+    if not (spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0):
+        return _rows_by_chunks(xp, spec, acc, chunk, f)
+    n = f.hq.shape[0]
+    parts = []
+    with torch.no_grad():
+        for r0 in range(0, n, chunk):
+            r1 = min(r0 + chunk, n)
+            keep = None if f.keep is None else f.keep[r0:r1]
+            zp = _logits(xp, _safe_rows(xp, f.hp[r0:r1], keep), f.wp, f.bp, acc)
+            zq = _logits(xp, _safe_rows(xp, f.hq[r0:r1], keep), f.wq, f.bq, acc)
+            if not _lean(zp, zq):
+                return _rows_by_chunks(xp, spec, acc, chunk, f)
+            own = (f.wp is not None or f.bp is not None, f.wq is not None or f.bq is not None)
+            parts.append(_kl_rows_cpu(spec, zp, zq, own, keep)[0])
+            del zp, zq
+    if not parts:
+        return torch.zeros((0,), dtype=acc, device=f.hq.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _accumulate(
     dz: Array,
     h: Array,
@@ -238,7 +356,7 @@ class _Rows(torch.autograd.Function):
         ctx.save_for_backward(*(x for x in arrays if x is not None))
         ctx.present = tuple(x is not None for x in arrays)
         with torch.no_grad():
-            return _rows_by_chunks(xp, spec, acc, chunk, f)
+            return _rows_no_grad(xp, spec, acc, chunk, f)
 
     @staticmethod
     def backward(ctx: Any, g: Array) -> tuple[Array | None, ...]:
@@ -265,10 +383,10 @@ def torch_fused(
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in arrays)
     if reduction == "none":
         if not grad:
-            return _rows_by_chunks(xp, spec, acc, chunk, f)
+            return _rows_no_grad(xp, spec, acc, chunk, f)
         return _apply(_Rows, xp, spec, acc, chunk, f.keep, f.labels, *arrays)
     if not grad:
-        total = torch.sum(_rows_by_chunks(xp, spec, acc, chunk, f))
+        total = torch.sum(_rows_no_grad(xp, spec, acc, chunk, f))
         return total if scale is None else total * scale
     return _apply(
         _Reduced, xp, spec, acc, chunk, 1.0 if scale is None else scale, f.keep, f.labels, *arrays

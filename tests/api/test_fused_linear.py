@@ -295,6 +295,32 @@ def test_student_only_gradients_and_nan_in_dropped_tokens(backend, reduction, ki
         _close(grads[k], ref_grads[k], 1e-10, f"d/d {k}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.backends("torch", "jax", reason="gradients: torch autograd and jax.grad")
+def test_teacher_logits_with_a_masked_vocabulary(backend, dtype):
+    """Offline teacher logits of -inf (a masked vocabulary: P = 0 there) give finite KL
+    and student gradients, as the definition's 0 log 0 = 0 says."""
+    rng = np.random.default_rng(7)
+    n, h, vocab, t = 6, 4, 9, 1.5
+    zp = rng.normal(size=(n, vocab)) * 2
+    zp[:, ::3] = -np.inf
+    hq, wq = rng.normal(size=(n, h)), rng.normal(size=(vocab, h)) * 0.8
+    lp = special.log_softmax(zp / t, -1)
+    lq = special.log_softmax(hq @ wq.T / t, -1)
+    p, q = np.exp(lp), np.exp(lq)
+    with np.errstate(invalid="ignore"):
+        ref = np.sum(np.where(p == 0, 0.0, p * (lp - lq))) / n
+    dzq = (q - p) / t / n
+    ref_grads = {"q_hidden": dzq @ wq, "q_weight": dzq.T @ hq}
+    arrays = {"p_hidden": zp, "p_weight": None, "q_hidden": hq, "q_weight": wq}
+    wrt = ["q_hidden", "q_weight"]
+    out, grads = _grads(backend, "kl", arrays, {"temperature": t}, dtype, 4, wrt)
+    vtol, gtol = TOL[dtype]
+    _close(backend.to_numpy(out), ref, vtol, "value")
+    for k in wrt:
+        _close(grads[k], ref_grads[k], gtol, f"d/d {k}")
+
+
 @pytest.mark.backends("jax", reason="JAX transforms")
 def test_jax_vmap_and_jit(backend):
     import jax
@@ -427,6 +453,25 @@ def test_default_chunk_size_follows_the_budget():
     assert fl.chunk_size_for(10**6, 32000, 4) == 2**27 // (16 * 32000 * 4) // 8 * 8
     assert fl.chunk_size_for(5, 32000, 4) == 5
     assert fl.chunk_size_for(10**6, 2**30, 4) == 1
+    assert fl.chunk_size_for(10**6, 32000, 4, fl.LEAN_TEMPORARIES) == 256
+
+
+@pytest.mark.backends("torch", "numpy", reason="which budget each path uses")
+def test_default_chunk_counts_the_path_temporaries(backend):
+    """torch CPU's closed-form KL holds 4 [chunk, vocab] arrays; other paths 16."""
+    from klx import _fused_chunks as fc
+
+    spec = fc.FusedSpec("kl", (), 2.0, None, 0.0, -100)
+    h = backend.asarray(np.zeros((2, 3)))
+    lean = backend.name == "torch"
+    want = fc.LEAN_TEMPORARIES if lean else fc.CHUNK_TEMPORARIES
+    assert fc.temporaries_for(spec, h) == want
+    for other in (
+        spec._replace(kind="js"),
+        spec._replace(softcap=3.0),
+        spec._replace(hard_weight=0.5),
+    ):
+        assert fc.temporaries_for(other, h) == fc.CHUNK_TEMPORARIES
 
 
 # --------------------------------------------------------------------------- errors
