@@ -109,6 +109,10 @@ def kl_sum_numpy(x: Any, y: Any, out: Any, log_target: bool, threads: bool = Tru
     return float(sum(_pool().map(lambda s: _piece_sum(s, log_target, safe), pieces)))
 
 
+#: Terms of a piece's first block tried by the bare formula first: a target with exact
+#: zeros shows one there, and the block starts with the safe log instead of twice.
+PROBE = 1 << 12
+
 #: Elements per piece of work handed to a thread, at least (a few blocks each).
 PIECE_MIN = 1 << 19
 
@@ -183,11 +187,22 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
         return lowest[0][:m]
 
     total = 0.0
+    probe = True
     with np.errstate(all="ignore"):  # per thread: NumPy's error state is thread-local
         for xb, yb, ob in _chunks(x, y, out, acc):
             m = xb.shape[0]
             t = buf[:m]
             w = None if wbuf is None else wbuf[:m]
+            if probe and not safe_seen[0] and m > PROBE:
+                # The piece's first few thousand terms by the bare formula: targets with
+                # zeros show it there, and the whole block need not be evaluated twice.
+                k = PROBE
+                wk = None if w is None else w[:k]
+                ok = None if ob is None else ob[:k]
+                head = _block(xb[:k], yb[:k], t[:k], wk, ok, None, False)
+                if head != head:
+                    safe_seen[0] = True
+            probe = False
             safe = safe_seen[0]
             s = _block(xb, yb, t, w, ob, floor(m) if safe else None, safe)
             if s != s and not safe:  # a zero weight, perhaps: the safe log from now on
