@@ -27,6 +27,10 @@ CHUNK_TEMPORARIES = 16
 #: two logits blocks, overwritten in place, and their exponentials), which is 4: at
 #: V = 32,000 in float32 a chunk of 256 tokens, whose matrix products run at full speed.
 LEAN_TEMPORARIES = 4
+#: The same for JAX's KL chunk with closed-form gradients (``klx._fused_jax``): what XLA
+#: keeps of a step beyond the weight gradients it carries, about 5 arrays measured at
+#: 4096 x 512 x 32,000 (211 MiB in all at 128 tokens per chunk); 8, so 128 tokens.
+JAX_TEMPORARIES = 8
 
 #: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
 _KINDS = {"kl": "kl", "js": "js", "skew_kl": "skew_kl", "tvd": "tv"}
@@ -60,17 +64,18 @@ def chunk_size_for(
 
 
 def temporaries_for(spec: FusedSpec, q_hidden: Array) -> int:
-    """:data:`LEAN_TEMPORARIES` where torch CPU's closed-form KL chunk serves (plain CPU
-    tensors, KL, no softcap, no hard term), else :data:`CHUNK_TEMPORARIES`."""
-    lean = (
-        spec.kind == "kl"
-        and spec.softcap is None
-        and spec.hard_weight == 0.0
-        and type(q_hidden).__module__ == "torch"
-        and type(q_hidden).__name__ == "Tensor"
-        and bool(q_hidden.is_cpu)
-    )
-    return LEAN_TEMPORARIES if lean else CHUNK_TEMPORARIES
+    """How many [chunk, vocab] arrays a chunk of this call holds at its peak:
+    :data:`LEAN_TEMPORARIES` where torch CPU's closed-form KL chunk serves (plain CPU
+    tensors), :data:`JAX_TEMPORARIES` for JAX's closed-form KL chunk (KL without softcap
+    or hard term, both), else :data:`CHUNK_TEMPORARIES`."""
+    if spec.kind != "kl" or spec.softcap is not None or spec.hard_weight != 0.0:
+        return CHUNK_TEMPORARIES
+    lib = library_name(q_hidden)
+    if lib == "torch" and type(q_hidden).__name__ == "Tensor" and bool(q_hidden.is_cpu):
+        return LEAN_TEMPORARIES
+    if lib == "jax":
+        return JAX_TEMPORARIES
+    return CHUNK_TEMPORARIES
 
 
 # --------------------------------------------------------------------------- one chunk

@@ -24,7 +24,15 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from klx._fused_chunks import FusedSpec, _Flat, chunk_from_hidden
+from klx._agnostic import log_softmax
+from klx._fused_chunks import (
+    FusedSpec,
+    _Flat,
+    _logits,
+    _safe_rows,
+    chunk_from_hidden,
+    chunk_rows,
+)
 
 __all__ = ["jax_rows", "jax_total"]
 
@@ -157,8 +165,11 @@ def _walk(
             return chunk_from_hidden(jnp, spec, acc, a_hp, a_wp, a_bp, a_hq, a_wq, a_bq, k, lab)
 
         g_c = g_c.astype(acc)
-        rows, vjp = jax.vjp(f, *(full[i] for i in idx))
-        got = dict(zip(idx, vjp(g_c), strict=True))
+        if _closed_form(spec):
+            rows, got = _kl_chunk_grads(spec, acc, full, idx, k, lab, g_c)
+        else:
+            rows, vjp = jax.vjp(f, *(full[i] for i in idx))
+            got = dict(zip(idx, vjp(g_c), strict=True))
         total, sums = carry
         total = total + jnp.sum(rows * g_c)
         sums = tuple(a + got[i] for a, i in zip(sums, carried, strict=True))
@@ -174,6 +185,75 @@ def _walk(
     if ghq is not None:
         grads[3] = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
     return total, tuple(grads)
+
+
+def _closed_form(spec: FusedSpec) -> bool:
+    """KL without softcap or hard term: gradients in closed form (:func:`_kl_chunk_grads`)."""
+    return spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
+
+
+def _kl_chunk_grads(
+    spec: FusedSpec,
+    acc: Any,
+    full: list[Array | None],
+    idx: tuple[int, ...],
+    keep: Array | None,
+    labels: Array | None,
+    g: Array,
+) -> tuple[Array, dict[int, Array]]:
+    """One chunk's KL(P || Q) per token (by the definition) and the gradients of
+    ``sum(rows * g)`` for the arrays in `idx`, in closed form: with ``a = zp / T``,
+    ``b = zq / T``, d/db = Q - P and d/da = P (log P - log Q - KL), 0 where P is 0; then
+    the chain rule through the linear layers. No VJP of the definition, whose residuals
+    (about a dozen [chunk, vocab] arrays) would set the chunk's memory.
+    """
+    hp, wp, bp, hq, wq, bq = full
+    t = spec.temperature
+    hp = _safe_rows(jnp, hp, keep)
+    hq = _safe_rows(jnp, hq, keep)
+    zp = _logits(jnp, hp, wp, bp, acc)
+    zq = _logits(jnp, hq, wq, bq, acc)
+    rows = chunk_rows(jnp, spec, zp, zq, keep, labels)
+    if keep is not None:
+        zp = jnp.where(keep[:, None], zp, 0.0)
+        zq = jnp.where(keep[:, None], zq, 0.0)
+        g = jnp.where(keep, g, 0.0)
+    lp = log_softmax(jnp, zp, -1, t)
+    lq = log_softmax(jnp, zq, -1, t)
+    p = jnp.exp(lp)
+    scale = (g / t)[:, None]
+    got: dict[int, Array] = {}
+    if any(i in idx for i in (0, 1, 2)):
+        diff = jnp.where(p == 0, 0.0, lp - lq)
+        kl = jnp.sum(p * diff, axis=-1, keepdims=True)
+        _chain(got, idx, 0, p * (diff - kl) * scale, hp, wp, full)
+    if any(i in idx for i in (3, 4, 5)):
+        _chain(got, idx, 3, (jnp.exp(lq) - p) * scale, hq, wq, full)
+    return rows, got
+
+
+def _chain(
+    got: dict[int, Array],
+    idx: tuple[int, ...],
+    base: int,
+    dz: Array,
+    h: Array,
+    w: Array | None,
+    full: list[Array | None],
+) -> None:
+    """Gradients of one side (slots base, base + 1, base + 2: hidden, weight, bias) from
+    the logits' gradient `dz`, each in its array's dtype."""
+    wants = {base: full[base], base + 1: full[base + 1], base + 2: full[base + 2]}
+    for i, x in wants.items():
+        if i not in idx or x is None:
+            continue
+        if i == base:
+            g = dz if w is None else jnp.matmul(dz, w.astype(dz.dtype))
+        elif i == base + 1:
+            g = jnp.matmul(dz.T, h.astype(dz.dtype))
+        else:
+            g = jnp.sum(dz, axis=0)
+        got[i] = g.astype(x.dtype)
 
 
 def _zeros(x: Array | None) -> Array | None:

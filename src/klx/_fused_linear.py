@@ -42,6 +42,7 @@ from klx._fused_chunks import (
     _KINDS,
     CHUNK_BYTES,
     CHUNK_TEMPORARIES,
+    JAX_TEMPORARIES,
     LEAN_TEMPORARIES,
     FusedSpec,
     _Flat,
@@ -54,6 +55,7 @@ from klx._namespace import array_namespace, check_same_device, library_name
 __all__ = [
     "CHUNK_BYTES",
     "CHUNK_TEMPORARIES",
+    "JAX_TEMPORARIES",
     "LEAN_TEMPORARIES",
     "FusedSpec",
     "chunk_size_for",
@@ -154,7 +156,8 @@ def fused_linear_divergence(
         ``klx._fused_chunks.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (k * vocab *
         itemsize)``, rounded down to a multiple of 8, with ``k = 4`` arrays for KL on
         torch CPU tensors without softcap or hard term (a closed form that overwrites
-        the logits in place: 256 tokens at V = 32,000 in float32) and ``k = 16`` otherwise.
+        the logits in place: 256 tokens at V = 32,000 in float32), ``k = 8`` for KL on
+        JAX (closed-form gradients: 128 tokens) and ``k = 16`` otherwise.
     labels : integer array, optional
         The tokens' labels (the token shape), for the hard term.
     hard_weight : float, optional

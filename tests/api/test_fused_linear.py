@@ -454,17 +454,19 @@ def test_default_chunk_size_follows_the_budget():
     assert fl.chunk_size_for(5, 32000, 4) == 5
     assert fl.chunk_size_for(10**6, 2**30, 4) == 1
     assert fl.chunk_size_for(10**6, 32000, 4, fl.LEAN_TEMPORARIES) == 256
+    assert fl.chunk_size_for(10**6, 32000, 4, fl.JAX_TEMPORARIES) == 128
 
 
-@pytest.mark.backends("torch", "numpy", reason="which budget each path uses")
+@pytest.mark.backends("torch", "jax", "numpy", reason="which budget each path uses")
 def test_default_chunk_counts_the_path_temporaries(backend):
-    """torch CPU's closed-form KL holds 4 [chunk, vocab] arrays; other paths 16."""
+    """torch CPU's closed-form KL holds 4 [chunk, vocab] arrays, JAX's 8; other paths 16."""
     from klx import _fused_chunks as fc
 
     spec = fc.FusedSpec("kl", (), 2.0, None, 0.0, -100)
     h = backend.asarray(np.zeros((2, 3)))
-    lean = backend.name == "torch"
-    want = fc.LEAN_TEMPORARIES if lean else fc.CHUNK_TEMPORARIES
+    want = {"torch": fc.LEAN_TEMPORARIES, "jax": fc.JAX_TEMPORARIES}.get(
+        backend.name, fc.CHUNK_TEMPORARIES
+    )
     assert fc.temporaries_for(spec, h) == want
     for other in (
         spec._replace(kind="js"),
