@@ -222,16 +222,19 @@ def _small_sum(x: Any, y: Any, out: Any, log_target: bool) -> float:
     iterators or kept buffers that large inputs amortise (a 32 x 100 call is a handful of
     NumPy calls).
 
-    The arrays are flattened in memory order when they share one dense layout (a view,
-    transposed too; `out` then has that layout, see :func:`_kl_div_arrays`), else in C
-    order (a copy, small, of a sliced or expanded input).
+    The arrays are flattened in memory order when they share one layout (a view where it
+    is dense, transposed too, and `out` then has that layout, see :func:`_kl_div_arrays`;
+    for a sum, a copy in memory order of a sliced or expanded input), else in C order.
     """
     import numpy as np
 
     acc = np.dtype(np.float32) if x.dtype.itemsize < 4 else np.dtype(x.dtype)
-    dense = x.flags.c_contiguous or x.flags.f_contiguous
-    same = x.strides == y.strides and (out is None or out.strides == x.strides)
-    order = "K" if dense and same else "C"
+    if out is None:
+        order = "K" if x.strides == y.strides else "C"
+    else:
+        dense = x.flags.c_contiguous or x.flags.f_contiguous
+        same = x.strides == y.strides == out.strides
+        order = "K" if dense and same else "C"
     xb = x.ravel(order).astype(acc, copy=False)
     yb = y.ravel(order).astype(acc, copy=False)
     m = xb.shape[0]
