@@ -226,8 +226,9 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_rows_kl_from_logits_special_rows(backend, temperature):
     """The row path's own KL-from-logits kernel, row by row against float64: zero weights,
-    an infinite row, NaN (kept and masked), identical and near-equal rows, and a teacher
-    so peaked that ``expm1`` overflows (the definition decides those rows)."""
+    an infinite row, NaN (kept and masked), identical and near-equal rows, a teacher so
+    peaked that ``expm1`` overflows, and one whose small probabilities are subnormal (the
+    definition decides those rows)."""
     n, vocab = 40, 30000
     rng = np.random.default_rng(5)
     t = rng.normal(scale=2.0, size=(n, vocab)).astype(np.float32)
@@ -240,8 +241,12 @@ def test_rows_kl_from_logits_special_rows(backend, temperature):
     s[5] = t[5] + np.float32(1e-3) * rng.normal(size=vocab).astype(np.float32)  # near-equal
     t[6, 0] = 300.0  # P one-hot to float32: q / p beyond e^88 elsewhere
     t[7, :5] = 400.0  # ties at the maximum
+    t[8], s[8] = 0.0, 0.0  # P's other entries subnormal (e^-103): p expm1(-d) is no q there
+    t[8, 1:], s[8, 1:] = -103.0 * temperature, -15.5 * temperature
+    t[9], s[9] = 0.0, 0.0
+    t[9, 1:], s[9, 1:] = -100.0 * temperature, -12.0 * temperature
     where = np.ones(n, dtype=bool)
-    where[3] = where[9] = False
+    where[3] = where[10] = False
     p, q = backend.asarray(t, "float32"), backend.asarray(s, "float32")
     kwargs = {"p_form": "logits", "q_form": "logits", "temperature": temperature}
     chosen, out = _served_by(
@@ -253,7 +258,7 @@ def test_rows_kl_from_logits_special_rows(backend, temperature):
     lq = reference.log_softmax(s, -1, temperature)
     ref, scale = reference.kl_rows_log(np.exp(lp), lq, -1)
     assert np.isposinf(got[1]) and np.isnan(got[2])
-    assert got[3] == 0 and got[9] == 0 and got[4] == 0
+    assert got[3] == 0 and got[10] == 0 and got[4] == 0
     finite = np.isfinite(ref) & where
     assert np.all(got[finite] >= 0)
     err = np.abs(got[finite] - ref[finite]) / (scale[finite] + 1e-30)

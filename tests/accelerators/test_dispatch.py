@@ -384,3 +384,53 @@ def test_torch_cpu_rows_need_numpy(backend, monkeypatch):
     report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
     assert report.chosen == "definition"
     assert ("torch-cpu-blocked", "needs numpy, which is not installed") in report.refused
+
+
+def test_remembered_choices_follow_the_gates(backend):
+    """A call signature's remembered row never outlives what its gates read: turning the
+    accelerators off, gradients, another dtype or layout, and the device alias."""
+    if backend.name != "torch":
+        pytest.skip("the torch CPU rows")
+    x, y = _kl_div_inputs(np.random.default_rng(10), (4, 16))
+    x, y = backend.asarray(x, "float32"), backend.asarray(y, "float32")
+    row = registry.ACCELERATORS[1]
+    assert registry.select(klx_call(x, y), "kl_div") is row
+    assert registry.select(klx_call(x, y), "kl_div") is row  # remembered
+    klx.set_accelerators(False)
+    try:
+        assert registry.select(klx_call(x, y), "kl_div") is None
+    finally:
+        klx.set_accelerators(True)
+    assert registry.select(klx_call(x.requires_grad_(True), y), "kl_div") is None
+    registry.DEVICE_ALIASES["cpu"] = "cuda"  # CPU tensors seen as CUDA ones: other rows
+    chosen = registry.select(klx_call(x.detach(), y), "kl_div")
+    assert chosen is None or chosen.name != row.name
+    registry.DEVICE_ALIASES.clear()
+    assert registry.select(klx_call(x.detach(), y), "kl_div") is row
+
+
+def klx_call(x, y):
+    from klx._call import parse_kl_div
+
+    return parse_kl_div(x, y, "sum", False, None, None)
+
+
+def test_compiled_frames_do_not_recompile_for_eager_calls(backend):
+    """Eager calls with new signatures between calls of a compiled function leave its
+    frame alone (the registry's memory of choices is not read while tracing)."""
+    if backend.name != "torch":
+        pytest.skip("torch.compile")
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x, y = _kl_div_inputs(np.random.default_rng(11), (4, 8))
+    x, y = backend.asarray(x, "float32"), backend.asarray(y, "float32")
+    f = torch.compile(lambda a, b: klx.kl_div(a, b, reduction="sum"), backend="eager")
+    want = klx.kl_div(x, y, reduction="sum")
+    for i in range(6):
+        a = torch.zeros(i + 1, 3)
+        klx.kl_div(a, torch.full((i + 1, 3), 1 / 3), reduction="sum")  # a new signature
+        torch.testing.assert_close(f(x, y), want)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -458,9 +458,14 @@ def select(call: Any, operation: str) -> Accelerator | None:
         and not (ctx.traced and "torch.compile" in ctx.traced)
         and _log.isEnabledFor(logging.DEBUG)
     )
-    key = None if record is not None or logging_on else _memo_key(operation, call, ctx)
-    if key is not None and key in _SELECTED:
-        return _SELECTED[key]
+    # Not while tracing: every row is eager-only there, and a dict read inside a compiled
+    # frame would become a guard on its size (a recompile per new key elsewhere).
+    remember = record is None and not logging_on and not ctx.traced
+    key = _memo_key(operation, call, ctx) if remember else None
+    if key is not None:
+        chosen = _SELECTED.get(key, _UNSEEN)  # one read: another thread may clear it
+        if chosen is not _UNSEEN:
+            return chosen  # type: ignore[return-value]
     chosen = None
     for row in rows:
         why = _refusal(row, call, ctx)
@@ -490,8 +495,8 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
 
     Layout gates read shapes and strides, and first-use checks the device and dtype, so
     equal keys get equal answers: a call whose key was seen takes the same row without
-    walking the gates again. Traced state (torch.compile, torch.func, forward AD, graph
-    capture) is worked out per call in `ctx` and is part of the key.
+    walking the gates again. Traced calls (torch.compile, torch.func, forward AD, graph
+    capture; worked out per call in `ctx`) are not remembered at all.
     """
     a, b, lib = ctx.a, ctx.b, ctx.lib
     if lib == "torch":
@@ -508,6 +513,7 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
     return (
         operation,
         lib,
+        ctx.device,
         _device_key(ctx),
         ctx.traced,
         accelerators_enabled(),
@@ -526,6 +532,7 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
 #: cleared by :func:`reset_checks` and when it grows past `_SELECTED_MAX` entries.
 _SELECTED: dict[tuple[Any, ...], Accelerator | None] = {}
 _SELECTED_MAX = 4096
+_UNSEEN = object()
 
 
 def _device_key(ctx: _Context) -> str:

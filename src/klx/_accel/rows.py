@@ -102,8 +102,9 @@ def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
     shifted logits ``s = (x - max x) / T``, ``lse = log1p(sum of exp(s) but one maximum)``
     (the same accurate log-sum-exp), then ``d = log p - log q = (s_p - s_q) - (lse_p -
     lse_q)`` and the terms ``p (d + expm1(-d))``, each ``>= 0``. Rows whose value is not
-    finite (an infinite or NaN logit, or ``expm1`` overflowing where ``q / p > e^88``) are
-    evaluated again by the definition, which decides them; so are masked rows' stand-ins.
+    finite (an infinite or NaN logit, or ``expm1`` overflowing where ``q / p > e^88``), and
+    rows where some P is subnormal (its few bits would make ``p expm1(-d)`` a poor ``q``;
+    the definition takes ``p d + q - p`` there), are evaluated again by the definition.
     """
     import numpy as np
 
@@ -113,6 +114,10 @@ def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
     t = call.temperature
     sp, ep, lse_p = _shifted_exp(p, t)
     sq, _, lse_q = _shifted_exp(q, t)
+    # Where P underflows to a subnormal it has lost its precision, and p expm1(-d) (= q)
+    # would carry that error; the definition takes p d + q - p there (d <= -1): such rows
+    # (a teacher sharper than e^-87 in float32) go to the definition.
+    coarse = np.min(sp, axis=1) - lse_p < _LOG_TINY[sp.dtype.itemsize]
     d = np.subtract(sp, sq, out=sp)
     d -= (lse_p - lse_q)[:, None]
     w = np.multiply(ep, np.exp(-lse_p)[:, None], out=ep)  # p
@@ -121,10 +126,15 @@ def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
     g += d
     g *= w
     values = g.sum(axis=1)
-    bad = ~np.isfinite(values)
+    bad = ~np.isfinite(values) | coarse
     if bad.any():
         values[bad] = divergence_rows(xp, call, p[bad], q[bad], None if keep is None else keep[bad])
     return values
+
+
+#: log of the smallest normal float32 / float64, by item size: a probability below it is
+#: subnormal (fewer significant bits).
+_LOG_TINY = {4: -87.33654475055310898657, 8: -708.39641853226410622}
 
 
 def _shifted_exp(x: Any, temperature: float) -> tuple[Any, Any, Any]:
