@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -311,3 +312,13 @@ def evaluate(call: DivergenceCall) -> Array:
             check_normalizer_value(call.xp, call.normalizer)
     with numpy_quiet(call.p):
         return as_array(_accel.evaluate_divergence(call))
+
+
+#: The public function of each divergence kind (as :data:`klx._agnostic.DIVERGENCES`
+#: names them), for callers that hold a kind, such as the fused-linear chunks.
+PUBLIC: dict[str, Callable[..., Array]] = {
+    "kl": kl_divergence,
+    "js": js_divergence,
+    "skew_kl": skew_kl_divergence,
+    "tv": tv_distance,
+}

@@ -8,6 +8,7 @@ logits of a chunk of hidden states, each token's divergence by the definition
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -103,8 +104,14 @@ def chunk_rows(
     zq: Array,
     keep: Array | None,
     labels: Array | None,
+    divergence_rows: Callable[[Array, Array], Array] | None = None,
 ) -> Array:
-    """Per-token loss of one chunk from the raw logits [n, vocab]: 0 where `keep` drops."""
+    """Per-token loss of one chunk from the raw logits [n, vocab]: 0 where `keep` drops.
+
+    `divergence_rows(zp, zq)`, if given, computes the divergence per token from the
+    (masked, softcapped) logits instead of the definition's terms here (torch on CUDA:
+    klx's public function, so that its Triton kernels serve).
+    """
     if keep is not None:
         zp = xp.where(keep[:, None], zp, 0.0)
         zq = xp.where(keep[:, None], zq, 0.0)
@@ -114,7 +121,9 @@ def chunk_rows(
         zq = c * xp.tanh(zq / c)
     hw = spec.hard_weight
     rows = None
-    if hw < 1.0:
+    if hw < 1.0 and divergence_rows is not None:
+        rows = divergence_rows(zp, zq)
+    elif hw < 1.0:
         terms = divergence_terms(spec.kind)(
             xp,
             zp,
@@ -126,8 +135,8 @@ def chunk_rows(
             **dict(spec.options),
         )
         rows = xp.sum(terms, axis=-1)
-        if hw > 0.0:
-            rows = (1.0 - hw) * rows
+    if rows is not None and hw > 0.0:
+        rows = (1.0 - hw) * rows
     if hw > 0.0 and labels is not None:
         ce = hw * _cross_entropy(xp, zq, labels, spec.ignore_index)
         rows = ce if rows is None else rows + ce

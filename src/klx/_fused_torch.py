@@ -11,6 +11,10 @@ upstream gradient, and the backward scales them (as Liger Kernel's fused-linear 
 do): four matrix products per chunk in all. 'none': the forward computes the values
 only and the backward walks the chunks again with the per-token upstream gradient.
 
+KL on CPU tensors takes a closed form in about half the passes (:func:`_kl_rows_cpu`);
+on CUDA each chunk's divergence goes through klx's public function, so that the registry's
+Triton rows kernels (with their backward) serve KL and JS.
+
 Under :func:`torch.compile` the call runs eagerly (``torch.compiler.disable``: a graph
 break), since the walk over chunks is a Python loop around autograd.
 """
@@ -77,16 +81,20 @@ def _walk(
             zp = _logits(xp, hp_c, wp, bp, acc)
             zq = _logits(xp, hq_c, wq, bq, acc)
         c = cot[r0:r1] if per_token else cot
+        cuda = _on_cuda(zq)
         if spec.kind == "kl" and _lean(zp, zq):
             own = (wp is not None or bp is not None, wq is not None or bq is not None)
             s, dz = _kl_chunk_cpu(xp, spec, zp, zq, own, keep, labels, c, want_p, want_q)
-        elif spec.kind == "kl":
+        elif spec.kind == "kl" and not cuda:
             s, dz = _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
         else:
+            # on CUDA through klx's public function: its Triton kernels (KL, JS from
+            # logits, with their backward) serve where the registry lets them
+            public = _public_rows(spec) if cuda else None
             with torch.enable_grad():
                 zp.requires_grad_(want_p)
                 zq.requires_grad_(want_q)
-                rows = chunk_rows(xp, spec, zp, zq, keep, labels)
+                rows = chunk_rows(xp, spec, zp, zq, keep, labels, public)
                 s = torch.sum(rows * c)
                 wrt = [z for z, w in ((zp, want_p), (zq, want_q)) if w]
                 dz = list(torch.autograd.grad(s, wrt)) if wrt else []
@@ -175,10 +183,41 @@ def _kl_chunk(
     return s, [d for d in (dzp, dzq) if d is not None]
 
 
+def _on_cuda(z: Array) -> bool:
+    """Whether the registry sees `z` as a CUDA tensor (its test alias included)."""
+    from klx._accel import registry
+
+    return registry.device_type("torch", z) == "cuda"
+
+
+def _public_rows(spec: FusedSpec) -> Any:
+    """The divergence per token of two logits blocks by klx's public function (dispatched:
+    the Triton rows kernels on CUDA for KL and JS, the definition elsewhere)."""
+    from klx._divergences import PUBLIC
+
+    fn = PUBLIC[spec.kind]
+    opts = dict(spec.options)
+
+    def rows(zp: Array, zq: Array) -> Array:
+        return fn(
+            zp,
+            zq,
+            p_form="logits",
+            q_form="logits",
+            temperature=spec.temperature,
+            reduction="none",
+            validate=False,
+            **opts,
+        )
+
+    return rows
+
+
 def _lean(zp: Array, zq: Array) -> bool:
     """Whether :func:`_kl_chunk_cpu` serves: plain CPU tensors (not DTensors, whose
     vocabulary may be sharded; not CUDA, where its one check of the values would sync)."""
-    return type(zp) is torch.Tensor and type(zq) is torch.Tensor and zp.is_cpu and zq.is_cpu
+    plain = type(zp) is torch.Tensor and type(zq) is torch.Tensor
+    return plain and zp.is_cpu and zq.is_cpu and not _on_cuda(zq)
 
 
 def _shifted_exp(z: Array, t: float, own: bool) -> tuple[Array, Array, Array]:
@@ -268,18 +307,26 @@ def _kl_chunk_cpu(
 
 
 def _rows_no_grad(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
-    """Per-token values without gradients: :func:`_kl_rows_cpu` where it serves, else the
-    definition a chunk at a time (:func:`klx._fused_chunks._rows_by_chunks`)."""
-    if not (spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0):
+    """Per-token values without gradients, a chunk at a time: on CUDA through klx's
+    public function (its Triton kernels), on CPU :func:`_kl_rows_cpu` where it serves,
+    else the definition (:func:`klx._fused_chunks._rows_by_chunks`)."""
+    cuda = _on_cuda(f.hq)
+    lean = spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
+    if not (cuda or lean):
         return _rows_by_chunks(xp, spec, acc, chunk, f)
+    public = _public_rows(spec) if cuda else None
     n = f.hq.shape[0]
     parts = []
     with torch.no_grad():
         for r0 in range(0, n, chunk):
             r1 = min(r0 + chunk, n)
             keep = None if f.keep is None else f.keep[r0:r1]
+            labels = None if f.labels is None else f.labels[r0:r1]
             zp = _logits(xp, _safe_rows(xp, f.hp[r0:r1], keep), f.wp, f.bp, acc)
             zq = _logits(xp, _safe_rows(xp, f.hq[r0:r1], keep), f.wq, f.bq, acc)
+            if public is not None:
+                parts.append(chunk_rows(xp, spec, zp, zq, keep, labels, public))
+                continue
             if not _lean(zp, zq):
                 return _rows_by_chunks(xp, spec, acc, chunk, f)
             own = (f.wp is not None or f.bp is not None, f.wq is not None or f.bq is not None)

@@ -321,6 +321,47 @@ def test_teacher_logits_with_a_masked_vocabulary(backend, dtype):
         _close(grads[k], ref_grads[k], gtol, f"d/d {k}")
 
 
+@pytest.mark.parametrize("config", ["none", "full"])
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.backends("torch", reason="torch's CUDA route (Triton kernels)")
+def test_cuda_chunks_take_the_triton_kernels(backend, kind, config, monkeypatch):
+    """On CUDA each chunk's divergence goes through klx's dispatch, so the Triton rows
+    kernels (forward and backward) serve it: values and gradients against the float64
+    reference, with a mask, a temperature and the teacher's gradients too. Run here on
+    CPU tensors seen as CUDA ones under TRITON_INTERPRET=1."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("triton is not installed (the nox torch session installs it)")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+        from klx._accel import registry
+
+        monkeypatch.setitem(registry.DEVICE_ALIASES, "cpu", "cuda")
+        registry.reset_checks()
+    from klx._accel import triton_distill
+
+    calls = []
+    name = f"{kind}_rows_from_logits"
+    real = getattr(triton_distill, name)
+    monkeypatch.setattr(triton_distill, name, lambda *a: calls.append(a) or real(*a))
+    arrays, kwargs = make_case(config, seed=8)
+    ref, ref_grads = ref_for(kind, arrays, kwargs)
+    wrt = [k for k, v in arrays.items() if v is not None]
+    out, grads = _grads(backend, kind, arrays, kwargs, "float64", 4, wrt)
+    chunks = [a for a in calls if a[0].shape[-1] == VOCAB]  # (not the first-use probe)
+    # 10 tokens in chunks of 4: 'none' walks for the values, then for the backward;
+    # 'batchmean' ("full": softcap, labels, mask) once, the gradients in the same walk
+    assert len(chunks) == (6 if config == "none" else 3)
+    _close(backend.to_numpy(out), ref, 1e-11, "value")
+    for k in wrt:
+        _close(grads[k], ref_grads[k], 1e-10, f"d/d {k}")
+
+
 @pytest.mark.backends("jax", reason="JAX transforms")
 def test_jax_vmap_and_jit(backend):
     import jax

@@ -296,6 +296,12 @@ def _device_type(lib: str, x: Array) -> str:
     return DEVICE_ALIASES.get(kind, kind)
 
 
+def device_type(lib: str, x: Array) -> str:
+    """The device type the gates see for an array `x` of `lib` ('cpu', 'cuda'), after
+    :data:`DEVICE_ALIASES`."""
+    return _device_type(lib, x)
+
+
 def _size(x: Array) -> int:
     n = 1
     for s in x.shape:
