@@ -21,12 +21,13 @@ break), since the walk over chunks is a Python loop around autograd.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from klx._agnostic import log_softmax
+from klx._agnostic import divergence_terms, log_softmax
 from klx._fused_chunks import (
     FusedSpec,
     _Flat,
@@ -85,8 +86,8 @@ def _walk(
         if spec.kind == "kl" and _lean(zp, zq):
             own = (wp is not None or bp is not None, wq is not None or bq is not None)
             s, dz = _kl_chunk_cpu(xp, spec, zp, zq, own, keep, labels, c, want_p, want_q)
-        elif spec.kind == "kl" and not cuda:
-            s, dz = _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
+        elif spec.kind in ("kl", "js") and not cuda:
+            s, dz = _closed_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
         else:
             # on CUDA through klx's public function: its Triton kernels (KL, JS from
             # logits, with their backward) serve where the registry lets them
@@ -112,7 +113,7 @@ def _walk(
     return total, grads
 
 
-def _kl_chunk(
+def _closed_chunk(
     xp: ModuleType,
     spec: FusedSpec,
     zp: Array,
@@ -123,13 +124,17 @@ def _kl_chunk(
     want_p: bool,
     want_q: bool,
 ) -> tuple[Array, list[Array]]:
-    """KL(P || Q) of one chunk in closed form: ``sum(rows * c)`` and its logits gradients.
+    """KL or JS of one chunk with the logits gradients in closed form: ``sum(rows * c)``
+    and d/d zp, d/d zq.
 
-    With ``a = cap(zp) / T``, ``b = cap(zq) / T``: d/db = Q - P and d/da =
-    P (log P - log Q - KL); the hard term adds softmax(cap(zq)) - onehot(label); the
-    softcap multiplies by 1 - tanh^2. Entries with P = 0 contribute 0 (as the definition
-    says) through one guarded difference. Fewer passes over [chunk, vocab] than autograd
-    of the definition, which the other kinds use.
+    With ``a = cap(zp) / T``, ``b = cap(zq) / T``. KL(P || Q): d/db = Q - P and d/da =
+    P (log P - log Q - KL). JS with ``M = beta P + (1 - beta) Q``: d/da = beta P (log P -
+    log M - KL(P || M)) and d/db = (1 - beta) Q (log Q - log M - KL(Q || M)). The hard
+    term adds softmax(cap(zq)) - onehot(label); the softcap multiplies by 1 - tanh^2.
+    Entries whose weight is 0 contribute 0 (as the definition says) through one guarded
+    difference. Fewer passes than autograd of the definition; written with max / exp /
+    sum (not ``torch.log_softmax``), so on DTensors sharded along the vocabulary the
+    backward communicates by all-reduces only.
     """
     with torch.no_grad():
         if keep is not None:
@@ -140,27 +145,41 @@ def _kl_chunk(
             tp, tq = torch.tanh(zp / cap), torch.tanh(zq / cap)
             zp, zq = cap * tp, cap * tq
         t, hw = spec.temperature, spec.hard_weight
-        # max / exp / sum written out (not torch.log_softmax): on DTensors sharded along
-        # the vocabulary these are all-reduces, where log_softmax would gather the logits.
         lp = log_softmax(xp, zp / t if t != 1.0 else zp, -1)
         lq = log_softmax(xp, zq / t if t != 1.0 else zq, -1)
         p = torch.exp(lp)
-        diff = torch.where(p == 0, 0.0, lp - lq)
-        soft = torch.sum(p * diff, -1)
+        dzp = dzq = None
+        if spec.kind == "kl":
+            diff = torch.where(p == 0, 0.0, lp - lq)
+            soft = torch.sum(p * diff, -1)
+            if want_p:
+                dzp = p * (diff - soft[:, None])
+            del diff
+            if want_q:
+                dzq = torch.exp(lq)
+                dzq -= p
+        else:  # js: the value by the definition (exactly 0 for P = Q, never negative)
+            beta = dict(spec.options)["beta"]
+            terms = divergence_terms("js")(
+                xp, zp, zq, p_form="logits", q_form="logits", axis=-1, temperature=t, beta=beta
+            )
+            soft = torch.sum(terms, -1)
+            del terms
+            q = torch.exp(lq)
+            lm = torch.logaddexp(lp + _log(beta), lq + _log(1.0 - beta))
+            if want_p:
+                dzp = _js_side(p, lp, lm, beta)
+            if want_q:
+                dzq = _js_side(q, lq, lm, 1.0 - beta)
         w = torch.ones_like(soft) * c
         if keep is not None:
             w = torch.where(keep, w, 0.0)
         rows = soft if hw == 0.0 else (1.0 - hw) * soft
-        dzp = dzq = None
-        if want_p:
-            dzp = p * (diff - soft[:, None]) * ((1.0 - hw) / t)
-            dzp *= w[:, None]
+        if dzp is not None:
+            dzp *= ((1.0 - hw) / t) * w[:, None]
             if cap is not None:
                 dzp *= 1.0 - tp * tp
-        del diff
-        if want_q:
-            dzq = torch.exp(lq)
-            dzq -= p
+        if dzq is not None:
             dzq *= (1.0 - hw) / t
         del lq
         if hw > 0.0 and labels is not None:
@@ -174,13 +193,23 @@ def _kl_chunk(
                 vw = (hw * valid).to(zq.dtype)[:, None]
                 dzq += torch.exp(log_q1) * vw
                 dzq.scatter_add_(1, safe[:, None], -vw)
-        if want_q:
-            assert dzq is not None
+        if dzq is not None:
             dzq *= w[:, None]
             if cap is not None:
                 dzq *= 1.0 - tq * tq
         s = torch.sum(torch.where(w != 0, rows, 0.0) * w)
     return s, [d for d in (dzp, dzq) if d is not None]
+
+
+def _js_side(w: Array, log_w: Array, log_m: Array, b: float) -> Array:
+    """d JS / d (logits / T) of one side: ``b w (d - sum(w d))``, ``d = log w - log m``
+    (0 where the weight is 0)."""
+    d = torch.where(w == 0, 0.0, log_w - log_m)
+    return b * w * (d - torch.sum(w * d, -1, keepdim=True))
+
+
+def _log(b: float) -> float:
+    return math.log(b) if b > 0 else -math.inf
 
 
 def _on_cuda(z: Array) -> bool:
@@ -284,10 +313,10 @@ def _kl_chunk_cpu(
     want_p: bool,
     want_q: bool,
 ) -> tuple[Array, list[Array]]:
-    """:func:`_kl_chunk` on CPU tensors by :func:`_kl_rows_cpu`: the same quantities,
+    """:func:`_closed_chunk` (KL) on CPU tensors by :func:`_kl_rows_cpu`: the same quantities,
     ``d/db = Q - P`` and ``d/da = P (d - KL)``, in about half the passes."""
     if spec.softcap is not None or spec.hard_weight > 0.0:  # the general formula
-        return _kl_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
+        return _closed_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
     with torch.no_grad():
         kl, p, e_q, lse_q, d = _kl_rows_cpu(spec, zp, zq, own, keep)
         w = torch.ones_like(kl) * c
