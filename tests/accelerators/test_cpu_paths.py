@@ -245,6 +245,8 @@ def test_rows_kl_from_logits_special_rows(backend, temperature):
     t[8, 1:], s[8, 1:] = -103.0 * temperature, -15.5 * temperature
     t[9], s[9] = 0.0, 0.0
     t[9, 1:], s[9, 1:] = -100.0 * temperature, -12.0 * temperature
+    t[11, ::5] = s[11, ::5] = -np.inf  # one vocabulary masked on both sides
+    t[12, 1::9] = -np.inf  # P masked where Q is not
     where = np.ones(n, dtype=bool)
     where[3] = where[10] = False
     p, q = backend.asarray(t, "float32"), backend.asarray(s, "float32")

@@ -101,10 +101,13 @@ def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
     The same quantities as :func:`klx._agnostic.kl_terms` (logits form): for each side the
     shifted logits ``s = (x - max x) / T``, ``lse = log1p(sum of exp(s) but one maximum)``
     (the same accurate log-sum-exp), then ``d = log p - log q = (s_p - s_q) - (lse_p -
-    lse_q)`` and the terms ``p (d + expm1(-d))``, each ``>= 0``. Rows whose value is not
-    finite (an infinite or NaN logit, or ``expm1`` overflowing where ``q / p > e^88``), and
-    rows where some P is subnormal (its few bits would make ``p expm1(-d)`` a poor ``q``;
-    the definition takes ``p d + q - p`` there), are evaluated again by the definition.
+    lse_q)`` and the terms ``p (d + expm1(-d))``, each ``>= 0``.
+
+    Rows where some P is 0 (a ``-inf`` logit: a masked vocabulary) or subnormal (its few
+    bits would make ``p expm1(-d)`` a poor ``q``) take the definition's guarded terms
+    instead (:func:`_guarded_rows`). Rows whose value is still not finite (an infinite or
+    NaN logit, or ``expm1`` overflowing where ``q / p > e^88``) are evaluated again by the
+    definition itself.
     """
     import numpy as np
 
@@ -113,11 +116,8 @@ def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
         q = np.where(keep, q, 0.0)
     t = call.temperature
     sp, ep, lse_p = _shifted_exp(p, t)
-    sq, _, lse_q = _shifted_exp(q, t)
-    # Where P underflows to a subnormal it has lost its precision, and p expm1(-d) (= q)
-    # would carry that error; the definition takes p d + q - p there (d <= -1): such rows
-    # (a teacher sharper than e^-87 in float32) go to the definition.
-    coarse = np.min(sp, axis=1) - lse_p < _LOG_TINY[sp.dtype.itemsize]
+    sq, eq, lse_q = _shifted_exp(q, t)
+    guarded = np.min(sp, axis=1) - lse_p < _LOG_TINY[sp.dtype.itemsize]
     d = np.subtract(sp, sq, out=sp)
     d -= (lse_p - lse_q)[:, None]
     w = np.multiply(ep, np.exp(-lse_p)[:, None], out=ep)  # p
@@ -126,10 +126,38 @@ def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
     g += d
     g *= w
     values = g.sum(axis=1)
-    bad = ~np.isfinite(values) | coarse
+    if guarded.all():  # e.g. a masked vocabulary: every row, in place
+        values = _guarded_rows(w, np.multiply(eq, np.exp(-lse_q)[:, None], out=eq), d, g)
+    elif guarded.any():
+        rows = np.nonzero(guarded)[0]
+        qr = eq[rows] * np.exp(-lse_q[rows])[:, None]
+        values[rows] = _guarded_rows(w[rows], qr, d[rows], np.empty_like(qr))
+    bad = ~np.isfinite(values)
     if bad.any():
         values[bad] = divergence_rows(xp, call, p[bad], q[bad], None if keep is None else keep[bad])
     return values
+
+
+def _guarded_rows(p: Any, q: Any, d: Any, buf: Any) -> Any:
+    """Row sums of the definition's KL-from-logits terms (:func:`klx._agnostic.kl_terms`)
+    from the probabilities and ``d = log p - log q``: ``p (d + c)`` with ``c = expm1(-d)``
+    where ``d > -1`` and ``c = q / p - 1`` (exact: ``p c = q - p``) where ``d <= -1``, so no
+    ``expm1`` of a large number and no subnormal ``p`` rebuilds ``q``; ``q`` where P is 0.
+    `q` and `buf` (same shape) are overwritten."""
+    import numpy as np
+
+    zero = p == 0
+    far = d <= -1.0
+    np.maximum(d, -1.0, out=buf)
+    np.negative(buf, out=buf)
+    np.expm1(buf, out=buf)  # c where d > -1
+    np.multiply(buf, p, out=buf)  # p c
+    np.subtract(q, p, out=q)  # q - p: p c where d <= -1, and q where P is 0
+    np.copyto(buf, q, where=far | zero)
+    np.multiply(p, d, out=q)  # p d: 0 * -inf where P is 0
+    np.copyto(q, 0.0, where=zero)
+    buf += q
+    return buf.sum(axis=1)
 
 
 #: log of the smallest normal float32 / float64, by item size: a probability below it is
