@@ -64,17 +64,31 @@ def chunk_size_for(
     return max(1, min(max(n_tokens, 1), rows))
 
 
-def temporaries_for(spec: FusedSpec, q_hidden: Array) -> int:
+def closed_form_kl(spec: FusedSpec) -> bool:
+    """KL without softcap or hard term: the chunks whose gradients torch and JAX write in
+    closed form with the fewest arrays (the budgets below count them)."""
+    return spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
+
+
+def plain_cpu_tensors(*arrays: Array | None) -> bool:
+    """Whether every array given is a plain torch CPU tensor (not a DTensor or another
+    subclass, whose vocabulary may be sharded; not CUDA)."""
+    return all(
+        a is None
+        or (type(a).__module__ == "torch" and type(a).__name__ == "Tensor" and bool(a.is_cpu))
+        for a in arrays
+    )
+
+
+def temporaries_for(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
     """How many [chunk, vocab] arrays a chunk of this call holds at its peak:
-    :data:`LEAN_TEMPORARIES` where torch CPU's closed-form KL chunk serves (plain CPU
-    tensors), :data:`JAX_TEMPORARIES` for JAX's closed-form KL chunk (KL without softcap
-    or hard term, both), else :data:`CHUNK_TEMPORARIES`."""
-    if spec.kind != "kl" or spec.softcap is not None or spec.hard_weight != 0.0:
+    :data:`LEAN_TEMPORARIES` for torch CPU's closed-form KL chunk, :data:`JAX_TEMPORARIES`
+    for JAX's, else :data:`CHUNK_TEMPORARIES`."""
+    if not closed_form_kl(spec):
         return CHUNK_TEMPORARIES
-    lib = library_name(q_hidden)
-    if lib == "torch" and type(q_hidden).__name__ == "Tensor" and bool(q_hidden.is_cpu):
+    if plain_cpu_tensors(q_hidden, q_weight):
         return LEAN_TEMPORARIES
-    if lib == "jax":
+    if library_name(q_hidden) == "jax":
         return JAX_TEMPORARIES
     return CHUNK_TEMPORARIES
 
@@ -177,11 +191,19 @@ def chunk_from_hidden(
     bq: Array | None,
     keep: Array | None,
     labels: Array | None,
+    rows_of_logits: RowsOfLogits | None = None,
 ) -> Array:
-    """Per-token loss of one chunk of hidden states [n, hidden] (by the definition)."""
+    """Per-token loss of one chunk of hidden states [n, hidden]: by the definition
+    (:func:`chunk_rows`), or by ``rows_of_logits(zp, zq, keep, labels)`` if given."""
     zp = _logits(xp, _safe_rows(xp, hp, keep), wp, bp, acc)
     zq = _logits(xp, _safe_rows(xp, hq, keep), wq, bq, acc)
+    if rows_of_logits is not None:
+        return rows_of_logits(zp, zq, keep, labels)
     return chunk_rows(xp, spec, zp, zq, keep, labels)
+
+
+#: A chunk's per-token loss from its raw logits: ``(zp, zq, keep, labels) -> rows``.
+RowsOfLogits = Callable[[Array, Array, "Array | None", "Array | None"], Array]
 
 
 class _Flat(NamedTuple):
@@ -197,8 +219,16 @@ class _Flat(NamedTuple):
     labels: Array | None
 
 
-def _rows_by_chunks(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
-    """Per-token values [tokens], a chunk at a time (any namespace; no gradients)."""
+def _rows_by_chunks(
+    xp: ModuleType,
+    spec: FusedSpec,
+    acc: Any,
+    chunk: int,
+    f: _Flat,
+    rows_of_logits: RowsOfLogits | None = None,
+) -> Array:
+    """Per-token values [tokens], a chunk at a time (any namespace; no gradients); each
+    chunk by the definition or by `rows_of_logits` (see :func:`chunk_from_hidden`)."""
     n = f.hq.shape[0]
     parts = []
     for r0 in range(0, n, chunk):
@@ -216,6 +246,7 @@ def _rows_by_chunks(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _F
                 f.bq,
                 None if f.keep is None else f.keep[r0:r1],
                 None if f.labels is None else f.labels[r0:r1],
+                rows_of_logits,
             )
         )
     if not parts:

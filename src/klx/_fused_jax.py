@@ -32,6 +32,7 @@ from klx._fused_chunks import (
     _safe_rows,
     chunk_from_hidden,
     chunk_rows,
+    closed_form_kl,
 )
 
 __all__ = ["jax_rows", "jax_total"]
@@ -165,7 +166,7 @@ def _walk(
             return chunk_from_hidden(jnp, spec, acc, a_hp, a_wp, a_bp, a_hq, a_wq, a_bq, k, lab)
 
         g_c = g_c.astype(acc)
-        if _closed_form(spec):
+        if closed_form_kl(spec):  # gradients in closed form (_kl_chunk_grads)
             rows, got = _kl_chunk_grads(spec, acc, full, idx, k, lab, g_c)
         else:
             rows, vjp = jax.vjp(f, *(full[i] for i in idx))
@@ -185,11 +186,6 @@ def _walk(
     if ghq is not None:
         grads[3] = jnp.reshape(ghq, (-1, *hq.shape[1:]))[:n]
     return total, tuple(grads)
-
-
-def _closed_form(spec: FusedSpec) -> bool:
-    """KL without softcap or hard term: gradients in closed form (:func:`_kl_chunk_grads`)."""
-    return spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
 
 
 def _kl_chunk_grads(

@@ -239,7 +239,7 @@ def fused_linear_divergence(
     dtype = xp.result_type(*dtypes)
     acc = accumulation_dtype(xp, dtype)
     if chunk_size is None:
-        temps = temporaries_for(spec, q_hidden)
+        temps = temporaries_for(spec, q_hidden, q_weight)
         chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps)
     else:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

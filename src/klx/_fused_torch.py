@@ -35,6 +35,8 @@ from klx._fused_chunks import (
     _rows_by_chunks,
     _safe_rows,
     chunk_rows,
+    closed_form_kl,
+    plain_cpu_tensors,
 )
 
 __all__ = ["torch_fused"]
@@ -71,6 +73,8 @@ def _walk(
     parts_q: list[Array] | None = [] if need[3] else None
     want_p = need[0] or need[1] or need[2]
     want_q = need[3] or need[4] or need[5]
+    lean = _lean(spec, f)
+    own = (wp is not None or bp is not None, wq is not None or bq is not None)
     total = None
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
@@ -83,9 +87,8 @@ def _walk(
             zq = _logits(xp, hq_c, wq, bq, acc)
         c = cot[r0:r1] if per_token else cot
         cuda = _on_cuda(zq)
-        if spec.kind == "kl" and _lean(zp, zq):
-            own = (wp is not None or bp is not None, wq is not None or bq is not None)
-            s, dz = _kl_chunk_cpu(xp, spec, zp, zq, own, keep, labels, c, want_p, want_q)
+        if lean:
+            s, dz = _kl_chunk_cpu(spec, zp, zq, own, keep, c, want_p, want_q)
         elif spec.kind in ("kl", "js") and not cuda:
             s, dz = _closed_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
         else:
@@ -242,11 +245,12 @@ def _public_rows(spec: FusedSpec) -> Any:
     return rows
 
 
-def _lean(zp: Array, zq: Array) -> bool:
-    """Whether :func:`_kl_chunk_cpu` serves: plain CPU tensors (not DTensors, whose
-    vocabulary may be sharded; not CUDA, where its one check of the values would sync)."""
-    plain = type(zp) is torch.Tensor and type(zq) is torch.Tensor
-    return plain and zp.is_cpu and zq.is_cpu and not _on_cuda(zq)
+def _lean(spec: FusedSpec, f: _Flat) -> bool:
+    """Whether :func:`_kl_rows_cpu` serves: KL without softcap or hard term, on plain CPU
+    tensors (not DTensors, whose vocabulary may be sharded; not CUDA, where its one check
+    of the values would sync)."""
+    arrays = (f.hp, f.wp, f.bp, f.hq, f.wq, f.bq)
+    return closed_form_kl(spec) and plain_cpu_tensors(*arrays) and not _on_cuda(f.hq)
 
 
 def _shifted_exp(z: Array, t: float, own: bool) -> tuple[Array, Array, Array]:
@@ -302,21 +306,17 @@ def _kl_rows_cpu(
 
 
 def _kl_chunk_cpu(
-    xp: ModuleType,
     spec: FusedSpec,
     zp: Array,
     zq: Array,
     own: tuple[bool, bool],
     keep: Array | None,
-    labels: Array | None,
     c: Any,
     want_p: bool,
     want_q: bool,
 ) -> tuple[Array, list[Array]]:
     """:func:`_closed_chunk` (KL) on CPU tensors by :func:`_kl_rows_cpu`: the same quantities,
     ``d/db = Q - P`` and ``d/da = P (d - KL)``, in about half the passes."""
-    if spec.softcap is not None or spec.hard_weight > 0.0:  # the general formula
-        return _closed_chunk(xp, spec, zp, zq, keep, labels, c, want_p, want_q)
     with torch.no_grad():
         kl, p, e_q, lse_q, d = _kl_rows_cpu(spec, zp, zq, own, keep)
         w = torch.ones_like(kl) * c
@@ -337,33 +337,23 @@ def _kl_chunk_cpu(
 
 def _rows_no_grad(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:
     """Per-token values without gradients, a chunk at a time: on CUDA through klx's
-    public function (its Triton kernels), on CPU :func:`_kl_rows_cpu` where it serves,
-    else the definition (:func:`klx._fused_chunks._rows_by_chunks`)."""
-    cuda = _on_cuda(f.hq)
-    lean = spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
-    if not (cuda or lean):
-        return _rows_by_chunks(xp, spec, acc, chunk, f)
-    public = _public_rows(spec) if cuda else None
-    n = f.hq.shape[0]
-    parts = []
+    public function (its Triton kernels), on CPU by :func:`_kl_rows_cpu` where it serves,
+    else by the definition."""
+    rows_of_logits = None
+    if _on_cuda(f.hq):
+        public = _public_rows(spec)
+
+        def rows_of_logits(zp: Array, zq: Array, keep: Any, labels: Any) -> Array:
+            return chunk_rows(xp, spec, zp, zq, keep, labels, public)
+
+    elif _lean(spec, f):
+        own = (f.wp is not None or f.bp is not None, f.wq is not None or f.bq is not None)
+
+        def rows_of_logits(zp: Array, zq: Array, keep: Any, labels: Any) -> Array:
+            return _kl_rows_cpu(spec, zp, zq, own, keep)[0]
+
     with torch.no_grad():
-        for r0 in range(0, n, chunk):
-            r1 = min(r0 + chunk, n)
-            keep = None if f.keep is None else f.keep[r0:r1]
-            labels = None if f.labels is None else f.labels[r0:r1]
-            zp = _logits(xp, _safe_rows(xp, f.hp[r0:r1], keep), f.wp, f.bp, acc)
-            zq = _logits(xp, _safe_rows(xp, f.hq[r0:r1], keep), f.wq, f.bq, acc)
-            if public is not None:
-                parts.append(chunk_rows(xp, spec, zp, zq, keep, labels, public))
-                continue
-            if not _lean(zp, zq):
-                return _rows_by_chunks(xp, spec, acc, chunk, f)
-            own = (f.wp is not None or f.bp is not None, f.wq is not None or f.bq is not None)
-            parts.append(_kl_rows_cpu(spec, zp, zq, own, keep)[0])
-            del zp, zq
-    if not parts:
-        return torch.zeros((0,), dtype=acc, device=f.hq.device)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _rows_by_chunks(xp, spec, acc, chunk, f, rows_of_logits)
 
 
 def _accumulate(

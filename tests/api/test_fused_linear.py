@@ -508,13 +508,13 @@ def test_default_chunk_counts_the_path_temporaries(backend):
     want = {"torch": fc.LEAN_TEMPORARIES, "jax": fc.JAX_TEMPORARIES}.get(
         backend.name, fc.CHUNK_TEMPORARIES
     )
-    assert fc.temporaries_for(spec, h) == want
+    assert fc.temporaries_for(spec, h, h) == want
     for other in (
         spec._replace(kind="js"),
         spec._replace(softcap=3.0),
         spec._replace(hard_weight=0.5),
     ):
-        assert fc.temporaries_for(other, h) == fc.CHUNK_TEMPORARIES
+        assert fc.temporaries_for(other, h, h) == fc.CHUNK_TEMPORARIES
 
 
 # --------------------------------------------------------------------------- errors

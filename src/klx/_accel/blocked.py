@@ -39,7 +39,7 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from klx._agnostic import kl_terms, reduction_divisor
@@ -203,16 +203,9 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
                 if head != head:
                     safe_seen[0] = True
             probe = False
-            safe = safe_seen[0]
-            s = _block(xb, yb, t, w, ob, floor(m) if safe else None, safe)
-            if s != s and not safe:  # a zero weight, perhaps: the safe log from now on
+            s, safe = _evaluate(xb, yb, t, w, ob, floor, safe_seen[0], log_target)
+            if safe:  # a zero weight, perhaps: the safe log from now on (every thread)
                 safe_seen[0] = True
-                s = _block(xb, yb, t, w, ob, floor(m), True)
-            if s != s:  # NaN or a weight-0 term against -inf: the definition decides
-                terms = _exact(xb, yb, log_target)
-                if ob is not None:
-                    ob[...] = terms
-                s = float(np.sum(terms))
             total += s
     return total
 
@@ -244,18 +237,44 @@ def _small_sum(x: Any, y: Any, out: Any, log_target: bool) -> float:
     if out is not None:  # C-contiguous, or x's dense layout: `flat` is a view
         flat = out.ravel(order)
         ob = flat if out.dtype == acc else np.empty(m, dtype=acc)
+
+    def floor(k: int) -> Any:
+        return np.full(k, np.finfo(acc).min, dtype=acc)
+
     with np.errstate(all="ignore"):
-        s = _block(xb, yb, t, w, ob, None, False)
-        if s != s:  # a zero weight, perhaps: the safe log
-            s = _block(xb, yb, t, w, ob, np.full(m, np.finfo(acc).min, dtype=acc), True)
-        if s != s:  # NaN or a weight-0 term against -inf: the definition decides
-            terms = _exact(xb, yb, log_target)
-            if ob is not None:
-                ob[...] = terms
-            s = float(np.sum(terms))
+        s, _ = _evaluate(xb, yb, t, w, ob, floor, False, log_target)
     if flat is not None and ob is not flat:
         flat[...] = ob  # float16 terms, accumulated in float32
     return s
+
+
+def _evaluate(
+    xb: Any,
+    yb: Any,
+    t: Any,
+    w: Any,
+    ob: Any,
+    floor: Callable[[int], Any],
+    safe: bool,
+    log_target: bool,
+) -> tuple[float, bool]:
+    """One block's sum (terms into `ob` if given): the bare formula, then with the safe
+    log if its sum is NaN (a zero weight, perhaps), then by the definition if still NaN
+    (NaN, or a zero weight against ``-inf``); and whether the safe log was used.
+    `floor(m)` gives the array of the lowest finite float for the safe log."""
+    import numpy as np
+
+    m = xb.shape[0]
+    s = _block(xb, yb, t, w, ob, floor(m) if safe else None, safe)
+    if s != s and not safe:
+        safe = True
+        s = _block(xb, yb, t, w, ob, floor(m), True)
+    if s != s:
+        terms = _exact(xb, yb, log_target)
+        if ob is not None:
+            ob[...] = terms
+        s = float(np.sum(terms))
+    return s, safe
 
 
 def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, lowest: Any, safe: bool) -> float:

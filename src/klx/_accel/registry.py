@@ -285,7 +285,9 @@ def _dtype_name(dtype: Any) -> str:
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
-def _device_type(lib: str, x: Array) -> str:
+def device_type(lib: str, x: Array) -> str:
+    """The device type the gates see for an array `x` of `lib` ('cpu', 'cuda'), after
+    :data:`DEVICE_ALIASES`."""
     if lib == "torch":
         # is_cpu / is_cuda are cheap flags; building x.device costs more
         kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else str(x.device.type)
@@ -294,12 +296,6 @@ def _device_type(lib: str, x: Array) -> str:
     else:
         kind = "cpu"
     return DEVICE_ALIASES.get(kind, kind)
-
-
-def device_type(lib: str, x: Array) -> str:
-    """The device type the gates see for an array `x` of `lib` ('cpu', 'cuda'), after
-    :data:`DEVICE_ALIASES`."""
-    return _device_type(lib, x)
 
 
 def _size(x: Array) -> int:
@@ -363,7 +359,7 @@ class _Context(NamedTuple):
 def _context(call: Any) -> _Context:
     a, b = _arrays(call)
     lib = library_of(call.xp)
-    device = _device_type(lib, a)
+    device = device_type(lib, a)
     return _Context(a, b, lib, device, _traced(lib, a, b, device))
 
 
