@@ -32,13 +32,19 @@ def _inputs(shape, zeros, log_target, seed=0):
 
 
 def _layout(backend, a, dtype, layout):
-    """`a` on the backend in `layout`: contiguous, transposed, sliced or expanded."""
+    """`a` on the backend in `layout`: contiguous, transposed, sliced, the transpose of
+    a slice, or expanded."""
     if layout == "transposed":
         return backend.xp.permute_dims(backend.asarray(np.ascontiguousarray(a.T), dtype), (1, 0))
     if layout == "sliced":
         big = np.zeros((a.shape[0] + 3, a.shape[1] + 5))
         big[1 : a.shape[0] + 1, 2 : a.shape[1] + 2] = a
         return backend.asarray(big, dtype)[1 : a.shape[0] + 1, 2 : a.shape[1] + 2]
+    if layout == "sliced_transposed":  # the transpose of a slice: neither C nor F order
+        big = np.zeros((a.shape[1] + 5, a.shape[0] + 3))
+        big[: a.shape[1], : a.shape[0]] = a.T
+        sliced = backend.asarray(big, dtype)[: a.shape[1], : a.shape[0]]
+        return backend.xp.permute_dims(sliced, (1, 0))
     if layout == "expanded":
         return backend.xp.broadcast_to(backend.asarray(a[:1], dtype), a.shape)
     return backend.asarray(a, dtype)
@@ -58,7 +64,9 @@ def _served_by(func, *args, **kwargs):
 
 @pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
 @pytest.mark.filterwarnings("ignore::klx.KLDivMeanWarning")
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "expanded"])
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "transposed", "sliced", "sliced_transposed", "expanded"]
+)
 @pytest.mark.parametrize("shape", [(32, 100), (600, 700)])
 @pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("log_target", [False, True])
@@ -75,6 +83,11 @@ def test_kl_div_any_layout_matches_reference(backend, layout, shape, zeros, log_
         assert out.dtype == x.dtype
         assert tuple(out.shape) == (shape if reduction == "none" else ())
         _check(backend, out, x32, y32, reduction, log_target, "float32")
+        if backend.name == "torch" and reduction == "none":  # torch's own layout
+            import torch.nn.functional as F
+
+            peer = F.kl_div(x, y, reduction="none", log_target=log_target)
+            assert out.stride() == peer.stride(), (layout, out.stride(), peer.stride())
     np.testing.assert_array_equal(backend.to_numpy(x), x32)  # inputs untouched
 
 
@@ -99,29 +112,46 @@ def test_kl_div_two_layouts_match_reference(backend, x_layout, y_layout, shape):
         _check(backend, out, backend.to_numpy(x), backend.to_numpy(y), reduction, False, "float32")
 
 
+SPECIAL = {  # a special (target, input) pair; the definition's term in the comment
+    "zero_target": (0.0, -3.0),  # 0
+    "zero_vs_neginf": (0.0, -np.inf),  # 0 log 0 against -inf: 0
+    "zero_vs_posinf": (0.0, np.inf),  # 0
+    "nan_input": (0.0, np.nan),  # NaN propagates even under a zero target
+    "nan_target": (np.nan, -3.0),  # NaN
+    "negative_target": (-0.25, -3.0),  # a probability below 0 (no log target has one)
+    "posinf": (None, np.inf),  # -inf, and under a zero target 0
+}
+
+
 @pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")
-@pytest.mark.parametrize("case", ["zero_vs_neginf", "nan_input", "negative_target", "posinf"])
+@pytest.mark.parametrize("case", list(SPECIAL))
 @pytest.mark.parametrize(("shape", "i"), [((512, 1024), 300_000), ((20, 50), 333)])
-def test_kl_div_special_values_in_blocks(backend, case, shape, i):
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_special_values_in_blocks(backend, case, shape, i, zeros, log_target):
     """Special values deep inside a threaded, blocked input, or in a small one-block
-    input: the definition's conventions."""
-    log_q, p = _inputs(shape, zeros=True, log_target=False)
-    if case == "zero_vs_neginf":
-        p.reshape(-1)[i] = 0.0
-        log_q.reshape(-1)[i] = -np.inf  # 0 log 0 against -inf: 0
-    elif case == "nan_input":
-        p.reshape(-1)[i] = 0.0
-        log_q.reshape(-1)[i] = np.nan  # NaN propagates even under a zero target
-    elif case == "negative_target":
-        p.reshape(-1)[i] = -0.25
-    else:
-        log_q.reshape(-1)[i] = np.inf
-        log_q.reshape(-1)[8] = np.inf  # under a zero target: 0
-    x, y = backend.asarray(log_q, "float32"), backend.asarray(p, "float32")
+    input, among positive targets (the bare formula's block, which must notice them) or
+    targets with zeros (the safe log's): the definition's conventions."""
+    target, value = SPECIAL[case]
+    if log_target and case == "negative_target":
+        pytest.skip("a log target has no negative probability")
+    log_q, p = _inputs(shape, zeros=zeros, log_target=False)
+    if target is not None:
+        p.reshape(-1)[i] = target
+    log_q.reshape(-1)[i] = value
+    if case == "posinf":
+        p.reshape(-1)[8] = 0.0
+        log_q.reshape(-1)[8] = np.inf
+    with np.errstate(divide="ignore"):
+        tgt = np.log(p) if log_target else p
+    x, y = backend.asarray(log_q, "float32"), backend.asarray(tgt, "float32")
     for reduction in ("none", "sum"):
-        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction)
+        chosen, out = _served_by(klx.kl_div, x, y, reduction=reduction, log_target=log_target)
         assert chosen.endswith("-blocked")
-        _check(backend, out, backend.to_numpy(x), backend.to_numpy(y), reduction, False, "float32")
+        assert out.dtype == x.dtype
+        _check(
+            backend, out, backend.to_numpy(x), backend.to_numpy(y), reduction, log_target, "float32"
+        )
 
 
 @pytest.mark.backends("numpy", "torch", reason="the blocked CPU kl_div paths")

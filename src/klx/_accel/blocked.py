@@ -9,7 +9,11 @@ written in place into one cache-resident buffer:
 
 and summed as a dot product of ``log w - x`` with the weights ``w``. That equals the
 definition bit for bit wherever the weight is positive. A zero weight makes the block's
-sum NaN; the block is then evaluated once more with a *safe log*, in the same few passes:
+sum NaN. For 'none' no sum is needed, and the block is checked by the floating-point
+flags its three passes raise instead (:func:`_errors`: ``log 0`` raises
+divide-by-zero, ``0 * inf`` and ``inf - inf`` raise invalid; a NaN input raises nothing and
+gives NaN in the definition too), which saves the dot's pass. Either way, the block is
+then evaluated once more with a *safe log*, in the same few passes:
 ``log w`` clamped to the lowest finite float (so ``0 * (log 0 - x)`` is 0, not NaN), and
 the rest of that thread's share uses the safe log from the start (one cheap pass more),
 so targets full of exact zeros do not pay twice. Only a block whose safe sum is still NaN
@@ -76,31 +80,33 @@ def _kl_div_arrays(call: Any, x: Any, y: Any) -> Any:
 
     dtype = np.dtype(x.dtype)
     out = None
+    own = False
     if call.reduction == "none":
-        # the terms in the inputs' layout where they share a dense one (a transposed
-        # input, as torch does), else in C order
-        dense = x.flags.c_contiguous or x.flags.f_contiguous
-        if dense and x.strides == y.strides:
-            out = np.empty_like(x, dtype=dtype)
-        else:
-            out = np.empty(x.shape, dtype=dtype)
-    total = kl_sum_numpy(x, y, out, call.log_target)
+        # the terms in the inputs' order in memory where they share a layout with
+        # positive strides (a transposed or sliced input, as torch does), else in C order
+        own = x.strides == y.strides and all(s > 0 for s in x.strides)
+        out = np.empty_like(x, dtype=dtype) if own else np.empty(x.shape, dtype=dtype)
+    total = kl_sum_numpy(x, y, out, call.log_target, out_like_x=own)
     if out is not None:
         return out
     return np.asarray(_reduced(call, total), dtype=dtype)
 
 
-def kl_sum_numpy(x: Any, y: Any, out: Any, log_target: bool, threads: bool = True) -> float:
+def kl_sum_numpy(
+    x: Any, y: Any, out: Any, log_target: bool, threads: bool = True, out_like_x: bool = False
+) -> float:
     """The sum of the `kl_div` terms of NumPy arrays `x`, `y` (one shape, any layout).
 
-    The terms are written into `out` (same shape) when it is given. Accumulated in
-    float32 for float16 input, else in the input's dtype (per block; blocks in float64).
+    The terms are written into `out` (same shape) when it is given; `out_like_x` says
+    that `out` was made by ``np.empty_like(x)`` and `y` has `x`'s strides, so the three
+    share one order in memory. Accumulated in float32 for float16 input, else in the
+    input's dtype (per block; blocks in float64).
     """
     n = x.size
     if n == 0:
         return 0.0
     if n <= SMALL:
-        return _small_sum(x, y, out, log_target)
+        return _small_sum(x, y, out, log_target, out_like_x)
     workers = _workers() if threads and n >= PARALLEL_MIN else 1
     pieces = _pieces(x, y, out, pieces_for(n, workers))
     safe = [False]  # whether a piece met a zero weight (shared: the bits do not depend on it)
@@ -188,7 +194,7 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
 
     total = 0.0
     probe = True
-    with np.errstate(all="ignore"):  # per thread: NumPy's error state is thread-local
+    with _errors(terms=out is not None):  # per thread: NumPy's error state is thread-local
         for xb, yb, ob in _chunks(x, y, out, acc):
             m = xb.shape[0]
             t = buf[:m]
@@ -210,42 +216,51 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
     return total
 
 
-def _small_sum(x: Any, y: Any, out: Any, log_target: bool) -> float:
+def _small_sum(x: Any, y: Any, out: Any, log_target: bool, out_like_x: bool = False) -> float:
     """:func:`kl_sum_numpy` of a small input: one block, with none of the pieces,
     iterators or kept buffers that large inputs amortise (a 32 x 100 call is a handful of
     NumPy calls).
 
-    The arrays are flattened in memory order when they share one layout (a view where it
-    is dense, transposed too, and `out` then has that layout, see :func:`_kl_div_arrays`;
-    for a sum, a copy in memory order of a sliced or expanded input), else in C order.
+    The arrays are flattened in memory order ('K') when they share one layout: a view
+    where it is dense, else a copy read in memory order, and `out` (made like `x`, see
+    :func:`_kl_div_arrays`) a view in the same order. Otherwise in C order.
     """
     import numpy as np
 
     acc = np.dtype(np.float32) if x.dtype.itemsize < 4 else np.dtype(x.dtype)
-    if out is None:
-        order = "K" if x.strides == y.strides else "C"
-    else:
-        dense = x.flags.c_contiguous or x.flags.f_contiguous
-        same = x.strides == y.strides == out.strides
-        order = "K" if dense and same else "C"
+    same = x.strides == y.strides and (out is None or out_like_x)
+    order = "K" if same else "C"
     xb = x.ravel(order).astype(acc, copy=False)
     yb = y.ravel(order).astype(acc, copy=False)
     m = xb.shape[0]
-    t = np.empty(m, dtype=acc)
     w = np.empty(m, dtype=acc) if log_target else None
     flat = ob = None
-    if out is not None:  # C-contiguous, or x's dense layout: `flat` is a view
+    if out is not None:  # C-contiguous, or made like x: `flat` is a view
         flat = out.ravel(order)
         ob = flat if out.dtype == acc else np.empty(m, dtype=acc)
+    t = ob if ob is not None else np.empty(m, dtype=acc)  # 'none': the terms go to `ob`
 
     def floor(k: int) -> Any:
         return np.full(k, np.finfo(acc).min, dtype=acc)
 
-    with np.errstate(all="ignore"):
+    with _errors(terms=out is not None):
         s, _ = _evaluate(xb, yb, t, w, ob, floor, False, log_target)
     if flat is not None and ob is not flat:
         flat[...] = ob  # float16 terms, accumulated in float32
     return s
+
+
+def _errors(terms: bool) -> Any:
+    """NumPy's error state for a block: all ignored for a sum (its NaN check is the dot),
+    and while the terms are written ('none') the flags that mark a term the bare formula
+    may get wrong raise (a zero weight's ``log 0``; ``0 * inf``, ``inf - inf``), so the
+    block needs no check of its own. Overflow (``exp`` of a large log target) and
+    underflow are values, not errors."""
+    import numpy as np
+
+    if terms:
+        return np.errstate(divide="raise", invalid="raise", over="ignore", under="ignore")
+    return np.errstate(all="ignore")
 
 
 def _evaluate(
@@ -270,7 +285,8 @@ def _evaluate(
         safe = True
         s = _block(xb, yb, t, w, ob, floor(m), True)
     if s != s:
-        terms = _exact(xb, yb, log_target)
+        with np.errstate(all="ignore"):
+            terms = _exact(xb, yb, log_target)
         if ob is not None:
             ob[...] = terms
         s = float(np.sum(terms))
@@ -282,12 +298,32 @@ def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, lowest: Any, safe: bool) -
 
     `w` is the weights' buffer for log targets (None: `yb` holds the weights). With
     `safe`, ``log w`` is clamped to `lowest` (an array of the lowest finite float), so a
-    zero weight gives a zero term.
+    zero weight gives a zero term. With `ob` (the terms' output block, 'none') the result
+    is 0.0, or NaN if a pass raised one of :func:`_errors` (the caller's error state).
     """
     import numpy as np
 
-    if ob is not None:
-        t = ob  # 'none': the terms go straight into the output block
+    if ob is None:
+        _log_ratio(xb, yb, t, w, lowest, safe)
+        return float(np.dot(t, yb if w is None else w))  # NaN wherever a term is NaN
+    try:
+        if safe:
+            with np.errstate(divide="ignore"):  # log 0 is what the clamp is for
+                _log_ratio(xb, yb, ob, w, lowest, safe)
+        else:
+            _log_ratio(xb, yb, ob, w, lowest, safe)
+        np.multiply(ob, yb if w is None else w, out=ob)
+    except FloatingPointError:
+        return math.nan
+    if safe:
+        np.add(ob, 0.0, out=ob)  # 0 * (lowest - x) is -0.0; the definition has +0.0
+    return 0.0
+
+
+def _log_ratio(xb: Any, yb: Any, t: Any, w: Any, lowest: Any, safe: bool) -> None:
+    """``log w - x`` into `t` (the safe log with `safe`); for a log target, `w` = exp(y)."""
+    import numpy as np
+
     if w is not None:  # log target: weights exp(y), logs y
         np.exp(yb, out=w)
         if safe:
@@ -295,18 +331,11 @@ def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, lowest: Any, safe: bool) -
             np.subtract(t, xb, out=t)
         else:
             np.subtract(yb, xb, out=t)
-    else:
-        w = yb
-        np.log(yb, out=t)
-        if safe:
-            np.maximum(t, lowest, out=t)
-        np.subtract(t, xb, out=t)
-    total = float(np.dot(t, w))  # NaN wherever a term is NaN
-    if ob is not None:  # the terms themselves (the total then only flags NaN)
-        np.multiply(t, w, out=t)
-        if safe:
-            np.add(t, 0.0, out=t)  # 0 * (lowest - x) is -0.0; the definition has +0.0
-    return total
+        return
+    np.log(yb, out=t)
+    if safe:
+        np.maximum(t, lowest, out=t)
+    np.subtract(t, xb, out=t)
 
 
 def _exact(xb: Any, yb: Any, log_target: bool) -> Any:
