@@ -18,7 +18,7 @@ backward; the custom VJPs are what keep memory bounded.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +173,7 @@ def _walk(
             got = dict(zip(idx, vjp(g_c), strict=True))
         total, sums = carry
         total = total + jnp.sum(rows * g_c)
-        sums = tuple(a + got[i] for a, i in zip(sums, carried, strict=True))
+        sums = tuple(_accumulate(a, got[i]) for a, i in zip(sums, carried, strict=True))
         return (total, sums), (got.get(0), got.get(3))
 
     init: Any = (jnp.zeros((), dtype=acc), tuple(jnp.zeros_like(arrays[i]) for i in carried))
@@ -246,10 +246,47 @@ def _chain(
         if i == base:
             g = dz if w is None else jnp.matmul(dz, w.astype(dz.dtype))
         elif i == base + 1:
-            g = jnp.matmul(dz.T, h.astype(dz.dtype))
+            got[i] = _Outer(dz, h.astype(dz.dtype))  # added to the carried sum by blocks
+            continue
         else:
             g = jnp.sum(dz, axis=0)
         got[i] = g.astype(x.dtype)
+
+
+class _Outer(NamedTuple):
+    """A weight gradient ``dz.T @ h`` not yet formed: :func:`_accumulate` adds it to the
+    carried sum block by block."""
+
+    dz: Array
+    h: Array
+
+
+def _accumulate(total: Array, grad: Array | _Outer) -> Array:
+    """``total + grad``. A weight gradient given as :class:`_Outer` is added a block of
+    vocabulary rows at a time, in a loop (``dynamic_update_slice`` on the carried sum,
+    which XLA does in place), each block's product about the size of one [chunk, vocab]
+    array: formed whole, the [vocab, hidden] product would be a second weight-sized
+    buffer beside the sum (62.5 MiB at 32,000 x 512 float32). A loop, not unrolled
+    blocks: XLA would schedule every unrolled product first and hold them all."""
+    if not isinstance(grad, _Outer):
+        return total + grad
+    dz, h = grad
+    vocab, hidden = total.shape[0], total.shape[-1]
+    rows = max(1, min(vocab, dz.shape[0] * vocab // max(1, hidden)))
+    blocks, tail = divmod(vocab, rows)
+    if blocks < 2:  # the product is at most about twice a block: formed whole
+        return total + jnp.matmul(dz.T, h).astype(total.dtype)
+
+    def add(start: Any, size: int, total: Array) -> Array:
+        block = jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+        part = jnp.matmul(block.T, h).astype(total.dtype)
+        old = jax.lax.dynamic_slice_in_dim(total, start, size, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(total, old + part, start, 0)
+
+    total = jax.lax.fori_loop(0, blocks, lambda b, t: add(b * rows, rows, t), total)
+    if tail:
+        total = add(blocks * rows, tail, total)
+    return total
 
 
 def _zeros(x: Array | None) -> Array | None:
