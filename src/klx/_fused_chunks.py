@@ -29,8 +29,9 @@ CHUNK_TEMPORARIES = 16
 #: V = 32,000 in float32 a chunk of 256 tokens, whose matrix products run at full speed.
 LEAN_TEMPORARIES = 4
 #: The same for JAX's KL chunk with closed-form gradients (``klx._fused_jax``): what XLA
-#: keeps of a step beyond the weight gradients it carries, about 5 arrays measured at
-#: 4096 x 512 x 32,000 (211 MiB in all at 128 tokens per chunk); 8, so 128 tokens.
+#: keeps of a step beyond the weight gradients it carries, about 6 arrays measured at
+#: 4096 x 512 x 32,000 (102 MiB of XLA temporaries at 128 tokens per chunk); 8, so 128
+#: tokens, which keeps the matrix products at full speed on a CPU.
 JAX_TEMPORARIES = 8
 
 #: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
