@@ -164,13 +164,47 @@ def chunk_rows(
 
 def _cross_entropy(xp: ModuleType, z: Array, labels: Array, ignore_index: int) -> Array:
     """``logsumexp(z) - z[label]`` per row; 0 where the label is `ignore_index`."""
+    labels = rows_like(labels, z)
     valid = labels != ignore_index
     safe = xp.where(valid, labels, xp.zeros_like(labels))
-    vocab = xp.arange(z.shape[-1], dtype=labels.dtype, **_device_kw(z))
-    picked = xp.sum(xp.where(vocab == safe[:, None], z, 0.0), axis=-1)
+    picked = xp.sum(xp.where(label_mask(xp, z, safe), z, 0.0), axis=-1)
     top = xp.max(z, axis=-1, keepdims=True)
     lse = xp.log(xp.sum(xp.exp(z - top), axis=-1)) + top[:, 0]
     return xp.where(valid, lse - picked, 0.0)
+
+
+def label_mask(xp: ModuleType, z: Array, labels: Array) -> Array:
+    """``mask[i, v] = (v == labels[i])`` for logits `z` [n, vocab], laid out like `z`.
+
+    A one-hot comparison, not a gather: on a torch DTensor sharded along the vocabulary
+    each rank compares its own slice of the vocabulary (the index is made on each rank,
+    without communication), where a gather would collect the logits first.
+    """
+    vocab = xp.arange(z.shape[-1], dtype=labels.dtype, **_device_kw(z))
+    if _is_dtensor(z):
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        last = z.ndim - 1
+        placements = [
+            Shard(0) if p.is_shard() and p.dim in (last, -1) else Replicate() for p in z.placements
+        ]
+        vocab = distribute_tensor(vocab, z.device_mesh, placements, src_data_rank=None)
+    return vocab == labels[:, None]
+
+
+def rows_like(x: Array, z: Array) -> Array:
+    """`x` (one value per row of `z`) as a DTensor placed like `z`'s rows when `z` is a
+    DTensor and `x` is not (made on each rank from its own copy, without communication)."""
+    if not _is_dtensor(z) or _is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    placements = [Shard(0) if p.is_shard() and p.dim == 0 else Replicate() for p in z.placements]
+    return distribute_tensor(x, z.device_mesh, placements, src_data_rank=None)
+
+
+def _is_dtensor(x: Array) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
 
 
 def _device_kw(x: Array) -> dict[str, Any]:

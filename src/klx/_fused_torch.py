@@ -31,12 +31,15 @@ from klx._agnostic import divergence_terms, log_softmax
 from klx._fused_chunks import (
     FusedSpec,
     _Flat,
+    _is_dtensor,
     _logits,
     _rows_by_chunks,
     _safe_rows,
     chunk_rows,
     closed_form_kl,
+    label_mask,
     plain_cpu_tensors,
+    rows_like,
 )
 
 __all__ = ["torch_fused"]
@@ -186,16 +189,26 @@ def _closed_chunk(
             dzq *= (1.0 - hw) / t
         del lq
         if hw > 0.0 and labels is not None:
+            labels = rows_like(labels, zq)
             valid = labels != spec.ignore_index
             safe = torch.where(valid, labels, 0).long()
             log_q1 = log_softmax(xp, zq, -1)
-            picked = torch.gather(log_q1, 1, safe[:, None])[:, 0]
+            # a DTensor sharded along the vocabulary: a one-hot mask, which each rank
+            # compares on its own slice (a gather or scatter would collect the logits)
+            onehot = label_mask(xp, zq, safe) if _is_dtensor(zq) else None
+            if onehot is None:
+                picked = torch.gather(log_q1, 1, safe[:, None])[:, 0]
+            else:
+                picked = torch.sum(torch.where(onehot, log_q1, 0.0), dim=-1)
             rows = rows + hw * torch.where(valid, -picked, 0.0)
             if want_q:
                 assert dzq is not None
                 vw = (hw * valid).to(zq.dtype)[:, None]
                 dzq += torch.exp(log_q1) * vw
-                dzq.scatter_add_(1, safe[:, None], -vw)
+                if onehot is None:
+                    dzq.scatter_add_(1, safe[:, None], -vw)
+                else:
+                    dzq -= torch.where(onehot, vw, 0.0)
         if dzq is not None:
             dzq *= w[:, None]
             if cap is not None:

@@ -72,23 +72,30 @@ SCRIPT = textwrap.dedent(
         dist_args = (distribute_tensor(hp, mesh, rep), distribute_tensor(wp, mesh, vocab),
                      distribute_tensor(hq, mesh, rep), distribute_tensor(wq, mesh, vocab))
         dtok = distribute_tensor(tok, mesh, rep)
+        # the hard term (cross-entropy with labels): plain labels for the value, DTensor
+        # labels for the gradients; one label at the vocabulary's last entry, one ignored
+        labels = torch.tensor([3, 40, 63, -100, 0, 31])
+        variants = (("", {}, {}),
+                    (" labels", {"labels": labels, "hard_weight": 0.3},
+                     {"labels": distribute_tensor(labels, mesh, rep), "hard_weight": 0.3}))
         for kind in ("kl", "js"):
+          for suffix, hard, dhard in variants:
             kw = {"divergence": kind, "temperature": 2.0, "chunk_size": 4}
-            record(f"fused {kind} vocab",
-                   lambda: klx.fused_linear_divergence(*dist_args, where=dtok, **kw),
-                   klx.fused_linear_divergence(hp, wp, hq, wq, where=tok, **kw))
+            record(f"fused {kind}{suffix} vocab",
+                   lambda: klx.fused_linear_divergence(*dist_args, where=dtok, **kw, **hard),
+                   klx.fused_linear_divergence(hp, wp, hq, wq, where=tok, **kw, **hard))
             # gradients with respect to the student's (vocab-sharded) weights and hidden states
             wq1, hq1 = wq.clone().requires_grad_(True), hq.clone().requires_grad_(True)
-            klx.fused_linear_divergence(hp, wp, hq1, wq1, where=tok, **kw).backward()
+            klx.fused_linear_divergence(hp, wp, hq1, wq1, where=tok, **kw, **hard).backward()
             dwq = distribute_tensor(wq, mesh, vocab).requires_grad_(True)
             dhq = distribute_tensor(hq, mesh, rep).requires_grad_(True)
             d_args = (dist_args[0], dist_args[1], dhq, dwq)
             comm = CommDebugMode()
             with comm:
-                klx.fused_linear_divergence(*d_args, where=dtok, **kw).backward()
+                klx.fused_linear_divergence(*d_args, where=dtok, **kw, **dhard).backward()
             counts = {str(k): v for k, v in comm.get_comm_counts().items()}
             for name, got, ref in (("weight", dwq.grad, wq1.grad), ("hidden", dhq.grad, hq1.grad)):
-                results.append({"name": f"fused {kind} grad {name}",
+                results.append({"name": f"fused {kind}{suffix} grad {name}",
                                 "got": got.full_tensor().tolist(), "ref": ref.tolist(),
                                 "comms": counts})
         if rank == 0:
@@ -182,10 +189,13 @@ def test_vocab_sharded_equals_one_process_with_all_reduces_only(
 @pytest.mark.slow
 @pytest.mark.backends("torch", reason="torch DTensor")
 @pytest.mark.parametrize("kind", ["kl", "js"])
-def test_fused_linear_with_vocab_sharded_weights(backend, two_process_results, kind):
+@pytest.mark.parametrize("labels", ["", " labels"])
+def test_fused_linear_with_vocab_sharded_weights(backend, two_process_results, kind, labels):
+    """With labels, the hard term's cross-entropy picks the label's logit by a one-hot
+    comparison on each rank's slice of the vocabulary: all-reduces only."""
     import numpy as np
 
-    case = _case(two_process_results, f"fused {kind} vocab")
+    case = _case(two_process_results, f"fused {kind}{labels} vocab")
     np.testing.assert_allclose(case["got"], case["ref"], rtol=1e-12)
     assert case["comms"], "tensor parallelism must reduce over the vocabulary"
     assert all("all_reduce" in op for op in case["comms"]), case["comms"]
@@ -195,11 +205,14 @@ def test_fused_linear_with_vocab_sharded_weights(backend, two_process_results, k
 @pytest.mark.backends("torch", reason="torch DTensor")
 @pytest.mark.parametrize("kind", ["kl", "js"])
 @pytest.mark.parametrize("wrt", ["weight", "hidden"])
-def test_fused_linear_gradients_with_vocab_sharded_weights(backend, two_process_results, kind, wrt):
+@pytest.mark.parametrize("labels", ["", " labels"])
+def test_fused_linear_gradients_with_vocab_sharded_weights(
+    backend, two_process_results, kind, wrt, labels
+):
     """Gradients equal one process's, and (written in closed form with max / exp / sum)
-    communicate by all-reduces only, for KL and JS."""
+    communicate by all-reduces only, for KL and JS, with and without the hard term."""
     import numpy as np
 
-    case = _case(two_process_results, f"fused {kind} grad {wrt}")
+    case = _case(two_process_results, f"fused {kind}{labels} grad {wrt}")
     np.testing.assert_allclose(case["got"], case["ref"], rtol=1e-12, atol=1e-15)
     assert all("all_reduce" in op for op in case["comms"]), case["comms"]
