@@ -180,7 +180,9 @@ def label_mask(xp: ModuleType, z: Array, labels: Array) -> Array:
     each rank compares its own slice of the vocabulary (the index is made on each rank,
     without communication), where a gather would collect the logits first.
     """
-    vocab = xp.arange(z.shape[-1], dtype=labels.dtype, **_device_kw(z))
+    # an index type wide enough for the vocabulary (int8 labels would wrap at 128)
+    wide = labels.dtype if xp.iinfo(labels.dtype).bits >= 32 else xp.int32
+    vocab = xp.arange(z.shape[-1], dtype=wide, **_device_kw(z))
     if _is_dtensor(z):
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 

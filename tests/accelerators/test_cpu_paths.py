@@ -175,6 +175,65 @@ def test_kl_div_float16_is_blocked_and_accurate(backend, log_target, shape):
         )
 
 
+def _on(backend, a, dtype):
+    """`a` on the backend; Dask in chunks of 64 rows (the first and last rows apart)."""
+    if backend.name == "dask":
+        import dask.array as da
+
+        return da.from_array(a.astype(dtype), chunks=(64, a.shape[1]))
+    return backend.asarray(a, dtype)
+
+
+@pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
+@pytest.mark.parametrize("shape", [(512, 1024), (20, 50)])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_terms_of_both_signs_of_infinity_stay_quiet(backend, shape, reduction):
+    """A block (or Dask chunk) whose definition has a +inf and a -inf term: the terms as
+    the definition gives them, the sum NaN, and no NumPy warning or FloatingPointError
+    (the suite turns warnings into errors; these calls are not wrapped in errstate)."""
+    log_q, p = _inputs(shape, zeros=False, log_target=False)
+    flat_q, flat_p = log_q.reshape(-1), p.reshape(-1)
+    flat_p[5] = -0.25  # a negative target: +inf
+    flat_q[6] = np.inf  # an infinite input under a positive target: -inf
+    flat_p[-3] = -0.25  # and again far away (another Dask chunk)
+    x, y = _on(backend, log_q, "float32"), _on(backend, p, "float32")
+    out = klx.kl_div(x, y, reduction=reduction)
+    _check(
+        backend, out, log_q.astype(np.float32), p.astype(np.float32), reduction, False, "float32"
+    )
+
+
+@pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
+@pytest.mark.parametrize("shape", [(512, 1024), (20, 50)])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_float16_terms_beyond_its_range_are_inf_quietly(backend, shape, log_target):
+    """float16 input, terms accumulated in float32: a term or a sum beyond float16's range
+    is inf in the result, as torch gives, with no overflow warning."""
+    log_q, tgt = _inputs(shape, zeros=False, log_target=log_target)
+    log_q.reshape(-1)[7] = -60000.0  # a term of 1.2e5 (1.6e5 with a log target of 1)
+    tgt.reshape(-1)[7] = 1.0 if log_target else 2.0
+    x, y = _on(backend, log_q, "float16"), _on(backend, tgt, "float16")
+    out = klx.kl_div(x, y, reduction="none", log_target=log_target)
+    assert out.dtype == x.dtype
+    terms = backend.to_numpy(out)
+    assert terms.reshape(-1)[7] == np.inf
+    rest = np.ones(terms.size, dtype=bool)
+    rest[7] = False
+    ref, scale = reference.kl_div(
+        backend.to_numpy(x).astype(np.float64), backend.to_numpy(y), "none", log_target
+    )
+    err = reference.rel_error(
+        terms.reshape(-1)[rest],
+        ref.reshape(-1)[rest],
+        np.broadcast_to(scale, ref.shape).reshape(-1)[rest],
+        reference.ATOL["float16"],
+    )
+    assert err <= reference.TOL["float16"], err
+    total = klx.kl_div(x, y, reduction="sum", log_target=log_target)
+    assert total.dtype == x.dtype
+    assert backend.to_numpy(total) == np.inf
+
+
 @pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("zeros", [False, True])

@@ -488,6 +488,23 @@ def test_numpy_peak_memory_is_one_chunk(backend):
     assert peak < full / 8, f"peak {peak} bytes against {full} for the full logits"
 
 
+@pytest.mark.backends("numpy", "torch", "jax", reason="integer label dtypes")
+@pytest.mark.parametrize("label_dtype", ["int8", "uint8", "int16", "int32"])
+def test_narrow_integer_labels_over_a_large_vocabulary(backend, label_dtype):
+    """Labels of a narrow integer dtype with a vocabulary beyond its range (300 > 127):
+    the label's logit is still the right one (the index once wrapped at 128 for int8)."""
+    rng = np.random.default_rng(11)
+    n, hidden, vocab = 6, 4, 300
+    hp, hq = rng.standard_normal((n, hidden)), rng.standard_normal((n, hidden))
+    wp, wq = rng.standard_normal((vocab, hidden)), rng.standard_normal((vocab, hidden))
+    labels = np.array([3, 44, 100, 127, 0, 5])
+    ref, _ = reference(hp, wp, hq, wq, labels=labels, hard_weight=0.5, ignore_index=-100)
+    a = [backend.asarray(v) for v in (hp, wp, hq, wq)]
+    lab = backend.xp.asarray(labels.astype(label_dtype))
+    got = klx.fused_linear_divergence(*a, labels=lab, hard_weight=0.5, ignore_index=-100)
+    _close(got, ref, 1e-12, "value")
+
+
 def test_default_chunk_size_follows_the_budget():
     from klx import _fused_linear as fl
 

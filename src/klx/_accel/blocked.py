@@ -89,6 +89,9 @@ def _kl_div_arrays(call: Any, x: Any, y: Any) -> Any:
     total = kl_sum_numpy(x, y, out, call.log_target, out_like_x=own)
     if out is not None:
         return out
+    if dtype.itemsize < 4:  # a sum beyond float16's range is inf, as torch gives
+        with np.errstate(over="ignore"):
+            return np.asarray(_reduced(call, total), dtype=dtype)
     return np.asarray(_reduced(call, total), dtype=dtype)
 
 
@@ -241,7 +244,8 @@ def _small_sum(x: Any, y: Any, out: Any, log_target: bool, out_like_x: bool = Fa
     with _errors(terms=out is not None):
         s, _ = _evaluate(xb, yb, t, w, ob, floor, False, log_target)
     if flat is not None and ob is not flat:
-        flat[...] = ob  # float16 terms, accumulated in float32
+        with np.errstate(over="ignore"):  # a float32 term beyond float16's range is inf
+            flat[...] = ob  # float16 terms, accumulated in float32
     return s
 
 
@@ -298,11 +302,11 @@ def _evaluate(
         safe = True
         s = _block(xb, yb, t, w, ob, floor(m), True)
     if s != s:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"):  # the definition's inf and NaN are values here
             terms = _exact(xb, yb, log_target)
+            s = float(np.sum(terms))
         if ob is not None:
             ob[...] = terms
-        s = float(np.sum(terms))
     return s, safe
 
 
@@ -437,10 +441,10 @@ def kl_div_dask(call: Any) -> Any:
         chunks=tuple((1,) * len(c) for c in x.chunks),
         dtype=np.float64,
     )
-    total = sums.sum()
+    # the chunks' sums added by Dask's tree, quietly: -inf + inf is the definition's NaN
+    total = da.reduction(sums, _quiet_sum, _quiet_sum, dtype=np.float64)
     div = reduction_divisor(call.reduction, call.shape, call.first)
-    out = total / div if div else total * math.nan
-    return out.astype(dtype)
+    return total.map_blocks(_quiet_finish, div, dtype.str, dtype=dtype)
 
 
 def _index(ndim: int) -> str:
@@ -460,3 +464,21 @@ def _sum_chunk(x: Any, y: Any, log_target: bool) -> Any:
 
     total = kl_sum_numpy(x, y, None, log_target, threads=False)
     return np.full((1,) * x.ndim, total, dtype=np.float64)
+
+
+def _quiet_sum(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    """``np.sum`` of Dask's reduction tree with NumPy's warnings off (``-inf + inf``)."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        return np.sum(x, axis=axis, keepdims=keepdims)
+
+
+def _quiet_finish(total: Any, div: float, dtype: str) -> Any:
+    """The reduced value of a Dask call's total in its dtype (a sum beyond float16's range
+    is inf, as torch gives, without NumPy's overflow warning)."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        out = total / div if div else total * math.nan
+        return out.astype(dtype)
