@@ -39,6 +39,7 @@ path, which their compilers fuse).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -89,10 +90,9 @@ def _kl_div_arrays(call: Any, x: Any, y: Any) -> Any:
     total = kl_sum_numpy(x, y, out, call.log_target, out_like_x=own)
     if out is not None:
         return out
-    if dtype.itemsize < 4:  # a sum beyond float16's range is inf, as torch gives
-        with np.errstate(over="ignore"):
-            return np.asarray(_reduced(call, total), dtype=dtype)
-    return np.asarray(_reduced(call, total), dtype=dtype)
+    # a float16 sum beyond float16's range is inf, as torch gives
+    with np.errstate(over="ignore") if dtype.itemsize < 4 else contextlib.nullcontext():
+        return np.asarray(_reduced(call, total), dtype=dtype)
 
 
 def kl_sum_numpy(
@@ -323,11 +323,10 @@ def _block(xb: Any, yb: Any, t: Any, w: Any, ob: Any, lowest: Any, safe: bool) -
     if ob is None:
         _log_ratio(xb, yb, t, w, lowest, safe)
         return float(np.dot(t, yb if w is None else w))  # NaN wherever a term is NaN
+    # with the safe log, log 0 is what the clamp is for: not an error
+    quiet = np.errstate(divide="ignore") if safe else contextlib.nullcontext()
     try:
-        if safe:
-            with np.errstate(divide="ignore"):  # log 0 is what the clamp is for
-                _log_ratio(xb, yb, ob, w, lowest, safe)
-        else:
+        with quiet:
             _log_ratio(xb, yb, ob, w, lowest, safe)
         np.multiply(ob, yb if w is None else w, out=ob)
     except FloatingPointError:
