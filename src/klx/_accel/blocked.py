@@ -44,6 +44,7 @@ import itertools
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,7 +116,33 @@ def kl_sum_numpy(
     safe = [False]  # whether a piece met a zero weight (shared: the bits do not depend on it)
     if len(pieces) == 1:
         return _piece_sum(pieces[0], log_target, safe)
-    return float(sum(_pool().map(lambda s: _piece_sum(s, log_target, safe), pieces)))
+    # One task per thread, each taking the next piece as it goes (an idle thread takes
+    # what a thread held back has not begun) with one set of block buffers per thread:
+    # a task per piece cost a hand-over and two fresh buffers each, about 0.5 ms a call.
+    sums = [0.0] * len(pieces)
+    order = iter(range(len(pieces)))
+    lock = threading.Lock()
+
+    def work(_: int) -> None:
+        bufs = _buffers(x.dtype, log_target)
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            sums[i] = _piece_sum(pieces[i], log_target, safe, bufs)
+
+    list(_pool().map(work, range(min(workers, len(pieces)))))
+    return float(sum(sums))  # in the pieces' order: the same bits whoever ran which
+
+
+def _buffers(dtype: Any, log_target: bool) -> tuple[Any, Any]:
+    """A block's buffers for the terms and, for a log target, the weights."""
+    import numpy as np
+
+    acc = np.dtype(np.float32) if dtype.itemsize < 4 else np.dtype(dtype)
+    block = max(1, BLOCK_BYTES // acc.itemsize)
+    return np.empty(block, dtype=acc), np.empty(block, dtype=acc) if log_target else None
 
 
 #: Terms of a piece's first block tried by the bare formula first: a target with exact
@@ -174,7 +201,9 @@ def _chunks(x: Any, y: Any, out: Any, acc: Any) -> Iterator[tuple[Any, Any, Any]
             yield chunk[0], chunk[1], chunk[2] if out is not None else None
 
 
-def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bool]) -> float:
+def _piece_sum(
+    piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bool], bufs: Any = None
+) -> float:
     """Sum of the terms of one piece (x, y, out), block by block (terms into out if given).
 
     Once any piece has met a zero weight (`safe_seen`), blocks start with the safe log.
@@ -183,9 +212,7 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bo
 
     x, y, out = piece
     acc = np.dtype(np.float32) if x.dtype.itemsize < 4 else np.dtype(x.dtype)
-    block = max(1, BLOCK_BYTES // acc.itemsize)
-    buf = np.empty(block, dtype=acc)
-    wbuf = np.empty(block, dtype=acc) if log_target else None
+    buf, wbuf = _buffers(x.dtype, log_target) if bufs is None else bufs
 
     def floor(m: int) -> Any:
         return _lowest(acc, m)
