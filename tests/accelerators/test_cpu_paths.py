@@ -8,6 +8,8 @@ special values each path claims; plus bit-for-bit repeatability, bounded memory
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -409,3 +411,45 @@ def test_thread_pool_survives_fork(backend):
     with ctx.Pool(2) as pool:
         got = pool.map_async(_child_kl, [0, 0]).get(timeout=60)  # hung forever before
     assert got == [parent, parent]
+
+
+@pytest.mark.backends("numpy", reason="klx's own threads, with no array library involved")
+def test_pieces_run_once_each_on_the_caller_and_the_pool(backend):
+    """Every piece runs once, state is made once per thread, the calling thread works too,
+    and an error is raised only after no thread is still working."""
+    from klx._accel.blocked import _workers, share_pieces
+
+    lock = threading.Lock()
+    seen, states = [], []
+
+    def state():
+        with lock:
+            states.append(threading.get_ident())
+        return threading.get_ident()
+
+    def task(i, mine):
+        assert mine == threading.get_ident()  # this thread's own state
+        time.sleep(0.002)  # long enough for the pool's threads to take pieces too
+        with lock:
+            seen.append((i, mine))
+
+    share_pieces(16, 2, task, state)
+    assert sorted(i for i, _ in seen) == list(range(16))
+    assert threading.get_ident() in {t for _, t in seen}  # the caller took pieces
+    assert len(states) == len(set(states)) <= 2  # one state per thread
+    if _workers() > 1:
+        assert len({t for _, t in seen}) == 2
+
+    done = []
+
+    def failing(i, _):
+        if i == 3:
+            raise ValueError("piece 3")
+        time.sleep(0.005)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="piece 3"):
+        share_pieces(8, 2, failing)
+    settled = len(done)
+    time.sleep(0.05)
+    assert len(done) == settled  # nothing still running after the raise

@@ -21,10 +21,11 @@ so targets full of exact zeros do not pay twice. Only a block whose safe sum is 
 the definition itself. So the result is the definition's, at the cost of about one pass.
 
 Threads: NumPy's ufuncs release the GIL, so the inputs are cut into a few fixed pieces per
-thread (by position, never by scheduling; an idle thread takes the next piece, so a thread
-the OS holds back delays only its own piece) and the pieces' sums are added in order: the
-result is the same bit for bit on every run. The pool is made again in a forked child
-(:func:`os.register_at_fork`), whose copy of the parent's pool has no threads.
+thread (by position, never by scheduling) that the calling thread and the pool's threads
+take in turn (:func:`share_pieces`: a thread the OS holds back delays only its own piece),
+and the pieces' sums are added in order: the result is the same bit for bit on every run.
+The pool is made again in a forked child (:func:`os.register_at_fork`), whose copy of the
+parent's pool has no threads.
 
 Torch CPU tensors take the same NumPy code through zero-copy views (``Tensor.numpy()``):
 no torch op runs per block, so nothing waits at torch's intra-op thread barriers when
@@ -51,7 +52,7 @@ from typing import Any
 from klx._agnostic import kl_terms, reduction_divisor
 from klx._config import num_threads
 
-__all__ = ["kl_div_dask", "kl_div_numpy", "kl_div_torch", "kl_sum_numpy"]
+__all__ = ["kl_div_dask", "kl_div_numpy", "kl_div_torch", "kl_sum_numpy", "share_pieces"]
 
 #: Bytes per array and block: 2^18 float32 elements, so a 2^22-element call is 16 NumPy
 #: calls per pass. Smaller blocks (fitting the 1 MiB L2 cache) measured slower on the
@@ -116,23 +117,12 @@ def kl_sum_numpy(
     safe = [False]  # whether a piece met a zero weight (shared: the bits do not depend on it)
     if len(pieces) == 1:
         return _piece_sum(pieces[0], log_target, safe)
-    # One task per thread, each taking the next piece as it goes (an idle thread takes
-    # what a thread held back has not begun) with one set of block buffers per thread:
-    # a task per piece cost a hand-over and two fresh buffers each, about 0.5 ms a call.
     sums = [0.0] * len(pieces)
-    order = iter(range(len(pieces)))
-    lock = threading.Lock()
 
-    def work(_: int) -> None:
-        bufs = _buffers(x.dtype, log_target)
-        while True:
-            with lock:
-                i = next(order, None)
-            if i is None:
-                return
-            sums[i] = _piece_sum(pieces[i], log_target, safe, bufs)
+    def piece(i: int, bufs: Any) -> None:
+        sums[i] = _piece_sum(pieces[i], log_target, safe, bufs)
 
-    list(_pool().map(work, range(min(workers, len(pieces)))))
+    share_pieces(len(pieces), workers, piece, lambda: _buffers(x.dtype, log_target))
     return float(sum(sums))  # in the pieces' order: the same bits whoever ran which
 
 
@@ -410,6 +400,43 @@ def _pool() -> Any:
 
         _POOL.append(ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="klx"))
     return _POOL[0]
+
+
+def share_pieces(
+    count: int,
+    workers: int,
+    task: Callable[[int, Any], None],
+    state: Callable[[], Any] = lambda: None,
+) -> None:
+    """Run ``task(i, state)`` for every piece ``i < count`` on the calling thread and up to
+    ``workers - 1`` of the pool's threads, each taking the next piece as it goes.
+
+    The caller works too (it only waited before: one hand-over fewer, and on a busy
+    machine one thread fewer for the OS to schedule), and a thread the OS holds back delays
+    only the piece it holds; ``state()`` is made once per thread (block buffers). What a
+    piece computes must not depend on which thread runs it.
+    """
+    from concurrent.futures import wait
+
+    order = iter(range(count))
+    lock = threading.Lock()
+
+    def work(_: int) -> None:
+        mine = state()
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            task(i, mine)
+
+    helpers = [_pool().submit(work, k) for k in range(min(workers, count) - 1)]
+    try:
+        work(-1)
+    finally:  # no helper still writing once this returns, even after an error
+        wait(helpers)
+    for h in helpers:
+        h.result()
 
 
 def _forget_pool() -> None:

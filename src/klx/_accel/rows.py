@@ -27,7 +27,7 @@ import math
 import sys
 from typing import Any
 
-from klx._accel.blocked import _pool, _workers
+from klx._accel.blocked import _workers, share_pieces
 from klx._agnostic import divergence_rows
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "blocked_rows", "dask_rows"]
@@ -90,8 +90,8 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
 
     if pieces <= 1:
         share(0) if starts else None
-    else:  # an idle thread takes the next piece: a thread held back delays only its own
-        list(_pool().map(share, range(pieces)))
+    else:  # the caller and the pool's threads take the pieces in turn
+        share_pieces(pieces, workers, lambda i, _: share(i))
     return out.reshape(batch)
 
 
