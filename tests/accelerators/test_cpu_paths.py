@@ -8,6 +8,9 @@ special values each path claims; plus bit-for-bit repeatability, bounded memory
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -453,3 +456,76 @@ def test_pieces_run_once_each_on_the_caller_and_the_pool(backend):
     settled = len(done)
     time.sleep(0.05)
     assert len(done) == settled  # nothing still running after the raise
+
+
+@pytest.mark.backends("numpy", reason="klx's own threads; one backend is enough")
+def test_none_terms_repeat_bit_for_bit_whichever_thread_meets_a_zero_weight(backend):
+    """Which blocks take the safe log is decided per piece: the sign of a zero term
+    (``exp(-200) * (-200 - 0)`` underflows to -0.0) must not depend on thread timing."""
+    n = 1 << 22  # 8 pieces of 2 blocks with two threads
+    x = np.zeros(n, np.float32)
+    y = np.full(n, -200.0, np.float32)
+    y[(1 << 19) + (1 << 18) + 5] = -np.inf  # one zero weight, in the second piece
+    first = klx.kl_div(x, y, reduction="none", log_target=True)
+    assert not first.any()
+    for _ in range(6):
+        again = klx.kl_div(x, y, reduction="none", log_target=True)
+        np.testing.assert_array_equal(again.view(np.uint32), first.view(np.uint32))
+
+
+@pytest.mark.backends("numpy", reason="klx's own threads; one backend is enough")
+def test_calls_on_klx_own_threads_do_not_wait_for_each_other(backend):
+    """kl_div run as a task of klx's pool (more tasks than threads) must finish: a call
+    does not wait for a helper queued behind itself. In a child process, so that a
+    deadlock fails the test instead of hanging the run."""
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        import klx
+        from klx._accel.blocked import _pool
+
+        rng = np.random.default_rng(0)
+        x = np.log(rng.dirichlet(np.ones(4096), size=256)).astype(np.float32)
+        y = rng.dirichlet(np.ones(4096), size=256).astype(np.float32)
+        expected = klx.kl_div(x, y, reduction="sum")
+        tasks = [_pool().submit(klx.kl_div, x, y, reduction="sum") for _ in range(6)]
+        print(all(t.result() == expected for t in tasks))
+        """
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("kl_div calls on klx's own pool deadlocked")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "True"
+
+
+@pytest.mark.backends("numpy", reason="klx's own threads; one backend is enough")
+def test_a_large_call_during_interpreter_shutdown(backend):
+    """A thread still running when the main script ends may call kl_div on a large input:
+    the pool cannot take new work then, and the calling thread does all of it."""
+    code = textwrap.dedent(
+        """
+        import threading, time
+        import numpy as np
+        import klx
+
+        x = np.zeros(1 << 20, np.float32)
+        y = np.full(1 << 20, 1e-6, np.float32)
+
+        def late():
+            time.sleep(0.5)  # the main thread has finished by now
+            print("late", float(klx.kl_div(x, y, reduction="sum")))
+
+        threading.Thread(target=late).start()
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    p = np.float64(np.float32(1e-6))
+    expected = float(p * np.log(p) * (1 << 20))  # x = 0: the terms are p log p
+    assert run.stdout.startswith("late ")
+    # float32 blocks of 2^18 equal terms summed: about 1e-5 relative of rounding
+    assert float(run.stdout.split()[1]) == pytest.approx(expected, rel=2e-4)

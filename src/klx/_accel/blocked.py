@@ -15,8 +15,10 @@ divide-by-zero, ``0 * inf`` and ``inf - inf`` raise invalid; a NaN input raises 
 gives NaN in the definition too), which saves the dot's pass. Either way, the block is
 then evaluated once more with a *safe log*, in the same few passes:
 ``log w`` clamped to the lowest finite float (so ``0 * (log 0 - x)`` is 0, not NaN), and
-the rest of that thread's share uses the safe log from the start (one cheap pass more),
-so targets full of exact zeros do not pay twice. Only a block whose safe sum is still NaN
+the rest of that piece uses the safe log from the start (one cheap pass more), so
+targets full of exact zeros do not pay twice. Each piece decides for itself, from its own
+terms only, so which blocks take the safe log (and the sign of a zero term in 'none') is
+the same on every run, whatever the threads' timing. Only a block whose safe sum is still NaN
 (a NaN input, a negative target, a zero weight against a ``-inf`` input) is evaluated by
 the definition itself. So the result is the definition's, at the cost of about one pass.
 
@@ -114,13 +116,12 @@ def kl_sum_numpy(
         return _small_sum(x, y, out, log_target, out_like_x)
     workers = _workers() if threads and n >= PARALLEL_MIN else 1
     pieces = _pieces(x, y, out, pieces_for(n, workers))
-    safe = [False]  # whether a piece met a zero weight (shared: the bits do not depend on it)
     if len(pieces) == 1:
-        return _piece_sum(pieces[0], log_target, safe)
+        return _piece_sum(pieces[0], log_target)
     sums = [0.0] * len(pieces)
 
     def piece(i: int, bufs: Any) -> None:
-        sums[i] = _piece_sum(pieces[i], log_target, safe, bufs)
+        sums[i] = _piece_sum(pieces[i], log_target, bufs)
 
     share_pieces(len(pieces), workers, piece, lambda: _buffers(x.dtype, log_target))
     return float(sum(sums))  # in the pieces' order: the same bits whoever ran which
@@ -191,12 +192,13 @@ def _chunks(x: Any, y: Any, out: Any, acc: Any) -> Iterator[tuple[Any, Any, Any]
             yield chunk[0], chunk[1], chunk[2] if out is not None else None
 
 
-def _piece_sum(
-    piece: tuple[Any, Any, Any], log_target: bool, safe_seen: list[bool], bufs: Any = None
-) -> float:
+def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, bufs: Any = None) -> float:
     """Sum of the terms of one piece (x, y, out), block by block (terms into out if given).
 
-    Once any piece has met a zero weight (`safe_seen`), blocks start with the safe log.
+    Once the piece has met a zero weight, its blocks start with the safe log. That is
+    decided from this piece's terms alone (it was shared between threads once, and then a
+    'none' term ``exp(y) * (y - x)`` that underflows to zero came out ``-0.0`` or ``+0.0``
+    depending on which thread met a zero weight first).
     """
     import numpy as np
 
@@ -209,24 +211,23 @@ def _piece_sum(
 
     total = 0.0
     probe = True
+    safe = False
     with _errors(terms=out is not None):  # per thread: NumPy's error state is thread-local
         for xb, yb, ob in _chunks(x, y, out, acc):
             m = xb.shape[0]
             t = buf[:m]
             w = None if wbuf is None else wbuf[:m]
-            if probe and not safe_seen[0] and m > PROBE:
+            if probe and m > PROBE:
                 # The piece's first few thousand terms by the bare formula: targets with
                 # zeros show it there, and the whole block need not be evaluated twice.
                 k = PROBE
                 wk = None if w is None else w[:k]
                 ok = None if ob is None else ob[:k]
                 head = _block(xb[:k], yb[:k], t[:k], wk, ok, None, False)
-                if head != head:
-                    safe_seen[0] = True
+                safe = head != head
             probe = False
-            s, safe = _evaluate(xb, yb, t, w, ob, floor, safe_seen[0], log_target)
-            if safe:  # a zero weight, perhaps: the safe log from now on (every thread)
-                safe_seen[0] = True
+            # after a NaN, perhaps a zero weight: the safe log for the rest of the piece
+            s, safe = _evaluate(xb, yb, t, w, ob, floor, safe, log_target)
             total += s
     return total
 
@@ -430,10 +431,19 @@ def share_pieces(
                 return
             task(i, mine)
 
-    helpers = [_pool().submit(work, k) for k in range(min(workers, count) - 1)]
+    helpers: list[Any] = []
     try:
+        try:
+            for k in range(min(workers, count) - 1):
+                helpers.append(_pool().submit(work, k))
+        except RuntimeError:  # the interpreter is shutting down: the caller does it all
+            pass
         work(-1)
-    finally:  # no helper still writing once this returns, even after an error
+    finally:
+        # A helper that has not started has nothing left to take (and may be queued
+        # behind this very call, when it runs on a pool thread): cancel it, and wait for
+        # the others, so that no helper still writes once this returns, even after an error.
+        helpers = [h for h in helpers if not h.cancel()]
         wait(helpers)
     for h in helpers:
         h.result()
