@@ -54,7 +54,14 @@ from typing import Any
 from klx._agnostic import kl_terms, reduction_divisor
 from klx._config import num_threads
 
-__all__ = ["kl_div_dask", "kl_div_numpy", "kl_div_torch", "kl_sum_numpy", "share_pieces"]
+__all__ = [
+    "accumulation_dtype",
+    "kl_div_dask",
+    "kl_div_numpy",
+    "kl_div_torch",
+    "kl_sum_numpy",
+    "share_pieces",
+]
 
 #: Bytes per array and block: 2^18 float32 elements, so a 2^22-element call is 16 NumPy
 #: calls per pass. Smaller blocks (fitting the 1 MiB L2 cache) measured slower on the
@@ -123,15 +130,22 @@ def kl_sum_numpy(
     def piece(i: int, bufs: Any) -> None:
         sums[i] = _piece_sum(pieces[i], log_target, bufs)
 
-    share_pieces(len(pieces), workers, piece, lambda: _buffers(x.dtype, log_target))
+    acc = accumulation_dtype(x.dtype)
+    share_pieces(len(pieces), workers, piece, lambda: _buffers(acc, log_target))
     return float(sum(sums))  # in the pieces' order: the same bits whoever ran which
 
 
-def _buffers(dtype: Any, log_target: bool) -> tuple[Any, Any]:
-    """A block's buffers for the terms and, for a log target, the weights."""
+def accumulation_dtype(dtype: Any) -> Any:
+    """The dtype a block is evaluated in: float32 for float16 input, else the input's."""
     import numpy as np
 
-    acc = np.dtype(np.float32) if dtype.itemsize < 4 else np.dtype(dtype)
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize < 4 else np.dtype(dtype)
+
+
+def _buffers(acc: Any, log_target: bool) -> tuple[Any, Any]:
+    """A block's buffers (in `acc`) for the terms and, for a log target, the weights."""
+    import numpy as np
+
     block = max(1, BLOCK_BYTES // acc.itemsize)
     return np.empty(block, dtype=acc), np.empty(block, dtype=acc) if log_target else None
 
@@ -196,15 +210,14 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, bufs: Any = None) 
     """Sum of the terms of one piece (x, y, out), block by block (terms into out if given).
 
     Once the piece has met a zero weight, its blocks start with the safe log. That is
-    decided from this piece's terms alone (it was shared between threads once, and then a
-    'none' term ``exp(y) * (y - x)`` that underflows to zero came out ``-0.0`` or ``+0.0``
-    depending on which thread met a zero weight first).
+    decided from this piece's terms alone, never from another thread's: which blocks take
+    the safe log decides the sign of a 'none' term that underflows to zero
+    (``exp(y) * (y - x)``), and it must not depend on the threads' timing.
     """
-    import numpy as np
 
     x, y, out = piece
-    acc = np.dtype(np.float32) if x.dtype.itemsize < 4 else np.dtype(x.dtype)
-    buf, wbuf = _buffers(x.dtype, log_target) if bufs is None else bufs
+    acc = accumulation_dtype(x.dtype)
+    buf, wbuf = _buffers(acc, log_target) if bufs is None else bufs
 
     def floor(m: int) -> Any:
         return _lowest(acc, m)
@@ -243,7 +256,7 @@ def _small_sum(x: Any, y: Any, out: Any, log_target: bool, out_like_x: bool = Fa
     """
     import numpy as np
 
-    acc = np.dtype(np.float32) if x.dtype.itemsize < 4 else np.dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     same = x.strides == y.strides and (out is None or out_like_x)
     order = "K" if same else "C"
     xb = x.ravel(order).astype(acc, copy=False)
@@ -412,10 +425,10 @@ def share_pieces(
     """Run ``task(i, state)`` for every piece ``i < count`` on the calling thread and up to
     ``workers - 1`` of the pool's threads, each taking the next piece as it goes.
 
-    The caller works too (it only waited before: one hand-over fewer, and on a busy
-    machine one thread fewer for the OS to schedule), and a thread the OS holds back delays
-    only the piece it holds; ``state()`` is made once per thread (block buffers). What a
-    piece computes must not depend on which thread runs it.
+    The caller works too (one hand-over fewer, and on a busy machine one thread fewer for
+    the OS to schedule), and a thread the OS holds back delays only the piece it holds;
+    ``state()`` is made once per thread (block buffers). What a piece computes must not
+    depend on which thread runs it.
     """
     from concurrent.futures import wait
 

@@ -27,7 +27,7 @@ import math
 import sys
 from typing import Any
 
-from klx._accel.blocked import _workers, share_pieces
+from klx._accel.blocked import _workers, accumulation_dtype, share_pieces
 from klx._agnostic import divergence_rows
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "blocked_rows", "dask_rows"]
@@ -64,7 +64,7 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
     if keep is not None:
         keep = np.broadcast_to(np.moveaxis(keep, axis, -1), (*batch, 1))
         keep2 = keep.reshape(n_rows, 1)  # one bool per row: a copy is small
-    acc = np.dtype(np.float32) if p.dtype.itemsize < 4 else np.dtype(p.dtype)
+    acc = accumulation_dtype(p.dtype)
     out = np.empty(n_rows, dtype=acc)
     step = max(1, ROW_BLOCK_ELEMENTS // max(vocab, 1))
     starts = list(range(0, n_rows, step))
@@ -205,7 +205,6 @@ def dask_rows(call: Any) -> Any:
     The distribution axis is rechunked to one chunk (a distribution must be whole); the
     other axes keep their chunks. Unknown chunk sizes take the definition.
     """
-    import numpy as np
 
     da: Any = sys.modules["dask.array"]  # Dask is untyped
 
@@ -216,7 +215,7 @@ def dask_rows(call: Any) -> Any:
         return divergence_rows(xp, call, xp.astype(p, acc), xp.astype(q, acc), keep)
     p = p.rechunk({axis: -1})
     q = q.rechunk(p.chunks)
-    acc = np.dtype(np.float32) if np.dtype(p.dtype).itemsize < 4 else np.dtype(p.dtype)
+    acc = accumulation_dtype(p.dtype)
     arrays = [p, q]
     if keep is not None:
         shape = tuple(1 if i == axis else s for i, s in enumerate(p.shape))
