@@ -12,6 +12,11 @@ cell's largest |value|)::
 
     python tools/conformance_report.py conformance --out conformance/report.md
 
+With ``--expect`` (the backends whose sessions were asked for) and ``--junit`` (the folder
+of the sessions' JUnit files), the summary also names each backend whose results are
+missing (its session was skipped or did not run) or whose tests failed, so a red session
+never reads as green here.
+
 It needs only NumPy. The recording half (``Recorder``) is what conftest.py uses.
 """
 
@@ -26,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import junit
 
 #: Results up to this many elements are stored whole; larger ones as a strided sample.
 MAX_VALUES = 4096
@@ -169,7 +176,31 @@ def _fmt_spread(s: float | None) -> str:
     return f"{s:.1f} eps" if s > 0 else "0 eps (bits differ)"
 
 
-def report(folder: Path) -> tuple[str, str]:
+def session_lines(
+    backends: list[str], expect: list[str], junit_dir: Path | None, sessions: list[str]
+) -> list[str]:
+    """One line per expected backend that has no results or whose tests failed."""
+    lines = []
+    for name in expect:
+        runs = junit.for_session(junit_dir, f"tests(backend='{name}')") if junit_dir else []
+        failed = [test for run in runs for test in run.failed]
+        recorded = any(name in session.split("-") for session in sessions)
+        if failed:
+            lines.append(
+                f"  FAILED: {name}: {len(failed)} test(s) failed or errored "
+                f"({junit.named(failed)}); its cells below are incomplete"
+            )
+        elif not runs and not recorded and not any(b.startswith(f"{name}-") for b in backends):
+            lines.append(
+                f"  MISSING: {name}: no results (its tests session was skipped or did not run; "
+                "see nox's session list)"
+            )
+    return lines
+
+
+def report(
+    folder: Path, expect: list[str] | None = None, junit_dir: Path | None = None
+) -> tuple[str, str]:
     """(markdown report, a few summary lines for the end of nox)."""
     cells, sessions = load(folder)
     if not cells:
@@ -191,6 +222,10 @@ def report(folder: Path) -> tuple[str, str]:
         f"  {len(compared)} cells ran on two or more backends; bit-identical on all of them: "
         f"{len(identical)}; over tolerance: {len(failing)}",
     ]
+    problems = session_lines(backends, expect or [], junit_dir, sessions)
+    if expect and not problems:
+        problems = [f"  every expected backend ran and passed: {', '.join(expect)}"]
+    summary += problems
     for dtype in EPS:
         if dtype in worst:
             s, c = worst[dtype]
@@ -237,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="where the tests sessions wrote cells-*.json")
     parser.add_argument("--out", type=Path, help="markdown report (default: FOLDER/report.md)")
+    parser.add_argument(
+        "--expect", nargs="*", default=[], help="backends whose tests sessions were asked for"
+    )
+    parser.add_argument("--junit", type=Path, help="folder of the sessions' JUnit files")
     args = parser.parse_args(argv)
-    text, summary = report(args.folder)
+    text, summary = report(args.folder, args.expect, args.junit)
     out = args.out or args.folder / "report.md"
     out.write_text(text + "\n")
     print(summary)

@@ -76,3 +76,80 @@ def test_tolerances_print_as_the_docs_state_them():
         assert rows[dtype][3].strip() == cr.fmt_tol(tol), dtype
     assert cr.fmt_tol(1.6e-2) == "1.6e-2"
     assert cr.fmt_tol(2e-6) == "2e-6"
+
+
+def _junit(folder: Path, session: str, failed: list[str]) -> None:
+    """A JUnit file as pytest writes it, with one passing test and the named failures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = ['<testcase classname="tests.api.test_ok" name="test_ok" time="0.1"/>']
+    for name in failed:
+        cases.append(
+            f'<testcase classname="tests.scale.test_distributed" name="{name}">'
+            '<failure message="ImportError">boom</failure></testcase>'
+        )
+    body = "".join(cases)
+    (folder / f"{session}.xml").write_text(
+        f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
+    )
+
+
+def test_a_failed_or_missing_backend_is_named_in_the_summary(tmp_path):
+    """The break of 2026-12-06: dask's session failed, and the summary read as green."""
+    value = np.array([0.25, 1.5], dtype=np.float32)
+    _session(tmp_path, "numpy", value)
+    _session(tmp_path, "dask", value.copy())
+    junits = tmp_path / "junit"
+    _junit(junits, "tests-backend-numpy", [])
+    _junit(junits, "tests-backend-dask", ["test_cluster_start"])
+    _, summary = cr.report(tmp_path, ["numpy", "dask", "cupy"], junits)
+    assert "over tolerance: 0" in summary
+    assert (
+        "FAILED: dask: 1 test(s) failed or errored "
+        "(tests/scale/test_distributed.py::test_cluster_start)" in summary
+    )
+    assert "MISSING: cupy: no results" in summary
+    assert "numpy" not in summary.split("FAILED")[1]  # numpy ran and passed: not listed
+
+
+def test_every_expected_backend_passing_is_said(tmp_path):
+    _session(tmp_path, "numpy", np.array([1.0]))
+    _junit(tmp_path / "junit", "tests-backend-numpy", [])
+    _, summary = cr.report(tmp_path, ["numpy"], tmp_path / "junit")
+    assert "every expected backend ran and passed: numpy" in summary
+
+
+def test_ci_summary_names_the_failing_tests(tmp_path):
+    import ci_summary
+
+    _junit(tmp_path, "tests-backend-dask", ["test_a", "test_b"])
+    _junit(tmp_path, "docs", [])
+    report = {
+        "sessions": [
+            {"name": "lint", "signatures": ["lint"], "result": "success"},
+            {"name": "tests", "signatures": ["tests(backend='dask')"], "result": "failed"},
+            {
+                "name": "tests",
+                "signatures": ["tests(backend='cupy')"],
+                "result": "skipped",
+                "reason": "cupy needs a CUDA device",
+            },
+            {"name": "typecheck", "signatures": ["typecheck"], "result": "failed"},
+            {"name": "docs", "signatures": ["docs"], "result": "failed"},
+        ]
+    }
+    line = ci_summary.summary(report, "12", tmp_path)
+    assert line.startswith("CI: 1 sessions passed; 1 skipped: tests(backend='cupy') (cupy needs")
+    assert (
+        "tests(backend='dask') (2 failed: tests/scale/test_distributed.py::test_a, "
+        "tests/scale/test_distributed.py::test_b)" in line
+    )
+    assert "typecheck (no test results: it failed before or outside pytest" in line
+    assert "docs (its tests passed; a later step failed" in line
+
+
+def test_an_unreadable_junit_file_counts_as_a_failure(tmp_path):
+    import junit
+
+    (tmp_path / "tests-backend-jax.xml").write_text("<testsuites><testsuite>")
+    (run,) = junit.for_session(tmp_path, "tests(backend='jax')")
+    assert not run.ok and "could not be read" in run.failed[0]

@@ -30,9 +30,8 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install chromium) to open the built site")
+    # Only `nox -s docs` sets KLX_DOCS_HTML, and there the browser test is the point.
+    pytest.fail("chromium is not installed: `sudo apt-get install chromium` (.ci/run does this)")
 
 
 def _browse(page: Path, *args: str) -> str:
