@@ -4,7 +4,8 @@ One implementation, written against the Python array API standard, serves NumPy,
 PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or under
 ``jax.jit`` / ``torch.compile``. Importing klx imports no array library.
 
-* :func:`kl_div` -- the contract of :func:`torch.nn.functional.kl_div` (its numbers to within one ulp), without its NaNs.
+* :func:`kl_div` -- the contract of :func:`torch.nn.functional.kl_div` (its numbers to within
+  one ulp), without its NaNs.
 * :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
 * :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
 * :func:`skew_kl_divergence`, :func:`tv_distance` -- skew KL and total variation.
