@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import sys
 from typing import Any
 
-__all__ = ["available", "make_inputs"]
+__all__ = ["BACKENDS", "available", "make_inputs", "unknown_backend_error"]
+
+#: Every backend a benchmark knows, in the order they run.
+BACKENDS = ("numpy", "torch", "jax", "cupy", "dask")
+
+
+def unknown_backend_error(names: list[str]) -> str | None:
+    """The error to print for names that are no backend (None if every name is one): each
+    unknown name, the backend it is closest to ('pytorch': did you mean 'torch'?), and the
+    list of backends."""
+    unknown = [name for name in names if name not in BACKENDS]
+    if not unknown:
+        return None
+    said = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower(), BACKENDS, n=1, cutoff=0.6)
+        said.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    noun = "backend" if len(unknown) == 1 else "backends"
+    return f"unknown {noun} {', '.join(said)}: the backends are {', '.join(BACKENDS)}"
 
 
 def _installed(name: str) -> bool:
@@ -14,13 +33,29 @@ def _installed(name: str) -> bool:
 
 
 def available(requested: list[str] | None) -> list[tuple[str, str]]:
-    """(backend, device) pairs to run: every installed backend and its devices."""
-    names = requested or ["numpy", "torch", "jax", "cupy", "dask"]
+    """(backend, device) pairs to run: every installed backend and its devices.
+
+    A name that is no backend, or a backend asked for that is not installed, ends the
+    program with a message that says which, and what there is.
+    """
+    names = requested or list(BACKENDS)
+    error = unknown_backend_error(names)
+    if error:
+        sys.exit(error)
     out = []
     for name in names:
         if not _installed(name):
             if requested:
-                sys.exit(f"backend {name!r} was asked for but is not installed")
+                have = [b for b in BACKENDS if _installed(b)]
+                how = (
+                    "pip install cupy-cuda12x, on a machine with a CUDA GPU"
+                    if name == "cupy"
+                    else "pip install -r benchmarks/requirements.txt installs it"
+                )
+                sys.exit(
+                    f"backend {name!r} was asked for but is not installed "
+                    f"(installed: {', '.join(have) or 'none'}; {how})"
+                )
             continue
         if name == "torch":
             import torch

@@ -9,7 +9,17 @@ from typing import Any
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and '(default: ...)' after every option."""
+    """The module docstring as written, and '(default: ...)' after every option that has a
+    default worth saying: not after a help text that already says its default, nor after
+    a switch (default False) or an option whose default is None (its help says what
+    happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unsaid = action.default is None or action.default is False
+        if "default" in text or unsaid or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

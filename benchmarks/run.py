@@ -1,20 +1,37 @@
-"""klx's benchmark: klx on every installed backend and device (Dask included) against its
-native peers and against the memory-bandwidth bound measured in the same run.
+"""klx's benchmark: klx against each library's own KL divergence, on every installed backend
+and device (Dask included), and against the memory-bandwidth bound measured in the same run.
 
-    python -m benchmarks.run            # the default sizes (a few minutes on a 2-core CPU)
-    python -m benchmarks.run --quick    # about a minute on a 2-core CPU
-    python -m benchmarks.run --full     # up to sizes that fill device memory
+    python -m benchmarks.run            # the short default: about 2 minutes on a 2-core CPU
+    python -m benchmarks.run --quick    # a smoke run: two sizes, 'sum', dense targets
+    python -m benchmarks.run --full     # every reduction, up to 65536 x 4096
     python benchmarks/run.py --load 1   # from any directory; with one busy process
 
-Every size runs twice: with dense targets, and with 1/8 of the target entries exactly 0
-(one-hot and smoothed labels, top-k teachers). Each figure is repeated until the spread
-of its runs is small, and flagged ('noisy') if it stays large; the load average is
-recorded with each row. It prints a table, and writes ``results.json`` and
-``results.png`` (one panel per backend and reduction) to ``--out``. Columns: median time;
-effective GB/s (bytes read, plus written for 'none'); the ratio to the best peer (below
-1 is faster); the ratio to the bound (the time to read both inputs once, measured with a
-dot product; for 'none', also write one output, measured with an addition); the extra
-peak memory of one call; the load average; the spread.
+What it prints, first: a one-screen summary, one line per backend and size: klx's time,
+its ratio to the fastest other implementation (the best peer: below 1 is faster) and to
+the bound, and a verdict, then notes (cells not measured and why, figures dropped). The
+full table (every implementation, reduction and target, with dtype, GB/s, extra peak
+memory, load average and spread) goes to ``results.md`` in ``--out``, with the summary;
+``results.json`` holds every figure and ``results.png`` plots them.
+
+The default: float32, shapes 32 x 100, 128 x 512, 512 x 2048 and 2048 x 4096 (the last
+beyond the cache of most CPUs), reductions 'sum' and 'none' ('mean' and 'batchmean' are
+'sum' divided by a number: the same passes over the same bytes; ``--full`` or
+``--reductions`` run them), each with a dense target and with 1/8 of the target entries
+exactly 0 (one-hot and smoothed labels, top-k teachers).
+
+The bound: the bytes a call must move (both inputs read once; for 'none' also its output
+written once) at the read bandwidth of the device, measured once at the start of the run:
+the best of several passes over two arrays 4 times the last-level cache (NumPy's dot split
+over every core; torch's sum where torch runs; on a GPU, the GPU libraries' dot). A time
+below the bound is flagged ('!N' in the summary, 'below bound: check' in the table, and
+a note); where the bytes fit in the last-level cache the bound does not apply, and the
+ratio is marked 'in cache'.
+
+Noise: klx and its peers are timed in alternation (each sees the same machine), a call
+faster than a millisecond is repeated within each sample, and runs go on until the spread
+(interquartile range over the median) is small. A figure whose spread stays above 10% is
+measured again, twice at most; still above 10% it is 'noisy' (kept, with its spread);
+above 50% its figure is dropped and the summary says so.
 """
 
 from __future__ import annotations
@@ -27,54 +44,187 @@ if __package__ in (None, ""):  # run as a file: the checkout's root on the path
 
 import argparse
 import json
-import math
+import os
 import platform
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import benchmarks
 import klx
 from benchmarks import peers as peer_lib
-from benchmarks.backends import available, make_inputs
-from benchmarks.cli import parser, pyplot
-from benchmarks.timing import busy, extra_peak_bytes, load_average, measure, synchronizer
+from benchmarks import report
+from benchmarks.backends import available, make_inputs, unknown_backend_error
+from benchmarks.cli import parser
+from benchmarks.timing import busy, extra_peak_bytes, interleaved, load_average, synchronizer
 
+#: Rows x columns. The default's spread evenly on a log scale (3.2e3 to 8.4e6 elements);
+#: its largest reads 64 MiB, beyond a 32 MiB last-level cache.
 SIZES = {
-    "quick": [(32, 100), (1024, 4096)],
-    "default": [(32, 100), (1024, 4096), (4096, 4096)],
-    "full": [(32, 100), (1024, 4096), (4096, 4096), (16384, 4096), (65536, 4096)],
+    "quick": [(32, 100), (2048, 4096)],
+    "default": [(32, 100), (128, 512), (512, 2048), (2048, 4096)],
+    "full": [
+        (32, 100),
+        (128, 512),
+        (512, 2048),
+        (1024, 4096),
+        (2048, 4096),
+        (4096, 4096),
+        (16384, 4096),
+        (65536, 4096),
+    ],
 }
-REDUCTIONS = {"quick": ["sum", "none"], "default": ["none", "sum", "mean", "batchmean"]}
+REDUCTIONS = {
+    "quick": ["sum"],
+    "default": ["sum", "none"],
+    "full": ["sum", "none", "mean", "batchmean"],
+}
+TARGETS = {"quick": ["dense"], "default": ["dense", "zeros 1/8"], "full": ["dense", "zeros 1/8"]}
+#: Seconds of timing per cell (all its implementations together).
+BUDGET_S = {"quick": 0.25, "default": 0.3, "full": 1.0}
+DTYPE, ITEMSIZE = "float32", 4
+
+#: Below this many elements a Dask cell is not measured (see :func:`skip_reason`).
+DASK_MIN_ELEMENTS = 1 << 20
 
 
-def bound_fns(backend: str, x: Any, y: Any) -> dict[str, Any]:
-    """Calls that only move the bytes: read both inputs (dot), and read two, write one (add)."""
-    if backend == "torch":
+def skip_reason(
+    backend: str, shape: tuple[int, int], overhead_ms: float | None = None
+) -> str | None:
+    """Why a cell is not measured, or None where it is.
+
+    Dask below :data:`DASK_MIN_ELEMENTS` elements: every Dask call builds a task graph and
+    hands it to a scheduler, which costs milliseconds whatever the size (`overhead_ms`,
+    where it was measured), so the figure would time the scheduler, not the KL divergence
+    (klx's Dask path runs the NumPy kernels on each chunk: the numpy lines time those).
+    """
+    if backend == "dask" and shape[0] * shape[1] < DASK_MIN_ELEMENTS:
+        cost = "milliseconds" if overhead_ms is None else f"{overhead_ms:.1f} ms here"
+        return (
+            f"below {DASK_MIN_ELEMENTS:,} elements a Dask call times its scheduler ({cost} "
+            "per call, whatever the size), not the computation; the numpy lines time the "
+            "kernels klx runs on each Dask chunk"
+        )
+    return None
+
+
+def dask_overhead_ms(calls: int = 20) -> float:
+    """The median time of a Dask sum over a 32 x 100 array in 4 chunks: the scheduler's
+    cost of one call, next to nothing computed."""
+    import dask.array as da
+    import numpy as np
+
+    a = da.from_array(np.ones((32, 100), np.float32), chunks=(8, 100))
+    a.sum().compute()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        a.sum().compute()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[calls // 2] * 1e3
+
+
+# ---------------------------------------------------------------------------- bandwidth
+
+
+def cache_bytes(device: str) -> int:
+    """The largest cache of `device` in bytes (the CPU's last level, a GPU's L2); 0 if
+    unknown."""
+    if device == "cpu":
+        sizes = []
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            try:
+                text = (index / "size").read_text().strip()
+            except OSError:
+                continue
+            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        return max(sizes, default=0)
+    try:
         import torch
 
-        xf, yf = x.reshape(-1), y.reshape(-1)
-        return {"read": lambda: torch.dot(xf, yf), "copy": lambda: torch.add(x, y)}
-    if backend == "jax":
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0))
+    except Exception:  # no torch, or no CUDA device
+        return 0
+
+
+def _readers(
+    device: str, backends: list[str], nbytes: int
+) -> dict[str, tuple[Callable[[], Any], Callable[[Any], None]]]:
+    """Calls that read two arrays of `nbytes` each once, on `device`, one per library."""
+    import numpy as np
+
+    n = nbytes // ITEMSIZE
+    out: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
+    if device == "cpu":
+        a = np.random.default_rng(0).random(n, dtype=np.float32)
+        b = np.random.default_rng(1).random(n, dtype=np.float32)
+        threads = os.cpu_count() or 1
+        cuts = [n * i // threads for i in range(threads + 1)]
+        parts = [slice(cuts[i], cuts[i + 1]) for i in range(threads)]
+        pool = ThreadPoolExecutor(threads)
+
+        def threaded_dot() -> Any:
+            return list(pool.map(lambda s: np.dot(a[s], b[s]), parts))
+
+        out[f"numpy dot on {threads} threads"] = (threaded_dot, lambda _: None)
+        if "torch" in backends:
+            import torch
+
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            out["torch sum"] = (lambda: (ta.sum(), tb.sum()), lambda _: None)
+        return out
+    if "torch" in backends and device == "cuda":
+        import torch
+
+        ta = torch.rand(n, device="cuda")
+        tb = torch.rand(n, device="cuda")
+        out["torch.dot"] = (lambda: torch.dot(ta, tb), lambda _: torch.cuda.synchronize())
+    if "cupy" in backends and device == "cuda":
+        import cupy
+
+        ca = cupy.random.random(n, dtype=cupy.float32)
+        cb = cupy.random.random(n, dtype=cupy.float32)
+        out["cupy.dot"] = (
+            lambda: cupy.dot(ca, cb),
+            lambda _: cupy.cuda.get_current_stream().synchronize(),
+        )
+    if "jax" in backends and device not in ("cpu", "cuda"):
         import jax
         import jax.numpy as jnp
 
-        dot = jax.jit(lambda a, b: jnp.vdot(a, b))
-        add = jax.jit(lambda a, b: a + b)
-        return {"read": lambda: dot(x, y), "copy": lambda: add(x, y)}
-    if backend == "cupy":
-        import cupy
+        ja = jax.random.uniform(jax.random.key(0), (n,))
+        jb = jax.random.uniform(jax.random.key(1), (n,))
+        dot = jax.jit(jnp.vdot)
+        out["jax vdot"] = (lambda: dot(ja, jb), lambda r: r.block_until_ready())
+    return out
 
-        xf, yf = x.ravel(), y.ravel()
-        return {"read": lambda: cupy.dot(xf, yf), "copy": lambda: cupy.add(x, y)}
-    if backend == "dask":
-        return {"read": lambda: (x * y).sum(), "copy": lambda: x + y}
-    import numpy as np
 
-    xf, yf = x.reshape(-1), y.reshape(-1)
-    return {"read": lambda: np.dot(xf, yf), "copy": lambda: np.add(x, y)}
+def read_bandwidth(device: str, backends: list[str], passes: int = 8) -> tuple[float, str]:
+    """The read bandwidth of `device` (bytes per second) and how it was measured: the best
+    pass of each reader over two arrays of at least 4 times the device's largest cache
+    (64 MiB at least), the best reader's figure."""
+    nbytes = max(4 * cache_bytes(device), 64 * 2**20)
+    best: tuple[float, str] = (0.0, "")
+    for name, (fn, sync) in _readers(device, backends, nbytes).items():
+        sync(fn())  # warm-up: pages touched, kernels compiled
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            sync(fn())
+            times.append(time.perf_counter() - t0)
+        bw = 2 * nbytes / min(times)
+        if bw > best[0]:
+            best = (bw, f"{name}, 2 x {nbytes // 2**20} MiB, best of {passes}")
+    return best
+
+
+# -------------------------------------------------------------------------------- runs
 
 
 def peers_for(backend: str, compile_peers: bool) -> dict[str, Any]:
+    """klx and the implementations a user of `backend` would pick instead."""
     if backend == "numpy":
         return peer_lib.numpy_peers()
     if backend == "torch":
@@ -86,220 +236,254 @@ def peers_for(backend: str, compile_peers: bool) -> dict[str, Any]:
     return peer_lib.dask_peers()
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    mode = "quick" if args.quick else "full" if args.full else "default"
+def mode_of(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every cell; returns the rows, the cells skipped and the bandwidths."""
+    mode = mode_of(args)
     sizes = SIZES[mode]
-    reductions = args.reductions or REDUCTIONS.get(mode, REDUCTIONS["default"])
-    targets = ["dense", "zeros 1/8"] if not args.dense_only else ["dense"]
-    budget = 0.25 if args.quick else 1.0
-    rows: list[dict[str, Any]] = []
+    reductions = args.reductions or REDUCTIONS[mode]
+    targets = ["dense"] if args.dense_only else TARGETS[mode]
+    budget = BUDGET_S[mode]
     pairs = available(args.backends)
+    backends = [b for b, _ in pairs]
+    t_start = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {text}", file=sys.stderr, flush=True)
+
+    bandwidth: dict[str, dict[str, Any]] = {}
+    for device in dict.fromkeys(d for _, d in pairs):
+        bw, how = read_bandwidth(device, backends)
+        bandwidth[device] = {"gb_per_s": bw / 1e9, "how": how, "cache_bytes": cache_bytes(device)}
+        progress(f"read bandwidth of {device}: {bw / 1e9:.1f} GB/s ({how})")
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    overheads: dict[str, float | None] = {}
     total = len(pairs) * len(sizes) * len(targets)
     step = 0
-    t_start = time.perf_counter()
     for backend, device in pairs:
         impls = peers_for(backend, compile_peers=not args.no_compile)
         sync = synchronizer(backend, device)
+        bw = bandwidth[device]["gb_per_s"] * 1e9
+        cache = bandwidth[device]["cache_bytes"]
         for shape in sizes:
             for target in targets:
                 step += 1
-                if backend == "dask" and shape[0] * shape[1] < 1 << 20:
+                where = f"[{step}/{total}] {backend}/{device} {shape[0]}x{shape[1]} {target}"
+                if skip_reason(backend, shape):
+                    if backend not in overheads:
+                        overheads[backend] = dask_overhead_ms() if backend == "dask" else None
+                    reason = skip_reason(backend, shape, overheads[backend])
+                    said = any(s["reason"] == reason for s in skipped)
+                    skipped.append(
+                        {
+                            "backend": backend,
+                            "device": device,
+                            "shape": list(shape),
+                            "reason": reason,
+                        }
+                    )
+                    progress(f"{where}: not measured: {'as above' if said else reason}")
                     continue
                 try:
                     x, y = make_inputs(backend, device, shape, zeros=target != "dense")
                 except Exception as exc:  # out of memory at the largest sizes
-                    print(f"  {backend}/{device} {shape}: cannot allocate ({exc})", file=sys.stderr)
-                    continue
-                where = f"[{step}/{total}] {backend}/{device} {shape[0]}x{shape[1]} {target}"
-                bounds = {
-                    k: measure(f, sync, budget_s=budget).median_s
-                    for k, f in bound_fns(backend, x, y).items()
-                }
-                for reduction in reductions:
-                    rows += _one_reduction(
-                        backend,
-                        device,
-                        shape,
-                        target,
-                        reduction,
-                        impls,
-                        x,
-                        y,
-                        sync,
-                        bounds,
-                        budget,
-                        where,
+                    reason = f"cannot allocate the inputs ({type(exc).__name__}: {exc})"
+                    skipped.append(
+                        {
+                            "backend": backend,
+                            "device": device,
+                            "shape": list(shape),
+                            "reason": reason,
+                        }
                     )
-                elapsed = time.perf_counter() - t_start
-                print(f"{where} done ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+                    progress(f"{where}: {reason}")
+                    continue
+                for reduction in reductions:
+                    key = {
+                        "backend": backend,
+                        "device": device,
+                        "shape": list(shape),
+                        "dtype": DTYPE,
+                        "target": target,
+                        "reduction": reduction,
+                    }
+                    rows += _one_cell(key, impls, x, y, sync, bw, cache, budget, progress)
+                progress(f"{where} done")
                 del x, y
-    return rows
+    report.add_peer_ratios(rows)
+    return {"rows": rows, "skipped": skipped, "bandwidth": bandwidth}
 
 
-def _one_reduction(
-    backend: str,
-    device: str,
-    shape: tuple[int, int],
-    target: str,
-    reduction: str,
+def _one_cell(
+    key: dict[str, Any],
     impls: dict[str, Any],
     x: Any,
     y: Any,
-    sync: Any,
-    bounds: dict[str, float],
+    sync: Callable[[Any], None],
+    bandwidth: float,
+    cache: int,
     budget: float,
-    where: str,
+    progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    n = shape[0] * shape[1]
-    bytes_moved = 2 * n * 4 + (n * 4 if reduction == "none" else 0)
-    bound = bounds["copy" if reduction == "none" else "read"]
-    results = []
+    """Every implementation on one cell, timed together; the noisy ones again."""
+    fns = {}
     for name, make in impls.items():
-        fn = make(x, y, reduction)
         try:
-            t = measure(fn, sync, budget_s=budget)
-            mem = extra_peak_bytes(fn, sync, backend, device)
+            fn = make(x, y, key["reduction"])
+            sync(fn())  # the first call: compilation, and whether it runs at all
         except Exception as exc:
-            print(f"  {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            progress(f"  {name} '{key['reduction']}' failed: {type(exc).__name__}: {exc}")
             continue
-        results.append((name, t, mem))
-        print(
-            f"  {where} {reduction} {name}: {t.median_s * 1e3:.3f} ms{t.flag()}",
-            file=sys.stderr,
-            flush=True,
+        fns[name] = fn
+
+    def measure(names: list[str]) -> dict[str, Any]:
+        return interleaved(
+            {n: fns[n] for n in names}, sync, budget_s=budget, min_sample_s=1e-3, warmup=1
         )
-    peer_times = [t.median_s for name, t, _ in results if "klx" not in name]
-    best_peer = min(peer_times) if peer_times else math.nan
-    return [
-        {
-            "backend": backend,
-            "device": device,
-            "shape": list(shape),
-            "dtype": "float32",
-            "target": target,
-            "reduction": reduction,
-            "impl": name,
-            "median_ms": t.median_s * 1e3,
-            "spread": t.spread,
-            "noisy": t.noisy,
-            "runs": t.runs,
-            "load": max(t.load),
-            "gb_per_s": bytes_moved / t.median_s / 1e9,
-            "x_best_peer": t.median_s / best_peer,
-            "x_bound": t.median_s / bound,
-            "bound_ms": bound * 1e3,
-            "extra_peak_mb": None if mem is None else mem / 2**20,
-        }
-        for name, t, mem in results
-    ]
 
-
-def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| backend | device | shape | target | reduction | implementation | ms | GB/s "
-        "| x best peer | x bound | extra MB | load avg | spread |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    for r in rows:
-        mem = "-" if r["extra_peak_mb"] is None else f"{r['extra_peak_mb']:.1f}"
-        spread = f"{r['spread']:.0%}" + (" noisy" if r["noisy"] else "")
-        lines.append(
-            f"| {r['backend']} | {r['device']} | {r['shape'][0]}x{r['shape'][1]} "
-            f"| {r['target']} | {r['reduction']} "
-            f"| {r['impl']} | {r['median_ms']:.3f} | {r['gb_per_s']:.1f} | {r['x_best_peer']:.2f} "
-            f"| {r['x_bound']:.2f} | {mem} | {r['load']:.1f} | {spread} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """One panel per (backend, device) and reduction: time over the bound against size."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    groups = sorted({(r["backend"], r["device"]) for r in rows})
-    reductions = [red for red in REDUCTIONS["default"] if any(r["reduction"] == red for r in rows)]
-    fig, axes = plt.subplots(
-        len(reductions),
-        len(groups),
-        figsize=(4.5 * len(groups), 3.5 * len(reductions)),
-        squeeze=False,
-    )
-    for row_axes, reduction in zip(axes, reductions, strict=True):
-        for ax, (backend, device) in zip(row_axes, groups, strict=True):
-            sel = [
-                r
-                for r in rows
-                if (r["backend"], r["device"]) == (backend, device) and r["reduction"] == reduction
-            ]
-            for impl, target in sorted({(r["impl"], r["target"]) for r in sel}):
-                pts = sorted(
-                    (r["shape"][0] * r["shape"][1], r["x_bound"])
-                    for r in sel
-                    if (r["impl"], r["target"]) == (impl, target)
-                )
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker="o",
-                    linestyle="-" if target == "dense" else "--",
-                    label=f"{impl} ({target})",
-                    linewidth=2.5 if "klx" in impl else 1.2,
-                )
-            ax.set(
-                xscale="log",
-                yscale="log",
-                title=f"{backend}/{device}, '{reduction}'",
-                xlabel="elements",
-                ylabel="time / bandwidth bound",
+    settled = report.settle(measure, list(fns))
+    rows = []
+    for name, (timing, count) in settled.items():
+        mem = extra_peak_bytes(fns[name], sync, key["backend"], key["device"])
+        rows.append(
+            report.cell_row(
+                key,
+                name,
+                timing,
+                count,
+                itemsize=ITEMSIZE,
+                bandwidth=bandwidth,
+                cache_bytes=cache,
+                extra_peak=mem,
             )
-            ax.axhline(1.0, color="grey", linestyle=":")
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def machine() -> str:
+    """The CPU's model name and core count (and the GPU's name where one is used)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def header(result: dict[str, Any], args: argparse.Namespace, when: str) -> list[str]:
+    """The lines above the summary: what was run, on what, and the bound."""
+    mode = mode_of(args)
+    rows = result["rows"]
+    reductions = list(dict.fromkeys(r["reduction"] for r in rows)) or REDUCTIONS[mode]
+    targets = list(dict.fromkeys(r["target"] for r in rows)) or TARGETS[mode]
+    bws = ", ".join(
+        f"{dev} {b['gb_per_s']:.1f} GB/s ({b['how']})" for dev, b in result["bandwidth"].items()
+    )
+    caches = ", ".join(
+        f"{dev} {b['cache_bytes'] / 2**20:.0f} MiB"
+        for dev, b in result["bandwidth"].items()
+        if b["cache_bytes"]
+    )
+    more = "" if mode == "full" else " (--full: every reduction, larger sizes)"
+    return [
+        f"klx {klx.__version__} benchmark, {mode} mode{more}",
+        f"{machine()}; {DTYPE}; {when}. Times per call: lower is better.",
+        f"Cells per size: reductions {', '.join(repr(r) for r in reductions)} x targets "
+        f"{', '.join(targets)}.",
+        "klx / best peer: klx's time over the fastest other implementation's, median "
+        "(range) over the cells.",
+        "klx / bound: klx's time over the bound = the bytes a call must move (both inputs "
+        "read; 'none' also writes its output) / the read bandwidth measured in this run: "
+        f"{bws}. Inputs that fit in the largest cache ({caches or 'size unknown'}) are read "
+        f"from it: '{report.IN_CACHE}', no bound.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes, short timing")
-    size.add_argument("--full", action="store_true", help="up to sizes that fill device memory")
+    size.add_argument("--quick", action="store_true", help="a smoke run: 2 sizes, 'sum', dense")
+    size.add_argument(
+        "--full", action="store_true", help="every reduction, sizes up to 65536 x 4096"
+    )
     ap.add_argument(
         "--backends",
         nargs="*",
-        help="numpy torch jax cupy dask (default: every installed one)",
+        metavar="NAME",
+        help="any of numpy torch jax cupy dask (without it: every installed one)",
     )
     ap.add_argument(
         "--reductions",
         nargs="*",
         choices=["none", "sum", "mean", "batchmean"],
-        help="default: all four ('sum' and 'none' with --quick)",
+        help="without it: 'sum' and 'none' (--quick: 'sum'; --full: all four)",
     )
     ap.add_argument("--dense-only", action="store_true", help="leave out the targets with zeros")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile peers")
     ap.add_argument("--load", type=int, default=0, help="busy background processes while timing")
-    ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for results.json/.png")
+    ap.add_argument(
+        "--out", default=str(benchmarks.OUT), help="folder for results.md, .json and .png"
+    )
     args = ap.parse_args(argv)
+    error = unknown_backend_error(args.backends or [])
+    if error:
+        ap.error(error)
 
+    t0 = time.perf_counter()
     with busy(args.load):
-        rows = run(args)
+        result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     meta = {
         "klx": klx.__version__,
         "klx_path": klx.__file__,
         "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
+        "machine": machine(),
+        "mode": mode_of(args),
         "argv": sys.argv,
         "busy_processes": args.load,
         "load_at_end": load_average(),
+        "when": when,
+        "seconds": time.perf_counter() - t0,
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(table(rows))
-    plotted = plot(rows, out / "results.png") if rows else False
-    print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'results.png'}" if plotted else ""))
+    (out / "results.json").write_text(json.dumps({"meta": meta, **result}, indent=1))
+    rows = result["rows"]
+    title = (
+        "klx against other KL-divergence implementations: time per call, lower is better\n"
+        f"{machine()}, {DTYPE}, {when}; grey dotted line: the memory-bandwidth bound "
+        + ", ".join(f"({d}: {b['gb_per_s']:.1f} GB/s)" for d, b in result["bandwidth"].items())
+    )
+    caches = {d: b["cache_bytes"] for d, b in result["bandwidth"].items()}
+    plotted = (
+        report.plot(rows, out / "results.png", title, caches, ITEMSIZE, result["skipped"])
+        if rows
+        else False
+    )
+    footer = [
+        f"Full table ({len(rows)} rows: every implementation, dtype, GB/s, memory, spread): "
+        f"{out / 'results.md'}",
+        f"All figures: {out / 'results.json'}"
+        + (f"; plot: {out / 'results.png'}" if plotted else "")
+        + f". Took {meta['seconds']:.0f} s.",
+    ]
+    lines = header(result, args, when)
+    summary = report.render_summary(rows, result["skipped"], lines, footer)
+    (out / "results.md").write_text(
+        f"# klx benchmark\n\n```text\n{summary}\n```\n\n## Every cell\n\n{report.table(rows)}\n"
+    )
+    print(summary)
     return 0
 
 

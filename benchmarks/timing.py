@@ -175,6 +175,7 @@ def interleaved(
     max_rounds: int = 100_000,
     warmup: int = 2,
     max_spread: float = MAX_SPREAD / 2,
+    min_sample_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several calls in alternation (one of each per round, the order rotating), so
     that each sees the same machine: the ratios of their medians hold under load.
@@ -182,11 +183,23 @@ def interleaved(
     Rounds go on until every call's spread is at most `max_spread` (after `min_rounds`),
     or the budget is spent; a call whose spread is then still above :data:`MAX_SPREAD` is
     flagged (:attr:`Timing.noisy`).
+
+    With `min_sample_s`, a call faster than that is repeated within one sample (as many
+    times as its last warm-up call says fill `min_sample_s`), and the sample is the mean
+    of those calls: microsecond calls are then not at the mercy of the clock's and the
+    scheduler's jitter.
     """
     names = list(fns)
+    last: dict[str, float] = {}
     for _ in range(warmup):
         for name in names:
+            t0 = time.perf_counter()
             sync(fns[name]())
+            last[name] = time.perf_counter() - t0
+    number = {
+        name: 1 if not min_sample_s else max(1, min(10_000, int(min_sample_s / max(t, 1e-9))))
+        for name, t in last.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in names}
     load0 = load_average()
     start = time.perf_counter()
@@ -194,9 +207,11 @@ def interleaved(
     while rounds < max_rounds:
         order = names[rounds % len(names) :] + names[: rounds % len(names)]
         for name in order:
+            fn, k = fns[name], number.get(name, 1)
             t0 = time.perf_counter()
-            sync(fns[name]())
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(k):
+                sync(fn())
+            times[name].append((time.perf_counter() - t0) / k)
         rounds += 1
         if rounds < min_rounds:
             continue
