@@ -3,29 +3,37 @@
 For every installed array library and every device it can see (CUDA through torch,
 CuPy and JAX included), each accelerator of the registry that serves that library and
 device runs on test inputs (zero targets, ``-inf`` log-probabilities, logits, masked
-rows) and is compared with an independent float64 NumPy reference, as is the array-API
-definition itself. One timing per accelerator against the definition and against the
-library's native peer (``F.kl_div``, the hand-written formula, ...). It prints one
-table, writes it as JSON with ``--json PATH``, lists the libraries and devices it did
-not find, and exits with status 1 on any mismatch::
+rows) and is compared with an independent float64 NumPy computation, as is klx's
+array-API definition itself (the reference row). Each float32 path is timed once against
+the definition and against the library's own way (``F.kl_div``, the hand-written
+formula, ...). While it runs it prints a line per library and device on stderr; then one
+table with a legend of its columns, the libraries and devices it did not find with what
+to install to check them, and a summary::
 
     python -m klx.check
+    python -m klx.check --libraries numpy torch      # only these libraries
     python -m klx.check --json klx-check.json --repeat 20
+    python -m klx.check --json -                     # only the JSON, on stdout
 
-Needs NumPy (for the reference).
+Exit status: 0 when every check passed, 1 when one failed, 2 when nothing could be
+checked (or on bad arguments). Needs NumPy (for the reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import sys
+import textwrap
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = ["Row", "main", "run"]
 
@@ -34,22 +42,41 @@ LIBRARIES = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict")
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-6, "float64": 1e-12}
 #: float16 results below its smallest subnormal's half are off by up to this, at any scale.
 ATOL = {"float16": 2.0**-25}
+#: What to install to check each library, for the 'not checked' lines.
+INSTALL = {
+    "numpy": "pip install numpy",
+    "torch": "pip install torch (on Linux, PyPI's torch wheel is the CUDA build)",
+    "jax": 'pip install jax (on an NVIDIA GPU: pip install "jax[cuda12]")',
+    "cupy": "pip install cupy-cuda12x (CUDA 12; needs an NVIDIA GPU and its driver)",
+    "dask": 'pip install "dask[array]"',
+    "array_api_strict": "pip install array-api-strict",
+}
+#: The definition's name in the table: it is the reference, not a path users pick.
+REFERENCE = "definition (reference)"
 
 
 @dataclass
 class Row:
-    """One line of the report."""
+    """One line of the report: one path on one library, device and dtype."""
 
     library: str
     device: str
+    #: An accelerator's name, or 'definition' (klx's array-API definition, the reference).
     path: str
     dtype: str
-    cells: int = 0
+    #: Input cases compared with the float64 NumPy computation.
+    cases: int = 0
+    #: The worst error of those cases, relative to the size of their terms.
     max_error: float = 0.0
     tolerance: float = 0.0
+    #: 'ok', 'MISMATCH' (an error above the tolerance) or 'ERROR' (raised, or not served).
     status: str = "ok"
+    #: Median milliseconds per float32 call by this path (None for the definition's own
+    #: row: its time is `ms_definition`).
     ms_path: float | None = None
+    #: The same call by the definition, every accelerator off.
     ms_definition: float | None = None
+    #: The same sum computed the library's own way (`peer`), without klx.
     ms_peer: float | None = None
     peer: str = ""
     detail: list[str] = field(default_factory=list)
@@ -128,16 +155,39 @@ class _Library:
     device_type: str
 
 
-def _libraries(np: Any, only: Sequence[str], notes: list[str]) -> list[_Library]:
-    found: list[_Library] = []
-    for name in only:
-        try:
-            importlib.import_module("dask.array" if name == "dask" else name)
-        except ImportError as exc:
-            notes.append(f"{name}: not installed ({exc.name})")
-            continue
-        found.extend(_devices(np, name, notes))
-    return found
+def _find(np: Any, name: str, notes: list[str]) -> list[_Library]:
+    """The devices of library `name`; [] with a note saying how to check it if missing."""
+    try:
+        importlib.import_module("dask.array" if name == "dask" else name)
+    except ImportError as exc:
+        missing = (exc.name or name).split(".")[0]
+        why = "not installed" if missing == name else f"cannot be imported ({exc})"
+        notes.append(_note(name, why, f"to check it: {INSTALL[name]}"))
+        return []
+    return _devices(np, name, notes)
+
+
+def _note(what: str, why: str, hint: str = "") -> str:
+    """One 'not checked' line: what, why, and what to do to check it."""
+    return f"{what}: {why}" + (f". {hint[0].upper()}{hint[1:]}" if hint else "")
+
+
+def _torch_gpu_note(version: str, cuda: str | None) -> str:
+    """Why torch sees no GPU, and what to do about it."""
+    if cuda is None:
+        return _note(
+            "a GPU through torch",
+            f"torch {version} is a CPU-only build",
+            "to check klx's Triton kernels on an NVIDIA GPU, install a CUDA build of torch "
+            "(on Linux, PyPI's torch wheel is one: pip install --force-reinstall torch; "
+            "others: https://pytorch.org/get-started/locally/)",
+        )
+    return _note(
+        "a GPU through torch",
+        f"torch {version} (built for CUDA {cuda}) sees no GPU",
+        "to check klx's Triton kernels, check the NVIDIA driver (nvidia-smi) and "
+        "CUDA_VISIBLE_DEVICES",
+    )
 
 
 def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
@@ -161,7 +211,15 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
 
         devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if len(devices) == 1:
-            notes.append("CUDA through torch: not found (torch.cuda.device_count() is 0)")
+            notes.append(_torch_gpu_note(torch.__version__, torch.version.cuda))
+        elif importlib.util.find_spec("triton") is None:
+            notes.append(
+                _note(
+                    "klx's Triton kernels",
+                    "triton is not installed",
+                    "to check them: pip install triton",
+                )
+            )
         out = []
         for dev in devices:
             sync = torch.cuda.synchronize if dev != "cpu" else nop
@@ -190,7 +248,13 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
         out = []
         kinds = {d.platform for d in jax.devices()}
         if "gpu" not in kinds and "cuda" not in kinds:
-            notes.append(f"GPU through JAX: not found (jax.devices(): {sorted(kinds)})")
+            notes.append(
+                _note(
+                    "a GPU through JAX",
+                    f"JAX sees only {', '.join(sorted(kinds))}",
+                    'to check JAX on an NVIDIA GPU: pip install "jax[cuda12]"',
+                )
+            )
         for d in jax.devices()[:1] + [d for d in jax.devices()[1:] if d.platform != "cpu"][:1]:
 
             def put_jax(a: Any, dt: str, d: Any = d) -> Any:
@@ -213,9 +277,18 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
 
         try:
             count = cupy.cuda.runtime.getDeviceCount()
+            why = "CuPy found no CUDA device"
         except Exception as exc:  # no driver
             count = 0
-            notes.append(f"CUDA through CuPy: not found ({exc})")
+            why = f"CuPy found no CUDA device ({exc})"
+        if count == 0:
+            notes.append(
+                _note(
+                    "a GPU through CuPy",
+                    why,
+                    "to check klx's CuPy kernels, check the NVIDIA driver (nvidia-smi)",
+                )
+            )
         out = []
         for i in range(count):
 
@@ -312,7 +385,7 @@ def _served(klx: Any, expected: str, fn: Callable[..., Any], *args: Any, **kwarg
     return report.result
 
 
-def _kl_div_cells(
+def _kl_div_cases(
     np: Any, klx: Any, lib: _Library, dtype: str, expected: str
 ) -> tuple[int, float, list[str]]:
     """Every reduction x log_target of kl_div by the path `expected`, against the reference."""
@@ -338,7 +411,7 @@ def _kl_div_cells(
     return cells, worst, bad
 
 
-def _rows_cells(
+def _rows_cases(
     np: Any, klx: Any, lib: _Library, dtype: str, kinds: Sequence[str], expected: str
 ) -> tuple[int, float, list[str]]:
     case = _cases(np, 6, 40, seed=1)
@@ -371,24 +444,46 @@ def _peer(lib: _Library) -> tuple[str, Callable[[Any, Any], Any]] | None:
     if lib.name == "numpy":
         import numpy as np
 
-        return "np formula", lambda x, y: np.sum(y * (np.log(y) - x))
+        return "NumPy formula", lambda x, y: np.sum(y * (np.log(y) - x))
     if lib.name == "jax":
         import jax
         import jax.numpy as jnp
 
         f = jax.jit(lambda x, y: jnp.sum(jax.scipy.special.xlogy(y, y) - y * x))
-        return "jit formula", lambda x, y: f(x, y).block_until_ready()
+        return "jax.jit formula", lambda x, y: f(x, y).block_until_ready()
     if lib.name == "cupy":
         import cupy
 
-        return "cupy formula", lambda x, y: cupy.sum(y * (cupy.log(y) - x))
+        return "CuPy formula", lambda x, y: cupy.sum(y * (cupy.log(y) - x))
     return None
 
 
 def run(
-    libraries: Sequence[str] = LIBRARIES, repeat: int = 10, size: tuple[int, int] = (1024, 4096)
+    libraries: Sequence[str] = LIBRARIES,
+    repeat: int = 10,
+    size: tuple[int, int] = (1024, 4096),
+    progress: TextIO | None = None,
 ) -> tuple[list[Row], list[str]]:
-    """Check every accelerator on every library and device found; returns (rows, notes)."""
+    """Check every accelerator on every library and device found.
+
+    Parameters
+    ----------
+    libraries : sequence of str
+        The array libraries to look for (names of :data:`LIBRARIES`).
+    repeat : int
+        Timed calls per figure (the median is reported).
+    size : tuple of int
+        The float32 input shape of the timings.
+    progress : text stream, optional
+        Where to write a line per library and device as it is checked (e.g. ``sys.stderr``).
+
+    Returns
+    -------
+    rows : list of Row
+        One per path and dtype.
+    notes : list of str
+        The libraries and devices not checked, each with why and what to install to check it.
+    """
     import numpy as np
 
     import klx
@@ -396,18 +491,33 @@ def run(
 
     notes: list[str] = []
     report: list[Row] = []
-    for lib in _libraries(np, libraries, notes):
-        serving = [
-            r
-            for r in registry.ACCELERATORS
-            if r.library == lib.name and (not r.devices or lib.device_type in r.devices)
-        ]
-        paths: list[Any] = [None, *serving]  # None: the definition
-        for row in paths:
-            for dtype in lib.dtypes:
-                if row is not None and dtype not in row.dtypes:
-                    continue
-                report.append(_check(np, klx, registry, lib, row, dtype, repeat, size))
+    for name in libraries:
+        start = time.perf_counter()  # the first device's time includes the import
+        for lib in _find(np, name, notes):
+            if progress is not None:
+                progress.write(f"klx.check: checking {lib.name} on {lib.device} ... ")
+                progress.flush()
+            serving = [
+                r
+                for r in registry.ACCELERATORS
+                if r.library == lib.name and (not r.devices or lib.device_type in r.devices)
+            ]
+            paths: list[Any] = [None, *serving]  # None: the definition
+            timings: dict[str, float] = {}  # the definition's and the peer's, once each
+            rows: list[Row] = []
+            for row in paths:
+                for dtype in lib.dtypes:
+                    if row is not None and dtype not in row.dtypes:
+                        continue
+                    rows.append(_check(np, klx, registry, lib, row, dtype, repeat, size, timings))
+            report += rows
+            if progress is not None:
+                failed = sum(r.status != "ok" for r in rows)
+                verdict = f"{failed} FAILED" if failed else "all ok"
+                took = time.perf_counter() - start
+                progress.write(f"{len(rows)} checks, {verdict} ({took:.1f} s)\n")
+                progress.flush()
+            start = time.perf_counter()
     return report, notes
 
 
@@ -420,29 +530,58 @@ def _check(
     dtype: str,
     repeat: int,
     size: tuple[int, int],
+    timings: dict[str, float],
 ) -> Row:
     name = "definition" if row is None else row.name
     out = Row(lib.name, lib.device, name, dtype, tolerance=TOLERANCE[dtype])
     forced = _forcing(klx, registry, row)
-    try:
-        with forced:
-            if row is None or row.operation == "kl_div":
-                cells, worst, bad = _kl_div_cells(np, klx, lib, dtype, name)
-            else:
-                cells, worst, bad = 0, 0.0, []
-            if row is None or row.operation == "divergence":
-                kinds = ("kl", "js") if row is None else row.kinds
-                kinds = [k for k in kinds if k in ("kl", "js")]
-                c2, w2, b2 = _rows_cells(np, klx, lib, dtype, kinds, name)
-                cells, worst, bad = cells + c2, max(worst, w2), bad + b2
-            out.cells, out.max_error, out.detail = cells, worst, bad
+    with _own_warnings(out.detail):
+        try:
+            with forced:
+                if row is None or row.operation == "kl_div":
+                    cases, worst, bad = _kl_div_cases(np, klx, lib, dtype, name)
+                else:
+                    cases, worst, bad = 0, 0.0, []
+                if row is None or row.operation == "divergence":
+                    kinds = ("kl", "js") if row is None else row.kinds
+                    kinds = [k for k in kinds if k in ("kl", "js")]
+                    c2, w2, b2 = _rows_cases(np, klx, lib, dtype, kinds, name)
+                    cases, worst, bad = cases + c2, max(worst, w2), bad + b2
+            out.cases, out.max_error = cases, worst
+            out.detail += bad
             out.status = "MISMATCH" if bad else "ok"
             if dtype == "float32":
-                _time(np, klx, lib, row, out, repeat, size)
-    except Exception as exc:  # a crash is a failure of the path, reported, not raised
-        out.status = "ERROR"
-        out.detail.append(f"{type(exc).__name__}: {exc}")
+                _time(np, klx, lib, row, out, repeat, size, timings)
+        except Exception as exc:  # a crash is a failure of the path, reported, not raised
+            out.status = "ERROR"
+            out.detail.append(f"{type(exc).__name__}: {exc}")
     return out
+
+
+#: Other libraries' warnings passed on so far (category, message, file, line).
+_FOREIGN_SEEN: set[tuple[Any, str, str, int]] = set()
+
+
+@contextmanager
+def _own_warnings(detail: list[str]) -> Iterator[None]:
+    """Keep klx's own warnings out of the check's output.
+
+    The check asks for ``reduction='mean'`` on purpose (no :class:`klx.KLDivMeanWarning`);
+    an :class:`klx.AcceleratorWarning` (a path failed its first-use check) goes to the
+    row's `detail`, where the report shows it. Other libraries' warnings pass on as usual.
+    """
+    from klx import AcceleratorWarning, KLDivMeanWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore", KLDivMeanWarning)
+        warnings.simplefilter("always", AcceleratorWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, AcceleratorWarning):
+            detail.append(f"{w.category.__name__}: {w.message}")
+        elif (key := (w.category, str(w.message), w.filename, w.lineno)) not in _FOREIGN_SEEN:
+            _FOREIGN_SEEN.add(key)  # once, as Python's default (each path would repeat it)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _forcing(klx: Any, registry: Any, row: Any) -> Any:
@@ -469,22 +608,32 @@ def _forcing(klx: Any, registry: Any, row: Any) -> Any:
 
 
 def _time(
-    np: Any, klx: Any, lib: _Library, row: Any, out: Row, repeat: int, size: tuple[int, int]
+    np: Any,
+    klx: Any,
+    lib: _Library,
+    row: Any,
+    out: Row,
+    repeat: int,
+    size: tuple[int, int],
+    timings: dict[str, float],
 ) -> None:
+    """Fill `out`'s timings; the definition's and the peer's are taken once per device."""
     rng = np.random.default_rng(2)
     y64 = rng.random(size) + 0.01
     y64 /= y64.sum(axis=-1, keepdims=True)
     x64 = np.log(rng.random(size) + 0.01)
     x, y = lib.put(x64, "float32"), lib.put(y64, "float32")
     if row is None or row.operation == "kl_div":
+        operation = "kl_div"
 
         def path() -> Any:
             return klx.kl_div(x, y, reduction="sum")
 
     else:
+        fn = klx.kl_divergence if "kl" in row.kinds else klx.js_divergence
+        operation = fn.__name__
 
         def path() -> Any:
-            fn = klx.kl_divergence if "kl" in row.kinds else klx.js_divergence
             return fn(x, y, p_form="logits", q_form="logits", reduction="sum")
 
     from klx._accel import registry
@@ -492,15 +641,19 @@ def _time(
     def force(r: Any) -> Any:
         return _forcing(klx, registry, r)
 
-    with force(row):
-        out.ms_path = _timed(lambda: _materialise(path()), lib.sync, repeat)
     if row is not None:
+        with force(row):
+            out.ms_path = _timed(lambda: _materialise(path()), lib.sync, repeat)
+    if operation not in timings:
         with force(None):
-            out.ms_definition = _timed(lambda: _materialise(path()), lib.sync, repeat)
-    peer = _peer(lib) if row is None or row.operation == "kl_div" else None
+            timings[operation] = _timed(lambda: _materialise(path()), lib.sync, repeat)
+    out.ms_definition = timings[operation]
+    peer = _peer(lib) if row is not None and row.operation == "kl_div" else None
     if peer is not None:
         out.peer = peer[0]
-        out.ms_peer = _timed(lambda: peer[1](x, y), lib.sync, repeat)
+        if "peer" not in timings:
+            timings["peer"] = _timed(lambda: peer[1](x, y), lib.sync, repeat)
+        out.ms_peer = timings["peer"]
 
 
 def _materialise(x: Any) -> Any:
@@ -511,69 +664,254 @@ def _materialise(x: Any) -> Any:
     return ready() if ready is not None else x
 
 
-def _table(rows: Sequence[Row], notes: Sequence[str]) -> str:
+# --------------------------------------------------------------------------- the report
+
+_COLUMNS = (
+    "library",
+    "device",
+    "path",
+    "dtype",
+    "cases",
+    "max error",
+    "tolerance",
+    "status",
+    "ms path",
+    "ms definition",
+    "ms peer",
+)
+
+
+def _legend(repeat: int, size: tuple[int, int]) -> list[tuple[str, str]]:
+    """(column, what it means), in plain words."""
+    shape = f"[{size[0]}, {size[1]}]"
+    return [
+        (
+            "path",
+            f"what computed the result. '{REFERENCE}' is klx's array-API definition with "
+            "every accelerator off: the exact, general code that the accelerators are "
+            "checked against, not what your calls run where an accelerator serves them "
+            "(klx.explain(f, *args) says which path serves a call); its time is under 'ms "
+            "definition'. Every other name is an accelerator, a fast path "
+            "(docs/accelerators.md).",
+        ),
+        ("dtype", "the dtype of the inputs; each path is checked in every dtype it serves."),
+        (
+            "cases",
+            "input cases compared with an independent float64 NumPy computation, each with "
+            "exact zeros and -inf: kl_div with every reduction, with and without log_target "
+            "(8); KL and JS from logits at two temperatures (4).",
+        ),
+        ("max error", "the worst error of those cases, relative to the size of their terms."),
+        ("tolerance", "the largest error allowed in this dtype."),
+        (
+            "status",
+            "ok; MISMATCH: an error above the tolerance; ERROR: the path raised, or another "
+            "path served the call (see 'What went wrong').",
+        ),
+        (
+            "ms path",
+            f"milliseconds per call by this path (median of {repeat}) on float32 {shape} "
+            "inputs: kl_div(reduction='sum'), or for a divergence path kl_divergence (or "
+            "js_divergence) from logits. Timed in float32 only ('-' for the other dtypes).",
+        ),
+        (
+            "ms definition",
+            "the same call by the definition (the reference): the accelerator saves the "
+            "difference.",
+        ),
+        (
+            "ms peer",
+            "the same sum computed the library's own way, without klx (named in brackets): "
+            "compare it with 'ms path'.",
+        ),
+    ]
+
+
+def _wrap(text: str, first: str, indent: int, width: int = 96) -> list[str]:
+    return textwrap.wrap(
+        text, width=width, initial_indent=first, subsequent_indent=" " * indent
+    ) or [first]
+
+
+def _report(rows: Sequence[Row], notes: Sequence[str], repeat: int, size: tuple[int, int]) -> str:
+    """The table, what went wrong, the legend, and what was not checked and how to check it."""
+
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    head = (
-        "| library | device | path | dtype | cells | max error | tolerance | status | "
-        "ms path | ms definition | ms peer |"
-    )
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        lines.append(
-            f"| {r.library} | {r.device} | {r.path} | {r.dtype} | {r.cells} | "
-            f"{r.max_error:.2g} | {r.tolerance:.1e} | {r.status} | {ms(r.ms_path)} | "
-            f"{ms(r.ms_definition)} | {ms(r.ms_peer)}{' (' + r.peer + ')' if r.peer else ''} |"
+    sections: list[list[str]] = []
+    if rows:
+        table = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+        for r in rows:
+            path = REFERENCE if r.path == "definition" else r.path
+            peer = f"{ms(r.ms_peer)} ({r.peer})" if r.peer else ms(r.ms_peer)
+            table.append(
+                f"| {r.library} | {r.device} | {path} | {r.dtype} | {r.cases} | "
+                f"{r.max_error:.2g} | {r.tolerance:.1e} | {r.status} | {ms(r.ms_path)} | "
+                f"{ms(r.ms_definition)} | {peer} |"
+            )
+        sections.append(table)
+    problems = [f"{r.library} {r.device} {r.path} {r.dtype}: {d}" for r in rows for d in r.detail]
+    if problems:
+        sections.append(["What went wrong:"] + [w for p in problems for w in _wrap(p, "  ", 4)])
+    if rows:
+        legend = ["Columns:"]
+        for column, meaning in _legend(repeat, size):
+            legend += _wrap(meaning, f"  {column:<14} ", 17)
+        sections.append(legend)
+    if notes:
+        hints = ["Not checked here, and how to check it:"]
+        hints += [w for n in notes for w in _wrap(n, "  - ", 4)]
+        sections.append(hints)
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _summary(rows: Sequence[Row], notes: Sequence[str]) -> str:
+    """The closing lines: the verdict, and what to do next."""
+    failed = [r for r in rows if r.status != "ok"]
+    if not rows:
+        return "\n".join(
+            _wrap(
+                "klx.check: nothing was checked: none of the libraries asked for is installed "
+                "(see above for what to install).",
+                "",
+                0,
+            )
         )
-    for r in rows:
-        for d in r.detail:
-            lines.append(f"{r.library} {r.device} {r.path} {r.dtype}: {d}")
-    lines += [f"not checked: {n}" for n in notes]
+    lines = [f"klx.check: {len(rows)} checks (a path on a dtype), {len(failed)} failed"]
+    if failed:
+        lines[0] += ": " + ", ".join(f"{r.library}/{r.device}/{r.path}/{r.dtype}" for r in failed)
+        lines += _wrap(
+            "Please report the failures to the klx developers with this output "
+            "(python -m klx.check --json klx-check.json writes it as JSON too).",
+            "",
+            0,
+        )
+    if any("cpu" not in r.device.lower() for r in rows):  # cuda:0, TFRT_CPU_0, ...
+        lines += _wrap(
+            "Next, on this GPU: the conformance matrix, from a clone of klx with "
+            'pip install ".[test]": pytest --backend torch --backend cupy --backend jax '
+            "(docs/getting-started.md, 'Checking klx on a GPU').",
+            "",
+            0,
+        )
+    else:
+        lines += _wrap(
+            "No GPU was checked: klx's Triton and CuPy kernels have not run here. On a "
+            "machine with an NVIDIA GPU, install what the lines above say and run this again.",
+            "",
+            0,
+        )
     return "\n".join(lines)
 
 
+_DESCRIPTION = """\
+Check klx's accelerators on this machine's own hardware.
+
+For every installed array library (NumPy, torch, JAX, CuPy, Dask,
+array-api-strict) and every device it sees, each of klx's fast paths runs on
+test inputs (zero targets, -inf log-probabilities, logits) and is compared
+with an independent float64 NumPy computation, as is klx's definition (the
+reference). Each path is also timed against the definition and against the
+library's own way of computing the same sum. A line per library and device
+goes to stderr as it runs; then a table with a legend of its columns, and what
+to install to check the libraries and GPUs not found."""
+
+_EPILOG = """\
+examples:
+  python -m klx.check
+  python -m klx.check --libraries numpy torch
+  python -m klx.check --json klx-check.json --repeat 20
+  python -m klx.check --json -        (only the JSON, on stdout)
+
+exit status: 0 when every check passed, 1 when one failed, 2 when nothing
+could be checked or the arguments are wrong."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (1 on any mismatch or error)."""
+    """Run the check from the command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``); ``--help`` lists them.
+
+    Returns
+    -------
+    int
+        The exit status: 0 when every check passed, 1 when one failed, 2 when nothing
+        could be checked.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m klx.check",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the report as JSON to PATH; '-': write only the JSON, to stdout",
+    )
     parser.add_argument(
         "--libraries",
         nargs="+",
         default=list(LIBRARIES),
         choices=LIBRARIES,
-        help="array libraries to check (those not installed are listed as not checked)",
+        metavar="LIBRARY",
+        help=f"array libraries to check, of {', '.join(LIBRARIES)} (default: all; those "
+        "not installed are listed with what to install)",
     )
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per figure (median)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=10,
+        help="timed runs per figure, of which the median is shown (default: 10)",
+    )
     parser.add_argument(
         "--size",
         type=int,
         nargs=2,
         default=[1024, 4096],
         metavar=("ROWS", "COLS"),
-        help="float32 input shape of the timings",
+        help="float32 input shape of the timings (default: 1024 4096)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines on stderr while it runs"
     )
     args = parser.parse_args(argv)
-    rows, notes = run(args.libraries, args.repeat, (args.size[0], args.size[1]))
-    print(_table(rows, notes))
-    failed = [r for r in rows if r.status != "ok"]
-    print(
-        f"\nklx.check: {len(rows)} paths checked, {len(failed)} failed"
-        + (
-            ""
-            if not failed
-            else ": " + ", ".join(f"{r.library}/{r.device}/{r.path}/{r.dtype}" for r in failed)
+    if args.repeat < 1 or min(args.size) < 1:
+        parser.error("--repeat and --size take positive numbers")
+    if importlib.util.find_spec("numpy") is None:
+        print(
+            "klx.check needs NumPy for its reference computation: pip install numpy",
+            file=sys.stderr,
         )
-    )
+        return 2
+    size = (args.size[0], args.size[1])
+    rows, notes = run(args.libraries, args.repeat, size, None if args.quiet else sys.stderr)
+    failed = [r for r in rows if r.status != "ok"]
+    status = 2 if not rows else 1 if failed else 0
+    report = {
+        "rows": [asdict(r) for r in rows],
+        "not_checked": notes,
+        "repeat": args.repeat,
+        "size": list(size),
+        "exit_status": status,
+    }
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        print(_summary(rows, notes).split("\n")[0], file=sys.stderr)
+        return status
+    print(_report(rows, notes, args.repeat, size))
+    print()
+    print(_summary(rows, notes))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": [asdict(r) for r in rows], "not_checked": notes}, fh, indent=2)
-        print(f"written to {args.json}")
-    return 1 if failed else 0
+            json.dump(report, fh, indent=2)
+        print(f"klx.check: the report is also in {args.json}")
+    return status
 
 
 if __name__ == "__main__":
