@@ -24,11 +24,14 @@ JUnit file to ``conformance/junit/``, from which CI's summary names the failing 
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import sys
 from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+import junit  # tools/junit.py: how CI's summary finds a session's JUnit files
 
 nox.options.sessions = ["lint", "typecheck", "tests", "conformance_report", "docs"]
 nox.options.reuse_existing_virtualenvs = True
@@ -38,6 +41,7 @@ ROOT = Path(__file__).parent
 CONFORMANCE = "conformance"
 JUNIT = f"{CONFORMANCE}/junit"
 CONSTRAINTS = "constraints.txt"
+UPSTREAM = f"{CONFORMANCE}/upstream"
 
 
 def pinned(name: str) -> str:
@@ -79,25 +83,25 @@ def _install(session: nox.Session, *packages: str) -> None:
         session.install("-c", CONSTRAINTS, *packages)
 
 
-def _slug(session: nox.Session) -> str:
-    """The stem of a session's JUnit files, as tools/junit.py's slug() reads them."""
-    return re.sub(r"[^\w]+", "-", session.name).strip("-")
-
-
 def _junit(session: nox.Session, part: str = "") -> str:
     """--junitxml for one pytest run: conformance/junit/<session name>[-part].xml."""
-    return f"--junitxml={JUNIT}/{_slug(session)}{'-' + part if part else ''}.xml"
+    return f"--junitxml={JUNIT}/{junit.slug(session.name)}{'-' + part if part else ''}.xml"
 
 
-def _forget_results(session: nox.Session) -> None:
-    """Remove the JUnit files an earlier run of this session left, so none reads as this run's."""
-    for old in Path(JUNIT).glob(f"{_slug(session)}*.xml"):
+def _forget_results(session: nox.Session, results: str = "", backend: str = "") -> None:
+    """Remove what an earlier run of this session left (its JUnit files, and the backend's
+    cells in `results`), so that nothing of it reads as this run's."""
+    for old in Path(JUNIT).glob(f"{junit.slug(session.name)}*.xml"):
         old.unlink()
+    if results and backend:
+        for pattern in (f"cells-{backend}.json", f"values-{backend}.npz"):
+            for old in Path(results).glob(pattern):
+                old.unlink()
 
 
-def _run_tests(session: nox.Session, backend: str) -> None:
+def _run_tests(session: nox.Session, backend: str, results: str = CONFORMANCE) -> None:
     """The suite on one backend, as installed (the tests and upstream sessions)."""
-    args = [f"--backend={backend}", f"--conformance-out={CONFORMANCE}", _junit(session)]
+    args = [f"--backend={backend}", f"--conformance-out={results}", _junit(session)]
     if backend == "numpy":
         # The kernel modules import torch/triton or cupy, which this session has not; so do
         # fused_linear_divergence's torch and JAX modules.
@@ -124,7 +128,7 @@ def _run_tests(session: nox.Session, backend: str) -> None:
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
     """The test suite and conformance matrix on one backend, at the tested versions."""
-    _forget_results(session)
+    _forget_results(session, CONFORMANCE, backend)
     if backend == "cupy" and not _cuda_available():
         session.skip("cupy needs a CUDA device, and this machine has none")
     extra, more = BACKENDS[backend]
@@ -139,8 +143,10 @@ def upstream(session: nox.Session, backend: str) -> None:
 
     Nothing is constrained but klx's own lower bounds; torch is the newest release too
     unless KLX_TORCH_SPEC names one. A failure here is an upstream change to look at
-    before `nox -s lock` takes it into constraints.txt.
+    before `nox -s lock` takes it into constraints.txt. Its conformance cells go to
+    conformance/upstream/, apart from the pinned sessions' that `conformance_report` reads.
     """
+    _forget_results(session, UPSTREAM, backend)
     if backend == "cupy" and not _cuda_available():
         session.skip("cupy needs a CUDA device, and this machine has none")
     extra, more = BACKENDS[backend]
@@ -149,17 +155,22 @@ def upstream(session: nox.Session, backend: str) -> None:
     if session.venv_backend != "none":
         session.install("--upgrade", "--upgrade-strategy=eager", "-e", f".[test,{extra}]", *more)
     session.run("pip", "list", "--format=freeze", silent=False)
-    _run_tests(session, backend)
+    _run_tests(session, backend, UPSTREAM)
 
 
 @nox.session
 def lock(session: nox.Session) -> None:
     """Regenerate constraints.txt: every dependency of every session and the benchmark.
 
-    Run it, then `nox` (and the benchmark) before committing the new file.
+    Everything moves to its newest release but torch, which keeps the release its line in
+    constraints.txt pins (and with it triton and the CUDA libraries it pins exactly): a
+    torch release is chosen by hand, by editing that line, since its build (CPU or CUDA,
+    several GB) matters to every machine. Run `nox` (and the benchmark) with the new file
+    before committing it.
     """
     extras = sorted({extra for extra, _ in BACKENDS.values()} | {"test", "bench", "docs"})
-    more = sorted({m for _, ms in BACKENDS.values() for m in ms} | {"nox", *LINTERS})
+    more = {m for _, ms in BACKENDS.values() for m in ms} - {TORCH}
+    more = sorted(more | {pinned("torch"), "nox", *LINTERS})
     session.run("python", "tools/lock.py", "--out", CONSTRAINTS, f".[{','.join(extras)}]", *more)
 
 

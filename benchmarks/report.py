@@ -166,11 +166,11 @@ def add_peer_ratios(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------- summary
 
 
-def verdict(ratios: list[float]) -> str:
+def verdict(ratios: list[float], why_none: str = "no figure (noisy)") -> str:
     """klx against its best peer over the cells of one size (ratios of klx's time to the
-    best peer's: below 1 is faster)."""
+    best peer's: below 1 is faster); `why_none` where there is no ratio."""
     if not ratios:
-        return "no figure (noisy)"
+        return why_none
     faster = sum(q < 1 - PAR for q in ratios)
     slower = sum(q > 1 + PAR for q in ratios)
     par = len(ratios) - faster - slower
@@ -231,6 +231,12 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                 winners[fastest["impl"]] += 1
                 noisy = noisy or fastest["status"] == "noisy"
         dropped = len(klx_rows) - len(kept)
+        if not klx_rows:
+            why_none = "klx failed (notes)"
+        elif kept and not winners:
+            why_none = "no peer measured"
+        else:
+            why_none = "no figure (noisy)"
         bound_text = f"{statistics.median(bound):.2f}" if bound else IN_CACHE if kept else "-"
         out.append(
             {
@@ -241,7 +247,7 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "klx / best peer": _ratio_text(ratios) + (" ~" if noisy and ratios else ""),
                 "best peer": winners.most_common(1)[0][0] if winners else "-",
                 "klx / bound": bound_text + (f" !{below}" if below else ""),
-                "verdict": verdict(ratios) + (f" ({dropped} dropped)" if dropped else ""),
+                "verdict": verdict(ratios, why_none) + (f" ({dropped} dropped)" if dropped else ""),
             }
         )
     return out
@@ -417,7 +423,7 @@ def plot(
 ) -> bool:
     """One panel per backend (columns) and reduction (rows): time per call against size,
     log-log, one colour per implementation in every panel, the bound as a grey line, the
-    sizes whose inputs fit in cache shaded; a legend outside the panels. Dropped (unstable)
+    sizes whose bytes moved fit in cache shaded; a legend outside the panels. Dropped (unstable)
     figures are not drawn, noisy ones are crossed; a panel says which sizes were not
     measured (`skipped`). Returns False without matplotlib."""
     from benchmarks.cli import pyplot
@@ -433,6 +439,8 @@ def plot(
     colour = colours(r["impl"] for r in rows)
     not_measured: dict[tuple[str, str], list[str]] = {}
     for sk in skipped:
+        if "impl" in sk:  # one implementation failed there; the others were measured
+            continue
         names = not_measured.setdefault((sk["backend"], sk["device"]), [])
         if f"{sk['shape'][0]}x{sk['shape'][1]}" not in names:
             names.append(f"{sk['shape'][0]}x{sk['shape'][1]}")
@@ -512,7 +520,7 @@ def plot(
         Line2D([], [], color="black", ls="-", label="dense target"),
         Line2D([], [], color="black", ls="--", label="target with 1/8 zeros"),
         Line2D([], [], color="grey", ls=":", lw=2, label="bandwidth bound"),
-        Patch(color="grey", alpha=0.12, label="inputs fit in cache:\nbound not meaningful"),
+        Patch(color="grey", alpha=0.12, label="bytes fit in cache:\nbound not meaningful"),
         Line2D([], [], color="black", marker="x", ls="", ms=8, label="noisy figure"),
     ]
     fig.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False)

@@ -27,11 +27,12 @@ below the bound is flagged ('!N' in the summary, 'below bound: check' in the tab
 a note); where the bytes fit in the last-level cache the bound does not apply, and the
 ratio is marked 'in cache'.
 
-Noise: klx and its peers are timed in alternation (each sees the same machine), a call
-faster than a millisecond is repeated within each sample, and runs go on until the spread
-(interquartile range over the median) is small. A figure whose spread stays above 10% is
-measured again, twice at most; still above 10% it is 'noisy' (kept, with its spread);
-above 50% its figure is dropped and the summary says so.
+Noise: klx and its peers are first timed in alternation (each sees the same machine), a
+call faster than a millisecond is repeated within each sample, and runs go on until the
+spread (interquartile range over the median) is small. A figure whose spread stays above
+10% is measured again, twice at most, in alternation with the cell's other noisy figures
+only (so it may come from another moment than its peers'); still above 10% it is 'noisy'
+(kept, with its spread); above 50% its figure is dropped and the summary says so.
 """
 
 from __future__ import annotations
@@ -312,7 +313,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "target": target,
                         "reduction": reduction,
                     }
-                    rows += _one_cell(key, impls, x, y, sync, bw, cache, budget, progress)
+                    rows += _one_cell(
+                        key, impls, x, y, sync, (bw, cache, budget), progress, skipped
+                    )
                 progress(f"{where} done")
                 del x, y
     report.add_peer_ratios(rows)
@@ -325,21 +328,30 @@ def _one_cell(
     x: Any,
     y: Any,
     sync: Callable[[Any], None],
-    bandwidth: float,
-    cache: int,
-    budget: float,
+    limits: tuple[float, int, float],
     progress: Callable[[str], None],
+    skipped: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Every implementation on one cell, timed together; the noisy ones again."""
+    """Every implementation on one cell, timed together; the noisy ones again.
+
+    `limits` is (bandwidth in B/s, cache bytes, time budget in s). An implementation that
+    raises is left out of the cell and recorded in `skipped` (the summary's notes say so).
+    """
+    bandwidth, cache, budget = limits
     fns = {}
     for name, make in impls.items():
         try:
             fn = make(x, y, key["reduction"])
             sync(fn())  # the first call: compilation, and whether it runs at all
         except Exception as exc:
-            progress(f"  {name} '{key['reduction']}' failed: {type(exc).__name__}: {exc}")
+            reason = f"{name} '{key['reduction']}' failed: {type(exc).__name__}: {exc}"
+            progress(f"  {reason}")
+            where = {k: key[k] for k in ("backend", "device", "shape")}
+            skipped.append({**where, "reason": reason, "impl": name})
             continue
         fns[name] = fn
+    if not fns:
+        return []
 
     def measure(names: list[str]) -> dict[str, Any]:
         return interleaved(
@@ -349,7 +361,11 @@ def _one_cell(
     settled = report.settle(measure, list(fns))
     rows = []
     for name, (timing, count) in settled.items():
-        mem = extra_peak_bytes(fns[name], sync, key["backend"], key["device"])
+        try:
+            mem = extra_peak_bytes(fns[name], sync, key["backend"], key["device"])
+        except Exception as exc:  # timed, but its memory could not be measured
+            progress(f"  {name}: extra peak memory not measured: {type(exc).__name__}: {exc}")
+            mem = None
         rows.append(
             report.cell_row(
                 key,
@@ -405,8 +421,8 @@ def header(result: dict[str, Any], args: argparse.Namespace, when: str) -> list[
         "(range) over the cells.",
         "klx / bound: klx's time over the bound = the bytes a call must move (both inputs "
         "read; 'none' also writes its output) / the read bandwidth measured in this run: "
-        f"{bws}. Inputs that fit in the largest cache ({caches or 'size unknown'}) are read "
-        f"from it: '{report.IN_CACHE}', no bound.",
+        f"{bws}. Where those bytes fit in the largest cache ({caches or 'size unknown'}) they "
+        f"are read from it: '{report.IN_CACHE}', no bound.",
     ]
 
 

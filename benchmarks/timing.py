@@ -190,6 +190,8 @@ def interleaved(
     scheduler's jitter.
     """
     names = list(fns)
+    if not names:
+        return {}
     last: dict[str, float] = {}
     for _ in range(warmup):
         for name in names:

@@ -34,8 +34,8 @@ def summary(report: dict, seconds: str, junit_dir: Path | None = None) -> str:
             passed += 1
         else:
             why = s.get("reason")
-            if s["result"] == "failed":
-                why = why_failed(name, junit_dir)
+            if s["result"] == "failed":  # nox's own reason (if any) after the failing tests
+                why = why_failed(name, junit_dir) + (f"; {why}" if why else "")
             others.setdefault(s["result"], []).append(f"{name} ({why or 'no reason given'})")
     line = f"CI: {passed} sessions passed"
     for result, names in others.items():

@@ -176,21 +176,20 @@ def _fmt_spread(s: float | None) -> str:
     return f"{s:.1f} eps" if s > 0 else "0 eps (bits differ)"
 
 
-def session_lines(
-    backends: list[str], expect: list[str], junit_dir: Path | None, sessions: list[str]
-) -> list[str]:
+def session_lines(expect: list[str], junit_dir: Path | None, sessions: list[str]) -> list[str]:
     """One line per expected backend that has no results or whose tests failed."""
     lines = []
     for name in expect:
         runs = junit.for_session(junit_dir, f"tests(backend='{name}')") if junit_dir else []
         failed = [test for run in runs for test in run.failed]
-        recorded = any(name in session.split("-") for session in sessions)
+        # With JUnit files, only this run's count (a session deletes its old ones first).
+        ran = bool(runs) if junit_dir else any(name in s.split("-") for s in sessions)
         if failed:
             lines.append(
                 f"  FAILED: {name}: {len(failed)} test(s) failed or errored "
                 f"({junit.named(failed)}); its cells below are incomplete"
             )
-        elif not runs and not recorded and not any(b.startswith(f"{name}-") for b in backends):
+        elif not ran:
             lines.append(
                 f"  MISSING: {name}: no results (its tests session was skipped or did not run; "
                 "see nox's session list)"
@@ -222,7 +221,7 @@ def report(
         f"  {len(compared)} cells ran on two or more backends; bit-identical on all of them: "
         f"{len(identical)}; over tolerance: {len(failing)}",
     ]
-    problems = session_lines(backends, expect or [], junit_dir, sessions)
+    problems = session_lines(expect or [], junit_dir, sessions)
     if expect and not problems:
         problems = [f"  every expected backend ran and passed: {', '.join(expect)}"]
     summary += problems

@@ -39,6 +39,8 @@ def read(path: Path) -> Run:
         if case.find("skipped") is not None:
             run.skipped += 1
         if case.find("failure") is not None or case.find("error") is not None:
+            # classname is the module's dotted path (for a test class, its path plus the
+            # class: klx's suite has none), name the test with its parameters.
             module, name = case.get("classname", "").replace(".", "/"), case.get("name", "?")
             run.failed.append(f"{module}.py::{name}" if module else name)
     return run

@@ -164,7 +164,14 @@ def _find(np: Any, name: str, notes: list[str]) -> list[_Library]:
         why = "not installed" if missing == name else f"cannot be imported ({exc})"
         notes.append(_note(name, why, f"to check it: {INSTALL[name]}"))
         return []
-    return _devices(np, name, notes)
+    except Exception as exc:  # a broken install: reported, the other libraries still checked
+        notes.append(_note(name, f"failed to import ({type(exc).__name__}: {exc})"))
+        return []
+    try:
+        return _devices(np, name, notes)
+    except Exception as exc:
+        notes.append(_note(name, f"its devices could not be listed ({type(exc).__name__}: {exc})"))
+        return []
 
 
 def _note(what: str, why: str, hint: str = "") -> str:
@@ -772,8 +779,8 @@ def _summary(rows: Sequence[Row], notes: Sequence[str]) -> str:
     if not rows:
         return "\n".join(
             _wrap(
-                "klx.check: nothing was checked: none of the libraries asked for is installed "
-                "(see above for what to install).",
+                "klx.check: nothing was checked: no library asked for is installed with a "
+                "device to check it on (see 'Not checked here' above for what to install).",
                 "",
                 0,
             )

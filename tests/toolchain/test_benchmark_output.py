@@ -430,3 +430,64 @@ def test_plot_draws_every_panel(tmp_path: Path) -> None:
     skipped = [{"backend": "torch", "device": "cpu", "shape": [8, 8], "reason": "why"}]
     assert report.plot(rows, tmp_path / "r.png", "title", {"cpu": 32 * 2**20}, 4, skipped)
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def test_an_implementation_that_raises_is_left_out_and_said() -> None:
+    """A failing call is recorded with its reason; a cell where every call fails is empty."""
+    np = pytest.importorskip("numpy")
+    x = np.zeros((4, 8), dtype=np.float32)
+    key = {
+        "backend": "numpy",
+        "device": "cpu",
+        "shape": [4, 8],
+        "dtype": "float32",
+        "target": "dense",
+        "reduction": "sum",
+    }
+
+    def broken(x: Any, y: Any, reduction: str) -> Any:
+        msg = "boom"
+        raise ValueError(msg)
+
+    def fine(x: Any, y: Any, reduction: str) -> Any:
+        return lambda: float(np.sum(x * y))
+
+    skipped: list[dict[str, Any]] = []
+    limits = (10 * GB, 32 * 2**20, 0.01)
+    rows = bench._one_cell(
+        key, {"klx": broken}, x, x, lambda _: None, limits, lambda _: None, skipped
+    )
+    assert rows == []
+    assert skipped == [
+        {
+            "backend": "numpy",
+            "device": "cpu",
+            "shape": [4, 8],
+            "reason": "klx 'sum' failed: ValueError: boom",
+            "impl": "klx",
+        }
+    ]
+    rows = bench._one_cell(
+        key,
+        {"klx": broken, "numpy formula": fine},
+        x,
+        x,
+        lambda _: None,
+        limits,
+        lambda _: None,
+        skipped,
+    )
+    assert [r["impl"] for r in rows] == ["numpy formula"]
+    (line,) = report.summary_lines(rows)
+    assert line["verdict"] == "klx failed (notes)"
+    assert any("klx 'sum' failed: ValueError: boom" in n for n in report.notes(rows, skipped))
+    assert interleaved({}, lambda _: None) == {}
+
+
+def test_verdict_without_a_peer() -> None:
+    rows = rows_for("numpy", (4096, 4096), {"klx": 5.0})
+    (line,) = report.summary_lines(rows)
+    assert line["verdict"] == "no peer measured"

@@ -192,3 +192,23 @@ def test_what_to_do_when_cupy_sees_no_gpu(count, monkeypatch):
     assert len(notes) == 1
     assert notes[0].startswith("a GPU through CuPy: CuPy found no CUDA device")
     assert "nvidia-smi" in notes[0]
+
+
+def test_a_library_that_breaks_on_import_is_a_note_not_a_crash(monkeypatch):
+    """A broken install of one library (not an ImportError) leaves the others checkable."""
+    import importlib
+
+    from klx import check
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "jax":
+            msg = "jaxlib version mismatch"
+            raise RuntimeError(msg)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(check.importlib, "import_module", fake)
+    notes: list[str] = []
+    assert check._find(None, "jax", notes) == []
+    assert notes == ["jax: failed to import (RuntimeError: jaxlib version mismatch)"]

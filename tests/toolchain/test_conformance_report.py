@@ -153,3 +153,27 @@ def test_an_unreadable_junit_file_counts_as_a_failure(tmp_path):
     (tmp_path / "tests-backend-jax.xml").write_text("<testsuites><testsuite>")
     (run,) = junit.for_session(tmp_path, "tests(backend='jax')")
     assert not run.ok and "could not be read" in run.failed[0]
+
+
+def test_cells_left_by_an_earlier_run_do_not_count_as_this_run(tmp_path):
+    """A session that failed before pytest wrote no JUnit file: its old cells are no result."""
+    _session(tmp_path, "numpy", np.array([1.0]))
+    _session(tmp_path, "torch", np.array([1.0]))  # stale: no JUnit file this run
+    _junit(tmp_path / "junit", "tests-backend-numpy", [])
+    _, summary = cr.report(tmp_path, ["numpy", "torch"], tmp_path / "junit")
+    assert "MISSING: torch: no results" in summary
+    assert "every expected backend ran and passed" not in summary
+
+
+def test_ci_summary_keeps_nox_reason_for_a_failed_session(tmp_path):
+    import ci_summary
+
+    report = {
+        "sessions": [
+            {"name": "t", "signatures": ["typecheck"], "result": "failed", "reason": "why"}
+        ]
+    }
+    assert (
+        "typecheck (no test results: it failed before or outside pytest; see its log "
+        "above; why)" in ci_summary.summary(report, "1", tmp_path)
+    )
