@@ -48,6 +48,7 @@ _QUIET = contextlib.nullcontext()
 def as_array(out: Any) -> Any:
     """NumPy reductions return scalars (``numpy.float64``); klx returns 0-d arrays."""
     np = sys.modules.get("numpy")
-    if np is not None and isinstance(out, np.generic):
-        return np.asarray(out)
+    generic = getattr(np, "generic", None)  # None while another thread imports NumPy
+    if generic is not None and isinstance(out, generic):
+        return np.asarray(out)  # type: ignore[union-attr]
     return out

@@ -192,7 +192,7 @@ def parse_estimate(
     if log_p_old is not None:
         named.append(("log_p_old", log_p_old))
     named += normalizer_array(normalizer)
-    xp = array_namespace(named) if xp is None else xp
+    xp = array_namespace(named, xp)
     check_float(xp, "log_p", log_p)
     check_float(xp, "log_q", log_q)
     est = _check_choice("estimator", estimator, ESTIMATORS)

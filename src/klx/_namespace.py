@@ -19,7 +19,23 @@ __all__ = [
     "is_concrete",
     "library_name",
     "library_of",
+    "loaded",
 ]
+
+
+def loaded(module: str, *path: str) -> Any:
+    """``module.path...`` where that module has been imported far enough to define it, else
+    ``None``; nothing is imported.
+
+    A module is in ``sys.modules`` from the moment another thread starts importing it, and a
+    class it has not defined yet has no instances: an ``isinstance`` test can skip it.
+    """
+    obj = sys.modules.get(module)
+    for name in path:
+        if obj is None:
+            return None
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def library_name(x: Any) -> str | None:
@@ -30,8 +46,8 @@ def library_name(x: Any) -> str | None:
     are ``lru_cache``-wrapped, which Dynamo warns about).
     """
     for name, module, attr in _ARRAY_TYPES:
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(x, getattr(mod, attr)):
+        cls = loaded(module, attr)
+        if cls is not None and isinstance(x, cls):
             return name
     if isinstance(x, (bool, int, float, complex)):
         return None
@@ -67,9 +83,18 @@ def array_namespace(named: Sequence[tuple[str, Any]], xp: ModuleType | None = No
     Raises
     ------
     TypeError
-        If a value is not an array, is a NumPy scalar, matrix or masked array, or if the
-        arrays come from two libraries.
+        If a value is not an array, is a NumPy scalar, matrix or masked array, if the
+        arrays come from two libraries, or if `xp` is not a namespace.
     """
+    if xp is not None and not (
+        hasattr(xp, "asarray") and isinstance(getattr(xp, "__name__", None), str)
+    ):
+        msg = (
+            f"`xp` must be an array namespace (a module such as array_api_compat.numpy or "
+            f"jax.numpy), not {_describe(xp)} {xp!r}; pass the module itself, or leave `xp` "
+            "out and klx takes the arrays' own namespace."
+        )
+        raise TypeError(msg)
     libraries: dict[str, str] = {}
     arrays = []
     for name, value in named:
@@ -104,8 +129,8 @@ def array_namespace(named: Sequence[tuple[str, Any]], xp: ModuleType | None = No
 
 
 def _is_masked(value: Any) -> bool:
-    ma = sys.modules.get("numpy.ma")  # not imported: no masked array exists
-    return ma is not None and isinstance(value, ma.MaskedArray)
+    cls = loaded("numpy.ma", "MaskedArray")  # not imported: no masked array exists
+    return cls is not None and isinstance(value, cls)
 
 
 def _refuse_numpy_kinds(name: str, value: Any) -> None:
@@ -114,13 +139,11 @@ def _refuse_numpy_kinds(name: str, value: Any) -> None:
     A matrix multiplies with ``*`` and a masked array hides entries: klx would compute
     something else than asked, so it refuses both rather than guess.
     """
-    np = sys.modules.get("numpy")
-    if np is None:
-        return
-    if isinstance(value, np.generic):
+    generic, matrix = loaded("numpy", "generic"), loaded("numpy", "matrix")
+    if generic is not None and isinstance(value, generic):
         fix = "wrap it with numpy.asarray(...) (0-d array) or give the whole array"
         what = "a NumPy scalar"
-    elif isinstance(value, np.matrix):
+    elif matrix is not None and isinstance(value, matrix):
         fix = "convert it with numpy.asarray(...)"
         what = "a numpy.matrix (whose `*` is a matrix product)"
     elif _is_masked(value):
@@ -147,30 +170,42 @@ _COMPAT = {
 }
 
 
+#: Namespaces whose import has completed in this process, by library name. Not
+#: ``sys.modules``: a module is there from the moment its import starts, so a thread that
+#: took it from there while another thread still imported it got a partially initialised
+#: module (``AttributeError: ... has no attribute 'isdtype'``). An import statement waits
+#: for the other thread's import to finish.
+_READY: dict[str, ModuleType] = {}
+
+
 def _compat_namespace(lib: str) -> ModuleType:
-    loaded = sys.modules.get(_COMPAT[lib])
-    if loaded is not None:
-        return loaded
+    ready = _READY.get(lib)
+    if ready is not None:
+        return ready
     # Import statements (not importlib), which torch.compile can trace.
+    ns: ModuleType
     if lib == "torch":
         import array_api_compat.torch as torch_xp
 
-        return torch_xp
-    if lib == "numpy":
+        ns = torch_xp
+    elif lib == "numpy":
         import array_api_compat.numpy as numpy_xp
 
-        return numpy_xp
-    if lib == "cupy":
+        ns = numpy_xp
+    elif lib == "cupy":
         import array_api_compat.cupy as cupy_xp
 
-        return cupy_xp
-    if lib == "dask":
+        ns = cupy_xp
+    elif lib == "dask":
         import array_api_compat.dask.array as dask_xp
 
-        return dask_xp
-    import jax.numpy  # noqa: F401
+        ns = dask_xp
+    else:
+        import jax.numpy  # noqa: F401
 
-    return sys.modules["jax.numpy"]
+        ns = sys.modules["jax.numpy"]
+    _READY[lib] = ns
+    return ns
 
 
 def library_of(xp: ModuleType) -> str:
@@ -238,12 +273,12 @@ _ONE_PLACE = ("array_api_compat.numpy", "jax.numpy")
 
 def is_concrete(x: Any) -> bool:
     """Whether the values of `x` can be read now (not a JAX tracer, not a lazy array)."""
-    jax = sys.modules.get("jax")
-    if jax is not None and isinstance(x, jax.core.Tracer):
+    tracer = loaded("jax", "core", "Tracer")
+    if tracer is not None and isinstance(x, tracer):
         return False
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        compiler = getattr(torch, "compiler", None)
+    tensor = loaded("torch", "Tensor")
+    if tensor is not None and isinstance(x, tensor):
+        compiler = loaded("torch", "compiler")
         if compiler is not None and compiler.is_compiling():
             return False
     return True

@@ -200,7 +200,7 @@ def parse_sparse(
     """Check the arguments of :func:`sparse_kl_divergence` (shapes, dtypes, options)."""
     named = [("p_indices", p_indices), ("p_log_probs", p_log_probs), ("q", q), ("where", where)]
     named += normalizer_array(normalizer)
-    xp = array_namespace(named) if xp is None else xp
+    xp = array_namespace(named, xp)
     if not xp.isdtype(p_indices.dtype, "integral"):
         msg = (
             f"`p_indices` must have an integer dtype (the vocabulary indices of P's k "

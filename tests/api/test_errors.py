@@ -136,3 +136,30 @@ def test_inputs_never_modified(backend):
         klx.js_divergence(y, x, q_form="logits", reduction=reduction)
     np.testing.assert_array_equal(backend.to_numpy(x), before[0])
     np.testing.assert_array_equal(backend.to_numpy(y), before[1])
+
+
+_XP_CALLS = {
+    "kl_div": lambda xp: klx.kl_div(LOG_Q, P, reduction="sum", xp=xp),
+    "kl_divergence": lambda xp: klx.kl_divergence(P, P, xp=xp),
+    "js_divergence": lambda xp: klx.js_divergence(P, P, xp=xp),
+    "skew_kl_divergence": lambda xp: klx.skew_kl_divergence(P, P, xp=xp),
+    "tv_distance": lambda xp: klx.tv_distance(P, P, xp=xp),
+    "sparse_kl_divergence": lambda xp: klx.sparse_kl_divergence(
+        np.zeros((2, 1), dtype=np.int64), np.zeros((2, 1)), P, xp=xp
+    ),
+    "kl_estimate": lambda xp: klx.kl_estimate(LOG_Q[:, 0], LOG_Q[:, 1], xp=xp),
+    "fused_linear_divergence": lambda xp: klx.fused_linear_divergence(
+        np.ones((2, 3)), np.ones((4, 3)), np.ones((2, 3)), np.ones((4, 3)), xp=xp
+    ),
+}
+
+
+@pytest.mark.parametrize("function", list(_XP_CALLS))
+def test_xp_must_be_a_namespace(function):
+    """`xp='numpy'` raised AttributeError ('str' object has no attribute '__name__')."""
+    with pytest.raises(TypeError, match=r"`xp` must be an array namespace .* not builtins\.str"):
+        _XP_CALLS[function]("numpy")
+    import array_api_compat.numpy as xp
+
+    reference = _XP_CALLS[function](None)
+    np.testing.assert_array_equal(np.asarray(_XP_CALLS[function](xp)), np.asarray(reference))
