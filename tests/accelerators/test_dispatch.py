@@ -438,3 +438,27 @@ def test_compiled_frames_do_not_recompile_for_eager_calls(backend):
         klx.kl_div(a, torch.full((i + 1, 3), 1 / 3), reduction="sum")  # a new signature
         torch.testing.assert_close(f(x, y), want)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.backends("torch", reason="negative-bit views are torch's")
+def test_a_negated_view_is_read_as_torch_reads_it(backend):
+    """A tensor with the negative bit set (torch._neg_view, the imaginary part of a
+    conjugate) holds its values before negation: the fast paths read memory, so they refuse
+    it, also after serving a plain tensor of the same layout (remembered decisions)."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(7)
+    x_np, y_np = _kl_div_inputs(rng, (64, 4096))
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    negated = torch._neg_view(-x)
+    assert negated.is_neg() and torch.equal(negated, x)
+    want = F.kl_div(x, y, reduction="sum")
+    for _ in range(2):  # before and after the plain tensor's decision is remembered
+        got = klx.kl_div(negated, y, reduction="sum")
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        klx.kl_div(x, y, reduction="sum")
+    report = klx.explain(klx.kl_div, negated, y, reduction="sum")
+    assert any("negated view" in why for _, why in report.refused)
+    got = klx.kl_divergence(y, torch._neg_view(-x), q_form="log_probs", reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

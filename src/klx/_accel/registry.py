@@ -380,6 +380,9 @@ def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
     cls = _base_type(lib)
     if cls is not None and (type(a) is not cls or type(b) is not cls):
         return f"a subclass of {cls.__module__}.{cls.__qualname__} keeps its own semantics"
+    if lib == "torch" and (a.is_neg() or b.is_neg()):
+        # Its memory holds the values before negation: kernels and NumPy views would read them.
+        return "a lazily negated view (Tensor.is_neg()); the definition reads it as torch does"
     if row.devices and dev not in row.devices:
         return f"serves {'/'.join(row.devices)} arrays, not {dev}"
     if a.dtype != b.dtype:
@@ -502,7 +505,14 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
     """
     a, b, lib = ctx.a, ctx.b, ctx.lib
     if lib == "torch":
-        layout: tuple[Any, ...] = (a.stride(), b.stride(), a.requires_grad, b.requires_grad)
+        layout: tuple[Any, ...] = (
+            a.stride(),
+            b.stride(),
+            a.requires_grad,
+            b.requires_grad,
+            a.is_neg(),
+            b.is_neg(),
+        )
     elif lib == "numpy":
         layout = (a.strides, b.strides)
     else:
