@@ -435,9 +435,10 @@ def reduce_rows(
     * 'batchmean' divides the sum over the kept distributions by `normalizer` if given
       (a Python float or a 0-d array of `xp`, e.g. the token count of a whole batch of
       micro-batches), else by the number kept;
-    * a divisor of 0 (nothing kept: every distribution dropped by `keep`, none at all,
-      or a normalizer of 0) is taken as 1: the sum is then 0, and so are the mean and
-      its gradient, never NaN.
+    * a divisor of 0 (nothing kept: every distribution dropped by `keep`, or none at all)
+      is taken as 1: the sum is then 0, and so are the mean and its gradient, never NaN;
+    * a `normalizer` of 0 says the whole batch holds no tokens: the result is 0 with
+      gradient 0 whatever this call holds (the sum is not divided by 0, nor returned).
 
     `count` is the number of distributions, used when `keep` is None (NaN where a size
     is unknown, as in Dask: the count is then taken lazily, when Dask computes).
@@ -450,6 +451,8 @@ def reduce_rows(
     if reduction == "sum":
         return total
     if isinstance(normalizer, float):
+        if normalizer == 0.0:  # 0, and gradient 0 through the untaken branch (not total * 0)
+            return xp.where(xp.zeros_like(total, dtype=xp.bool), total, xp.zeros_like(total))
         count, normalizer = normalizer, None
     elif keep is not None and normalizer is None:
         normalizer = xp.sum(xp.astype(xp.broadcast_to(keep, rows.shape), rows.dtype))
@@ -458,8 +461,10 @@ def reduce_rows(
             return total / xp.astype(_lazy_count(xp, rows), total.dtype)
         return divide(total, count if count != 0 else 1.0)
     n = xp.astype(normalizer, total.dtype)
-    # 0 / 1 where nothing is kept: never a 0/0 (NaN, and a warning on lazy arrays).
-    return total / xp.where(n == 0, 1.0, n)
+    # A divisor of 0 gives 0 (gradient 0): never a 0/0 (NaN, and a warning on lazy arrays),
+    # nor the undivided sum of a call whose normalizer says the batch holds no tokens.
+    zero = n == 0
+    return xp.where(zero, xp.zeros_like(total), total / xp.where(zero, 1.0, n))
 
 
 def _lazy_count(xp: ModuleType, x: Array) -> Array:

@@ -209,7 +209,7 @@ def fused_linear_divergence(
         ("labels", labels),
     ]
     present = [(n, a) for n, a in named if a is not None]
-    xp = array_namespace(present + normalizer_array(normalizer)) if xp is None else xp
+    xp = array_namespace(present + normalizer_array(normalizer), xp)
     for name, a in present:
         if name not in ("where", "labels"):
             check_float(xp, name, a)
@@ -291,17 +291,18 @@ def _batchmean_scale(
     """What the 'batchmean' sum is multiplied by: 1 / normalizer, or 1 / the kept count.
 
     As in :func:`klx._agnostic.reduce_rows`, a divisor of 0 (nothing kept, no tokens, or
-    a normalizer of 0) is taken as 1, so the loss and its gradient are then 0.
+    a normalizer of 0: the whole batch holds no tokens) gives a loss and gradient of 0.
     """
     if isinstance(normalizer, float):
-        return 1.0 / normalizer if normalizer != 0 else 1.0
+        return 1.0 / normalizer if normalizer != 0 else 0.0
     if normalizer is not None:
         n = xp.astype(normalizer, acc)
     elif keep is None:
         return 1.0 / n_tokens if n_tokens else 1.0
     else:
         n = xp.sum(xp.astype(keep, acc))
-    return 1.0 / xp.where(n == 0, 1.0, n)
+    zero = n == 0
+    return xp.where(zero, 0.0, 1.0 / xp.where(zero, 1.0, n))
 
 
 def _itemsize(xp: ModuleType, dtype: Any) -> int:

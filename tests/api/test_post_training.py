@@ -352,6 +352,32 @@ def test_batchmean_of_nothing_has_zero_gradient(backend, kind):
     assert np.array_equal(ga, np.zeros_like(t)) and np.array_equal(gb, np.zeros_like(s))
 
 
+@pytest.mark.parametrize("kind", list(FUNCTIONS))
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
+def test_a_normalizer_of_zero_gives_zero_with_tokens_present(backend, kind):
+    """docs/post-training.md: a normalizer of 0 (no tokens in the whole batch) gives 0 and
+    gradient 0; it returned the undivided sum when this call held tokens."""
+    fn, options, _ = FUNCTIONS[kind]
+    rng = np.random.default_rng(17)
+    t, s = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    for normalizer in (0, 0.0, backend.asarray(np.asarray(0.0))):
+
+        def loss(a, b, normalizer=normalizer):
+            return fn(
+                a,
+                b,
+                **options,
+                p_form="logits",
+                q_form="logits",
+                reduction="batchmean",
+                normalizer=normalizer,
+            )
+
+        value, ga, gb = _value_and_grads(backend, loss, t, s)
+        assert value == 0.0
+        assert np.array_equal(ga, np.zeros_like(t)) and np.array_equal(gb, np.zeros_like(s))
+
+
 @pytest.mark.backends("jax", reason="a traced normalizer under jax.jit")
 def test_normalizer_traced_under_jit(backend):
     import jax
@@ -470,3 +496,40 @@ def test_skew_kl_finite_bounded_and_kl_at_alpha_zero(backend, data, alpha):
     # At alpha = 0 the mixture is Q: exactly the KL, infinities included.
     skew = backend.to_numpy(klx.skew_kl_divergence(xp_p, xp_q, alpha=0.0))
     np.testing.assert_array_equal(skew, backend.to_numpy(klx.kl_divergence(xp_p, xp_q)))
+
+
+@pytest.mark.backends("numpy", "torch", "jax", reason="the other reducing functions' own paths")
+def test_a_normalizer_of_zero_gives_zero_in_sparse_estimate_and_fused(backend):
+    rng = np.random.default_rng(18)
+    p = rng.dirichlet(np.ones(5), size=3)
+    idx = np.argsort(-p, axis=-1)[:, :2]
+    top = np.log(np.take_along_axis(p, idx, axis=-1))
+    q = rng.dirichlet(np.ones(5), size=3)
+    h, w, w2 = rng.normal(size=(3, 4)), rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    calls = {
+        "sparse_kl_divergence": lambda n: klx.sparse_kl_divergence(
+            backend.asarray(idx),
+            backend.asarray(top),
+            backend.asarray(q),
+            reduction="batchmean",
+            normalizer=n,
+        ),
+        "kl_estimate": lambda n: klx.kl_estimate(
+            backend.asarray(np.log(q[:, 0])),
+            backend.asarray(np.log(p[:, 0])),
+            reduction="batchmean",
+            normalizer=n,
+        ),
+        "fused_linear_divergence": lambda n: klx.fused_linear_divergence(
+            backend.asarray(h),
+            backend.asarray(w),
+            backend.asarray(h),
+            backend.asarray(w2),
+            reduction="batchmean",
+            normalizer=n,
+        ),
+    }
+    for name, call in calls.items():
+        assert backend.to_numpy(call(2.0)) != 0.0, name  # tokens are present
+        for n in (0, 0.0, backend.asarray(np.asarray(0.0))):
+            assert backend.to_numpy(call(n)) == 0.0, name

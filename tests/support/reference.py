@@ -119,7 +119,8 @@ def reduce(
     normalizer: float | None = None,
 ) -> np.ndarray:
     """'none', 'sum', or 'batchmean': the kept rows' sum over `normalizer` or their count,
-    a count (or normalizer) of 0 counting as 1 (klx's documented token semantics)."""
+    a count of 0 counting as 1 (the sum is then 0) and a normalizer of 0 giving 0 whatever
+    the rows hold (klx's documented token semantics: the batch holds no tokens)."""
     rows = np.asarray(rows, dtype=np.float64)
     if keep is not None:
         keep = np.broadcast_to(keep, rows.shape)
@@ -131,6 +132,8 @@ def reduce(
         return total
     n = rows.size if keep is None else np.sum(keep)
     if normalizer is not None:
+        if normalizer == 0:
+            return np.float64(0.0)
         n = normalizer
     with np.errstate(all="ignore"):
         return total / (n if n != 0 else 1)
