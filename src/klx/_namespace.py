@@ -46,7 +46,8 @@ def library_name(x: Any) -> str | None:
     are ``lru_cache``-wrapped, which Dynamo warns about).
     """
     for name, module, attr in _ARRAY_TYPES:
-        cls = loaded(module, attr)
+        mod = sys.modules.get(module)  # `loaded`, inline: this runs on every call
+        cls = getattr(mod, attr, None) if mod is not None else None
         if cls is not None and isinstance(x, cls):
             return name
     if isinstance(x, (bool, int, float, complex)):
@@ -139,7 +140,10 @@ def _refuse_numpy_kinds(name: str, value: Any) -> None:
     A matrix multiplies with ``*`` and a masked array hides entries: klx would compute
     something else than asked, so it refuses both rather than guess.
     """
-    generic, matrix = loaded("numpy", "generic"), loaded("numpy", "matrix")
+    np = sys.modules.get("numpy")  # `loaded`, inline: this runs on every call
+    if np is None:
+        return
+    generic, matrix = getattr(np, "generic", None), getattr(np, "matrix", None)
     if generic is not None and isinstance(value, generic):
         fix = "wrap it with numpy.asarray(...) (0-d array) or give the whole array"
         what = "a NumPy scalar"
