@@ -462,3 +462,41 @@ def test_a_negated_view_is_read_as_torch_reads_it(backend):
     assert any("negated view" in why for _, why in report.refused)
     got = klx.kl_divergence(y, torch._neg_view(-x), q_form="log_probs", reduction="sum")
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.backends("numpy", reason="threads around dispatch; the records are the same")
+def test_explain_reports_its_own_thread_calls(backend):
+    """explain() records were one list for every thread: 23 of 2000 reports under 8 threads
+    named another thread's path, and one explain() removed another's (equal) record."""
+    import threading
+
+    a = (np.log(np.full((64, 64), 1 / 64)), np.full((64, 64), 1 / 64))
+    b = (np.ones(3) / 3, np.ones(3) / 3)
+    want_a = klx.explain(klx.kl_div, *a, reduction="sum").chosen
+    want_b = klx.explain(klx.kl_divergence, *b).chosen
+    assert want_a != want_b  # two paths, so a report taken from the other thread shows
+    wrong, errors = [], []
+
+    def work(first: bool) -> None:
+        try:
+            for _ in range(250):
+                if first:
+                    report, want = klx.explain(klx.kl_div, *a, reduction="sum"), want_a
+                else:
+                    report, want = klx.explain(klx.kl_divergence, *b), want_b
+                if report.chosen != want or any(n == want for n, _ in report.refused):
+                    wrong.append(str(report))
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i % 2 == 0,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors and not wrong, (errors[:1], wrong[:1])

@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import math
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -446,8 +447,20 @@ class Dispatch:
         return "\n".join(lines)
 
 
-#: Open explain() records (innermost last).
-_RECORDS: list[Dispatch] = []
+#: How many explain() calls are open, in all threads: select() reads the per-thread records
+#: only then (a plain int read, which torch.compile traces; a thread-local would not).
+_EXPLAINING = 0
+_EXPLAINING_LOCK = threading.Lock()
+#: Each thread's open explain() records (innermost last), in ``.records``.
+_RECORDS = threading.local()
+
+
+def _open_record() -> Dispatch | None:
+    """The innermost explain() record open in this thread, if any."""
+    if not _EXPLAINING:
+        return None
+    records: list[Dispatch] = getattr(_RECORDS, "records", [])
+    return records[-1] if records else None
 
 
 def select(call: Any, operation: str) -> Accelerator | None:
@@ -456,7 +469,7 @@ def select(call: Any, operation: str) -> Accelerator | None:
     if not rows:
         return None
     ctx = _context(call)
-    record = _RECORDS[-1] if _RECORDS else None
+    record = _open_record()
     # (torch.compile cannot trace a logger: no log lines from inside a compiled graph)
     logging_on = (
         record is None
@@ -583,12 +596,18 @@ def explain(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Dispatch:
     klx.kl_divergence: served by definition
       not numpy-rows: fewer than 1048576 elements (the definition is as fast)
     """
+    global _EXPLAINING
     record = Dispatch(getattr(func, "__name__", repr(func)))
-    _RECORDS.append(record)
+    records: list[Dispatch] = _RECORDS.__dict__.setdefault("records", [])
+    records.append(record)
+    with _EXPLAINING_LOCK:
+        _EXPLAINING += 1
     try:
         record.result = func(*args, **kwargs)
     finally:
-        _RECORDS.remove(record)
+        with _EXPLAINING_LOCK:
+            _EXPLAINING -= 1
+        records.pop()  # this thread's innermost: its own (never another equal record)
     return record
 
 
