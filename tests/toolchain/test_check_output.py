@@ -9,6 +9,7 @@ once per nox run (in the NumPy session); the others need no array library but Nu
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +31,9 @@ PROGRESS = re.compile(
 )
 
 
-def _run(*args: str, hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, hide: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The command, with warnings as errors and the libraries in `hide` made uninstalled."""
     code = (
         "import sys\n"
@@ -45,6 +48,7 @@ def _run(*args: str, hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess[
         text=True,
         timeout=300,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -212,3 +216,22 @@ def test_a_library_that_breaks_on_import_is_a_note_not_a_crash(monkeypatch):
     notes: list[str] = []
     assert check._find(None, "jax", notes) == []
     assert notes == ["jax: failed to import (RuntimeError: jaxlib version mismatch)"]
+
+
+@ONCE
+def test_switched_off_accelerators_are_off_not_failed(backend):
+    """KLX_ACCELERATORS=0 made every accelerator FAILED and the exit status 1."""
+    done = _run("--libraries", "numpy", *SMALL, env={"KLX_ACCELERATORS": "0"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "klx.check: 2 checks (a path on a dtype), 0 failed" in done.stdout
+    assert "klx's accelerators: off in this process (KLX_ACCELERATORS=0" in done.stdout
+    assert "numpy-blocked" not in done.stdout.split("Columns:")[0]
+
+
+@ONCE
+def test_validation_on_does_not_fail_the_checks_own_inputs(backend):
+    """KLX_VALIDATE=1 refused the check's inputs (zeros, -inf) and made it exit 1."""
+    done = _run("--libraries", "numpy", *SMALL, env={"KLX_VALIDATE": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ERROR" not in done.stdout.split("Columns:")[0]
+    assert "numpy-blocked" in done.stdout
