@@ -217,8 +217,10 @@ def js_terms(
     gap = -(a * u + b * v)
     gap = xp.where(gap < 0, 0.0, gap)
     # One weight 0: M is the other one, and the term is -b log(1 - beta) or -a log(beta).
-    only_q = -b * _log(1.0 - beta)
-    only_p = -a * _log(beta)
+    # (Where beta is 0 or 1 the weight itself is 0 and the term is selected away: a finite
+    # stand-in keeps 0 * -inf out of the untaken branch.)
+    only_q = -b * (_log1m(beta) if beta < 1 else 0.0)
+    only_p = -a * (_log(beta) if beta > 0 else 0.0)
     terms = xp.where(zp, xp.where(zq, 0.0, only_q), xp.where(zq, only_p, gap))
     return _outside_and_nan(xp, terms, wp, wq)
 
@@ -227,28 +229,57 @@ def _mixture_logs(
     xp: ModuleType, wp: Weighted, wq: Weighted, w: float, both_probs: bool
 ) -> tuple[Array, Array, Array, Array]:
     """For ``M = w P + (1 - w) Q``: where ``w p`` and ``(1 - w) q`` are 0, and
-    ``u = log(m / p) = log1p((1 - w) expm1(r))``, ``v = log(m / q) = log1p(w expm1(-r))``
+    ``u = log(m / p) = log(w + (1 - w) e^r)``, ``v = log(m / q) = log(w e^-r + 1 - w)``
     with ``r = log(q / p)`` (0 where either weight is 0: safe values there).
 
-    Both are exactly 0 where ``p = q``, and no rounded ``log(w)`` biases them.
+    Near ``p = q`` ``u = log1p((1 - w) expm1(r))`` and ``v = log1p(w expm1(-r))``: exactly
+    0 at ``r = 0``, with no rounded ``log(w)`` to bias them. Their ``1 + (1 - w) expm1(r)``
+    is ``w + (1 - w) e^r >= w``, so their error is at most about eps / w (and
+    eps / (1 - w) for v): for a weight in [1/16, 15/16] (JS's 0.5, skew KL's 0.1) they
+    serve every r. For a weight outside, ``(1 - w) expm1(r)`` rounds to -1 in float32
+    (``u = -inf`` at ``w = 1e-9``, ``r = -46``): beyond ``|r| = 1`` u and v are then
+    ``logaddexp`` forms of ``log w`` and ``log(1 - w)`` (Python's float64) shifted by r.
     """
     zp = _zero_weight(wp.zero, w)
     zq = _zero_weight(wq.zero, 1.0 - w)
     r = xp.where(zp | zq, 0.0, _log_ratio(xp, wq, wp, both_probs))
-    # u directly where expm1(r) cannot overflow, else r + v; v likewise.
-    u_direct = xp.log1p((1.0 - w) * xp.expm1(xp.where(r > _DIRECT, _DIRECT, r)))
-    v_direct = xp.log1p(w * xp.expm1(-xp.where(r < -_DIRECT, -_DIRECT, r)))
-    u = xp.where(r > _DIRECT, r + v_direct, u_direct)
-    v = xp.where(r < -_DIRECT, u_direct - r, v_direct)
-    return zp, zq, u, v
+    if _MIDDLE <= w <= 1.0 - _MIDDLE:
+        # u directly where expm1(r) cannot overflow, else r + v; v likewise.
+        u_direct = xp.log1p((1.0 - w) * xp.expm1(xp.where(r > _DIRECT, _DIRECT, r)))
+        v_direct = xp.log1p(w * xp.expm1(-xp.where(r < -_DIRECT, -_DIRECT, r)))
+        u = xp.where(r > _DIRECT, r + v_direct, u_direct)
+        v = xp.where(r < -_DIRECT, u_direct - r, v_direct)
+        return zp, zq, u, v
+    near = xp.abs(r) <= 1.0
+    rn = xp.where(near, r, 0.0)  # the untaken branch at a safe value: finite gradients
+    e = xp.expm1(rn)
+    u_near = xp.log1p((1.0 - w) * e)
+    v_near = xp.log1p(-w * e / (1.0 + e))  # expm1(-r) = -e / (1 + e): one expm1 for both
+    # u = logaddexp(log w, log(1 - w) + r) and v = logaddexp(log w - r, log(1 - w)) share
+    # their log1p(exp(-|log(w / (1 - w)) - r|)): one exp and one log1p for both.
+    log_w, log_1w = _log(w), _log1m(w)
+    shared = xp.log1p(xp.exp(-xp.abs((log_w - log_1w) - r)))  # 0 where w is 0 or 1
+    r_u = log_1w + r
+    u_far = xp.where(r_u > log_w, r_u, log_w) + shared
+    r_v = log_w - r
+    v_far = xp.where(r_v > log_1w, r_v, log_1w) + shared
+    return zp, zq, xp.where(near, u_near, u_far), xp.where(near, v_near, v_far)
 
 
+#: Weights in [_MIDDLE, 1 - _MIDDLE] take the direct forms everywhere (error <= ~16 eps).
+_MIDDLE = 1.0 / 16.0
 #: |log(q / p)| up to which expm1 of it cannot overflow float32 (exp(88) does).
 _DIRECT = 30.0
 
 
 def _log(b: float) -> float:
-    return math.log(b) if b > 0 else 0.0
+    """``log b`` of a weight in [0, 1], ``-inf`` at 0."""
+    return math.log(b) if b > 0 else -math.inf
+
+
+def _log1m(b: float) -> float:
+    """``log(1 - b)`` of a weight in [0, 1], exact for a small `b`; ``-inf`` at 1."""
+    return math.log1p(-b) if b < 1 else -math.inf
 
 
 def skew_kl_terms(
@@ -275,7 +306,7 @@ def skew_kl_terms(
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     zp, zq, u, _ = _mixture_logs(xp, wp, wq, alpha, p_form == q_form == "probs")
-    terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * _log(alpha), -wp.w * u))
+    terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * _log(alpha), -wp.w * u))  # alpha > 0
     return _outside_and_nan(xp, terms, wp, wq)
 
 

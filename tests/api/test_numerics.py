@@ -736,3 +736,74 @@ def test_kl_from_logits_with_neginf_on_both_sides(backend):
         backend.asarray(t), backend.asarray(s), p_form="logits", q_form="logits"
     )
     assert reference.rel_error(backend.to_numpy(got), want, scale) <= 1e-12
+
+
+def _mp_mixture(p, q, w, kind: str) -> float:
+    """JS (weight w on P) or skew KL(P || w P + (1 - w) Q) of float values, 50 digits."""
+    mpmath.mp.dps = 50
+    w = mpmath.mpf(w)
+    total = mpmath.mpf(0)
+    for a, b in zip(p, q, strict=True):
+        a, b = mpmath.mpf(float(a)), mpmath.mpf(float(b))
+        m = w * a + (1 - w) * b
+        if a > 0:
+            total += (w if kind == "js" else 1) * a * mpmath.log(a / m)
+        if b > 0 and kind == "js":
+            total += (1 - w) * b * mpmath.log(b / m)
+    return float(total)
+
+
+#: q / p from e^-46 to e^46 (a teacher's near-impossible tokens), and ordinary rows.
+_FAR = (
+    ([0.5, 0.5], [1e-20, 1 - 1e-20]),
+    ([1e-20, 1 - 1e-20], [0.5, 0.5]),
+    ([0.7, 0.2, 0.1], [0.1, 0.3, 0.6]),
+)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("kind", "w"),
+    [("js", 1e-9), ("js", 1 - 1e-9), ("skew_kl", 1e-9), ("js", 1 / 16), ("skew_kl", 0.05)],
+)
+def test_small_mixture_weights_against_mpmath(backend, kind, w, dtype):
+    """JS with beta = 1e-9 (or 1 - 1e-9) and skew KL with alpha = 1e-9 were +inf in float32
+    where q / p is below e^-30: (1 - w) expm1(r) rounded to -1 and log1p gave -inf."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rtol = 2e-6 if dtype == "float32" else 1e-13  # measured: 1.0e-6 (8.5 eps), 2.8e-16
+    for p, q in _FAR:
+        p = np.asarray(p) / np.sum(p)
+        q = np.asarray(q) / np.sum(q)
+        xp_p, xp_q = backend.asarray(p, dtype), backend.asarray(q, dtype)
+        seen_p = backend.to_numpy(xp_p)  # as rounded to `dtype`
+        for q_form, q_given in (("probs", xp_q), ("log_probs", backend.xp.log(xp_q))):
+            seen_q = backend.to_numpy(q_given).astype(np.float64)  # Q as klx sees it
+            want = _mp_mixture(seen_p, seen_q if q_form == "probs" else np.exp(seen_q), w, kind)
+            if kind == "js":
+                got = klx.js_divergence(xp_p, q_given, q_form=q_form, beta=w)
+            else:
+                got = klx.skew_kl_divergence(xp_p, q_given, q_form=q_form, alpha=w)
+            np.testing.assert_allclose(backend.to_numpy(got), want, rtol=rtol, err_msg=q_form)
+
+
+@pytest.mark.backends("numpy", "torch", "jax", reason="fused_linear_divergence's own paths")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("beta", [1e-9, 1 - 1e-9])
+def test_fused_js_with_a_small_weight_against_mpmath(backend, beta, dtype):
+    rng = np.random.default_rng(3)
+    h, w_p, w_q = (
+        rng.normal(size=(4, 8)),
+        3 * rng.normal(size=(50, 8)),
+        3 * rng.normal(size=(50, 8)),
+    )
+    args = [backend.asarray(a, dtype) for a in (h, w_p, h, w_q)]
+    h64, p64, q64 = (backend.to_numpy(a).astype(np.float64) for a in (args[0], args[1], args[3]))
+    want = 0.0
+    for zp, zq in zip(h64 @ p64.T, h64 @ q64.T, strict=True):
+        lp, lq = special.log_softmax(zp), special.log_softmax(zq)
+        want += _mp_mixture(np.exp(lp), np.exp(lq), beta, "js")
+    got = klx.fused_linear_divergence(*args, divergence="js", beta=beta, reduction="sum")
+    np.testing.assert_allclose(
+        backend.to_numpy(got), want, rtol=2e-6 if dtype == "float32" else 1e-9
+    )
