@@ -256,7 +256,10 @@ def _estimate(xp: ModuleType, call: EstimateCall) -> Array:
         k = (k2 - stop_gradient(k2)) + stop_gradient(k)
     elif call.gradient == "importance":
         old = lp if call.log_p_old is None else _prepare(xp, call.log_p_old, call)
-        k = xp.exp(lp - stop_gradient(old)) * k
+        if call.estimator == "k3" and call.clamp is None:
+            k = importance_k3(xp, lp, lq, stop_gradient(old))
+        else:
+            k = xp.exp(lp - stop_gradient(old)) * k
     count = shape_size(call.shape)
     out = reduce_rows(xp, k, call.reduction, call.keep, count, call.normalizer)
     return xp.astype(out, call.dtype, copy=False)
@@ -300,6 +303,59 @@ def k3_from_log_ratio(xp: ModuleType, r: Array) -> Array:
     # r = -inf: e^r - 1 - r = +inf; r > log(max): +inf; NaN stays NaN.
     edge = xp.where(xp.isnan(r), r, math.inf)
     return xp.where(small, series, xp.where(finite_big, big, edge))
+
+
+def importance_k3(xp: ModuleType, lp: Array, lq: Array, old: Array) -> Array:
+    """``rho k3`` with ``rho = exp(lp - old)`` (`old` held fixed), its value and gradient
+    each without overflow or cancellation before the result's own.
+
+    The value is ``exp(log rho + log k3(r))``, ``r = lq - lp``, with ``log k3`` in a form
+    for each range of r: ``rho`` may underflow while ``k3`` overflows (float32,
+    ``lp = -90``, ``old = -2``, ``lq = -1``: the product is e - 90 e^-88, not inf).
+    Beyond ``|r| = 1/2`` the gradient is that of ``exp(lq - old) - rho (1 + r)``, whose
+    derivatives are the exact ``rho (e^r - 1)`` (in lq) and ``-rho r`` (in lp); ``k3``'s
+    own derivative added to ``k3`` cancels there instead (-32 for -20 at r = 20 in
+    float32); within it, that of ``rho k3`` with k3's series. Every form is fed safe values
+    where it does not apply, so gradients stay finite.
+    """
+    r = lq - lp
+    d = lp - old  # log rho
+    e = lq - old  # log(rho e^r), apart: lp must not reach it (its two paths, +1 and -1,
+    # would add and cancel the large exp(e) in float32: -32 for -20 at r = 20)
+    finite = xp.isfinite(r) & xp.isfinite(d) & xp.isfinite(e)
+    rs = xp.where(finite, r, 0.0)
+    ds = xp.where(finite, d, 0.0)
+    es = xp.where(finite, e, 0.0)
+    # log k3(r) by range: the series near 0, r + log1p(-(1 + r) e^-r) above, and
+    # log(expm1(r) - r) below (no cancellation beyond |r| = 1/2).
+    small = xp.abs(rs) <= _K3_SERIES_RADIUS
+    series = k3_from_log_ratio(xp, xp.where(small, rs, 0.0))
+    zero = series == 0.0
+    log_small = xp.log(xp.where(zero, 1.0, series))
+    up = rs > _K3_SERIES_RADIUS
+    ru = xp.where(up, rs, 1.0)
+    log_up = ru + xp.log1p(-(1.0 + ru) * xp.exp(-ru))
+    rd = xp.where(~small & ~up, rs, -1.0)
+    log_down = xp.log(xp.expm1(rd) - rd)
+    log_k3 = xp.where(small, log_small, xp.where(up, log_up, log_down))
+    value = xp.where(small & zero, 0.0, xp.exp(ds + log_k3))
+    # Where neither rho nor k3 can leave the range, their product keeps k3's precision
+    # (exp of a log costs |log k3| ulps: 42 at r = 1e-9).
+    log_max = math.log(float(xp.finfo(lp.dtype).max))
+    direct = (xp.abs(ds) <= 0.5 * log_max) & (xp.abs(rs) <= 0.5 * log_max)
+    k3 = k3_from_log_ratio(xp, xp.where(direct, rs, 0.0))
+    value = xp.where(direct, xp.exp(xp.where(direct, ds, 0.0)) * k3, value)
+    # Outside the finite range: what the plain product gives (inf, NaN), no gradient.
+    plain = stop_gradient(xp.exp(d) * k3_from_log_ratio(xp, r))
+    value = xp.where(finite, value, plain)
+    # The gradient's form, at safe values where its exponentials would overflow.
+    in_range = finite & (es <= log_max) & (ds <= log_max)
+    rho = xp.exp(xp.where(in_range, ds, 0.0))
+    a = xp.exp(xp.where(in_range, es, 0.0))
+    # Near r = 0 rho * k3 itself (a - rho (1 + r) would leave only eps-sized differences).
+    g = xp.where(small, rho * series, a - rho * (1.0 + xp.where(small, 0.0, rs)))
+    g = xp.where(in_range, g, 0.0)
+    return stop_gradient(value) + (g - stop_gradient(g))
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:

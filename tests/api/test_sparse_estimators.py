@@ -790,3 +790,52 @@ def test_token_semantics_nothing_kept_and_array_normalizer(backend):
             normalizer=backend.asarray(np.asarray(-1.0)),
             validate=True,
         )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "log_p", "log_p_old", "log_q", "want"),
+    [
+        # rho = e^-88 underflows while k3 = e^89 - 90 overflows in float32: e - 90 e^-88.
+        ("float32", -90.0, -2.0, -1.0, math.e - 90 * math.exp(-88)),
+        # rho = e^-10000 and k3 = e^10000 - 10001 in float64: 1 - 10001 e^-10000.
+        ("float64", -10000.0, 0.0, 0.0, 1.0),
+        ("float64", -1.0, -1.5, -1.2, math.exp(0.5) * (math.exp(-0.2) - 1 + 0.2)),
+    ],
+)
+def test_importance_k3_value_without_overflow(backend, dtype, log_p, log_p_old, log_q, want):
+    """rho * k3 was +inf (float32) and NaN (float64) where the product itself is finite."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    got = klx.kl_estimate(
+        backend.asarray([log_p], dtype),
+        backend.asarray([log_q], dtype),
+        log_p_old=backend.asarray([log_p_old], dtype),
+        gradient="importance",
+        reduction="sum",
+    )
+    np.testing.assert_allclose(
+        backend.to_numpy(got), want, rtol=4e-7 if dtype == "float32" else 1e-15
+    )
+
+
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
+@pytest.mark.parametrize("r", [1e-4, 0.1, -5.0, 20.0, 30.0])
+def test_on_policy_importance_k3_gradient_in_float32(backend, r):
+    """The on-policy gradient of rho k3 is -r in log p and e^r - 1 in log q; float32 gave
+    -32 at r = 20 and 0 at r = 30 (k3 and its derivative cancelling)."""
+
+    def loss(lp, lq):
+        return klx.kl_estimate(lp, lq, gradient="importance", reduction="sum")
+
+    lp, lq = backend.asarray([0.0], "float32"), backend.asarray([r], "float32")
+    if backend.name == "torch":
+        lp.requires_grad_(True)
+        lq.requires_grad_(True)
+        loss(lp, lq).backward()
+        g_p, g_q = backend.to_numpy(lp.grad), backend.to_numpy(lq.grad)
+    else:
+        import jax
+
+        g_p, g_q = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(lp, lq))
+    np.testing.assert_allclose(g_p, [-r], rtol=2e-6)
+    np.testing.assert_allclose(g_q, [math.expm1(r)], rtol=2e-6)
