@@ -50,7 +50,7 @@ from klx._fused_chunks import (
     chunk_size_for,
     temporaries_for,
 )
-from klx._namespace import array_namespace, check_same_device, library_name
+from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
 
 __all__ = [
     "CHUNK_BYTES",
@@ -163,7 +163,9 @@ def fused_linear_divergence(
     hard_weight : float, optional
         The weight :math:`w_h` in [0, 1] of the cross-entropy with `labels`. Tokens
         whose label is `ignore_index` have no hard term (their soft term stays unless
-        `where` drops them). Default 0.
+        `where` drops them). Default 0. A label outside ``[0, vocab)`` other than
+        `ignore_index` raises a ValueError (read eagerly: a device sync on a GPU); under
+        ``jax.jit`` or ``torch.compile`` it is taken as `ignore_index`.
     ignore_index : int, optional
         The label of tokens without a hard term. Default -100.
     xp : namespace, optional
@@ -258,7 +260,7 @@ def fused_linear_divergence(
         q_weight,
         q_bias,
         keep,
-        None if labels is None else xp.reshape(labels, (n_tokens,)),
+        None if labels is None else _checked_labels(xp, labels, vocab, ignore_index, n_tokens),
     )
     scale = None
     if red == "batchmean":
@@ -421,6 +423,30 @@ def _check(
             raise ValueError(msg)
     spec = FusedSpec(kind, options, t, cap, hw, int(ignore_index))
     return spec, token_shape
+
+
+def _checked_labels(
+    xp: ModuleType, labels: Array, vocab: int, ignore_index: int, n_tokens: int
+) -> Array:
+    """The labels, flat: a label outside [0, vocab) other than `ignore_index` is a
+    ValueError when the values can be read now (as ``F.cross_entropy``'s "Target 5 is out
+    of bounds"); under tracing (``jax.jit``, ``torch.compile``) such a label is taken as
+    `ignore_index`: its token gets no hard term."""
+    flat = xp.reshape(labels, (n_tokens,))
+    # Compared at 32 bits at least: vocab = 300 against int8 labels would wrap to 44.
+    wide = flat if xp.iinfo(flat.dtype).bits >= 32 else xp.astype(flat, xp.int32)
+    outside = (wide != ignore_index) & ((wide < 0) | (wide >= vocab))
+    if is_concrete(outside):  # (a concrete `labels` inside a jit function is traced here)
+        if bool(xp.any(outside)):  # reads a value: a device sync, as cross_entropy's check
+            where = int(xp.argmax(xp.astype(outside, xp.int8)))
+            msg = (
+                f"`labels` holds {int(wide[where])} at token {where} (flat index): outside "
+                f"the vocabulary [0, {vocab}); use ignore_index={ignore_index} for tokens "
+                "without a label, or check the labels against the output head."
+            )
+            raise ValueError(msg)
+        return flat
+    return xp.where(outside, xp.asarray(ignore_index, dtype=wide.dtype), wide)
 
 
 def _check_2d(name: str, w: Array, layout: str) -> None:

@@ -576,3 +576,33 @@ def test_nothing_kept_is_zero_with_zero_gradient(backend):
     assert float(backend.to_numpy(out)) == 0.0
     for k, g in grads.items():
         assert np.all(g == 0.0), k
+
+
+@pytest.mark.parametrize("bad", [5, -1, 7])
+@pytest.mark.parametrize("divergence", ["kl", "js", "tvd"])
+def test_out_of_range_labels_are_refused(backend, divergence, bad):
+    """A label 5 with a 5-token vocabulary made the hard term logsumexp(z) silently (KL and
+    JS raised torch's internal gather error with gradients); F.cross_entropy refuses it."""
+    rng = np.random.default_rng(9)
+    h, w_p, w_q = rng.normal(size=(4, 3)), rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    labels = np.array([0, 1, bad, -100])
+    with pytest.raises(ValueError, match=rf"`labels` holds {bad} at token 2 .*\[0, 5\)"):
+        klx.fused_linear_divergence(
+            *(backend.asarray(a) for a in (h, w_p, h, w_q)),
+            divergence=divergence,
+            labels=backend.asarray(labels),
+            hard_weight=0.5,
+        )
+
+
+@pytest.mark.backends("jax", reason="labels traced under jax.jit")
+def test_out_of_range_labels_under_jit_are_ignored(backend):
+    import jax
+
+    rng = np.random.default_rng(9)
+    args = [backend.asarray(a) for a in (rng.normal(size=(4, 3)), rng.normal(size=(5, 3)))]
+    args = [args[0], args[1], args[0], backend.asarray(rng.normal(size=(5, 3)))]
+    f = jax.jit(lambda lab: klx.fused_linear_divergence(*args, labels=lab, hard_weight=0.5))
+    got = f(backend.asarray(np.array([0, 1, 5, 2])))
+    want = f(backend.asarray(np.array([0, 1, -100, 2])))
+    assert backend.to_numpy(got) == backend.to_numpy(want)
