@@ -23,7 +23,7 @@ from klx._checks import (
 )
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._namespace import array_namespace, check_same_device
+from klx._namespace import array_namespace, check_same_device, is_concrete
 from klx._validation import (
     _count,
     _require_concrete,
@@ -148,8 +148,10 @@ def sparse_kl_divergence(
     TypeError, ValueError
         For shapes and dtypes always (`p_indices` not integer, shapes that disagree, k
         larger than the vocabulary or 0); for indices out of range or repeated, or P's
-        mass above 1, in validation mode (it reads values). Without validation,
-        out-of-range indices are left to the library: NumPy and torch raise, JAX clamps.
+        mass above 1, in validation mode (it reads values). Indices outside the
+        vocabulary are a ValueError whenever their values can be read (a device sync on
+        a GPU); under ``jax.jit`` or ``torch.compile`` such an entry carries no mass of
+        P nor of Q.
 
     See Also
     --------
@@ -293,26 +295,71 @@ def sparse_kl(xp: ModuleType, call: SparseCall) -> Array:
         idx = xp.where(keep, idx, 0)
         lp = xp.where(keep, lp, 0.0)
         q = mask_rows(xp, q, keep, call.q_form)
+    idx, dead = _indices_in_range(xp, idx, call.vocab)
     last = len(call.batch_shape)
     if call.axis != last:
         idx, lp, q = (xp.moveaxis(a, call.axis, -1) for a in (idx, lp, q))
-    rows = sparse_rows(xp, idx, lp, q, call)
+        dead = None if dead is None else xp.moveaxis(dead, call.axis, -1)
+    rows = sparse_rows(xp, idx, lp, q, call, dead)
     keep_rows = None if keep is None else xp.squeeze(keep, axis=call.axis)
     count = shape_size(call.batch_shape)
     out = reduce_rows(xp, rows, call.reduction, keep_rows, count, call.normalizer)
     return xp.astype(out, call.dtype, copy=False)
 
 
-def sparse_rows(xp: ModuleType, idx: Array, lp: Array, q: Array, call: SparseCall) -> Array:
-    """One sparse KL per distribution; k indices and the vocabulary on the last axis."""
+def _indices_in_range(xp: ModuleType, idx: Array, vocab: int | None) -> tuple[Array, Array | None]:
+    """`idx`, and where an index lies outside [0, vocab) (None when none can).
+
+    Read now where the values can be read: an index outside is a ValueError (torch took
+    index V as 0 and -1 as the last entry; JAX gave NaN). Under tracing (``jax.jit``,
+    ``torch.compile``) such an entry is dead: index 0 stands in, and it carries no mass
+    of P nor of Q (a -100 padding id with any log-probability adds nothing).
+    """
+    if vocab is None:  # a Dask vocabulary of unknown size: the gather itself decides
+        return idx, None
+    wide = idx if xp.iinfo(idx.dtype).bits >= 32 else xp.astype(idx, xp.int32)
+    outside = (wide < 0) | (wide >= vocab)
+    if is_concrete(outside):
+        if bool(xp.any(outside)):  # one read of a value, as the gather's own bounds check
+            n = int(xp.sum(xp.astype(outside, xp.int32)))
+            flat = xp.reshape(outside, (-1,))
+            first = int(xp.reshape(wide, (-1,))[int(xp.argmax(xp.astype(flat, xp.int8)))])
+            msg = (
+                f"`p_indices` holds {n} index(es) outside [0, {vocab}) (the vocabulary size "
+                f"of `q`), the first {first}; give indices into `q`'s vocabulary axis (a "
+                "padding entry: an index in range with log-probability -inf)."
+            )
+            raise ValueError(msg)
+        return idx, None
+    return xp.where(outside, xp.zeros_like(idx), idx), outside
+
+
+def sparse_rows(
+    xp: ModuleType,
+    idx: Array,
+    lp: Array,
+    q: Array,
+    call: SparseCall,
+    dead: Array | None = None,
+) -> Array:
+    """One sparse KL per distribution; k indices and the vocabulary on the last axis.
+
+    `dead` marks entries that carry no mass of P nor of Q (traced out-of-range indices).
+    """
+    if dead is not None:
+        lp = xp.where(dead, -math.inf, lp)
     if not call.tail:  # renormalised over the k indices: Q's total is not needed
         log_q_s = _q_on_indices(xp, idx, q, call.q_form, call.temperature, total=False)[0]
+        if dead is not None:
+            log_q_s = xp.where(dead, -math.inf, log_q_s)
         p_bins, q_bins = log_softmax(xp, lp, -1), log_softmax(xp, log_q_s, -1)
-    elif call.k is not None and call.k == call.vocab:
+    elif call.k is not None and call.k == call.vocab and dead is None:
         # Every index is known (distinct, so all of them): no tail bin, exactly.
         p_bins, q_bins = lp, _q_on_indices(xp, idx, q, call.q_form, call.temperature)[0]
     else:
         log_q_s, log_q_total = _q_on_indices(xp, idx, q, call.q_form, call.temperature)
+        if dead is not None:
+            log_q_s = xp.where(dead, -math.inf, log_q_s)
         log_p_tail = log1mexp(xp, logsumexp(xp, lp))
         log_q_tail = log_q_total + log1mexp(xp, logsumexp(xp, log_q_s) - log_q_total)
         p_bins = xp.concat([lp, xp.expand_dims(log_p_tail, axis=-1)], axis=-1)

@@ -839,3 +839,34 @@ def test_on_policy_importance_k3_gradient_in_float32(backend, r):
         g_p, g_q = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(lp, lq))
     np.testing.assert_allclose(g_p, [-r], rtol=2e-6)
     np.testing.assert_allclose(g_q, [math.expm1(r)], rtol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [5, -1, -100])
+def test_out_of_range_indices_are_refused(backend, bad):
+    """Index V (torch took it as 0; JAX gave NaN) and negative padding ids (-1 selected the
+    last entry) were accepted silently, outside validation mode."""
+    q = backend.asarray(np.full((2, 5), 0.2))
+    lp = backend.asarray(np.log([[0.5, 0.3], [0.6, 0.2]]))
+    idx = backend.asarray(np.array([[0, bad], [1, 2]]))
+    with pytest.raises(ValueError, match=rf"outside \[0, 5\) .* the first {bad};"):
+        klx.sparse_kl_divergence(idx, lp, q)
+
+
+@pytest.mark.backends("jax", reason="indices traced under jax.jit")
+@pytest.mark.parametrize("tail", [True, False])
+def test_out_of_range_indices_under_jit_carry_no_mass(backend, tail):
+    """Traced, an entry outside the vocabulary carries no mass of P nor of Q: the result is
+    that of the distribution without it (by hand: one known entry, and the tail)."""
+    import jax
+
+    q = np.full((1, 5), 0.2)
+    lp = np.log([[0.5, 0.3]])
+    f = jax.jit(
+        lambda i: klx.sparse_kl_divergence(
+            i, backend.asarray(lp), backend.asarray(q), tail=tail, reduction="sum"
+        )
+    )
+    got = float(f(backend.asarray(np.array([[0, -100]]))))
+    want = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8) if tail else 0.0
+    assert got == pytest.approx(want, rel=1e-14, abs=1e-300)
+    assert float(f(backend.asarray(np.array([[0, 5]])))) == got
