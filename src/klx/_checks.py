@@ -231,10 +231,11 @@ def check_temperature_range(temperature: Any, finfo: Any) -> None:
     tiny, big = float(finfo.smallest_normal), float(finfo.max)
     dtype = str(finfo.dtype).rsplit(".", 1)[-1]
     if temperature < tiny or 1.0 / temperature > big:
+        wider = " or float64 inputs" if dtype != "float64" else ""
         msg = (
             f"`temperature`={temperature!r} is too small for {dtype}, in which the "
             f"logits are computed: it must be at least {max(tiny, 1.0 / big):.3g} (so that "
-            "1 / temperature is finite); use a larger temperature or float64 inputs."
+            f"1 / temperature is finite); use a larger temperature{wider}."
         )
         raise ValueError(msg)
 

@@ -23,6 +23,7 @@ Per backend:
 from __future__ import annotations
 
 import math
+import numbers
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +35,7 @@ from klx._checks import (
     check_normalizer,
     check_reduction,
     check_temperature,
+    check_temperature_range,
     check_where,
 )
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
@@ -240,6 +242,7 @@ def fused_linear_divergence(
     dtypes = [a for n, a in present if n not in ("where", "labels")]
     dtype = xp.result_type(*dtypes)
     acc = accumulation_dtype(xp, dtype)
+    check_temperature_range(spec.temperature, xp.finfo(acc))
     if chunk_size is None:
         temps = temporaries_for(spec, q_hidden, q_weight)
         chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps)
@@ -345,7 +348,7 @@ def _check(
     if option is not None:
         value = beta if option == "beta" else alpha
         options = ((option, OPTION_CHECKS[option](value)),)
-    t = check_temperature(temperature, ("logits",))
+    t = check_temperature(_number_temperature(temperature), ("logits",))
     cap = None
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
@@ -447,6 +450,23 @@ def _checked_labels(
             raise ValueError(msg)
         return flat
     return xp.where(outside, xp.asarray(ignore_index, dtype=wide.dtype), wide)
+
+
+def _number_temperature(temperature: object) -> object:
+    """A concrete 0-d array temperature as the number it holds (the fused path's temperature
+    is static: one value for every chunk and kernel); a traced one is refused clearly."""
+    if isinstance(temperature, numbers.Real) or not hasattr(temperature, "shape"):
+        return temperature
+    if getattr(temperature, "ndim", None) != 0:
+        return temperature  # check_temperature says what is wrong
+    if not is_concrete(temperature):
+        msg = (
+            "`temperature` of fused_linear_divergence must be a number known when it is "
+            "called (one value for every chunk), got a traced array; pass a Python float, "
+            "or use klx.kl_divergence on the logits for a learned or traced temperature."
+        )
+        raise TypeError(msg)
+    return float(temperature)  # type: ignore[arg-type]  # a 0-d array
 
 
 def _check_2d(name: str, w: Array, layout: str) -> None:

@@ -606,3 +606,27 @@ def test_out_of_range_labels_under_jit_are_ignored(backend):
     got = f(backend.asarray(np.array([0, 1, 5, 2])))
     want = f(backend.asarray(np.array([0, 1, -100, 2])))
     assert backend.to_numpy(got) == backend.to_numpy(want)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "temperature"), [("float32", 1e-40), ("float32", 1e-300), ("float64", 1e-310)]
+)
+def test_a_temperature_too_small_for_the_dtype_is_refused(backend, dtype, temperature):
+    """T = 1e-40 gave inf and 1e-300 NaN in float32, where kl_divergence raises."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rng = np.random.default_rng(4)
+    args = [backend.asarray(rng.normal(size=s), dtype) for s in ((4, 3), (5, 3), (4, 3), (5, 3))]
+    with pytest.raises(ValueError, match=rf"too small for {dtype}") as caught:
+        klx.fused_linear_divergence(*args, temperature=temperature)
+    assert ("float64 inputs" in str(caught.value)) == (dtype != "float64")
+
+
+@pytest.mark.backends("torch", reason="a 0-d tensor temperature")
+def test_a_0d_array_temperature_is_its_number(backend):
+    """temperature=torch.tensor(2.) was refused though the message offered 'a 0-d array'."""
+    rng = np.random.default_rng(4)
+    args = [backend.asarray(rng.normal(size=s)) for s in ((4, 3), (5, 3), (4, 3), (5, 3))]
+    got = klx.fused_linear_divergence(*args, temperature=backend.asarray(np.asarray(2.0)))
+    want = klx.fused_linear_divergence(*args, temperature=2.0)
+    assert backend.to_numpy(got) == backend.to_numpy(want)
