@@ -281,7 +281,10 @@ def check_normalizer(xp: ModuleType, normalizer: object, reduction: str) -> floa
         msg = f"`normalizer` must be a number >= 0 or a 0-d array, got {normalizer!r}."
         raise TypeError(msg)
     if isinstance(normalizer, numbers.Real):
-        n = float(normalizer)
+        try:
+            n = float(normalizer)
+        except OverflowError:  # an int beyond float's range (10**400)
+            n = math.inf
         if not (n >= 0 and math.isfinite(n)):
             msg = (
                 f"`normalizer` must be a finite number >= 0 (the number of tokens to divide "

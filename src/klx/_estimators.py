@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -369,7 +370,7 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
 def _check_clamp(clamp: object) -> float | None:
     if clamp is None:
         return None
-    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
+    if isinstance(clamp, bool) or not isinstance(clamp, numbers.Real):
         msg = f"`clamp` must be a positive number or None, got {clamp!r}."
         raise TypeError(msg)
     c = float(clamp)

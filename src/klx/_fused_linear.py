@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from types import ModuleType
 from typing import Any
 
@@ -247,10 +248,7 @@ def fused_linear_divergence(
         temps = temporaries_for(spec, q_hidden, q_weight)
         chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps)
     else:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            msg = f"`chunk_size` must be a positive int (tokens per chunk), got {chunk_size!r}."
-            raise ValueError(msg)
-        chunk = chunk_size
+        chunk = _check_chunk_size(chunk_size)
     keep = None
     if where is not None:
         check_where(xp, where, token_shape)
@@ -371,6 +369,20 @@ def _check(
 
     _check_2d("q_weight", q_weight, "[vocab, hidden]")
     vocab = int(q_weight.shape[0])
+    if vocab == 0:
+        msg = (
+            f"`q_weight` has no rows (shape {tuple(q_weight.shape)}): a divergence needs a "
+            "vocabulary of at least one entry (rows are vocabulary entries)."
+        )
+        raise ValueError(msg)
+    for side, hidden, weight in (("p", p_hidden, p_weight), ("q", q_hidden, q_weight)):
+        if weight is not None and hidden.dtype != weight.dtype:
+            msg = (
+                f"`{side}_hidden` is {hidden.dtype} but `{side}_weight` is {weight.dtype}; a "
+                "linear layer needs one dtype: cast the hidden states to the weight's (as "
+                "the model's own output head computes) before the call."
+            )
+            raise TypeError(msg)
     token_shape = tuple(int(s) for s in q_hidden.shape[:-1])
     if q_hidden.ndim < 1 or int(q_hidden.shape[-1]) != int(q_weight.shape[1]):
         msg = (
@@ -450,6 +462,18 @@ def _checked_labels(
             raise ValueError(msg)
         return flat
     return xp.where(outside, xp.asarray(ignore_index, dtype=wide.dtype), wide)
+
+
+def _check_chunk_size(chunk_size: object) -> int:
+    """A positive integer (a Python or NumPy int) of tokens per chunk."""
+    try:
+        chunk = operator.index(chunk_size)  # type: ignore[arg-type]
+    except TypeError:
+        chunk = 0
+    if isinstance(chunk_size, bool) or chunk < 1:
+        msg = f"`chunk_size` must be a positive int (tokens per chunk), got {chunk_size!r}."
+        raise ValueError(msg)
+    return chunk
 
 
 def _number_temperature(temperature: object) -> object:

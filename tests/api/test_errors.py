@@ -163,3 +163,31 @@ def test_xp_must_be_a_namespace(function):
 
     reference = _XP_CALLS[function](None)
     np.testing.assert_array_equal(np.asarray(_XP_CALLS[function](xp)), np.asarray(reference))
+
+
+def test_numpy_numbers_and_extreme_values_get_clear_answers():
+    """np.int64 chunk sizes and np.float32 clamps were refused (axis takes NumPy ints);
+    normalizer=10**400 raised OverflowError; a vocabulary of 0 raised IndexError from max()."""
+    rng = np.random.default_rng(0)
+    h, w_p, w_q = rng.normal(size=(4, 3)), rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    got = klx.fused_linear_divergence(h, w_p, h, w_q, chunk_size=np.int64(2))
+    np.testing.assert_array_equal(got, klx.fused_linear_divergence(h, w_p, h, w_q, chunk_size=2))
+    lp, lq = np.log(np.full(3, 0.3)), np.log(np.full(3, 0.2))
+    np.testing.assert_array_equal(
+        klx.kl_estimate(lp, lq, clamp=np.float32(10)), klx.kl_estimate(lp, lq, clamp=10.0)
+    )
+    with pytest.raises(ValueError, match="`normalizer` must be a finite number >= 0"):
+        klx.kl_divergence(P, P, reduction="batchmean", normalizer=10**400)
+    with pytest.raises(ValueError, match=r"`q_weight` has no rows \(shape \(0, 3\)\)"):
+        klx.fused_linear_divergence(h, np.zeros((0, 3)), h, np.zeros((0, 3)))
+
+
+@pytest.mark.backends("torch", reason="bfloat16 weights with float32 hidden states")
+def test_hidden_and_weight_of_two_dtypes(backend):
+    import torch
+
+    rng = np.random.default_rng(0)
+    h = torch.tensor(rng.normal(size=(4, 3)), dtype=torch.float32)
+    w = torch.tensor(rng.normal(size=(5, 3)), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"`p_hidden` is torch.float32 but `p_weight` is torch"):
+        klx.fused_linear_divergence(h, w, h, w)
