@@ -203,7 +203,7 @@ def _closed_chunk(
             rows = rows + hw * torch.where(valid, -picked, 0.0)
             if want_q:
                 assert dzq is not None
-                vw = (hw * valid).to(zq.dtype)[:, None]
+                vw = (valid.to(zq.dtype) * hw)[:, None]  # hw in zq's dtype, not the default
                 dzq += torch.exp(log_q1) * vw
                 if onehot is None:
                     dzq.scatter_add_(1, safe[:, None], -vw)
