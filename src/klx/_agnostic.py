@@ -147,11 +147,12 @@ def _log_ratio(xp: ModuleType, p: Weighted, q: Weighted, both_probs: bool) -> Ar
 
 
 def _outside_and_nan(xp: ModuleType, terms: Array, p: Weighted, q: Weighted) -> Array:
-    """+inf where a probability is negative (as rel_entr), NaN where an input is NaN."""
+    """+inf where a probability is negative (as rel_entr); NaN where an input is NaN or a
+    row of logits has none (a ``+inf`` logit), also on a side whose weight is 0."""
     outside = _either(p.outside, q.outside)
     if outside is not None:
         terms = xp.where(outside, math.inf, terms)
-    nan = xp.isnan(p.given) | xp.isnan(q.given)
+    nan = xp.isnan(p.log_w) | xp.isnan(q.log_w)  # NaN given, or log_softmax of +inf
     return xp.where(nan, math.nan, terms)
 
 

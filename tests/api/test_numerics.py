@@ -807,3 +807,16 @@ def test_fused_js_with_a_small_weight_against_mpmath(backend, beta, dtype):
     np.testing.assert_allclose(
         backend.to_numpy(got), want, rtol=2e-6 if dtype == "float32" else 1e-9
     )
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0])
+def test_a_plus_inf_logit_is_nan_on_a_zero_weighted_side_too(backend, w):
+    """docs/numerics.md: a +inf logit (no distribution) gives NaN. At beta = 0 JS gave 0
+    (the side's weight is 0, so its NaN log-probabilities were never looked at)."""
+    bad = backend.asarray([[math.inf, 0.0, 1.0]])
+    good = backend.asarray([[0.0, 1.0, 2.0]])
+    forms = {"p_form": "logits", "q_form": "logits"}
+    for p, q in ((bad, good), (good, bad)):
+        assert np.isnan(backend.to_numpy(klx.js_divergence(p, q, beta=w, **forms))).all()
+        got = klx.skew_kl_divergence(p, q, alpha=w, **forms)
+        assert np.isnan(backend.to_numpy(got)).all()
