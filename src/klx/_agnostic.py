@@ -487,7 +487,8 @@ def reduce_rows(
             return xp.where(xp.zeros_like(total, dtype=xp.bool), total, xp.zeros_like(total))
         count, normalizer = normalizer, None
     elif keep is not None and normalizer is None:
-        normalizer = xp.sum(xp.astype(xp.broadcast_to(keep, rows.shape), rows.dtype))
+        # (broadcast by `where`, not `broadcast_to`: a Dask size may be unknown until computed)
+        normalizer = xp.sum(xp.where(keep, xp.ones_like(rows), xp.zeros_like(rows)))
     if normalizer is None:
         if count != count:  # a size Dask knows only when it computes
             return total / xp.astype(_lazy_count(xp, rows), total.dtype)

@@ -170,8 +170,10 @@ def parse_divergence(
     keep = None
     if where is not None:
         check_where(xp, where, batch_shape)
-        lead = (1,) * (len(batch_shape) - where.ndim)
-        keep = xp.expand_dims(xp.reshape(where, lead + tuple(where.shape)), axis=ax)
+        # New axes by indexing with None (leading 1s, then the distribution axis): not a
+        # reshape, which needs sizes a Dask array may not know (after boolean indexing).
+        keep = where[(None,) * (len(batch_shape) - where.ndim) + (...,)]
+        keep = keep[(slice(None),) * ax + (None, ...)]
     if None in shape:
         # A Dask size known only when computed: broadcast (against size 1) as the
         # element-wise operations go, not by `broadcast_to`, which needs the sizes.

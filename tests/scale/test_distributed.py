@@ -140,3 +140,24 @@ def test_sharded_jax_arrays_keep_their_sharding_without_gathering(backend):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.backends("dask", reason="Dask arrays of unknown length (after boolean indexing)")
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+def test_where_of_unknown_length(backend, reduction):
+    """`where=` of unknown length raised 'cannot convert float NaN to integer' though p and
+    q share its shape (a reshape and a broadcast_to needed the sizes)."""
+    import dask.array as da
+
+    rng = np.random.default_rng(0)
+    p, q = rng.dirichlet(np.ones(4), size=10), rng.dirichlet(np.ones(4), size=10)
+    chosen = p[:, 0] > 0.1
+    keep = np.array([True, False] * 5)
+    sel = da.from_array(chosen, chunks=5)
+    where = (sel & da.from_array(keep, chunks=5))[sel]
+    a, b = da.from_array(p, chunks=(5, 4))[sel], da.from_array(q, chunks=(5, 4))[sel]
+    assert np.isnan(a.shape[0]) and np.isnan(where.shape[0])
+    got = klx.kl_divergence(a, b, where=where, reduction=reduction).compute()
+    rows = reference.kl_rows(p[chosen], q[chosen], -1)[0]
+    want = reference.reduce(rows, reduction, keep[chosen])
+    np.testing.assert_allclose(got, want, rtol=1e-13)
