@@ -8,6 +8,7 @@ special values each path claims; plus bit-for-bit repeatability, bounded memory
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -547,3 +548,33 @@ def test_rows_along_a_leading_axis_are_summed_pairwise(backend, p_form):
     assert report.chosen.endswith("rows"), str(report)
     got = backend.to_numpy(report.result).astype(np.float64)
     assert np.max(np.abs(got - want) / scale) < 1e-6
+
+
+@pytest.mark.backends("numpy", reason="BLAS threads under the NumPy blocks")
+def test_blas_thread_count_moves_a_sum_by_at_most_an_ulp(backend):
+    """docs/cpu.md: a 'sum' may differ by one ulp under another BLAS thread count (the
+    blocks' dot products), and 'none' is bit-identical under any."""
+    code = (
+        "import hashlib, numpy as np, klx\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = np.log(rng.dirichlet(np.ones(4096), size=1024))\n"
+        "y = rng.dirichlet(np.ones(4096), size=1024)\n"
+        "print(repr(float(klx.kl_div(x, y, reduction='sum'))))\n"
+        "print(hashlib.sha256(klx.kl_div(x, y, reduction='none').tobytes()).hexdigest())\n"
+    )
+    runs = []
+    for threads in (None, "1"):
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+        }
+        if threads:
+            env |= {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        runs.append(out)
+    (s1, n1), (s2, n2) = runs
+    assert abs(float(s1) - float(s2)) <= np.spacing(float(s1))
+    assert n1 == n2
