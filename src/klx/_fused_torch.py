@@ -489,6 +489,10 @@ def torch_fused(
     if not grad:
         total = torch.sum(_rows_no_grad(xp, spec, acc, chunk, f))
         return total if scale is None else total * scale
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        # A normalizer that is learned or carries a graph: its gradient, -loss / n, by
+        # autograd outside the chunks (which take a constant scale).
+        return _apply(_Reduced, xp, spec, acc, chunk, 1.0, f.keep, f.labels, *arrays) * scale
     return _apply(
         _Reduced, xp, spec, acc, chunk, 1.0 if scale is None else scale, f.keep, f.labels, *arrays
     )

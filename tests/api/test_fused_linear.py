@@ -677,3 +677,36 @@ def test_float64_hard_term_gradient_is_float64_accurate(backend, kind):
     ref = ref + 0.3 * F.cross_entropy(z_q, labels, ignore_index=-100, reduction="sum")
     (want,) = torch.autograd.grad(ref, w)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-14
+
+
+@pytest.mark.backends("torch", "jax", reason="autodiff through the normalizer")
+def test_a_normalizer_that_carries_a_gradient_gets_it(backend):
+    """A normalizer tensor with requires_grad got no gradient from fused (it does from
+    kl_divergence): the loss over it, -loss / n."""
+    rng = np.random.default_rng(6)
+    h, w_p, w_q = rng.normal(size=(6, 4)), rng.normal(size=(7, 4)), rng.normal(size=(7, 4))
+
+    def fused(n):
+        a = [backend.asarray(x) for x in (h, w_p, h, w_q)]
+        if backend.name == "torch":
+            a[3].requires_grad_(True)  # the student's weight trains too (the chunks' path)
+        return klx.fused_linear_divergence(*a, normalizer=n)
+
+    def dense(n):
+        zp, zq = backend.asarray(h @ w_p.T), backend.asarray(h @ w_q.T)
+        return klx.kl_divergence(
+            zp, zq, p_form="logits", q_form="logits", reduction="batchmean", normalizer=n
+        )
+
+    grads = []
+    for f in (fused, dense):
+        if backend.name == "torch":
+            n = backend.asarray(np.asarray(3.0)).requires_grad_(True)
+            f(n).backward()
+            grads.append(float(n.grad))
+        else:
+            import jax
+
+            grads.append(float(jax.grad(f)(backend.asarray(np.asarray(3.0)))))
+    assert grads[0] == pytest.approx(grads[1], rel=1e-13)
+    assert grads[0] < 0
