@@ -53,7 +53,13 @@ from klx._fused_chunks import (
     chunk_size_for,
     temporaries_for,
 )
-from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
+from klx._namespace import (
+    array_namespace,
+    check_same_device,
+    in_torch_func,
+    is_concrete,
+    library_name,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -239,7 +245,7 @@ def fused_linear_divergence(
     red = check_reduction(reduction, REDUCTIONS)
     norm = check_normalizer(xp, normalizer, red)
     vocab = int(q_weight.shape[0])
-    n_tokens = math.prod(int(s) for s in token_shape)
+    n_tokens = math.prod(token_shape)  # ints already (and no generator: Dynamo traces it)
     dtypes = [a for n, a in present if n not in ("where", "labels")]
     dtype = xp.result_type(*dtypes)
     acc = accumulation_dtype(xp, dtype)
@@ -268,7 +274,17 @@ def fused_linear_divergence(
         scale = _batchmean_scale(xp, norm, keep, n_tokens, acc)
     lib = library_name(q_hidden)
     with numpy_quiet(q_hidden):
-        if lib == "torch":
+        if lib == "torch" and in_torch_func():
+            # torch.func.grad / vmap: the chunks by plain torch ops, which the transforms
+            # trace (the closed-form backward's autograd.Function has no setup_context, and
+            # its value checks cannot read batched tensors); memory grows as autodiff
+            # keeps each chunk. (torch.compile still runs the call eagerly: a graph break.)
+            out = _rows_by_chunks(xp, spec, acc, chunk, flat)
+            if red != "none":
+                out = xp.sum(out)
+            if scale is not None:
+                out = out * scale
+        elif lib == "torch":
             from klx._fused_torch import torch_fused
 
             out = torch_fused(xp, spec, acc, chunk, flat, red, scale)

@@ -16,6 +16,7 @@ import array_api_compat as aac
 __all__ = [
     "array_namespace",
     "device_of",
+    "in_torch_func",
     "is_concrete",
     "library_name",
     "library_of",
@@ -285,4 +286,12 @@ def is_concrete(x: Any) -> bool:
         compiler = loaded("torch", "compiler")
         if compiler is not None and compiler.is_compiling():
             return False
+        if in_torch_func():  # torch.func.grad / vmap: batched or traced tensors
+            return False
     return True
+
+
+def in_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active."""
+    functorch = loaded("torch", "_C", "_functorch")
+    return functorch is not None and functorch.maybe_current_level() is not None
