@@ -274,17 +274,11 @@ def fused_linear_divergence(
         scale = _batchmean_scale(xp, norm, keep, n_tokens, acc)
     lib = library_name(q_hidden)
     with numpy_quiet(q_hidden):
-        if lib == "torch" and in_torch_func():
-            # torch.func.grad / vmap: the chunks by plain torch ops, which the transforms
-            # trace (the closed-form backward's autograd.Function has no setup_context, and
-            # its value checks cannot read batched tensors); memory grows as autodiff
-            # keeps each chunk. (torch.compile still runs the call eagerly: a graph break.)
-            out = _rows_by_chunks(xp, spec, acc, chunk, flat)
-            if red != "none":
-                out = xp.sum(out)
-            if scale is not None:
-                out = out * scale
-        elif lib == "torch":
+        # Inside torch.func.grad / vmap torch takes the generic chunks (plain torch ops the
+        # transforms trace; the closed-form backward's autograd.Function has no
+        # setup_context, and its value checks cannot read batched tensors), and memory
+        # grows as autodiff keeps each chunk. torch.compile still runs the call eagerly.
+        if lib == "torch" and not in_torch_func():
             from klx._fused_torch import torch_fused
 
             out = torch_fused(xp, spec, acc, chunk, flat, red, scale)
