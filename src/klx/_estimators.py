@@ -350,7 +350,10 @@ def importance_k3(xp: ModuleType, lp: Array, lq: Array, old: Array) -> Array:
     plain = stop_gradient(xp.exp(d) * k3_from_log_ratio(xp, r))
     value = xp.where(finite, value, plain)
     # The gradient's form, at safe values where its exponentials would overflow.
-    in_range = finite & (es <= log_max) & (ds <= log_max)
+    # Every exponential of the gradient's form finite (rho (1 + r) and their difference
+    # too: the margin of 1 keeps a - b below the dtype's max), else no gradient there.
+    log_b = ds + xp.log(xp.abs(1.0 + rs) + 1.0)
+    in_range = finite & (es <= log_max - 1.0) & (log_b <= log_max - 1.0)
     rho = xp.exp(xp.where(in_range, ds, 0.0))
     a = xp.exp(xp.where(in_range, es, 0.0))
     # Near r = 0 rho * k3 itself (a - rho (1 + r) would leave only eps-sized differences).

@@ -172,9 +172,10 @@ def fused_linear_divergence(
     hard_weight : float, optional
         The weight :math:`w_h` in [0, 1] of the cross-entropy with `labels`. Tokens
         whose label is `ignore_index` have no hard term (their soft term stays unless
-        `where` drops them). Default 0. A label outside ``[0, vocab)`` other than
-        `ignore_index` raises a ValueError (read eagerly: a device sync on a GPU); under
-        ``jax.jit`` or ``torch.compile`` it is taken as `ignore_index`.
+        `where` drops them). Default 0. With a positive `hard_weight`, a label outside
+        ``[0, vocab)`` other than `ignore_index` raises a ValueError (read eagerly: a
+        device sync on a GPU); under ``jax.jit`` or ``torch.compile``, on a lazy Dask
+        array or a meta tensor, it is taken as `ignore_index`.
     ignore_index : int, optional
         The label of tokens without a hard term. Default -100.
     xp : namespace, optional
@@ -267,7 +268,9 @@ def fused_linear_divergence(
         q_weight,
         q_bias,
         keep,
-        None if labels is None else _checked_labels(xp, labels, vocab, ignore_index, n_tokens),
+        None
+        if labels is None
+        else _checked_labels(xp, labels, vocab, ignore_index, n_tokens, spec.hard_weight > 0),
     )
     scale = None
     if red == "batchmean":
@@ -386,7 +389,7 @@ def _check(
         )
         raise ValueError(msg)
     for side, hidden, weight in (("p", p_hidden, p_weight), ("q", q_hidden, q_weight)):
-        if weight is not None and hidden.dtype != weight.dtype:
+        if weight is not None and _matmul_refuses(hidden, weight):
             msg = (
                 f"`{side}_hidden` is {hidden.dtype} but `{side}_weight` is {weight.dtype}; a "
                 "linear layer needs one dtype: cast the hidden states to the weight's (as "
@@ -450,8 +453,27 @@ def _check(
     return spec, token_shape
 
 
+def _matmul_refuses(hidden: Array, weight: Array) -> bool:
+    """Whether torch's matrix product would refuse the two dtypes: torch tensors of two
+    dtypes outside ``torch.autocast`` (NumPy and JAX promote; autocast casts)."""
+    if hidden.dtype == weight.dtype or library_name(hidden) != "torch":
+        return False
+    import torch
+
+    return not torch.is_autocast_enabled(hidden.device.type)
+
+
+def _readable(x: Array) -> bool:
+    """Whether a check may read `x`'s values now: not traced, not a lazy Dask array (whose
+    graph a read would compute), not a torch meta tensor (which has no values)."""
+    if not is_concrete(x) or library_name(x) == "dask":
+        return False
+    device = getattr(x, "device", None)
+    return getattr(device, "type", None) != "meta"
+
+
 def _checked_labels(
-    xp: ModuleType, labels: Array, vocab: int, ignore_index: int, n_tokens: int
+    xp: ModuleType, labels: Array, vocab: int, ignore_index: int, n_tokens: int, used: bool
 ) -> Array:
     """The labels, flat: a label outside [0, vocab) other than `ignore_index` is a
     ValueError when the values can be read now (as ``F.cross_entropy``'s "Target 5 is out
@@ -461,7 +483,7 @@ def _checked_labels(
     # Compared at 32 bits at least: vocab = 300 against int8 labels would wrap to 44.
     wide = flat if xp.iinfo(flat.dtype).bits >= 32 else xp.astype(flat, xp.int32)
     outside = (wide != ignore_index) & ((wide < 0) | (wide >= vocab))
-    if is_concrete(outside):  # (a concrete `labels` inside a jit function is traced here)
+    if used and _readable(outside):  # (a concrete `labels` inside a jit function is traced)
         if bool(xp.any(outside)):  # reads a value: a device sync, as cross_entropy's check
             where = int(xp.argmax(xp.astype(outside, xp.int8)))
             msg = (
@@ -493,11 +515,12 @@ def _number_temperature(temperature: object) -> object:
         return temperature
     if getattr(temperature, "ndim", None) != 0:
         return temperature  # check_temperature says what is wrong
-    if not is_concrete(temperature):
+    if not is_concrete(temperature) or getattr(temperature, "requires_grad", False):
         msg = (
             "`temperature` of fused_linear_divergence must be a number known when it is "
-            "called (one value for every chunk), got a traced array; pass a Python float, "
-            "or use klx.kl_divergence on the logits for a learned or traced temperature."
+            "called (one value for every chunk, without a gradient), got a traced array or "
+            "one that requires grad; pass a Python float, or use klx.kl_divergence on the "
+            "logits for a learned or traced temperature."
         )
         raise TypeError(msg)
     return float(temperature)  # type: ignore[arg-type]  # a 0-d array

@@ -309,8 +309,9 @@ def _kl_rows_cpu(
     # Each term p (d + expm1(-d)) = p d + q - p is >= 0 (the definition's form for logits):
     # the KL is never negative, and the rounding of lse_p - lse_q (about 1e-6 in float32,
     # the whole KL of a student within 1e-3 of its teacher) enters only squared. Where
-    # expm1(-d) could overflow (d <= -1) the term is p d + (q - p), with q = e_q e^-lse_q.
-    far = d <= -1.0
+    # expm1(-d) could overflow (-d within 8 of log(max): rare, so the extra temporaries
+    # of that branch are too) the term is p d + (q - p), with q = e_q e^-lse_q.
+    far = d <= 8.0 - math.log(torch.finfo(d.dtype).max)
     phi = torch.where(far, 0.0, d).neg_().expm1_().add_(d)  # d itself where far
     kl = torch.einsum("ij,ij->i", p, phi)
     if bool(far.any()):  # one flag read per chunk (a CPU tensor: no device sync)

@@ -18,12 +18,13 @@ from klx._checks import (
     check_normalizer,
     check_reduction,
     check_temperature,
+    check_temperature_range,
     check_where,
     normalize_axis,
 )
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._namespace import array_namespace, check_same_device, is_concrete
+from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
 from klx._validation import (
     _count,
     _require_concrete,
@@ -258,6 +259,7 @@ def parse_sparse(
     if qs != q_shape:
         q = xp.broadcast_to(q, q_shape)
     dtype = xp.result_type(p_log_probs, q)
+    check_temperature_range(t, xp.finfo(accumulation_dtype(xp, dtype)))
     return SparseCall(
         xp,
         p_indices,
@@ -319,7 +321,9 @@ def _indices_in_range(xp: ModuleType, idx: Array, vocab: int | None) -> tuple[Ar
         return idx, None
     wide = idx if xp.iinfo(idx.dtype).bits >= 32 else xp.astype(idx, xp.int32)
     outside = (wide < 0) | (wide >= vocab)
-    if is_concrete(outside):
+    device = getattr(getattr(idx, "device", None), "type", None)
+    readable = library_name(idx) != "dask" and device != "meta"
+    if readable and is_concrete(outside):  # a lazy Dask graph or a meta tensor is not read
         if bool(xp.any(outside)):  # one read of a value, as the gather's own bounds check
             n = int(xp.sum(xp.astype(outside, xp.int32)))
             flat = xp.reshape(outside, (-1,))
