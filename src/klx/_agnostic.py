@@ -152,8 +152,14 @@ def _outside_and_nan(xp: ModuleType, terms: Array, p: Weighted, q: Weighted) -> 
     outside = _either(p.outside, q.outside)
     if outside is not None:
         terms = xp.where(outside, math.inf, terms)
-    nan = xp.isnan(p.log_w) | xp.isnan(q.log_w)  # NaN given, or log_softmax of +inf
-    return xp.where(nan, math.nan, terms)
+    return xp.where(_nan(xp, p) | _nan(xp, q), math.nan, terms)
+
+
+def _nan(xp: ModuleType, w: Weighted) -> Array:
+    """Where a distribution is NaN: a NaN given; in log space also a row that log_softmax
+    made NaN (a ``+inf`` logit). Probabilities are read as given, not through their log,
+    which would tie the check to the log's pass (jax.jit of kl_div: 2.2 -> 3.6 ms)."""
+    return xp.isnan(w.given) if w.outside is not None else xp.isnan(w.log_w)
 
 
 def kl_terms(
