@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from klx._backend_ops import sum_along
+
 if TYPE_CHECKING:
     from klx._call import DivergenceCall, KLDivCall
 
@@ -89,7 +91,7 @@ def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> 
     # (exp(s) - 1 has every derivative of expm1(s), and at s = 0 its exact value: one
     # exponential pass, not two.)
     e = xp.exp(shifted)
-    rest = xp.sum(xp.where(top, e - 1.0, e), axis=axis, keepdims=True)
+    rest = sum_along(xp, xp.where(top, e - 1.0, e), axis, keepdims=True)
     ties = xp.sum(xp.astype(top, shifted.dtype), axis=axis, keepdims=True) - 1.0
     return shifted - xp.log1p(rest + ties)
 
@@ -387,7 +389,7 @@ def divergence_rows(
         temperature=call.temperature,
         **dict(call.options),
     )
-    return xp.sum(terms, axis=call.axis)
+    return sum_along(xp, terms, call.axis)
 
 
 def divergence(xp: ModuleType, call: DivergenceCall) -> Array:
