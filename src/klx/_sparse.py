@@ -42,9 +42,10 @@ Shape = tuple[int | None, ...]
 class SparseCall(NamedTuple):
     """A checked call of :func:`klx.sparse_kl_divergence`.
 
-    `indices`, `log_p` (batch shape with k at `axis`) and `q` (batch shape with the
-    vocabulary at `axis`) are broadcast to one batch shape; `keep` is full rank with
-    size 1 at `axis`, or None.
+    `indices` and `log_p` (batch shape with k at `axis`) are broadcast to the batch shape;
+    `q` (the vocabulary at `axis`) is not: its other axes are the batch shape's or 1, and
+    is gathered from without being expanded (a (1, V) student shared by N rows stays
+    V entries). `keep` is full rank with size 1 at `axis`, or None.
     """
 
     xp: ModuleType
@@ -120,7 +121,9 @@ def sparse_kl_divergence(
         (`temperature` does not apply to them).
     q : array
         Q over the whole vocabulary along `axis`, as logits (default), log-probabilities
-        or probabilities; its other axes broadcast against those of `p_indices`.
+        or probabilities; its other axes broadcast against those of `p_indices`. A
+        student shared by many distributions (shape ``(1, V)``) is not expanded: its
+        normaliser is taken once, and its entries are gathered where P has them.
     q_form : {'logits', 'log_probs', 'probs'}, optional
         How `q` is given. Default 'logits'.
     tail : bool, optional
@@ -252,12 +255,9 @@ def parse_sparse(
         check_where(xp, where, batch_shape)
         keep = xp.expand_dims(xp.broadcast_to(where, batch_shape), axis=ax)
     p_shape = (*batch_shape[:ax], k, *batch_shape[ax:])
-    q_shape = (*batch_shape[:ax], vocab, *batch_shape[ax:])
     if ip != p_shape:
         p_indices = xp.broadcast_to(p_indices, p_shape)
         p_log_probs = xp.broadcast_to(p_log_probs, p_shape)
-    if qs != q_shape:
-        q = xp.broadcast_to(q, q_shape)
     dtype = xp.result_type(p_log_probs, q)
     check_temperature_range(t, xp.finfo(accumulation_dtype(xp, dtype)))
     return SparseCall(
@@ -291,22 +291,33 @@ def evaluate_sparse(call: SparseCall) -> Array:
 
 def sparse_kl(xp: ModuleType, call: SparseCall) -> Array:
     """The reduced sparse KL of `call`, in the result dtype."""
-    idx, lp, q = call.indices, xp.astype(call.log_p, call.acc), xp.astype(call.q, call.acc)
+    idx, lp = call.indices, xp.astype(call.log_p, call.acc)
+    q = xp.astype(call.q, call.acc, copy=False)  # not broadcast: Q's statistics once per row
     keep = call.keep
     if keep is not None:  # dropped distributions: safe, in-range stand-ins
         idx = xp.where(keep, idx, 0)
         lp = xp.where(keep, lp, 0.0)
-        q = mask_rows(xp, q, keep, call.q_form)
+        # A row of Q that no kept distribution uses is replaced (its log-sum-exp and its
+        # gradient stay finite); the values gathered for dropped ones are masked later.
+        q = mask_rows(xp, q, _used(xp, keep, q.shape), call.q_form)
     idx, dead = _indices_in_range(xp, idx, call.vocab)
     last = len(call.batch_shape)
     if call.axis != last:
         idx, lp, q = (xp.moveaxis(a, call.axis, -1) for a in (idx, lp, q))
         dead = None if dead is None else xp.moveaxis(dead, call.axis, -1)
-    rows = sparse_rows(xp, idx, lp, q, call, dead)
-    keep_rows = None if keep is None else xp.squeeze(keep, axis=call.axis)
+        keep = None if keep is None else xp.moveaxis(keep, call.axis, -1)
+    rows = sparse_rows(xp, idx, lp, q, call, dead, keep)
+    keep_rows = None if call.keep is None else xp.squeeze(call.keep, axis=call.axis)
     count = shape_size(call.batch_shape)
     out = reduce_rows(xp, rows, call.reduction, keep_rows, count, call.normalizer)
     return xp.astype(out, call.dtype, copy=False)
+
+
+def _used(xp: ModuleType, keep: Array, shape: Shape) -> Array:
+    """`keep` (full rank) reduced by ``any`` over the axes where `shape` has size 1 and
+    `keep` does not: which rows of a broadcast array some kept distribution uses."""
+    axes = tuple(i for i, (k, s) in enumerate(zip(keep.shape, shape, strict=True)) if s == 1 != k)
+    return xp.any(keep, axis=axes, keepdims=True) if axes else keep
 
 
 def _indices_in_range(xp: ModuleType, idx: Array, vocab: int | None) -> tuple[Array, Array | None]:
@@ -345,23 +356,26 @@ def sparse_rows(
     q: Array,
     call: SparseCall,
     dead: Array | None = None,
+    keep: Array | None = None,
 ) -> Array:
     """One sparse KL per distribution; k indices and the vocabulary on the last axis.
 
-    `dead` marks entries that carry no mass of P nor of Q (traced out-of-range indices).
+    `q` may have size 1 on batch axes (shared by those distributions). `dead` marks
+    entries that carry no mass of P nor of Q (traced out-of-range indices); `keep` (size
+    1 on the last axis) the kept distributions, whose gathered Q values alone are read.
     """
     if dead is not None:
         lp = xp.where(dead, -math.inf, lp)
     if not call.tail:  # renormalised over the k indices: Q's total is not needed
-        log_q_s = _q_on_indices(xp, idx, q, call.q_form, call.temperature, total=False)[0]
+        log_q_s = _q_on_indices(xp, idx, q, call, keep, total=False)[0]
         if dead is not None:
             log_q_s = xp.where(dead, -math.inf, log_q_s)
         p_bins, q_bins = log_softmax(xp, lp, -1), log_softmax(xp, log_q_s, -1)
     elif call.k is not None and call.k == call.vocab and dead is None:
         # Every index is known (distinct, so all of them): no tail bin, exactly.
-        p_bins, q_bins = lp, _q_on_indices(xp, idx, q, call.q_form, call.temperature)[0]
+        p_bins, q_bins = lp, _q_on_indices(xp, idx, q, call, keep)[0]
     else:
-        log_q_s, log_q_total = _q_on_indices(xp, idx, q, call.q_form, call.temperature)
+        log_q_s, log_q_total = _q_on_indices(xp, idx, q, call, keep)
         if dead is not None:
             log_q_s = xp.where(dead, -math.inf, log_q_s)
         log_p_tail = log1mexp(xp, logsumexp(xp, lp))
@@ -373,22 +387,33 @@ def sparse_rows(
 
 
 def _q_on_indices(
-    xp: ModuleType, idx: Array, q: Array, form: str, temperature: float, total: bool = True
+    xp: ModuleType,
+    idx: Array,
+    q: Array,
+    call: SparseCall,
+    keep: Array | None,
+    total: bool = True,
 ) -> tuple[Array, Array | float]:
     """``log q`` at the indices, and the log of Q's total mass (0 for logits).
 
-    With ``total=False`` (for renormalising over the indices) logits are not normalised
-    over the vocabulary and the total is not computed: one pass over Q less.
+    The totals are taken over `q` as given (one per row of Q, however many distributions
+    share it). Values gathered for distributions that `keep` drops are replaced by a safe
+    one, so a shared row's gradient gets nothing from them. With ``total=False`` (for
+    renormalising over the indices) logits are not normalised over the vocabulary and the
+    total is not computed: one pass over Q less.
     """
-    if form == "logits":
-        if not total:  # only the k logits are needed
-            z_s = take_along_axis(xp, q, idx, -1)
-            return (z_s / temperature if temperature != 1.0 else z_s), 0.0
-        z = q / temperature if temperature != 1.0 else q
-        return take_along_axis(xp, z, idx, -1) - xp.expand_dims(logsumexp(xp, z), axis=-1), 0.0
-    if form == "log_probs":
-        return take_along_axis(xp, q, idx, -1), logsumexp(xp, q) if total else 0.0
+    form, temperature = call.q_form, call.temperature
     q_s = take_along_axis(xp, q, idx, -1)
+    if keep is not None:
+        q_s = xp.where(keep, q_s, 1.0 if form == "probs" else 0.0)
+    if form == "logits":
+        z_s = q_s / temperature if temperature != 1.0 else q_s
+        if not total:  # only the k logits are needed
+            return z_s, 0.0
+        z = q / temperature if temperature != 1.0 else q
+        return z_s - xp.expand_dims(logsumexp(xp, z), axis=-1), 0.0
+    if form == "log_probs":
+        return q_s, logsumexp(xp, q) if total else 0.0
     zero = q_s == 0  # log 0 = -inf, with a gradient of 0 (not 0 / 0) through the log
     log_q_s = xp.where(zero, -math.inf, xp.log(xp.where(zero, 1.0, q_s)))
     return log_q_s, xp.log(xp.sum(q, axis=-1)) if total else 0.0
@@ -420,7 +445,8 @@ def validate_sparse(call: SparseCall) -> None:
     xp, ax = call.xp, call.axis
     if call.normalizer is not None and not isinstance(call.normalizer, float):
         check_normalizer_value(xp, call.normalizer)
-    check_distribution(xp, "q", call.q, call.q_form, axis=ax, keep_full=call.keep)
+    q_keep = None if call.keep is None else _used(xp, call.keep, call.q.shape)
+    check_distribution(xp, "q", call.q, call.q_form, axis=ax, keep_full=q_keep)
     check_distribution(xp, "p_log_probs", call.log_p, "log_probs", axis=None, keep_full=call.keep)
     _require_concrete("p_indices", call.indices)
     keep = None if call.keep is None else xp.broadcast_to(call.keep, call.indices.shape)
