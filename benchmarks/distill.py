@@ -2,6 +2,7 @@
 
     python -m benchmarks.distill                 # 2048 x 32000 float32 on the CPU backends
     python -m benchmarks.distill --rows 8192 --vocab 128256 --dtype bfloat16 --backward  # GPU
+    python -m benchmarks.distill --axis 0       # (vocab, rows): distributions along axis 0
 
 Peers: torch eager (two log_softmax, then kl_div with log_target=True), the same under
 torch.compile, jax.jit of the same formula, and Liger Kernel's LigerKLDIVLoss on
@@ -31,29 +32,39 @@ from benchmarks.cli import parser
 from benchmarks.timing import busy, extra_peak_bytes, load_average, median_time, synchronizer
 
 
-def _klx(t: Any, s: Any, temperature: float) -> Any:
+def _klx(t: Any, s: Any, temperature: float, axis: int = -1) -> Any:
     return klx.kl_divergence(
-        t, s, p_form="logits", q_form="logits", temperature=temperature, reduction="batchmean"
+        t,
+        s,
+        p_form="logits",
+        q_form="logits",
+        temperature=temperature,
+        reduction="batchmean",
+        axis=axis,
     )
 
 
 def cases(backend: str, device: str, args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    rows, vocab, T = args.rows, args.vocab, args.temperature
+    rows, vocab, T, ax = args.rows, args.vocab, args.temperature, args.axis
+    shape = (rows, vocab) if ax == -1 else (vocab, rows)
     if backend == "torch":
         import torch
         import torch.nn.functional as F
 
         dtype = getattr(torch, args.dtype)
         g = torch.Generator(device=device).manual_seed(0)
-        t = torch.randn(rows, vocab, generator=g, device=device).to(dtype)
-        s = torch.randn(rows, vocab, generator=g, device=device).to(dtype)
+        t = torch.randn(*shape, generator=g, device=device).to(dtype)
+        s = torch.randn(*shape, generator=g, device=device).to(dtype)
         s.requires_grad_(args.backward)
 
         def eager(a: Any, b: Any) -> Any:
-            lp, lq = F.log_softmax(a / T, -1), F.log_softmax(b / T, -1)
-            return F.kl_div(lq, lp, reduction="batchmean", log_target=True)
+            lp, lq = F.log_softmax(a / T, ax), F.log_softmax(b / T, ax)
+            return F.kl_div(lq, lp, reduction="sum", log_target=True) / rows
 
-        fns: dict[str, Any] = {"klx": lambda: _klx(t, s, T), "torch eager": lambda: eager(t, s)}
+        fns: dict[str, Any] = {
+            "klx": lambda: _klx(t, s, T, ax),
+            "torch eager": lambda: eager(t, s),
+        }
         if not args.no_compile:
             compiled = torch.compile(eager)
             fns["torch.compile"] = lambda: compiled(t, s)
@@ -64,6 +75,8 @@ def cases(backend: str, device: str, args: argparse.Namespace) -> tuple[dict[str
             fns["Liger LigerKLDIVLoss"] = lambda: liger(
                 F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
             )
+            if ax != -1:  # Liger's kernel takes rows along the last axis only
+                del fns["Liger LigerKLDIVLoss"]
         except ImportError:
             pass
         if args.backward:
@@ -75,15 +88,15 @@ def cases(backend: str, device: str, args: argparse.Namespace) -> tuple[dict[str
         import jax.numpy as jnp
 
         k1, k2 = jax.random.split(jax.random.key(0))
-        t = jax.random.normal(k1, (rows, vocab), dtype=getattr(jnp, args.dtype))
-        s = jax.random.normal(k2, (rows, vocab), dtype=getattr(jnp, args.dtype))
+        t = jax.random.normal(k1, shape, dtype=getattr(jnp, args.dtype))
+        s = jax.random.normal(k2, shape, dtype=getattr(jnp, args.dtype))
 
         def formula(a: Any, b: Any) -> Any:
-            lp = jax.nn.log_softmax(a.astype(jnp.float32) / T, -1)
-            lq = jax.nn.log_softmax(b.astype(jnp.float32) / T, -1)
-            return jnp.sum(jnp.exp(lp) * (lp - lq)) / a.shape[0]
+            lp = jax.nn.log_softmax(a.astype(jnp.float32) / T, ax)
+            lq = jax.nn.log_softmax(b.astype(jnp.float32) / T, ax)
+            return jnp.sum(jnp.exp(lp) * (lp - lq)) / rows
 
-        f_klx = jax.jit(lambda a, b: _klx(a, b, T))
+        f_klx = jax.jit(lambda a, b: _klx(a, b, T, ax))
         f_ref = jax.jit(formula)
         dot = jax.jit(lambda a, b: jnp.vdot(a, b))
         return {"jax.jit(klx)": lambda: f_klx(t, s), "jax.jit(formula)": lambda: f_ref(t, s)}, (
@@ -92,16 +105,16 @@ def cases(backend: str, device: str, args: argparse.Namespace) -> tuple[dict[str
     import numpy as np
 
     rng = np.random.default_rng(0)
-    t = rng.standard_normal((rows, vocab), dtype=np.float32)
-    s = rng.standard_normal((rows, vocab), dtype=np.float32)
+    t = rng.standard_normal(shape, dtype=np.float32)
+    s = rng.standard_normal(shape, dtype=np.float32)
 
     def np_formula() -> Any:
         from scipy.special import log_softmax
 
-        lp, lq = log_softmax(t / T, -1), log_softmax(s / T, -1)
+        lp, lq = log_softmax(t / T, ax), log_softmax(s / T, ax)
         return np.sum(np.exp(lp) * (lp - lq)) / rows
 
-    return {"klx": lambda: _klx(t, s, T), "numpy/scipy formula": np_formula}, (
+    return {"klx": lambda: _klx(t, s, T, ax), "numpy/scipy formula": np_formula}, (
         lambda: np.dot(t.reshape(-1), s.reshape(-1))
     )
 
@@ -122,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     ap.add_argument("--dtype", default="float32", help="logits dtype")
     ap.add_argument("--temperature", type=float, default=2.0, help="softmax temperature")
+    ap.add_argument(
+        "--axis",
+        type=int,
+        choices=(0, -1),
+        default=-1,
+        help="the vocabulary axis: -1 (rows, vocab) or 0 (vocab, rows)",
+    )
     ap.add_argument("--backward", action="store_true", help="time forward plus backward (torch)")
     ap.add_argument(
         "--backends", nargs="*", default=None, help="numpy torch jax (None: every installed)"
@@ -167,7 +187,10 @@ def measure_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "backend": backend,
                     "device": device,
                     "impl": name,
-                    "shape": [args.rows, args.vocab],
+                    "shape": [args.rows, args.vocab]
+                    if args.axis == -1
+                    else [args.vocab, args.rows],
+                    "axis": args.axis,
                     "dtype": args.dtype,
                     "backward": args.backward,
                     "median_ms": t * 1e3,
