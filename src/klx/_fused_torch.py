@@ -138,7 +138,8 @@ def _closed_chunk(
     log M - KL(P || M)) and d/db = (1 - beta) Q (log Q - log M - KL(Q || M)). The hard
     term adds softmax(cap(zq)) - onehot(label); the softcap multiplies by 1 - tanh^2.
     Entries whose weight is 0 contribute 0 (as the definition says) through one guarded
-    difference. Fewer passes than autograd of the definition; written with max / exp /
+    difference. KL's value is the sum of the definition's terms ``p d + q - p`` (never
+    negative, exact near P = Q), not of ``p d``. Fewer passes than autograd of the definition; written with max / exp /
     sum (not ``torch.log_softmax``), so on DTensors sharded along the vocabulary the
     backward communicates by all-reduces only.
     """
@@ -156,14 +157,22 @@ def _closed_chunk(
         p = torch.exp(lp)
         dzp = dzq = None
         if spec.kind == "kl":
-            diff = torch.where(p == 0, 0.0, lp - lq)
-            soft = torch.sum(p * diff, -1)
+            # The definition's terms p (d + expm1(-d)) = p d + q - p >= 0: the rounding of
+            # the log-normalisers' difference (the whole KL near P = Q) enters squared.
+            q = torch.exp(lq)
+            zero = p == 0
+            diff = torch.where(zero, 0.0, lp - lq)
+            small = diff > -1.0
+            ds = torch.where(small, diff, 0.0)
+            terms = torch.where(small, p * (ds + torch.expm1(-ds)), p * diff + (q - p))
+            soft = torch.sum(torch.where(zero, q, terms), -1)
+            del terms, ds, small
             if want_p:
                 dzp = p * (diff - soft[:, None])
             del diff
             if want_q:
-                dzq = torch.exp(lq)
-                dzq -= p
+                dzq = q - p
+            del q
         else:  # js: the value by the definition (exactly 0 for P = Q, never negative)
             beta = dict(spec.options)["beta"]
             terms = divergence_terms("js")(

@@ -653,6 +653,31 @@ def test_kl_of_a_student_close_to_its_teacher_is_accurate_and_never_negative(bac
     np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
+@pytest.mark.backends("torch", reason="torch's closed-form chunks (softcap, with gradients)")
+@pytest.mark.parametrize("noise", [1e-3 / 8, 1e-2])
+def test_closed_form_chunks_near_p_equal_q(backend, noise):
+    """Issue 22 item 1 (its CPU half): the chunks that serve a softcap with gradients (and
+    a hard term, DTensors) summed p d: a 'sum' 0.7% off at a student within 1e-3 of its
+    teacher. They sum the definition's terms p d + q - p now."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(64, 32)).astype(np.float32)
+    w = (rng.normal(size=(4096, 32)) / 6).astype(np.float32)
+    wq = w + np.float32(noise) * rng.normal(size=w.shape).astype(np.float32)
+    cap = 30.0
+    z_p = cap * np.tanh(h.astype(np.float64) @ w.T.astype(np.float64) / cap)
+    z_q = cap * np.tanh(h.astype(np.float64) @ wq.T.astype(np.float64) / cap)
+    lp, lq = special.log_softmax(z_p, axis=-1), special.log_softmax(z_q, axis=-1)
+    want = np.sum(np.exp(lp) * (lp - lq))
+    args = [backend.asarray(a, "float32") for a in (h, w, h, wq)]
+    args[3].requires_grad_(True)
+    got = klx.fused_linear_divergence(*args, softcap=cap, reduction="sum", chunk_size=1)
+    got.backward()
+    assert args[3].grad is not None and bool(torch.isfinite(args[3].grad).all())
+    assert abs(float(got.detach()) - want) <= 2e-5 * want
+
+
 @pytest.mark.backends("torch", reason="the torch chunks' hard-term gradient")
 @pytest.mark.parametrize("kind", ["kl", "js", "tvd"])
 def test_float64_hard_term_gradient_is_float64_accurate(backend, kind):
