@@ -9,6 +9,7 @@ the reason, whether asked for or not.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections import defaultdict
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import settings
 
 from support import backends as bk
+from support.gpu_math import approximate_exp
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import conformance_report
@@ -99,6 +101,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             reason = "; ".join(f"{n}: {w}" for n, w in _SKIPPED.items()) or "no backend loaded"
         params = [pytest.param(None, id="none", marks=pytest.mark.skip(reason=reason))]
     metafunc.parametrize("backend", params, scope="session")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_exp_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TRITON_INTERPRET=1 every kernel meets the GPU's approximate float32 ``exp``
+    (support/gpu_math.py), not NumPy's correctly rounded one."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and _TRITON:
+        approximate_exp(monkeypatch)
+
+
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.fixture(scope="session")

@@ -219,14 +219,6 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
         devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if len(devices) == 1:
             notes.append(_torch_gpu_note(torch.__version__, torch.version.cuda))
-        elif importlib.util.find_spec("triton") is None:
-            notes.append(
-                _note(
-                    "klx's Triton kernels",
-                    "triton is not installed",
-                    "to check them: pip install triton",
-                )
-            )
         out = []
         for dev in devices:
             sync = torch.cuda.synchronize if dev != "cpu" else nop
@@ -514,13 +506,7 @@ def run(
             if progress is not None:
                 progress.write(f"klx.check: checking {lib.name} on {lib.device} ... ")
                 progress.flush()
-            serving = [
-                r
-                for r in registry.ACCELERATORS
-                if accelerators_on
-                and r.library == lib.name
-                and (not r.devices or lib.device_type in r.devices)
-            ]
+            serving = _serving(registry, lib, notes) if accelerators_on else []
             paths: list[Any] = [None, *serving]  # None: the definition
             timings: dict[str, float] = {}  # the definition's and the peer's, once each
             rows: list[Row] = []
@@ -542,6 +528,28 @@ def run(
                 progress.flush()
             start = time.perf_counter()
     return report, notes
+
+
+def _serving(registry: Any, lib: _Library, notes: list[str]) -> list[Any]:
+    """The accelerators that serve `lib`'s arrays on its device. One that needs a library
+    that is not installed (Triton for CUDA torch on Windows) is not available: a note says
+    so, with what to install, instead of a failed row."""
+    rows = []
+    for r in registry.ACCELERATORS:
+        if r.library != lib.name or (r.devices and lib.device_type not in r.devices):
+            continue
+        missing = [m for m in r.requires if not registry._importable(m)]
+        if missing:
+            note = _note(
+                f"{r.name} on {lib.device}",
+                f"not available: needs {', '.join(missing)}, which is not installed",
+                f"to check it: pip install {' '.join(missing)}",
+            )
+            if note not in notes:
+                notes.append(note)
+            continue
+        rows.append(r)
+    return rows
 
 
 def _check(

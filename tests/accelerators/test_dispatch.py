@@ -387,6 +387,41 @@ def test_torch_cpu_rows_need_numpy(backend, monkeypatch):
     assert ("torch-cpu-blocked", "needs numpy, which is not installed") in report.refused
 
 
+def test_cuda_torch_without_triton_is_not_available_with_its_reason(backend, monkeypatch):
+    """Issue 22 item 8: CUDA torch without Triton (Windows, some containers) reached the
+    Triton rows, whose first-use check then 'disagreed with the definition'. A missing
+    optional library is a refusal naming it, and no check runs."""
+    row = ROWS["triton-rows-from-logits"]
+    _route(row, backend)
+    monkeypatch.setitem(registry._IMPORTABLE, "triton", False)
+    fn, args, kwargs = _claimed_call(row, backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no AcceleratorWarning
+        report = klx.explain(fn, *args, **kwargs)
+    assert report.chosen == "definition", str(report)
+    assert (row.name, "needs triton, which is not installed") in report.refused
+    x, y = _kl_div_inputs(np.random.default_rng(9), (4, 16))
+    report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
+    assert ("triton-kl-div", "needs triton, which is not installed") in report.refused
+    assert not registry.checked(), "no first-use check ran"
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.5, 0.99])
+def test_triton_js_serves_the_weights_of_its_direct_forms(backend, beta):
+    """The kernels take the definition's direct forms, exact for weights in [1/16, 15/16]
+    (float32 JS at beta = 1e-9 needs the logaddexp forms: the definition serves it)."""
+    row = ROWS["triton-rows-from-logits"]
+    _route(row, backend)
+    _, args, kwargs = _claimed_call(row, backend)
+    report = klx.explain(klx.js_divergence, *args, beta=beta, **kwargs)
+    if 1 / 16 <= beta <= 15 / 16:
+        assert report.chosen == row.name, str(report)
+    else:
+        assert report.chosen != row.name
+        why = dict(report.refused)[row.name]
+        assert why.startswith(f"serves weights in [0.0625, 0.9375], not beta = {beta:g}")
+
+
 def test_remembered_choices_follow_the_gates(backend):
     """A call signature's remembered row never outlives what its gates read: turning the
     accelerators off, gradients, another dtype or layout, and the device alias."""

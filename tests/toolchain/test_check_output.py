@@ -235,3 +235,24 @@ def test_validation_on_does_not_fail_the_checks_own_inputs(backend):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ERROR" not in done.stdout.split("Columns:")[0]
     assert "numpy-blocked" in done.stdout
+
+
+def test_a_path_whose_library_is_missing_is_not_available_not_failed(monkeypatch):
+    """Issue 22 item 8: CUDA torch without Triton marked both Triton rows as errors and
+    exited 1. They are not available, with what to install; the other rows are checked."""
+    from klx import check
+    from klx._accel import registry
+
+    monkeypatch.setitem(registry._IMPORTABLE, "triton", False)
+    lib = check._Library("torch", "cuda:0", None, None, None, ("float32",), "cuda")
+    notes: list[str] = []
+    rows = check._serving(registry, lib, notes)
+    assert not any(r.name.startswith("triton") for r in rows)
+    assert notes == [
+        f"{name} on cuda:0: not available: needs triton, which is not installed. To check "
+        "it: pip install triton"
+        for name in ("triton-kl-div", "triton-rows-from-logits")
+    ]
+    monkeypatch.setitem(registry._IMPORTABLE, "triton", True)
+    names = {r.name for r in check._serving(registry, lib, [])}
+    assert names == {"triton-kl-div", "triton-rows-from-logits"}

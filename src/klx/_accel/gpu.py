@@ -16,8 +16,11 @@ __all__ = ["cupy_kl_div", "triton_kl_div", "triton_rows"]
 
 
 def _reduce(call: Any, total: Any) -> Any:
+    """The sum `total` divided as the reduction says, in `total`'s dtype (the accumulation
+    dtype), then cast to the result's."""
     div = reduction_divisor(call.reduction, call.shape, call.first)
-    return total if div == 1.0 else divide(total, div)
+    out = total if div == 1.0 else divide(total, div)
+    return call.xp.astype(out, call.dtype, copy=False)
 
 
 def triton_kl_div(call: Any) -> Any:
@@ -26,7 +29,8 @@ def triton_kl_div(call: Any) -> Any:
 
     if call.reduction == "none":
         return triton_kl.kl_div(call.input, call.target, "none", call.log_target)
-    return _reduce(call, triton_kl.kl_div(call.input, call.target, "sum", call.log_target))
+    total = triton_kl.kl_div(call.input, call.target, "sum", call.log_target, acc_out=True)
+    return _reduce(call, total)
 
 
 def cupy_kl_div(call: Any) -> Any:

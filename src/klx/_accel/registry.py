@@ -89,6 +89,8 @@ class Accelerator:
     probe: bool = True
     #: Modules it needs beyond the arrays' own library (e.g. NumPy for torch's CPU rows).
     requires: tuple[str, ...] = ()
+    #: The range of the mixture weight (JS's `beta`) served, or None for any.
+    weights: tuple[float, float] | None = None
     #: What it does, for the docs table.
     summary: str = field(default="", compare=False)
 
@@ -144,6 +146,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         dtypes=("float16", "bfloat16", "float32", "float64"),
         layout="rows",
         autograd=True,
+        requires=("triton",),
         summary="fused Triton kernels, forward and backward (never run on a GPU yet)",
     ),
     Accelerator(
@@ -224,8 +227,10 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         forms=(("logits", "logits"),),
         layout="rows",
         autograd=True,
-        summary="online log-sum-exp Triton kernels over the vocabulary: KL in one pass, "
-        "JS in two, with backward (never run on a GPU yet)",
+        requires=("triton",),
+        weights=(1.0 / 16.0, 15.0 / 16.0),
+        summary="Triton kernels over the vocabulary: log-sum-exps online, then the "
+        "definition's terms (two reads of each row), with backward (never run on a GPU yet)",
     ),
 )
 
@@ -407,6 +412,13 @@ def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
             return "serves distributions along the last axis only"
         if not isinstance(call.temperature, float):
             return "the temperature is an array (a traced or learned one), not a number"
+        beta = dict(call.options).get("beta")
+        if row.weights and beta is not None and not row.weights[0] <= beta <= row.weights[1]:
+            lo, hi = row.weights
+            return (
+                f"serves weights in [{lo:g}, {hi:g}], not beta = {beta:g} (the definition's "
+                "logaddexp forms serve it)"
+            )
     if not row.autograd and lib == "torch" and (a.requires_grad or b.requires_grad):
         return "inputs require gradients and it has no backward"
     for module in row.requires:
@@ -533,7 +545,7 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
     extra = (
         ()
         if operation == "kl_div"
-        else (call.kind, call.p_form, call.q_form, call.axis, type(call.temperature))
+        else (call.kind, call.p_form, call.q_form, call.axis, type(call.temperature), call.options)
     )
     return (
         operation,

@@ -1,14 +1,17 @@
 """KL(softmax(t / T) || softmax(s / T)) from logits in one pass: a Triton kernel for torch
 on CUDA, with an online log-sum-exp over vocabulary blocks.
 
-For each row the forward kernel reads both rows once and keeps, in float32 (float64 for
-float64 input), the running maxima, the running sums of exp, and the running sum of
-exp(t' - m) (t' - s'), with t' = t / T, s' = s / T, rescaled whenever a maximum grows. Then
+For each row the forward kernel reads both rows twice, in float32 (float64 for float64
+input): a pass of online log-sum-exps (running maxima and sums of exp, rescaled whenever a
+maximum grows), then the definition's terms (:func:`klx._agnostic.kl_terms`), with
+t' = t / T, s' = s / T, d = log p - log q = (t' - s') - (lse_t - lse_s):
 
-    KL = a / l_t - lse_t + lse_s,   a = sum e^(t'-m_t) (t' - s'),  l_t = sum e^(t'-m_t).
+    KL = sum p phi(-d),   phi(y) = expm1(y) - y >= 0   (p d + q - p where d <= -1).
 
-A rescale factor that underflows to 0 zeroes `a` (exactly: those terms' p is 0), so an
-early block where p > 0 = q (a = inf) does not turn into inf * 0 = NaN.
+Each term is >= 0, so the KL is never negative, and the rounding of lse_t - lse_s (about
+1e-6 of a float32 KL near P = Q, where the one-pass ``a / l_t - lse_t + lse_s`` lost every
+digit) enters only squared. ``phi`` is a polynomial for |y| < 1/2 (no exp: exact whatever
+the GPU's approximate ``exp`` does), ``exp(y) - 1 - y`` beyond.
 
 It writes one KL and the two log-sum-exps per row: the extra memory is proportional to
 the number of rows, never to the vocabulary. The backward kernel recomputes the
@@ -17,11 +20,17 @@ probabilities from the saved log-sum-exps and writes only the gradients asked fo
     dKL/ds = (q - p) / T,        dKL/dt = p (log p - log q - KL) / T.
 
 Rows whose incoming gradient is 0 (masked by ``where``) get exactly 0, even if they hold
-NaN. ``js_divergence`` from logits needs both log-sum-exps before its mixture M, so its kernel
-reads the rows twice (a pass of online log-sum-exps, then the terms) and keeps per row
-KL(P || M), KL(Q || M) and the two log-sum-exps; its backward kernel is one more pass:
+NaN. ``js_divergence`` from logits reads the rows twice the same way and takes the
+definition's terms (:func:`klx._agnostic.js_terms`): with r = log q - log p,
+u = log(m / p) = log1p((1 - beta) expm1(r)) and v = log(m / q) = log1p(beta expm1(-r)),
+each term is the Jensen gap -(beta p u + (1 - beta) q v) >= 0 (exactly 0 at P = Q). It
+keeps per row the JS, KL(P || M) = -sum p u, KL(Q || M) = -sum q v and the two
+log-sum-exps; its backward kernel is one more pass:
 
-    dJS/dt = beta p (log p - log m - KL(P || M)) / T,  likewise for s with (1 - beta), q.
+    dJS/dt = -beta p (u + KL(P || M)) / T,  dJS/ds = -(1 - beta) q (v + KL(Q || M)) / T.
+
+The weights are those of the definition's direct forms, [1/16, 15/16] (the dispatcher
+sends others to the definition's logaddexp forms).
 
 Layouts (:func:`accepts`): `t` and `s` are 2-D ``[rows, vocab]`` tensors of one shape,
 one dtype (float16, bfloat16, float32, float64) and one device, each row-major with a
@@ -53,12 +62,14 @@ import torch
 import triton
 import triton.language as tl
 
+from klx._accel import triton_kl
 from klx._accel.triton_kl import device_guard, first_order, no_vmap, row_major, same_floats, scalars
 
 __all__ = ["accepts", "js_rows_from_logits", "kl_rows_from_logits"]
 
 BLOCK_V = 2048
 NUM_WARPS = 8
+LAUNCH = {**triton_kl.LAUNCH, "num_warps": NUM_WARPS}
 
 
 def accepts(t: Any, s: Any) -> bool:
@@ -85,6 +96,56 @@ def _online_update(x, m, lse_sum, NEG_INF: tl.constexpr):
 def _rescale(a, alpha):
     """a * alpha, and 0 where alpha is 0 (the terms' p underflowed), even if a is inf."""
     return tl.where(alpha == 0, 0.0, a) * alpha
+
+
+@triton.jit
+def _phi_small(y):
+    """``(expm1(y) - y) / y^2`` for |y| <= 1/2: the Taylor series to 1/16!, whose first
+    term left out is below 3e-18 of the sum (float64's rounding; float32 needs only the
+    first eight, but the rest cost a few multiply-adds in a kernel that waits on memory).
+    Horner's rule, one coefficient 1/n! per line (a loop would round them to float32)."""
+    c = y * (1.0 / 20922789888000.0) + 1.0 / 1307674368000.0  # 1/16!, 1/15!
+    c = c * y + 1.0 / 87178291200.0  # 1/14!
+    c = c * y + 1.0 / 6227020800.0
+    c = c * y + 1.0 / 479001600.0
+    c = c * y + 1.0 / 39916800.0  # 1/11!
+    c = c * y + 1.0 / 3628800.0
+    c = c * y + 1.0 / 362880.0
+    c = c * y + 1.0 / 40320.0  # 1/8!
+    c = c * y + 1.0 / 5040.0
+    c = c * y + 1.0 / 720.0
+    c = c * y + 1.0 / 120.0  # 1/5!
+    c = c * y + 1.0 / 24.0
+    c = c * y + 1.0 / 6.0
+    return c * y + 0.5  # 1/2!
+
+
+@triton.jit
+def _phi(y):
+    """``expm1(y) - y >= 0``: the series near 0 (no cancellation, no ``exp``), else
+    ``exp(y) - 1 - y``."""
+    near = tl.abs(y) <= 0.5
+    ys = tl.where(near, y, 0.0)
+    far = tl.exp(tl.where(near, 0.0, y)) - 1.0 - y
+    return tl.where(near, ys * ys * _phi_small(ys), far)
+
+
+@triton.jit
+def _expm1(x):
+    """``expm1(x)``: ``x + phi(x)`` near 0, ``exp(x) - 1`` beyond."""
+    near = tl.abs(x) <= 0.5
+    xs = tl.where(near, x, 0.0)
+    return tl.where(near, xs + xs * xs * _phi_small(xs), tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(z):
+    """``log1p(z)`` for z > -1 (Kahan's: ``log(w) z / (w - 1)``, w = 1 + z, exact where
+    ``log`` is, as libdevice's is on the GPU); z where 1 + z rounds to 1."""
+    w = 1.0 + z
+    wm1 = w - 1.0
+    one = wm1 == 0.0
+    return tl.where(one, z, tl.log(w) * (z / tl.where(one, 1.0, wm1)))
 
 
 @triton.jit
@@ -184,28 +245,34 @@ def _forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     bt, lo = _row_start(row, st, VEC)
     ds = _shift(row * ss, bt, S_PHASE, VEC)
-    NEG_INF: tl.constexpr = float("-inf")
     zero = _zero(F64)
     inv_t = tl.load(scal_ptr).to(zero.dtype)
-    m_t = zero + NEG_INF
-    m_s = zero + NEG_INF
-    l_t = zero
-    l_s = zero
-    a = zero
+    lse_t, lse_s = _lse_pass(t_ptr, s_ptr, bt, lo, ds, vocab, inv_t, zero, BLOCK_V)
+    delta = lse_t - lse_s
+    kl = zero
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
-        m_t, alpha, e, l_t = _online_update(t, m_t, l_t, NEG_INF)
-        nil = e == 0  # a zero p contributes 0, whatever s is
-        diff = tl.where(nil, 0.0, t - tl.where(nil, 0.0, s))
-        a = _rescale(a, alpha) + tl.sum(e * diff, axis=0)
-        m_s, _, _, l_s = _online_update(s, m_s, l_s, NEG_INF)
-    lse_t = m_t + tl.log(l_t)
-    lse_s = m_s + tl.log(l_s)
-    kl = a / l_t - lse_t + lse_s
+        kl += tl.sum(_kl_terms(t, s, lse_t, lse_s, delta), axis=0)
     tl.store(out_ptr + row, kl)  # the caller's copy
     tl.store(kl_ptr + row, kl)  # the copy saved for backward
     tl.store(lse_t_ptr + row, lse_t)
     tl.store(lse_s_ptr + row, lse_s)
+
+
+@triton.jit
+def _kl_terms(t, s, lse_t, lse_s, delta):
+    """The definition's KL terms from logits: ``p phi(-d)`` where d > -1, ``p d + q - p``
+    where d <= -1 (no ``exp`` of a large -d), and q where p is 0 (a ``-inf`` logit, or
+    one whose p underflows). Outside the row (t = s = -inf) the term is 0."""
+    NEG_INF: tl.constexpr = float("-inf")
+    p = tl.exp(t - lse_t)
+    q = tl.exp(s - lse_s)
+    nil = (p == 0) | (t == NEG_INF)  # (a NaN row's lse makes p NaN, also outside it)
+    d = tl.where(nil, 0.0, (t - tl.where(nil, 0.0, s)) - delta)  # log p - log q
+    small = d > -1.0
+    ds = tl.where(small, d, 0.0)
+    term = tl.where(small, p * _phi(-ds), p * d + (q - p))
+    return tl.where(nil, q, term)
 
 
 @triton.jit(do_not_specialize=["vocab"])
@@ -244,14 +311,13 @@ def _backward_kernel(
         t, s, rel = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, lse_t, BLOCK_V)
         p = tl.exp(t - lse_t)
         q = tl.exp(s - lse_s)
-        nil = p == 0  # safe values there: never -inf - -inf
-        log_p = tl.where(nil, 0.0, t - lse_t)
-        log_q = tl.where(nil, 0.0, s) - lse_s
+        nil = (p == 0) | (t == float("-inf"))  # safe values there: never -inf - -inf
+        d = (t - tl.where(nil, 0.0, s)) - (lse_t - lse_s)  # log p - log q
         if NEED_S:
             gs = tl.where(dead, 0.0, g * (q - p) * inv_t)
             _block_store(gs_ptr, start + dg, rel, vocab, gs, BLOCK_V)
         if NEED_T:
-            gt = tl.where(nil, 0.0, g * p * (log_p - log_q - kl) * inv_t)
+            gt = tl.where(nil, 0.0, g * p * (tl.where(nil, 0.0, d) - kl) * inv_t)
             gt = tl.where(dead, 0.0, gt)
             _block_store(gt_ptr, start + dg, rel, vocab, gt, BLOCK_V)
 
@@ -282,32 +348,41 @@ def _lse_pass(
 
 
 @triton.jit
-def _js_block(t, s, lse_t, lse_s, log_beta, log_1mbeta, beta):
-    """Per element: p, q, safe log p, log q, log m, and the zero masks of beta p, (1-beta) q."""
+def _js_block(t, s, lse_t, lse_s, beta):
+    """Per element: p, q, the zero masks of beta p and (1 - beta) q, u = log(m / p) and
+    v = log(m / q) by the definition's direct forms (0 where a weight is 0), and q as
+    ``p e^r`` for the Jensen gap."""
     NEG_INF: tl.constexpr = float("-inf")
     p = tl.exp(t - lse_t)
     q = tl.exp(s - lse_s)
-    zp = (p * beta) == 0
-    zq = (q * (1.0 - beta)) == 0
-    log_p = tl.where(zp, 0.0, t - lse_t)
-    log_q = tl.where(zq, 0.0, s - lse_s)
-    a = tl.where(zp, NEG_INF, log_p + log_beta)
-    b = tl.where(zq, NEG_INF, log_q + log_1mbeta)
-    both = zp & zq
-    a = tl.where(both, 0.0, a)
-    b = tl.where(both, 0.0, b)
-    mx = tl.maximum(a, b)
-    log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
-    return p, q, zp, zq, log_p, log_q, log_m
+    zp = ((p * beta) == 0) | (t == NEG_INF)  # (a NaN row's lse makes p NaN, also outside)
+    zq = ((q * (1.0 - beta)) == 0) | (s == NEG_INF)
+    either = zp | zq
+    r = tl.where(
+        either, 0.0, (tl.where(either, 0.0, s) - tl.where(either, 0.0, t)) - (lse_s - lse_t)
+    )
+    # u directly where expm1(r) cannot overflow, else r + v; v likewise (the definition's).
+    em = _expm1(tl.minimum(r, 30.0))
+    u_direct = _log1p((1.0 - beta) * em)
+    v_direct = _log1p(beta * _expm1(-tl.maximum(r, -30.0)))
+    u = tl.where(r > 30.0, r + v_direct, u_direct)
+    v = tl.where(r < -30.0, u_direct - r, v_direct)
+    # Q's weight in the gap as p e^r: its first-order terms then cancel exactly against
+    # P's; an exp of its own (the GPU's is approximate) left 1e-6 / r of each term.
+    q_gap = tl.where(r > 30.0, q, p + p * em)
+    return p, q, zp, zq, u, v, q_gap
 
 
 @triton.jit
 def _js_scalars(scal_ptr, like):
-    """1/T, beta, log beta, log(1 - beta), in the accumulation dtype."""
+    """1/T, beta, log beta, log(1 - beta) (0 in place of -inf), in the accumulation dtype."""
     inv_t = tl.load(scal_ptr).to(like.dtype)
     beta = tl.load(scal_ptr + 1).to(like.dtype)
     log_beta = tl.load(scal_ptr + 2).to(like.dtype)
     log_1mbeta = tl.load(scal_ptr + 3).to(like.dtype)
+    # 0 for the log of a weight of 0: only terms whose weight is 0 read it (never 0 * -inf)
+    log_beta = tl.where(beta > 0.0, log_beta, 0.0)
+    log_1mbeta = tl.where(beta < 1.0, log_1mbeta, 0.0)
     return inv_t, beta, log_beta, log_1mbeta
 
 
@@ -315,6 +390,7 @@ def _js_scalars(scal_ptr, like):
 def _js_forward_kernel(
     t_ptr,
     s_ptr,
+    js_ptr,
     kl_pm_ptr,
     kl_qm_ptr,
     lse_t_ptr,
@@ -334,15 +410,26 @@ def _js_forward_kernel(
     zero = _zero(F64)
     inv_t, beta, log_beta, log_1mbeta = _js_scalars(scal_ptr, zero)
     lse_t, lse_s = _lse_pass(t_ptr, s_ptr, bt, lo, ds, vocab, inv_t, zero, BLOCK_V)
+    js = zero
     kl_pm = zero
     kl_qm = zero
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
-        p, q, zp, zq, log_p, log_q, log_m = _js_block(
-            t, s, lse_t, lse_s, log_beta, log_1mbeta, beta
-        )
-        kl_pm += tl.sum(tl.where(zp, 0.0, p * (log_p - log_m)), axis=0)
-        kl_qm += tl.sum(tl.where(zq, 0.0, q * (log_q - log_m)), axis=0)
+        p, q, zp, zq, u, v, q_gap = _js_block(t, s, lse_t, lse_s, beta)
+        a = p * beta
+        b = q * (1.0 - beta)
+        gap = -(a * u + (q_gap * (1.0 - beta)) * v)
+        gap = tl.where(gap < 0, 0.0, gap)  # a Jensen gap: >= 0 in exact arithmetic
+        # One weight 0: M is the other side alone, and the term is -b log(1 - beta) or
+        # -a log beta (a finite stand-in keeps 0 * -inf out where beta is 0 or 1).
+        only_q = -b * log_1mbeta
+        only_p = -a * log_beta
+        term = tl.where(zp, tl.where(zq, 0.0, only_q), tl.where(zq, only_p, gap))
+        js += tl.sum(term, axis=0)
+        # KL(P || M) = sum p log(p / m) = -sum p u (m = (1 - beta) q where beta p is 0)
+        kl_pm += tl.sum(tl.where(zp, 0.0, tl.where(zq, -p * log_beta, -p * u)), axis=0)
+        kl_qm += tl.sum(tl.where(zq, 0.0, tl.where(zp, -q * log_1mbeta, -q * v)), axis=0)
+    tl.store(js_ptr + row, js)
     tl.store(kl_pm_ptr + row, kl_pm)
     tl.store(kl_qm_ptr + row, kl_qm)
     tl.store(lse_t_ptr + row, lse_t)
@@ -372,7 +459,7 @@ def _js_backward_kernel(
     NEED_T: tl.constexpr,
     NEED_S: tl.constexpr,
 ):
-    """dJS/dt' = beta p (log p - log m - KL(P||M)); dJS/ds' likewise with (1 - beta), q."""
+    """dJS/dt' = -beta p (u + KL(P||M)); dJS/ds' = -(1 - beta) q (v + KL(Q||M))."""
     row = tl.program_id(0).to(tl.int64)
     bt, lo = _row_start(row, st, VEC)
     ds = _shift(row * ss, bt, S_PHASE, VEC)
@@ -386,15 +473,16 @@ def _js_backward_kernel(
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, rel = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, lse_t, BLOCK_V)
-        p, q, zp, zq, log_p, log_q, log_m = _js_block(
-            t, s, lse_t, lse_s, log_beta, log_1mbeta, beta
-        )
+        p, q, zp, zq, u, v, _ = _js_block(t, s, lse_t, lse_s, beta)
+        # log p - log m is -u, or -log beta where (1 - beta) q is 0; likewise for q
+        lpm = tl.where(zq, -log_beta, -u)
+        lqm = tl.where(zp, -log_1mbeta, -v)
         if NEED_T:
-            gt = tl.where(zp, 0.0, g * beta * p * (log_p - log_m - kl_pm) * inv_t)
+            gt = tl.where(zp, 0.0, g * beta * p * (lpm - kl_pm) * inv_t)
             gt = tl.where(dead, 0.0, gt)
             _block_store(gt_ptr, start + dg, rel, vocab, gt, BLOCK_V)
         if NEED_S:
-            gs = tl.where(zq, 0.0, g * (1.0 - beta) * q * (log_q - log_m - kl_qm) * inv_t)
+            gs = tl.where(zq, 0.0, g * (1.0 - beta) * q * (lqm - kl_qm) * inv_t)
             gs = tl.where(dead, 0.0, gs)
             _block_store(gs_ptr, start + dg, rel, vocab, gs, BLOCK_V)
 
@@ -455,7 +543,7 @@ def _launch(kernel: Any, t: torch.Tensor, s: torch.Tensor, *args: Any, **flags: 
             BLOCK_V=BLOCK_V,
             VEC=geo["VEC"],
             S_PHASE=geo["S_PHASE"],
-            num_warps=NUM_WARPS,
+            **LAUNCH,
             **extra,
             **flags,
         )
@@ -505,9 +593,13 @@ class _RowsFunction(torch.autograd.Function):
         ctx.save_for_backward(t, s, stats)
         ctx.params = params
 
+    #: The first row of the statistics that the backward kernel reads.
+    SAVED_FROM = 0
+
     @classmethod
     def _backward(cls, ctx: Any, g: torch.Tensor) -> list[Any]:
         t, s, stats = ctx.saved_tensors
+        stats = stats[cls.SAVED_FROM :]
         need = ctx.needs_input_grad[:2]
         fn = functools.partial(_rows_backward, cls.BACKWARD, cls.scalar_values(ctx.params), *need)
         return first_order(fn, need, t, s, stats, g)
@@ -536,6 +628,7 @@ class _KLRows(_RowsFunction):
 
 class _JSRows(_RowsFunction):
     BACKWARD = _js_backward_kernel
+    SAVED_FROM = 1  # after the JS itself
 
     @staticmethod
     def scalar_values(params: list[Any]) -> list[float]:
@@ -544,10 +637,10 @@ class _JSRows(_RowsFunction):
 
     @staticmethod
     def forward(t: torch.Tensor, s: torch.Tensor, temperature: float, beta: float) -> Any:
-        stats = _row_stats(t, 4)  # KL(P||M), KL(Q||M), lse_t, lse_s
+        stats = _row_stats(t, 5)  # JS, KL(P||M), KL(Q||M), lse_t, lse_s
         scal = scalars(_JSRows.scalar_values([temperature, beta]), stats.dtype, t.device)
         _launch(_js_forward_kernel, t, s, *stats, scal, F64=stats.dtype == torch.float64)
-        return beta * stats[0] + (1.0 - beta) * stats[1], stats
+        return stats[0].clone(), stats  # the caller's copy (it may modify it in place)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, _: Any) -> Any:

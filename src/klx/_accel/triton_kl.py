@@ -37,10 +37,17 @@ import torch
 import triton
 import triton.language as tl
 
+from klx._agnostic import reduction_divisor
+
 __all__ = ["accepts", "capturing", "kl_div"]
 
 BLOCK = 2048
 NUM_WARPS = 8
+#: Compile options of every launch. ``enable_fp_fusion`` (a * b + c as one FMA, rounded
+#: once) is given, not left to TRITON_DEFAULT_FP_FUSION: Triton 3.9 warns at every compile
+#: where it is unset (an error under pytest's ``filterwarnings = error``), and a later
+#: Triton changes its default, which would move results silently.
+LAUNCH = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -261,23 +268,22 @@ def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int, int, int]:
     return rows, cols, x.stride(0), y.stride(0), cols
 
 
-def _divisor(reduction: str, x: torch.Tensor) -> int:
-    if reduction == "mean":
-        return x.numel()
-    if reduction == "batchmean" and x.dim():
-        return x.shape[0]
-    return 1
+def _divisor(reduction: str, x: torch.Tensor) -> float:
+    """The rule of :func:`klx._agnostic.reduction_divisor`, for these equal-shape tensors."""
+    return reduction_divisor(reduction, tuple(x.shape), x.shape[0] if x.dim() else None)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
+def _forward(
+    x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool, acc_out: bool = False
+) -> torch.Tensor:
     rows, cols, sx, sy, so = _layout(x, y)
     tiles = rows * triton.cdiv(cols, BLOCK)
     f64 = x.dtype == torch.float64
-    flags = {"BLOCK": BLOCK, "LOG_TARGET": log_target, "F64": f64, "num_warps": NUM_WARPS}
+    flags = {"BLOCK": BLOCK, "LOG_TARGET": log_target, "F64": f64, **LAUNCH}
     if reduction == "none":
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if tiles:
@@ -292,7 +298,7 @@ def _forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool)
     if reduction in ("mean", "batchmean"):
         div = _divisor(reduction, x)
         total = total / div if div else total * float("nan")
-    return total.to(x.dtype)
+    return total if acc_out else total.to(x.dtype)
 
 
 def no_vmap(*_: Any) -> Any:
@@ -371,7 +377,7 @@ def _backward(
                 NEED_X=need_x,
                 NEED_Y=need_y,
                 F64=x.dtype == torch.float64,
-                num_warps=NUM_WARPS,
+                **LAUNCH,
             )
     return tuple(v for v in (gx, gy) if v is not None)
 
@@ -382,12 +388,14 @@ class _KLDiv(torch.autograd.Function):
     vmap = staticmethod(no_vmap)
 
     @staticmethod
-    def forward(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> Any:
-        return _forward(x, y, reduction, log_target)
+    def forward(
+        x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool, acc_out: bool
+    ) -> Any:
+        return _forward(x, y, reduction, log_target, acc_out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, y, reduction, log_target = inputs
+        x, y, reduction, log_target, _ = inputs
         ctx.save_for_backward(x, y)
         ctx.reduction = reduction
         ctx.log_target = log_target
@@ -397,10 +405,17 @@ class _KLDiv(torch.autograd.Function):
         x, y = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
         fn = functools.partial(_backward, ctx.reduction, ctx.log_target, *need)
-        return *first_order(fn, need, x, y, g), None, None
+        return *first_order(fn, need, x, y, g), None, None, None
 
 
-def kl_div(x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
-    """`kl_div` of two tensors that :func:`accepts` takes, with autograd."""
-    out: torch.Tensor = _KLDiv.apply(x, y, reduction, log_target)
+def kl_div(
+    x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool, acc_out: bool = False
+) -> torch.Tensor:
+    """`kl_div` of two tensors that :func:`accepts` takes, with autograd.
+
+    A reduced result is in `x`'s dtype, or with ``acc_out=True`` in the accumulation dtype
+    (float32 for float16 and bfloat16), for a caller that divides it before the cast (a
+    float16 'sum' of 512 x 512 terms overflows where its mean does not).
+    """
+    out: torch.Tensor = _KLDiv.apply(x, y, reduction, log_target, acc_out)
     return out
