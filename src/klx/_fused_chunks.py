@@ -33,6 +33,17 @@ LEAN_TEMPORARIES = 4
 #: 4096 x 512 x 32,000 (102 MiB of XLA temporaries at 128 tokens per chunk); 8, so 128
 #: tokens, which keeps the matrix products at full speed on a CPU.
 JAX_TEMPORARIES = 8
+#: The same for a chunk on CUDA whose KL or JS the Triton kernels take (no softcap): both
+#: logits, both logits gradients, and the kernels' per-row statistics (a few per token).
+TRITON_TEMPORARIES = 6
+#: On a CUDA device a chunk may take up to this much (and at most an eighth of the free
+#: memory): 128 MiB made chunks of 16 tokens at 8192 x 128256, whose matrix products read
+#: the whole 1 GB weight for 16 rows of hidden states each.
+CUDA_CHUNK_BYTES = 2 << 30
+#: The fewest tokens per chunk on a CUDA device where half its free memory holds them:
+#: matrix products of 256 rows keep an H100's tensor cores busy at H = 4096 (Liger Kernel
+#: picks 256 for 8192 x 4096 x 128256, ``next_pow2(cdiv(BT, cdiv(V, H)))``).
+CUDA_MIN_TOKENS = 256
 
 #: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
 _KINDS = {"kl": "kl", "js": "js", "skew_kl": "skew_kl", "tvd": "tv"}
@@ -52,17 +63,45 @@ class FusedSpec(NamedTuple):
 
 
 def chunk_size_for(
-    n_tokens: int, vocab: int, itemsize: int, temporaries: int = CHUNK_TEMPORARIES
+    n_tokens: int,
+    vocab: int,
+    itemsize: int,
+    temporaries: int = CHUNK_TEMPORARIES,
+    free_bytes: int | None = None,
 ) -> int:
-    """Tokens per chunk so one chunk's temporaries fit in :data:`CHUNK_BYTES`.
+    """Tokens per chunk so one chunk's temporaries fit in its budget.
 
-    ``CHUNK_BYTES // (temporaries * vocab * itemsize)``, rounded down to a multiple
-    of 8 (when at least 8), at least 1 and at most `n_tokens`.
+    ``budget // (temporaries * vocab * itemsize)``, rounded down to a multiple of 8 (when
+    at least 8), at least 1 and at most `n_tokens`. The budget is :data:`CHUNK_BYTES`; on
+    a CUDA device with `free_bytes` free, up to an eighth of them (at most
+    :data:`CUDA_CHUNK_BYTES`), and at least :data:`CUDA_MIN_TOKENS` tokens where half the
+    free memory holds them.
     """
-    rows = CHUNK_BYTES // max(1, temporaries * vocab * itemsize)
+    per_token = max(1, temporaries * vocab * itemsize)
+    budget = CHUNK_BYTES
+    if free_bytes is not None:
+        budget = max(budget, min(free_bytes // 8, CUDA_CHUNK_BYTES))
+    rows = budget // per_token
+    if free_bytes is not None:
+        rows = max(rows, min(CUDA_MIN_TOKENS, (free_bytes // 2) // per_token))
     if rows >= 8:
         rows -= rows % 8
     return max(1, min(max(n_tokens, 1), rows))
+
+
+def cuda_free_bytes(x: Array) -> int | None:
+    """The free memory of `x`'s CUDA device (torch), or None elsewhere (the CPU, JAX, a
+    traced call, or a torch whose CUDA cannot say)."""
+    if library_name(x) != "torch" or not bool(getattr(x, "is_cuda", False)):
+        return None
+    import torch
+
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return int(torch.cuda.mem_get_info(x.device)[0])
+    except (RuntimeError, AssertionError):  # pragma: no cover - a broken CUDA setup
+        return None
 
 
 def closed_form_kl(spec: FusedSpec) -> bool:
@@ -84,7 +123,15 @@ def plain_cpu_tensors(*arrays: Array | None) -> bool:
 def temporaries_for(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
     """How many [chunk, vocab] arrays a chunk of this call holds at its peak:
     :data:`LEAN_TEMPORARIES` for torch CPU's closed-form KL chunk, :data:`JAX_TEMPORARIES`
-    for JAX's, else :data:`CHUNK_TEMPORARIES`."""
+    for JAX's, :data:`TRITON_TEMPORARIES` where the Triton kernels take a CUDA chunk, else
+    :data:`CHUNK_TEMPORARIES`."""
+    if (
+        spec.kind in ("kl", "js")
+        and spec.softcap is None
+        and bool(getattr(q_hidden, "is_cuda", False))
+        and library_name(q_hidden) == "torch"
+    ):
+        return TRITON_TEMPORARIES
     if not closed_form_kl(spec):
         return CHUNK_TEMPORARIES
     if plain_cpu_tensors(q_hidden, q_weight):

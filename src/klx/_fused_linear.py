@@ -47,10 +47,12 @@ from klx._fused_chunks import (
     CHUNK_TEMPORARIES,
     JAX_TEMPORARIES,
     LEAN_TEMPORARIES,
+    TRITON_TEMPORARIES,
     FusedSpec,
     _Flat,
     _rows_by_chunks,
     chunk_size_for,
+    cuda_free_bytes,
     temporaries_for,
 )
 from klx._namespace import (
@@ -66,8 +68,10 @@ __all__ = [
     "CHUNK_TEMPORARIES",
     "JAX_TEMPORARIES",
     "LEAN_TEMPORARIES",
+    "TRITON_TEMPORARIES",
     "FusedSpec",
     "chunk_size_for",
+    "cuda_free_bytes",
     "fused_linear_divergence",
     "temporaries_for",
 ]
@@ -166,7 +170,11 @@ def fused_linear_divergence(
         itemsize)``, rounded down to a multiple of 8, with ``k = 4`` arrays for KL on
         torch CPU tensors without softcap or hard term (a closed form that overwrites
         the logits in place: 256 tokens at V = 32,000 in float32), ``k = 8`` for KL on
-        JAX (closed-form gradients: 128 tokens) and ``k = 16`` otherwise.
+        JAX (closed-form gradients: 128 tokens), ``k = 6`` where the Triton kernels take
+        a CUDA chunk (KL, JS) and ``k = 16`` otherwise. On a CUDA device the budget is up
+        to an eighth of its free memory (``torch.cuda.mem_get_info``, at most 2 GiB), with
+        at least 256 tokens where half the free memory holds them (8192 x 128256 float32
+        with 60 GB free: 696 tokens per chunk, where 128 MiB gave 16).
     labels : integer array, optional
         The tokens' labels (the token shape), for the hard term.
     hard_weight : float, optional
@@ -253,7 +261,8 @@ def fused_linear_divergence(
     check_temperature_range(spec.temperature, xp.finfo(acc))
     if chunk_size is None:
         temps = temporaries_for(spec, q_hidden, q_weight)
-        chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps)
+        free = cuda_free_bytes(q_hidden)
+        chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps, free)
     else:
         chunk = _check_chunk_size(chunk_size)
     keep = None
