@@ -22,10 +22,12 @@ checked (or on bad arguments). Needs NumPy (for the reference).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import textwrap
 import time
@@ -221,7 +223,9 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
             notes.append(_torch_gpu_note(torch.__version__, torch.version.cuda))
         out = []
         for dev in devices:
-            sync = torch.cuda.synchronize if dev != "cpu" else nop
+            # synchronize(dev): the plain call waits for the current device only, so a
+            # cuda:1 timing would stop its clock before cuda:1's kernels finished
+            sync = functools.partial(torch.cuda.synchronize, dev) if dev != "cpu" else nop
 
             def put_torch(a: Any, d: str, dev: str = dev) -> Any:
                 return torch.from_numpy(a.copy()).to(dev, getattr(torch, d))
@@ -245,7 +249,7 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
         import jax.numpy as jnp
 
         out = []
-        kinds = {d.platform for d in jax.devices()}
+        kinds = {d.platform for d in jax.devices()} | {"cpu"}
         if "gpu" not in kinds and "cuda" not in kinds:
             notes.append(
                 _note(
@@ -254,7 +258,10 @@ def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
                     'to check JAX on an NVIDIA GPU: pip install "jax[cuda12]"',
                 )
             )
-        for d in jax.devices()[:1] + [d for d in jax.devices()[1:] if d.platform != "cpu"][:1]:
+        # JAX's CPU (jax.devices() lists only the GPUs where jax[cuda] is installed) and
+        # its first accelerator, if any
+        accelerators = [d for d in jax.devices() if d.platform != "cpu"][:1]
+        for d in jax.devices("cpu")[:1] + accelerators:
 
             def put_jax(a: Any, dt: str, d: Any = d) -> Any:
                 return jax.device_put(jnp.asarray(a).astype(dt), d)
@@ -859,6 +866,14 @@ exit status: 0 when every check passed, 1 when one failed, 2 when nothing
 could be checked or the arguments are wrong."""
 
 
+def _jax_shares_the_gpu() -> None:
+    """JAX takes 75% of a GPU's memory when it starts, which would leave torch and CuPy
+    too little to be checked after it: the check's process asks it not to (unless the
+    caller set XLA_PYTHON_CLIENT_PREALLOCATE, or JAX is already running)."""
+    if "jax" not in sys.modules:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from the command line.
 
@@ -920,6 +935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     size = (args.size[0], args.size[1])
+    _jax_shares_the_gpu()
     rows, notes = run(args.libraries, args.repeat, size, None if args.quiet else sys.stderr)
     failed = [r for r in rows if r.status != "ok"]
     status = 2 if not rows else 1 if failed else 0

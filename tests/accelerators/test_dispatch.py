@@ -27,6 +27,7 @@ import pytest
 import klx
 from klx._accel import registry
 from support import reference
+from support.asserts import cuda_route
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {row.name: row for row in registry.ACCELERATORS}
@@ -70,25 +71,21 @@ def _claimed_call(row, backend):
     return fn, args, {"p_form": "logits", "q_form": "logits", "reduction": "none"}
 
 
-def _route(row, backend):
+def _route(row, backend, monkeypatch):
     """Make `row`'s device match `backend`'s arrays, or skip with the reason."""
     if row.library != backend.name:
         pytest.skip(f"row {row.name} serves {row.library} arrays; this run tests {backend.name}")
-    if "cuda" in row.devices and backend.name == "torch":
-        import torch
-
-        if not torch.cuda.is_available():
-            if importlib.util.find_spec("triton") is None:
-                pytest.skip("triton is not installed (the nox torch session installs it)")
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
-            registry.DEVICE_ALIASES["cpu"] = "cuda"  # CPU tensors to the CUDA rows
+    if backend.name == "torch":
+        if "cuda" in row.devices:
+            cuda_route(backend, monkeypatch)
+        elif row.devices and backend.device.type not in row.devices:
+            pytest.skip(f"row {row.name} serves {'/'.join(row.devices)} tensors, not cuda")
 
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_every_row_is_reached_from_the_public_api(name, backend, monkeypatch):
     row = ROWS[name]
-    _route(row, backend)
+    _route(row, backend, monkeypatch)
     module_name, _, function = row.implementation.partition(":")
     module = importlib.import_module(module_name)
     real = getattr(module, function)
@@ -121,7 +118,7 @@ def test_every_row_is_reached_from_the_public_api(name, backend, monkeypatch):
 def test_js_from_logits_reaches_its_triton_kernel(backend, monkeypatch):
     """The two-pass JS kernel serves klx.js_divergence from logits (it once never did)."""
     row = ROWS["triton-rows-from-logits"]
-    _route(row, backend)
+    _route(row, backend, monkeypatch)
     from klx._accel import triton_distill
 
     calls = []
@@ -341,10 +338,10 @@ def test_check_command_runs_and_writes_json(backend, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["triton-rows-from-logits", "triton-kl-div"])
-def test_sliced_rows_reach_the_triton_kernels_without_a_copy(name, backend):
+def test_sliced_rows_reach_the_triton_kernels_without_a_copy(name, backend, monkeypatch):
     """`logits[:, :-1]` (unit stride, a longer row stride) is a layout the kernels take."""
     row = ROWS[name]
-    _route(row, backend)
+    _route(row, backend, monkeypatch)
     rng = np.random.default_rng(7)
     full = [backend.asarray(rng.normal(size=(6, 301)), "float32") for _ in range(2)]
     t, s = (x[:, :-1] for x in full)
@@ -365,7 +362,7 @@ def test_sliced_rows_reach_the_triton_kernels_without_a_copy(name, backend):
 
 def test_cuda_graph_capture_takes_the_definition(backend, monkeypatch):
     row = ROWS["triton-kl-div"]
-    _route(row, backend)
+    _route(row, backend, monkeypatch)
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -392,7 +389,7 @@ def test_cuda_torch_without_triton_is_not_available_with_its_reason(backend, mon
     Triton rows, whose first-use check then 'disagreed with the definition'. A missing
     optional library is a refusal naming it, and no check runs."""
     row = ROWS["triton-rows-from-logits"]
-    _route(row, backend)
+    _route(row, backend, monkeypatch)
     monkeypatch.setitem(registry._IMPORTABLE, "triton", False)
     fn, args, kwargs = _claimed_call(row, backend)
     with warnings.catch_warnings():
@@ -407,11 +404,11 @@ def test_cuda_torch_without_triton_is_not_available_with_its_reason(backend, mon
 
 
 @pytest.mark.parametrize("beta", [0.01, 0.5, 0.99])
-def test_triton_js_serves_the_weights_of_its_direct_forms(backend, beta):
+def test_triton_js_serves_the_weights_of_its_direct_forms(backend, beta, monkeypatch):
     """The kernels take the definition's direct forms, exact for weights in [1/16, 15/16]
     (float32 JS at beta = 1e-9 needs the logaddexp forms: the definition serves it)."""
     row = ROWS["triton-rows-from-logits"]
-    _route(row, backend)
+    _route(row, backend, monkeypatch)
     _, args, kwargs = _claimed_call(row, backend)
     report = klx.explain(klx.js_divergence, *args, beta=beta, **kwargs)
     if 1 / 16 <= beta <= 15 / 16:
@@ -544,3 +541,81 @@ def test_broadcast_inputs_are_served_as_views(backend):
     assert report.chosen != "definition", str(report)
     want = reference.kl_div(x, np.broadcast_to(y[:1], x.shape), "sum", False)[0]
     np.testing.assert_allclose(backend.to_numpy(report.result), want, rtol=1e-13)
+
+
+def _triton_rows_call(backend, monkeypatch):
+    row = ROWS["triton-rows-from-logits"]
+    _route(row, backend, monkeypatch)
+    fn, args, kwargs = _claimed_call(row, backend)
+    return row, fn, args, kwargs
+
+
+def test_first_use_check_catches_a_kernel_wrong_only_near_p_equal_q(backend, monkeypatch):
+    """Issue 22 item 11: the 3 x 4 probe never reached the kernels' unmasked branch nor a
+    near-equal row, where the one-pass kernel lost every digit. The wide probe (a row
+    past one block, a student within 1e-3 of its teacher) catches an error of 1e-6."""
+    from klx._accel import triton_distill
+
+    _, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
+    real = triton_distill.kl_rows_from_logits
+    monkeypatch.setattr(triton_distill, "kl_rows_from_logits", lambda t, s, T: real(t, s, T) + 1e-6)
+    with pytest.warns(registry.AcceleratorWarning, match="a student within 1e-3 of its teacher"):
+        report = klx.explain(fn, *args, **kwargs)
+    assert report.chosen == "definition"
+
+
+def test_first_use_check_runs_the_backward_kernels_when_gradients_are_needed(backend, monkeypatch):
+    """With gradients the check's variant is its own, and it runs the backward kernels:
+    a backward 1% off is caught (the forward alone was checked before)."""
+    import torch
+
+    from klx._accel import triton_distill
+
+    class _Off(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.01 * g
+
+    row, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
+    klx.explain(fn, *args, **kwargs)  # the forward's check: passes
+    real = triton_distill.kl_rows_from_logits
+    monkeypatch.setattr(
+        triton_distill, "kl_rows_from_logits", lambda t, s, T: _Off.apply(real(t, s, T))
+    )
+    args = tuple(a.detach().clone().requires_grad_(True) for a in args)
+    with pytest.warns(registry.AcceleratorWarning, match="the gradient of"):
+        report = klx.explain(fn, *args, **kwargs)
+    assert report.chosen == "definition"
+    variants = sorted(k[3] for k in registry.checked() if k[0] == row.name)
+    assert variants == ["kl logits+logits", "kl logits+logits grad"]
+
+
+def test_each_kernel_variant_gets_its_own_first_use_check(backend, monkeypatch):
+    """kl_div's kernels are specialised on log_target and on 'none' against a sum: a
+    log_target=True call after a False one ran a kernel no check had seen."""
+    row = ROWS["triton-kl-div"]
+    _route(row, backend, monkeypatch)
+    x, y = _kl_div_inputs(np.random.default_rng(12), (4, 64))
+    with np.errstate(divide="ignore"):
+        log_y = np.log(y)
+    xt = backend.asarray(x, "float32")
+    for target, log_target in ((y, False), (log_y, True)):
+        for reduction in ("sum", "none"):
+            klx.kl_div(
+                xt, backend.asarray(target, "float32"), reduction=reduction, log_target=log_target
+            )
+    variants = sorted(k[3] for k, ok in registry.checked().items() if k[0] == row.name and ok)
+    assert variants == [
+        "log_target sum",
+        "log_target terms",
+        "probs_target sum",
+        "probs_target terms",
+    ]

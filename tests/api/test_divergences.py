@@ -217,3 +217,57 @@ def test_mixed_dtypes_promote_as_the_standard_says(backend, a, b, out):
         np.log(q).astype(a).astype(float), p.astype(b).astype(float), "sum", False
     )
     np.testing.assert_allclose(backend.to_numpy(klx.kl_div(x, y, reduction="sum")), ref, rtol=1e-6)
+
+
+def _near_rows(rng, rows, vocab, noise):
+    """Teacher and student logits, the student within `noise` of the teacher and shifted."""
+    t = rng.normal(scale=3.0, size=(rows, vocab))
+    return t, t + noise * rng.normal(size=(rows, vocab)) + 1.5
+
+
+def _near_reference(kind, form, t, s):
+    """float64 KL or JS (beta 1/2) per row, in forms without cancellation, of logits `t`,
+    `s` (normalised here) or of probabilities as given (summing to 1 only up to their
+    rounding: no renormalising, as klx and scipy's rel_entr take them)."""
+    from scipy.special import log_softmax, rel_entr
+
+    if form == "logits":
+        lp, lq = log_softmax(t, axis=-1), log_softmax(s, axis=-1)
+        p, q = np.exp(lp), np.exp(lq)
+        d = lp - lq
+        if kind == "kl":
+            return np.sum(p * (d + np.expm1(-d)), axis=-1)
+    else:
+        p, q = t, s
+        if kind == "kl":
+            return np.sum(rel_entr(p, q), axis=-1)
+        d = -np.log1p((q - p) / p)  # log(p / q), its q - p exact
+    u = np.log1p(0.5 * np.expm1(-d))  # log(m / p)
+    v = np.log1p(0.5 * np.expm1(d))  # log(m / q)
+    return np.sum(-(0.5 * p * u + 0.5 * q * v), axis=-1)
+
+
+@pytest.mark.parametrize("form", ["logits", "probs"])
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_near_equal_rows_on_every_backend(backend, dtype, kind, form, conformance):
+    """Issue 22 (the conformance matrix): a student within 1e-3 of its teacher, the common
+    case late in distillation and in RL, where a cancelling formula loses every digit.
+    Each value against float64 (relative to the value itself, not to a scale)."""
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(40)
+    t, s = _near_rows(rng, 4, 32000, 1e-3)
+    a, b = backend.asarray(t, dtype), backend.asarray(s, dtype)
+    if form == "probs":
+        a, b = (backend.asarray(softmax(backend.to_numpy(x), axis=-1), dtype) for x in (a, b))
+    want = _near_reference(kind, form, backend.to_numpy(a), backend.to_numpy(b))
+    fn = {"kl": klx.kl_divergence, "js": klx.js_divergence}[kind]
+    got = fn(a, b, p_form=form, q_form=form, reduction="none")
+    check_array(backend, got, a, dtype, (4,))
+    got = backend.to_numpy(got)
+    err = float(np.max(np.abs(got - want) / want))
+    tol = {"float32": 3e-4, "float64": 1e-12}[dtype]  # measured: 1.1e-4, 7.2e-14
+    conformance(f"{backend.id} {dtype} near P = Q ({form})", f"{kind} none", err, tol, value=got)
+    assert np.all(got >= 0)
+    assert err <= tol, err

@@ -14,6 +14,7 @@ import pytest
 from scipy import special
 
 import klx
+from support.asserts import cuda_route
 
 # --------------------------------------------------------------------------- reference
 
@@ -329,20 +330,7 @@ def test_cuda_chunks_take_the_triton_kernels(backend, kind, config, monkeypatch)
     kernels (forward and backward) serve it: values and gradients against the float64
     reference, with a mask, a temperature and the teacher's gradients too. Run here on
     CPU tensors seen as CUDA ones under TRITON_INTERPRET=1."""
-    import importlib.util
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("triton is not installed (the nox torch session installs it)")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
-        from klx._accel import registry
-
-        monkeypatch.setitem(registry.DEVICE_ALIASES, "cpu", "cuda")
-        registry.reset_checks()
+    cuda_route(backend, monkeypatch)
     from klx._accel import triton_distill
 
     calls = []

@@ -8,7 +8,7 @@ import os
 import array_api_compat
 import pytest
 
-__all__ = ["check_array", "triton_device"]
+__all__ = ["check_array", "cuda_route", "triton_device"]
 
 
 def check_array(backend, result, like, dtype, shape) -> None:
@@ -34,3 +34,24 @@ def triton_device() -> str:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run")
     return "cpu"
+
+
+def cuda_route(backend, monkeypatch) -> None:
+    """Let klx's CUDA paths serve this torch backend's tensors, or skip with the reason.
+
+    On the torch-cuda backend they do already. On the torch-cpu backend: where a CUDA
+    device exists the torch-cuda backend runs the test on it (skipped here, so a GPU host
+    never runs CUDA paths on CPU tensors); without one, CPU tensors are seen as CUDA ones
+    (the registry's test-only alias) with the kernels under TRITON_INTERPRET=1.
+    """
+    import torch
+
+    from klx._accel import registry
+
+    if backend.device.type == "cuda":
+        return
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA path: the torch-cuda backend runs it on the GPU")
+    triton_device()  # skips without triton or TRITON_INTERPRET=1
+    monkeypatch.setitem(registry.DEVICE_ALIASES, "cpu", "cuda")
+    registry.reset_checks()

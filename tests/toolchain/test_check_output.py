@@ -256,3 +256,46 @@ def test_a_path_whose_library_is_missing_is_not_available_not_failed(monkeypatch
     monkeypatch.setitem(registry._IMPORTABLE, "triton", True)
     names = {r.name for r in check._serving(registry, lib, [])}
     assert names == {"triton-kl-div", "triton-rows-from-logits"}
+
+
+@pytest.mark.backends("torch", reason="torch's devices as the check lists them")
+def test_each_gpu_timing_waits_for_its_own_device(backend, monkeypatch):
+    """Issue 22 item 10: torch.cuda.synchronize() waits for the current device only, so
+    cuda:1's timings stopped the clock before its kernels had finished."""
+    import torch
+
+    from klx import check
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    libs = check._devices(np, "torch", [])
+    assert [lib.device for lib in libs] == ["cpu", "cuda:0", "cuda:1"]
+    for lib in libs[1:]:
+        assert lib.sync.func is torch.cuda.synchronize and lib.sync.args == (lib.device,)
+
+
+@pytest.mark.backends("jax", reason="JAX's devices as the check lists them")
+def test_jax_on_the_cpu_is_checked_beside_its_gpu(backend, monkeypatch):
+    """With jax[cuda], jax.devices() lists the GPUs only: JAX's CPU was never checked."""
+    import jax
+
+    from klx import check
+
+    cpu = jax.devices("cpu")
+    gpu = types.SimpleNamespace(platform="gpu", __str__=lambda self: "cuda:0")
+    real = jax.devices
+    monkeypatch.setattr(jax, "devices", lambda kind=None: [gpu] if kind is None else real(kind))
+    libs = check._devices(np, "jax", notes := [])
+    assert [lib.device_type for lib in libs] == ["cpu", "cuda"]
+    assert libs[0].device == str(cpu[0])
+    assert not notes  # a GPU was found: no "JAX sees only cpu" note
+
+
+def test_the_check_keeps_jax_from_taking_the_gpu_memory():
+    """JAX preallocates 75% of a GPU's memory at start: the check asks it not to."""
+    code = (
+        "import os; os.environ.pop('XLA_PYTHON_CLIENT_PREALLOCATE', None)\n"
+        "from klx import check; check._jax_shares_the_gpu()\n"
+        "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["false"], run.stderr

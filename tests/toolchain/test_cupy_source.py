@@ -89,3 +89,29 @@ def test_cupy_float_kernel_stays_in_single_precision(backend, tmp_path):
     assert ".f64" not in bodies["terms_f32"]
     assert ".f64" in bodies["terms_f64"]
     assert ".u64" in bodies["terms_f32"] or ".s64" in bodies["terms_f32"]  # 64-bit index
+
+
+@pytest.mark.parametrize("n", [0, 1, 65535, 65536, 65537, 3 * 65536 + 5])
+def test_cupy_sums_are_split_into_partials_covering_every_element_once(n):
+    """Issue 22 item 5: CuPy reduces to one number on one thread block; klx reduces rows
+    of 65536 elements (one block each) and then the partials. Run on NumPy with a stand-in
+    for the ReductionKernel: every element counted once, in a fixed order."""
+    import numpy as np
+
+    from klx._accel.cupy_source import PARTIAL, partial_sums
+
+    calls = []
+
+    def reduce(x, y, flag, axis=None):
+        calls.append((x.shape, axis))
+        assert flag is True
+        return np.sum(x * y, axis=axis)
+
+    x = np.arange(n, dtype=np.float64)
+    y = np.ones(n)
+    parts = partial_sums(reduce, x, y, True, concat=np.concatenate)
+    assert float(np.sum(parts)) == float(np.sum(x))
+    whole = n // PARTIAL
+    assert parts.shape == (whole + (n % PARTIAL != 0 or whole == 0),)
+    if whole:
+        assert calls[0] == ((whole, PARTIAL), 1)

@@ -165,4 +165,4 @@ def test_readme_says_what_has_run_on_a_gpu():
     assert "never run on a GPU" in opening
     assert "Triton" in opening and "CuPy" in opening
     assert "python -m klx.check" in opening
-    assert "pytest --backend torch --backend cupy" in opening
+    assert "python -m benchmarks.gpu_check" in opening  # the one command (issue 22)

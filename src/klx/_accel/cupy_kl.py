@@ -1,6 +1,8 @@
 """CuPy kernels for :func:`klx.kl_div`: one ReductionKernel pass for the reductions, one
 ElementwiseKernel for 'none'. Both evaluate the definition of :mod:`klx._agnostic`
-element-wise; CuPy's reduction is a tree (no atomics), so results repeat bit for bit.
+element-wise; CuPy's reduction is a tree (no atomics), so results repeat bit for bit. A
+reduction to one number runs on one CuPy thread block, so the sum is taken as partial
+sums of 65536 elements each (many blocks), then the partials (``cupy.sum``).
 
 Status: written to CuPy's kernel types only, and **not yet run on a GPU** (no device was
 lent to the session that wrote it). The conformance suite runs it whenever a CUDA
@@ -14,7 +16,7 @@ from typing import Any
 
 import cupy
 
-from klx._accel.cupy_source import KL_TERM
+from klx._accel.cupy_source import KL_TERM, partial_sums
 
 __all__ = ["kl_div"]
 
@@ -43,7 +45,8 @@ def kl_div(x: Any, y: Any, reduction: str, log_target: bool) -> Any:
     """`kl_div` of two C-contiguous float32/float64 CuPy arrays of one shape and dtype."""
     if reduction == "none":
         return _TERMS(x, y, log_target)
-    total = _SUM(x.ravel(), y.ravel(), log_target)
+    parts = partial_sums(_SUM, x.ravel(), y.ravel(), log_target, concat=cupy.concatenate)
+    total = cupy.sum(parts)
     if reduction == "mean":
         return total / x.size if x.size else total * float("nan")
     if reduction == "batchmean" and x.ndim:

@@ -266,7 +266,7 @@ _BASE_CLASSES: dict[str, type] = {}
 DEVICE_ALIASES: dict[str, str] = {}
 
 #: Outcome of each first-use check: (row name, device, dtype) -> passed.
-_CHECKED: dict[tuple[str, str, str], bool] = {}
+_CHECKED: dict[tuple[str, str, str, str], bool] = {}
 #: Implementations that could not be imported: row name -> reason.
 _UNLOADABLE: dict[str, str] = {}
 
@@ -543,7 +543,7 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
     else:
         return None
     extra = (
-        ()
+        (call.log_target, call.reduction == "none")  # first-use variants (`_variant`)
         if operation == "kl_div"
         else (call.kind, call.p_form, call.q_form, call.axis, type(call.temperature), call.options)
     )
@@ -680,30 +680,44 @@ def _first_use(row: Accelerator, call: Any, ctx: _Context) -> str | None:
     """None if `row` passed (or needs no) first-use check on this device and dtype."""
     if not row.probe:
         return None
-    key = (row.name, _device_key(ctx), _dtype_name(ctx.a.dtype))
+    key = (row.name, _device_key(ctx), _dtype_name(ctx.a.dtype), _variant(row, call, ctx))
     ok = _CHECKED.get(key)
     if ok is None:
         fn = _implementation(row)
         if fn is None:
             return _UNLOADABLE[row.name]
         ok = _CHECKED[key] = _probe(row, fn, call, key)
-    return None if ok else f"failed its first-use check on {key[1]} {key[2]}"
+    return None if ok else f"failed its first-use check on {key[1]} {key[2]} ({key[3]})"
+
+
+def _variant(row: Accelerator, call: Any, ctx: _Context) -> str:
+    """What a row's kernels are specialised on, beyond device and dtype: each variant is
+    checked on its first use (a ``log_target=True`` call after a False one ran a kernel
+    that no check had seen). Gradients are part of it: their first use checks the
+    backward kernels too."""
+    if row.operation == "kl_div":
+        parts = ["log_target" if call.log_target else "probs_target"]
+        parts.append("terms" if call.reduction == "none" else "sum")
+    else:
+        parts = [call.kind, f"{call.p_form}+{call.q_form}"]
+    if ctx.lib == "torch" and (ctx.a.requires_grad or ctx.b.requires_grad):
+        parts.append("grad")
+    return " ".join(parts)
 
 
 def _probe(row: Accelerator, fn: Callable[[Any], Array], call: Any, key: tuple[str, ...]) -> bool:
     """Compare `fn` with the definition on small inputs like `call`'s; warn on a mismatch."""
     from klx._accel import probes
 
-    with _no_grad(row.library):
-        try:
-            bad = probes.mismatch(row, fn, call)
-        except Exception as exc:  # an accelerator that crashes is as wrong as a wrong one
-            bad = f"raised {type(exc).__name__}: {exc}"
+    try:
+        bad = probes.mismatch(row, fn, call, grad="grad" in key[3].split())
+    except Exception as exc:  # an accelerator that crashes is as wrong as a wrong one
+        bad = f"raised {type(exc).__name__}: {exc}"
     if bad is None:
         return True
     msg = (
         f"klx accelerator {row.name!r} disagreed with the array-API definition on "
-        f"{key[1]} {key[2]} in its first-use check ({bad}); klx uses the definition "
+        f"{key[1]} {key[2]} ({key[3]}) in its first-use check ({bad}); klx uses the definition "
         "there for the rest of this process. Please report this with the output of "
         "`python -m klx.check`."
     )
@@ -711,27 +725,13 @@ def _probe(row: Accelerator, fn: Callable[[Any], Array], call: Any, key: tuple[s
     return False
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _no_grad(lib: str) -> Any:
-    if lib == "torch":
-        return sys.modules["torch"].no_grad()
-    return _NullContext()
-
-
 def forget_choices() -> None:
     """Forget the rows chosen for calls seen so far (after changing :data:`_BY_KEY`)."""
     _SELECTED.clear()
 
 
-def checked() -> dict[tuple[str, str, str], bool]:
-    """The first-use checks made so far: (row, device, dtype) -> passed."""
+def checked() -> dict[tuple[str, str, str, str], bool]:
+    """The first-use checks made so far: (row, device, dtype, variant) -> passed."""
     return dict(_CHECKED)
 
 
