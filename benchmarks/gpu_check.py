@@ -587,7 +587,21 @@ def run(ctx: Context, names: list[str]) -> dict[str, Any]:
         result.setdefault("status", "ok")
         result["seconds"] = round(time.perf_counter() - start, 1)
         report[name] = result
+        _release(ctx)
     return report
+
+
+def _release(ctx: Context) -> None:
+    """Give back what a check's library keeps cached, so the next one has the GPU's memory
+    (torch's caching allocator, CuPy's pool)."""
+    import gc
+
+    gc.collect()
+    if ctx.device == "cuda":
+        _torch().cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -614,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(CHECKS), help="run these checks only")
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for gpu_check.json and .md")
     args = ap.parse_args(argv)
+    # JAX would take 75% of the GPU's memory when it starts (its check runs last)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     torch = _torch()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:

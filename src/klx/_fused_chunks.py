@@ -90,8 +90,8 @@ def chunk_size_for(
 
 
 def cuda_free_bytes(x: Array) -> int | None:
-    """The free memory of `x`'s CUDA device (torch), or None elsewhere (the CPU, JAX, a
-    traced call, or a torch whose CUDA cannot say)."""
+    """The free memory of `x`'s CUDA device (torch), rounded down to a power of two, or
+    None elsewhere (the CPU, JAX, a traced call, or a torch whose CUDA cannot say)."""
     if library_name(x) != "torch" or not bool(getattr(x, "is_cuda", False)):
         return None
     import torch
@@ -99,9 +99,12 @@ def cuda_free_bytes(x: Array) -> int | None:
     if torch.compiler.is_compiling():
         return None
     try:
-        return int(torch.cuda.mem_get_info(x.device)[0])
+        free = int(torch.cuda.mem_get_info(x.device)[0])
     except (RuntimeError, AssertionError):  # pragma: no cover - a broken CUDA setup
         return None
+    # a power of two at or below it: the chunk size (so the order of the sums, and the
+    # result's last bits) changes only when the free memory halves, not from call to call
+    return 1 << (free.bit_length() - 1) if free > 0 else 0
 
 
 def closed_form_kl(spec: FusedSpec) -> bool:
@@ -120,17 +123,27 @@ def plain_cpu_tensors(*arrays: Array | None) -> bool:
     )
 
 
+def _triton_serves(spec: FusedSpec, q_hidden: Array) -> bool:
+    """Whether the Triton rows kernels take this call's CUDA chunks: KL, or JS with a
+    weight of their direct forms, with no softcap or hard term, on plain CUDA tensors (a
+    DTensor takes the closed form; other chunks autograd of the definition)."""
+    beta = dict(spec.options).get("beta", 0.5)
+    return (
+        (spec.kind == "kl" or (spec.kind == "js" and 1.0 / 16.0 <= beta <= 15.0 / 16.0))
+        and spec.softcap is None
+        and spec.hard_weight == 0.0
+        and type(q_hidden).__module__ == "torch"
+        and type(q_hidden).__name__ == "Tensor"
+        and bool(getattr(q_hidden, "is_cuda", False))
+    )
+
+
 def temporaries_for(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
     """How many [chunk, vocab] arrays a chunk of this call holds at its peak:
     :data:`LEAN_TEMPORARIES` for torch CPU's closed-form KL chunk, :data:`JAX_TEMPORARIES`
     for JAX's, :data:`TRITON_TEMPORARIES` where the Triton kernels take a CUDA chunk, else
     :data:`CHUNK_TEMPORARIES`."""
-    if (
-        spec.kind in ("kl", "js")
-        and spec.softcap is None
-        and bool(getattr(q_hidden, "is_cuda", False))
-        and library_name(q_hidden) == "torch"
-    ):
+    if _triton_serves(spec, q_hidden):
         return TRITON_TEMPORARIES
     if not closed_form_kl(spec):
         return CHUNK_TEMPORARIES

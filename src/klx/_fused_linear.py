@@ -171,8 +171,10 @@ def fused_linear_divergence(
         torch CPU tensors without softcap or hard term (a closed form that overwrites
         the logits in place: 256 tokens at V = 32,000 in float32), ``k = 8`` for KL on
         JAX (closed-form gradients: 128 tokens), ``k = 6`` where the Triton kernels take
-        a CUDA chunk (KL, JS) and ``k = 16`` otherwise. On a CUDA device the budget is up
-        to an eighth of its free memory (``torch.cuda.mem_get_info``, at most 2 GiB), with
+        a CUDA chunk (KL, or JS with beta in [1/16, 15/16], without softcap or hard term)
+        and ``k = 16`` otherwise. On a CUDA device the budget is up to an eighth of its
+        free memory (``torch.cuda.mem_get_info`` rounded down to a power of two, so the
+        chunking repeats from call to call; at most 2 GiB), with
         at least 256 tokens where half the free memory holds them (8192 x 128256 float32
         with 60 GB free: 696 tokens per chunk, where 128 MiB gave 16).
     labels : integer array, optional

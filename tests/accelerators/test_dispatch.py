@@ -619,3 +619,20 @@ def test_each_kernel_variant_gets_its_own_first_use_check(backend, monkeypatch):
         "probs_target sum",
         "probs_target terms",
     ]
+
+
+def test_gradient_probe_under_no_grad_does_not_switch_the_kernel_off(backend, monkeypatch):
+    """A first call inside torch.no_grad() with inputs that require grad: no backward will
+    run, so none is checked (the review found the check's own autograd.grad raising there,
+    and the kernel off for the rest of the process)."""
+    import torch
+
+    row, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
+    args = tuple(a.detach().clone().requires_grad_(True) for a in args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert klx.explain(fn, *args, **kwargs).chosen == row.name
+        assert klx.explain(fn, *args, **kwargs).chosen == row.name  # grad: its own check
+    variants = sorted(k[3] for k, ok in registry.checked().items() if k[0] == row.name and ok)
+    assert variants == ["kl logits+logits", "kl logits+logits grad"]

@@ -623,3 +623,26 @@ def test_float16_mean_is_divided_before_the_cast(backend, reduction):
     want, _ = reference.kl_div(x16, y16, reduction, False)
     assert reference.kl_div(x16, y16, "sum", False)[0] > 65504  # past float16's largest
     np.testing.assert_allclose(float(got), want, rtol=2e-3)
+
+
+@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_a_row_of_minus_inf_logits_is_nan(backend, kind):
+    """A row whose logits are all -inf holds no distribution: NaN, as the definition says
+    (a review of the two-pass kernels found 1.0 for KL and 0.35 for JS)."""
+    import math
+
+    from klx._accel import triton_distill
+
+    torch = _torch()
+    inf = math.inf
+    t = torch.tensor([[-inf] * 5, [1.0, 2, 3, 4, 5], [1.0, 2, 3, 4, 5]], dtype=torch.float64)
+    s = torch.tensor([[1.0, 2, 3, 4, 5], [-inf] * 5, [0.0, 2, 1, 4, 3]], dtype=torch.float64)
+    t, s = t.to(triton_device()), s.to(triton_device())
+    with np.errstate(divide="ignore", invalid="ignore"):  # the interpreter's log(0)
+        if kind == "kl":
+            got = triton_distill.kl_rows_from_logits(t, s, 1.0)
+        else:
+            got = triton_distill.js_rows_from_logits(t, s, 1.0, 0.5)
+    got = got.cpu().numpy()
+    assert np.isnan(got[:2]).all() and np.isfinite(got[2]), got

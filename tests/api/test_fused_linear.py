@@ -832,3 +832,24 @@ def test_review_cases_on_torch(backend):
         *meta, labels=torch.tensor([0, 1, 7, 3]).to("meta"), hard_weight=0.5
     )
     assert out.device.type == "meta"
+
+
+def test_the_triton_budget_only_where_the_triton_kernels_serve():
+    """A review found JS with beta = 0.01 (the definition's autograd, 16 arrays), a hard
+    term and DTensors budgeted as the Triton route's 6 arrays: up to 2.7x the budget."""
+    from klx import _fused_chunks as fc
+
+    class FakeCuda:
+        is_cuda = True
+
+    FakeCuda.__module__, FakeCuda.__name__ = "torch", "Tensor"
+    h = FakeCuda()
+
+    def spec(kind="kl", beta=None, softcap=None, hard=0.0):
+        options = () if beta is None else (("beta", beta),)
+        return fc.FusedSpec(kind, options, 1.0, softcap, hard, -100)
+
+    assert fc.temporaries_for(spec(), h, None) == fc.TRITON_TEMPORARIES
+    assert fc.temporaries_for(spec("js", 0.5), h, None) == fc.TRITON_TEMPORARIES
+    for other in (spec("js", 0.01), spec(hard=0.3), spec(softcap=30.0), spec("tvd")):
+        assert fc.temporaries_for(other, h, None) == fc.CHUNK_TEMPORARIES, other

@@ -169,24 +169,27 @@ def _gradients(
     xp: Any, fn: Callable[[Any], Any], probe: Any, names: tuple[str, str], definition: Any
 ) -> list[tuple[str, Any, Any, float]]:
     """The gradients of both inputs through `fn` (its backward kernels) and through the
-    definition, of a weighted sum of the results (torch only)."""
+    definition, of a weighted sum of the results (torch only; grad mode on, whatever the
+    caller's)."""
     import torch
 
-    out = []
     leaves = {n: getattr(probe, n).detach().clone().requires_grad_(True) for n in names}
     grads = []
-    for impl in (fn, lambda c: definition(xp, c)):
-        call = probe._replace(**{n: v for n, v in leaves.items()})
-        result = impl(call)
-        if hasattr(call, "kind") and impl is fn:
-            result = _agnostic.finish_rows(xp, call, result)
-        weights = torch.linspace(0.5, 1.5, result.numel(), dtype=result.dtype, device=result.device)
-        grads.append(
-            torch.autograd.grad((result.reshape(-1) * weights).sum(), list(leaves.values()))
-        )
-    for name, g_fn, g_def in zip(names, grads[0], grads[1], strict=True):
-        out.append((f"the gradient of {name}", g_fn, g_def, 0.0))
-    return out
+    for impl, rows in ((fn, True), (lambda c: definition(xp, c), False)):
+        call = probe._replace(**leaves)
+        with torch.enable_grad():
+            result = impl(call)
+            if hasattr(call, "kind") and rows:
+                result = _agnostic.finish_rows(xp, call, result)
+            weights = torch.linspace(
+                0.5, 1.5, result.numel(), dtype=result.dtype, device=result.device
+            )
+            total = (result.reshape(-1) * weights).sum()
+            grads.append(torch.autograd.grad(total, list(leaves.values())))
+    return [
+        (f"the gradient of {name}", g_fn, g_def, 0.0)
+        for name, g_fn, g_def in zip(names, grads[0], grads[1], strict=True)
+    ]
 
 
 def _no_grad(probe: Any) -> Any:
@@ -214,7 +217,10 @@ def _verdict(xp: Any, checks: list[tuple[str, Any, Any, float]], dtype: Any) -> 
         special, err, scale = values[3 * i : 3 * i + 3]
         if special:
             return f"{what}: NaN or infinity where the definition has none, or the reverse"
-        tol = rel * scale if rel else 64 * eps * (1.0 + scale)
+        # the near-equal row: 1% of its value, plus two of the dtype's spacings there (a
+        # float16 result of 1e-7 is subnormal, its spacing 6e-8: no relative bound holds)
+        spacing = max(eps * scale, float(xp.finfo(dtype).smallest_normal) * eps)
+        tol = rel * scale + 2 * spacing if rel else 64 * eps * (1.0 + scale)
         if err > tol:
             return f"{what}: differs by {err:.3g} (tolerance {tol:.3g})"
     return None

@@ -701,7 +701,9 @@ def _variant(row: Accelerator, call: Any, ctx: _Context) -> str:
     else:
         parts = [call.kind, f"{call.p_form}+{call.q_form}"]
     if ctx.lib == "torch" and (ctx.a.requires_grad or ctx.b.requires_grad):
-        parts.append("grad")
+        torch = sys.modules["torch"]
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            parts.append("grad")  # (under no_grad no backward will run)
     return " ".join(parts)
 
 

@@ -149,6 +149,16 @@ def _log1p(z):
 
 
 @triton.jit
+def _defined(lse_t, lse_s):
+    """Whether the row holds two distributions (a row of ``-inf`` logits has none: its
+    values are NaN, as the definition's), and the log-sum-exps with 0 standing in where
+    not (so nothing computes ``-inf - -inf``)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    none = (lse_t == NEG_INF) | (lse_s == NEG_INF)
+    return none, tl.where(none, 0.0, lse_t), tl.where(none, 0.0, lse_s)
+
+
+@triton.jit
 def _zero(F64: tl.constexpr):
     """A scalar 0 of the accumulation dtype: float64 for float64 input, else float32."""
     if F64:
@@ -248,11 +258,13 @@ def _forward_kernel(
     zero = _zero(F64)
     inv_t = tl.load(scal_ptr).to(zero.dtype)
     lse_t, lse_s = _lse_pass(t_ptr, s_ptr, bt, lo, ds, vocab, inv_t, zero, BLOCK_V)
-    delta = lse_t - lse_s
+    none, lt, ls = _defined(lse_t, lse_s)
+    delta = lt - ls
     kl = zero
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
-        kl += tl.sum(_kl_terms(t, s, lse_t, lse_s, delta), axis=0)
+        kl += tl.sum(_kl_terms(t, s, lt, ls, delta), axis=0)
+    kl = tl.where(none, float("nan"), kl)
     tl.store(out_ptr + row, kl)  # the caller's copy
     tl.store(kl_ptr + row, kl)  # the copy saved for backward
     tl.store(lse_t_ptr + row, lse_t)
@@ -301,11 +313,11 @@ def _backward_kernel(
     bt, lo = _row_start(row, st, VEC)
     ds = _shift(row * ss, bt, S_PHASE, VEC)
     dg = _shift(row * sg, bt, G_PHASE, VEC)
-    lse_t = tl.load(lse_t_ptr + row)
-    lse_s = tl.load(lse_s_ptr + row)
+    none, lse_t, lse_s = _defined(tl.load(lse_t_ptr + row), tl.load(lse_s_ptr + row))
     kl = tl.load(kl_ptr + row)
     inv_t = tl.load(scal_ptr).to(lse_t.dtype)
     g = tl.load(g_ptr + row).to(lse_t.dtype)
+    g = tl.where(none, float("nan"), g)  # a row of -inf logits: NaN, as its value
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, rel = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, lse_t, BLOCK_V)
@@ -410,12 +422,13 @@ def _js_forward_kernel(
     zero = _zero(F64)
     inv_t, beta, log_beta, log_1mbeta = _js_scalars(scal_ptr, zero)
     lse_t, lse_s = _lse_pass(t_ptr, s_ptr, bt, lo, ds, vocab, inv_t, zero, BLOCK_V)
+    none, lt, ls = _defined(lse_t, lse_s)
     js = zero
     kl_pm = zero
     kl_qm = zero
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, _ = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, zero, BLOCK_V)
-        p, q, zp, zq, u, v, q_gap = _js_block(t, s, lse_t, lse_s, beta)
+        p, q, zp, zq, u, v, q_gap = _js_block(t, s, lt, ls, beta)
         a = p * beta
         b = q * (1.0 - beta)
         gap = -(a * u + (q_gap * (1.0 - beta)) * v)
@@ -429,7 +442,7 @@ def _js_forward_kernel(
         # KL(P || M) = sum p log(p / m) = -sum p u (m = (1 - beta) q where beta p is 0)
         kl_pm += tl.sum(tl.where(zp, 0.0, tl.where(zq, -p * log_beta, -p * u)), axis=0)
         kl_qm += tl.sum(tl.where(zq, 0.0, tl.where(zp, -q * log_1mbeta, -q * v)), axis=0)
-    tl.store(js_ptr + row, js)
+    tl.store(js_ptr + row, tl.where(none, float("nan"), js))
     tl.store(kl_pm_ptr + row, kl_pm)
     tl.store(kl_qm_ptr + row, kl_qm)
     tl.store(lse_t_ptr + row, lse_t)
@@ -464,12 +477,12 @@ def _js_backward_kernel(
     bt, lo = _row_start(row, st, VEC)
     ds = _shift(row * ss, bt, S_PHASE, VEC)
     dg = _shift(row * sg, bt, G_PHASE, VEC)
-    lse_t = tl.load(lse_t_ptr + row)
-    lse_s = tl.load(lse_s_ptr + row)
+    none, lse_t, lse_s = _defined(tl.load(lse_t_ptr + row), tl.load(lse_s_ptr + row))
     kl_pm = tl.load(kl_pm_ptr + row)
     kl_qm = tl.load(kl_qm_ptr + row)
     inv_t, beta, log_beta, log_1mbeta = _js_scalars(scal_ptr, lse_t)
     g = tl.load(g_ptr + row).to(lse_t.dtype)
+    g = tl.where(none, float("nan"), g)  # a row of -inf logits: NaN, as its value
     dead = g == 0  # a row masked out by `where`: exactly 0, even if it holds NaN
     for start in range(lo, bt + vocab, BLOCK_V):
         t, s, rel = _load_block(t_ptr, s_ptr, start, bt, ds, vocab, inv_t, lse_t, BLOCK_V)
