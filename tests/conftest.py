@@ -20,7 +20,7 @@ import pytest
 from hypothesis import settings
 
 from support import backends as bk
-from support.gpu_math import approximate_exp
+from support.gpu_math import approximate_exp, fp32_float_arguments
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import conformance_report
@@ -104,11 +104,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _gpu_exp_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+def _gpu_arithmetic_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under TRITON_INTERPRET=1 every kernel meets the GPU's approximate float32 ``exp``
-    (support/gpu_math.py), not NumPy's correctly rounded one."""
+    and receives Python floats as float32 (support/gpu_math.py), as a compiled kernel
+    does, not NumPy's correctly rounded exp and Python's float64."""
     if os.environ.get("TRITON_INTERPRET") == "1" and _TRITON:
         approximate_exp(monkeypatch)
+        fp32_float_arguments(monkeypatch)
 
 
 _TRITON = importlib.util.find_spec("triton") is not None

@@ -82,6 +82,13 @@ def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> 
     entry (counted exactly): for a nearly one-hot distribution that mass is far below the
     rounding of 1, and ``log(1 + mass)`` would lose it.
     """
+    return _softmax_parts(xp, x, axis, temperature)[0]
+
+
+def _softmax_parts(xp: ModuleType, x: Array, axis: int, temperature: Any) -> tuple[Array, Array]:
+    """:func:`log_softmax` of `x`, and ``softmax`` itself from the same exponentials
+    (``exp(s) e^-lse``: one exponential per entry for both, where ``exp(log_softmax)``
+    took a second pass of them)."""
     shifted = x - xp.max(x, axis=axis, keepdims=True)
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
@@ -93,7 +100,8 @@ def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> 
     e = xp.exp(shifted)
     rest = sum_along(xp, xp.where(top, e - 1.0, e), axis, keepdims=True)
     ties = xp.sum(xp.astype(top, shifted.dtype), axis=axis, keepdims=True) - 1.0
-    return shifted - xp.log1p(rest + ties)
+    lse = xp.log1p(rest + ties)
+    return shifted - lse, e * xp.exp(-lse)
 
 
 def as_log(xp: ModuleType, x: Array, form: str, axis: int, temperature: Any) -> Array:

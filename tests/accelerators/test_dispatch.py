@@ -554,9 +554,9 @@ def test_first_use_check_catches_a_kernel_wrong_only_near_p_equal_q(backend, mon
     """Issue 22 item 11: the 3 x 4 probe never reached the kernels' unmasked branch nor a
     near-equal row, where the one-pass kernel lost every digit. The wide probe (a row
     past one block, a student within 1e-3 of its teacher) catches an error of 1e-6."""
+    _, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
     from klx._accel import triton_distill
 
-    _, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
     real = triton_distill.kl_rows_from_logits
     monkeypatch.setattr(triton_distill, "kl_rows_from_logits", lambda t, s, T: real(t, s, T) + 1e-6)
     with pytest.warns(registry.AcceleratorWarning, match="a student within 1e-3 of its teacher"):
@@ -567,6 +567,7 @@ def test_first_use_check_catches_a_kernel_wrong_only_near_p_equal_q(backend, mon
 def test_first_use_check_runs_the_backward_kernels_when_gradients_are_needed(backend, monkeypatch):
     """With gradients the check's variant is its own, and it runs the backward kernels:
     a backward 1% off is caught (the forward alone was checked before)."""
+    row, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
     import torch
 
     from klx._accel import triton_distill
@@ -584,7 +585,6 @@ def test_first_use_check_runs_the_backward_kernels_when_gradients_are_needed(bac
         def backward(ctx, g):
             return 1.01 * g
 
-    row, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
     klx.explain(fn, *args, **kwargs)  # the forward's check: passes
     real = triton_distill.kl_rows_from_logits
     monkeypatch.setattr(
@@ -625,9 +625,9 @@ def test_gradient_probe_under_no_grad_does_not_switch_the_kernel_off(backend, mo
     """A first call inside torch.no_grad() with inputs that require grad: no backward will
     run, so none is checked (the review found the check's own autograd.grad raising there,
     and the kernel off for the rest of the process)."""
+    row, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
     import torch
 
-    row, fn, args, kwargs = _triton_rows_call(backend, monkeypatch)
     args = tuple(a.detach().clone().requires_grad_(True) for a in args)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

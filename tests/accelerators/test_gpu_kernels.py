@@ -24,24 +24,15 @@ import pytest
 from support import reference
 from support.asserts import triton_device
 from support.distill import distill_logits, js_rows_and_gradients, kl_rows_and_gradients
+from support.gpu_math import fp32_float_arguments
 
 
 @pytest.fixture
 def gpu_float_args(monkeypatch):
-    """The interpreter with the GPU's handling of Python float arguments: fp32."""
+    """The interpreter with the GPU's handling of Python float arguments: fp32 (conftest
+    applies it to every test under TRITON_INTERPRET=1; these tests say so explicitly)."""
     triton = pytest.importorskip("triton")
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._implicit_cvt
-
-    def as_fp32(arg):
-        if isinstance(arg, float):
-            handle = interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32)
-            return tl.tensor(handle, tl.float32)
-        return original(arg)
-
-    monkeypatch.setattr(interpreter, "_implicit_cvt", as_fp32)
+    fp32_float_arguments(monkeypatch)
     return triton
 
 

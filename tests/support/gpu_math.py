@@ -1,4 +1,4 @@
-"""The GPU's float32 ``exp`` in Triton's interpreter.
+"""The GPU's float32 ``exp`` and float arguments in Triton's interpreter.
 
 On an NVIDIA GPU, Triton compiles a float32 ``tl.exp(x)`` to ``ex2.approx.f32`` of the
 float32 product ``x * log2(e)`` (see the PTX in tests/toolchain/test_triton_compile.py):
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["approximate_exp", "exp_like_a_gpu"]
+__all__ = ["approximate_exp", "exp_like_a_gpu", "fp32_float_arguments"]
 
 _LOG2E = np.float32(1.4426950408889634)
 #: ex2.approx.f32's largest relative error (PTX ISA: "maximum relative error 2^-22").
@@ -47,3 +47,20 @@ def approximate_exp(monkeypatch) -> None:
         return interpreter.TensorHandle(exp_like_a_gpu(arg.data), arg.dtype.scalar)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_exp", create_exp)
+
+
+def fp32_float_arguments(monkeypatch) -> None:
+    """Make Triton's interpreter pass a Python float argument to a kernel as float32, as a
+    compiled kernel receives it (the interpreter keeps Python's float64)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._implicit_cvt
+
+    def as_fp32(arg):
+        if isinstance(arg, float):
+            handle = interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32)
+            return tl.tensor(handle, tl.float32)
+        return original(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", as_fp32)

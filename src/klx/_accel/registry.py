@@ -217,6 +217,22 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         summary="each chunk (its distributions whole) by the NumPy row blocks (map_blocks)",
     ),
     Accelerator(
+        "jax-closed-form-kl",
+        "divergence",
+        "jax",
+        "klx._accel.traced:jax_kl_rows",
+        dtypes=("float16", "bfloat16", "float32", "float64"),
+        kinds=("kl",),
+        forms=(("logits", "logits"),),
+        layout="any",
+        eager_only=False,
+        autograd=True,
+        probe=False,
+        summary="the definition's value with its derivative in closed form (a "
+        "jax.custom_jvp: (q - p) / T and p (d - KL) / T), inside jax.jit and outside "
+        "(it is the definition, so it needs no first-use check)",
+    ),
+    Accelerator(
         "triton-rows-from-logits",
         "divergence",
         "torch",
