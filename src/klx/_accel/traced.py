@@ -32,11 +32,11 @@ def jax_kl_rows(call: Any) -> Any:
     xp, axis, temperature = call.xp, call.axis, call.temperature
     has_keep = call.keep is not None
 
-    @jax.custom_jvp
-    def rows(t: Any, s: Any, k: Any) -> Any:
+    def value(t: Any, s: Any, k: Any) -> Any:
         return divergence_rows(xp, call, t, s, k if has_keep else None)
 
-    @rows.defjvp
+    rows = jax.custom_jvp(value)  # (called, not as a decorator: typed where JAX is not)
+
     def rows_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
         t, s, k = primals
         dt, ds, _ = tangents
@@ -53,6 +53,7 @@ def jax_kl_rows(call: Any) -> Any:
             tangent = jnp.where(jnp.squeeze(k, axis=axis), tangent, 0.0)
         return out, tangent
 
+    rows.defjvp(rows_jvp)
     p = xp.astype(call.p, call.acc, copy=False)
     q = xp.astype(call.q, call.acc, copy=False)
     keep = call.keep if has_keep else jnp.zeros((), dtype=bool)
