@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from klx._agnostic import _softmax_parts, divergence_rows, mask_rows
+from klx._agnostic import _plain_log_softmax, divergence_rows, mask_rows
 
 __all__ = ["jax_kl_rows"]
 
@@ -43,8 +43,10 @@ def jax_kl_rows(call: Any) -> Any:
         out = rows(t, s, k)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, "logits"), mask_rows(xp, s, k, "logits")
-        log_p, p = _softmax_parts(xp, t, axis, temperature)
-        log_q, q = _softmax_parts(xp, s, axis, temperature)
+        # the plain log-softmax, as the value's terms take it (kl_terms)
+        log_p = _plain_log_softmax(xp, t, axis, temperature)
+        log_q = _plain_log_softmax(xp, s, axis, temperature)
+        p, q = jnp.exp(log_p), jnp.exp(log_q)
         zero = p == 0
         d = jnp.where(zero, 0.0, log_p - jnp.where(zero, 0.0, log_q))
         a = jnp.where(zero, 0.0, p * (d - jnp.expand_dims(out, axis)))
