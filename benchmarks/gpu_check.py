@@ -89,15 +89,17 @@ def _sync(ctx: Context) -> None:
         _torch().cuda.synchronize()
 
 
-def _timed(ctx: Context, fn: Callable[[], Any]) -> float:
-    """The median time of `fn` in milliseconds, after one warm-up call."""
+def _timed(ctx: Context, fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    """The median time of `fn` in milliseconds, after one warm-up call; `sync` waits for
+    the device (default: torch's, on CUDA)."""
+    wait = sync if sync is not None else lambda: _sync(ctx)
     fn()
-    _sync(ctx)
+    wait()
     times = []
     for _ in range(ctx.repeat):
         start = time.perf_counter()
         fn()
-        _sync(ctx)
+        wait()
         times.append(time.perf_counter() - start)
     times.sort()
     return 1e3 * times[len(times) // 2]
@@ -489,18 +491,10 @@ def check_cupy(ctx: Context) -> dict[str, Any]:
     def read() -> Any:
         return cupy.sum(x) + cupy.sum(y)
 
-    def timed(fn: Callable[[], Any]) -> float:
-        fn()
+    def sync() -> None:
         cupy.cuda.Device().synchronize()
-        times = []
-        for _ in range(ctx.repeat):
-            start = time.perf_counter()
-            fn()
-            cupy.cuda.Device().synchronize()
-            times.append(time.perf_counter() - start)
-        return 1e3 * sorted(times)[len(times) // 2]
 
-    ms, bound = timed(call), timed(read)
+    ms, bound = _timed(ctx, call, sync), _timed(ctx, read, sync)
     return {
         "status": "ok" if err < 1e-5 else "failed",
         "path": report.chosen,
