@@ -3,15 +3,20 @@ against the plain formula traced the same way (issue 24).
 
     python -m benchmarks.traced                    # every backend that traces (JAX, torch)
     python -m benchmarks.traced --quick            # smaller shapes
+    python -m benchmarks.traced --smoke            # tiny shapes: does every row trace?
     python -m benchmarks.traced --backends jax --load 1
 
-Each row is one traced call, values alone and values with gradients, timed in one
-process after compiling (compile time is not counted): klx against the plain formula a
-user would write without klx, on dense inputs, targets with 1/8 exact zeros, masks
-(``where=``) and a temperature. The ratio is klx's median over the formula's; the issue's
-targets are at most 1.15 for values and 1.2 with gradients. The formula has no guard (it
-is NaN at exact zeros against ``-inf``, and loses every digit near P = Q), so a ratio
-below 1 is not expected. Prints a Markdown table and writes traced.json to --out.
+Each row is one traced call, values alone and values with gradients (with respect to the
+student's input), timed in one process after compiling (compile time is not counted):
+klx against the plain formula a user would write without klx, on dense inputs, targets
+with 1/8 exact zeros, masks (``where=``) and a temperature, for kl_div, KL, JS, skew KL
+and TV from logits, the k3 estimator, a top-k sparse teacher and the fused-linear KL
+(whose torch call runs eagerly by design: compiled without ``fullgraph``). The ratio is
+klx's median over the formula's; the issue's targets are at most 1.15 for values and 1.2
+with gradients. The formula has no guard (it is NaN at exact zeros against ``-inf``, and
+loses every digit near P = Q), so a ratio below 1 is not expected. Prints a Markdown
+table and writes traced.json to --out. ``--smoke``: tiny shapes, one timing each (a
+check that every row traces, not a measurement).
 """
 
 from __future__ import annotations
@@ -33,17 +38,24 @@ import klx
 from benchmarks.cli import parser
 from benchmarks.timing import busy, load_average, median_time
 
-#: (name, kl_div shape, logits shape) per size.
+#: kl_div's shape, the logits' shape, (tokens, hidden, vocab) of the fused-linear rows, the
+#: top-k of the sparse rows and the sampled tokens of the estimator rows, per size.
 SIZES = {
-    "default": ((1024, 4096), (512, 32000)),
-    "quick": ((256, 4096), (64, 32000)),
+    "default": ((1024, 4096), (512, 32000), (512, 512, 8192), 64, 1 << 21),
+    "quick": ((256, 4096), (64, 32000), (128, 256, 4096), 16, 1 << 18),
+    "smoke": ((16, 64), (8, 256), (16, 16, 64), 4, 512),
 }
+#: Seconds of timing per call, and the most runs, per size (the smoke run checks the
+#: table and the JSON, not the figures).
+BUDGET = {"default": (2.0, 50), "quick": (1.0, 20), "smoke": (0.01, 2)}
 #: The targets: klx / formula at most this, for values and for values with gradients.
 TARGETS = {"value": 1.15, "grad": 1.2}
 
 
-def _inputs(np: Any, kl_shape: tuple[int, int], logit_shape: tuple[int, int]) -> dict[str, Any]:
-    """float32 NumPy inputs: kl_div's (log q, p), p with 1/8 zeros, and two logits."""
+def _inputs(np: Any, size: str) -> dict[str, Any]:
+    """float32 NumPy inputs: kl_div's (log q, p), p with 1/8 zeros, two logits, a top-k
+    teacher, per-token log-probabilities and the fused-linear rows' hidden states."""
+    kl_shape, logit_shape, (n, h, v), k, tokens = SIZES[size]
     rng = np.random.default_rng(0)
     q = rng.dirichlet(np.ones(kl_shape[1]), size=kl_shape[0])
     p = rng.dirichlet(np.ones(kl_shape[1]), size=kl_shape[0])
@@ -53,6 +65,10 @@ def _inputs(np: Any, kl_shape: tuple[int, int], logit_shape: tuple[int, int]) ->
     t = 2.0 * rng.normal(size=logit_shape)
     s = t + 0.5 * rng.normal(size=logit_shape)
     keep = rng.random(logit_shape[0]) > 0.125
+    top = np.argsort(-t, axis=-1)[:, :k]
+    lt = t - t.max(-1, keepdims=True)
+    lt -= np.log(np.exp(lt).sum(-1, keepdims=True))
+    lp_tok = -np.abs(rng.normal(size=tokens)) - 0.1
     f32 = np.float32
     return {
         "x": np.log(q).astype(f32),
@@ -61,7 +77,18 @@ def _inputs(np: Any, kl_shape: tuple[int, int], logit_shape: tuple[int, int]) ->
         "t": t.astype(f32),
         "s": s.astype(f32),
         "keep": keep,
+        "idx": top.astype(np.int64),
+        "lpv": np.take_along_axis(lt, top, -1).astype(f32),
+        "lq_tok": (lp_tok + 0.1 * rng.normal(size=tokens)).astype(f32),
+        "lp_tok": lp_tok.astype(f32),
+        "hs": rng.normal(size=(n, h)).astype(f32),
+        "ht": rng.normal(size=(n, h)).astype(f32),
+        "ws": (rng.normal(size=(v, h)) / np.sqrt(h)).astype(f32),
+        "wt": (rng.normal(size=(v, h)) / np.sqrt(h)).astype(f32),
     }
+
+
+# ---------------------------------------------------------------- klx's calls, one code
 
 
 def k_kl_div(x: Any, y: Any) -> Any:
@@ -82,19 +109,123 @@ def k_logits(s: Any, t: Any, temperature: float = 1.0, mask: Any = None) -> Any:
     )
 
 
-def _every_row(
-    add: Callable[..., None], f_kl_div: Any, f_logits: Any, arrays: tuple[Any, ...]
-) -> None:
-    """The rows of the table, each added (klx against the formula) by the backend's `add`."""
-    x, y, y0, s, t, keep = arrays
-    add(f"kl_div batchmean {tuple(x.shape)}", k_kl_div, f_kl_div, (x, y))
-    add("kl_div, 1/8 zero targets", k_kl_div, f_kl_div, (x, y0))
-    add(f"KL from logits {tuple(t.shape)}", k_logits, f_logits, (s, t))
+def k_js(s: Any, t: Any) -> Any:
+    """JS(P, Q) from logits (each its own function: torch.compile counts recompiles per
+    code object, and one closure for three divergences passed its limit of 8)."""
+    return klx.js_divergence(t, s, p_form="logits", q_form="logits", reduction="batchmean")
+
+
+def k_skew(s: Any, t: Any) -> Any:
+    """Skew KL(P || 0.1 P + 0.9 Q) from logits."""
+    return klx.skew_kl_divergence(
+        t, s, p_form="logits", q_form="logits", alpha=0.1, reduction="batchmean"
+    )
+
+
+def k_tv(s: Any, t: Any) -> Any:
+    """TV(P, Q) from logits."""
+    return klx.tv_distance(t, s, p_form="logits", q_form="logits", reduction="batchmean")
+
+
+def k_k3(lq: Any, lp: Any) -> Any:
+    """Schulman's k3 of KL(P || Q) from per-token log-probabilities, averaged."""
+    return klx.kl_estimate(lp, lq, estimator="k3", reduction="batchmean")
+
+
+def k_sparse(s: Any, idx: Any, lpv: Any) -> Any:
+    """KL of a top-k teacher (with its tail bin) against the student's logits."""
+    return klx.sparse_kl_divergence(idx, lpv, s, reduction="batchmean")
+
+
+def k_fused(hs: Any, ws: Any, ht: Any, wt: Any) -> Any:
+    """KL between two models' softmaxes from their hidden states, in chunks."""
+    return klx.fused_linear_divergence(ht, wt, hs, ws)
+
+
+# ------------------------------------------------------- the plain formulas, per library
+
+
+def _formulas(ops: Any) -> dict[str, Callable[..., Any]]:
+    """The formula of each row, from a library's ``log_softmax(x)``, ``gather(x, idx)``
+    (along the last axis), ``exp``, ``log``, ``abs``, ``sum(x, axis)``, ``where``."""
+    lsm, exp, log, total = ops.log_softmax, ops.exp, ops.log, ops.sum
+
+    def kl_div(x: Any, y: Any) -> Any:
+        return ops.kl_div(x, y)
+
+    def logits(s: Any, t: Any, temperature: float = 1.0, mask: Any = None) -> Any:
+        lp, lq = lsm(t / temperature), lsm(s / temperature)
+        rows = total(exp(lp) * (lp - lq), -1)
+        if mask is None:
+            return rows.mean()
+        return total(ops.where(mask, rows, 0.0), -1) / total(mask, -1)
+
+    def js(s: Any, t: Any) -> Any:
+        lp, lq = lsm(t), lsm(s)
+        p, q = exp(lp), exp(lq)
+        lm = log(0.5 * (p + q))
+        return (0.5 * total(p * (lp - lm), -1) + 0.5 * total(q * (lq - lm), -1)).mean()
+
+    def skew(s: Any, t: Any) -> Any:
+        lp, lq = lsm(t), lsm(s)
+        p = exp(lp)
+        return total(p * (lp - log(0.1 * p + 0.9 * exp(lq))), -1).mean()
+
+    def tv(s: Any, t: Any) -> Any:
+        return (0.5 * total(ops.abs(exp(lsm(t)) - exp(lsm(s))), -1)).mean()
+
+    def k3(lq: Any, lp: Any) -> Any:
+        r = lq - lp
+        return (exp(r) - 1.0 - r).mean()
+
+    def sparse(s: Any, idx: Any, lpv: Any) -> Any:
+        lq = ops.gather(lsm(s), idx)
+        p = exp(lpv)
+        p_tail = 1.0 - total(p, -1)
+        q_tail = 1.0 - total(exp(lq), -1)
+        rows = total(p * (lpv - lq), -1) + p_tail * (log(p_tail) - log(q_tail))
+        return rows.mean()
+
+    def fused(hs: Any, ws: Any, ht: Any, wt: Any) -> Any:
+        return logits(hs @ ws.T, ht @ wt.T)
+
+    return {
+        "kl_div": kl_div,
+        "logits": logits,
+        "js": js,
+        "skew": skew,
+        "tv": tv,
+        "k3": k3,
+        "sparse": sparse,
+        "fused": fused,
+    }
+
+
+def _every_row(add: Callable[..., None], f: dict[str, Callable[..., Any]], a: Any) -> None:
+    """The rows of the table, each added (klx against the formula) by the backend's `add`.
+    The first argument of each call is the one differentiated (the student's)."""
+    add(f"kl_div batchmean {tuple(a['x'].shape)}", k_kl_div, f["kl_div"], (a["x"], a["y"]))
+    add("kl_div, 1/8 zero targets", k_kl_div, f["kl_div"], (a["x"], a["y0"]))
+    add(f"KL from logits {tuple(a['t'].shape)}", k_logits, f["logits"], (a["s"], a["t"]))
     add(
         "KL from logits, T = 2, masked",
-        lambda a, b: k_logits(a, b, 2.0, keep),
-        lambda a, b: f_logits(a, b, 2.0, keep),
-        (s, t),
+        lambda s, t: k_logits(s, t, 2.0, a["keep"]),
+        lambda s, t: f["logits"](s, t, 2.0, a["keep"]),
+        (a["s"], a["t"]),
+    )
+    add("JS from logits", k_js, f["js"], (a["s"], a["t"]))
+    add("skew KL from logits, alpha 0.1", k_skew, f["skew"], (a["s"], a["t"]))
+    add("TV from logits", k_tv, f["tv"], (a["s"], a["t"]))
+    add(f"kl_estimate k3, {a['lq_tok'].shape[0]} tokens", k_k3, f["k3"], (a["lq_tok"], a["lp_tok"]))
+    k = a["idx"].shape[-1]
+    add(f"sparse KL, top-{k} teacher", k_sparse, f["sparse"], (a["s"], a["idx"], a["lpv"]))
+    n, h = a["hs"].shape
+    v = a["ws"].shape[0]
+    add(
+        f"fused-linear KL, {n} x {h} x {v}",
+        k_fused,
+        f["fused"],
+        (a["hs"], a["ws"], a["ht"], a["wt"]),
     )
 
 
@@ -103,20 +234,16 @@ def jax_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Callab
     import jax
     import jax.numpy as jnp
 
-    x, y, y0, t, s = (jnp.asarray(data[k]) for k in ("x", "y", "y0", "t", "s"))
-    keep = jnp.asarray(data["keep"])
-    n = x.shape[0]
+    arrays = {k: jnp.asarray(v) for k, v in data.items()}
 
-    def f_kl_div(x: Any, y: Any) -> Any:
-        return jnp.sum(jax.scipy.special.xlogy(y, y) - y * x) / n
+    class Ops:
+        log_softmax = staticmethod(lambda x: jax.nn.log_softmax(x, -1))
+        exp, log, abs, sum, where = jnp.exp, jnp.log, jnp.abs, jnp.sum, jnp.where
+        gather = staticmethod(lambda x, idx: jnp.take_along_axis(x, idx, -1))
 
-    def f_logits(s: Any, t: Any, temperature: float = 1.0, mask: Any = None) -> Any:
-        lp = jax.nn.log_softmax(t / temperature, -1)
-        lq = jax.nn.log_softmax(s / temperature, -1)
-        rows = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
-        if mask is None:
-            return jnp.mean(rows)
-        return jnp.sum(jnp.where(mask, rows, 0.0)) / jnp.sum(mask)
+        @staticmethod
+        def kl_div(x: Any, y: Any) -> Any:
+            return jnp.sum(jax.scipy.special.xlogy(y, y) - y * x) / x.shape[0]
 
     cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
 
@@ -126,34 +253,33 @@ def jax_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Callab
         kg, fg = jax.jit(jax.grad(k)), jax.jit(jax.grad(f))
         cases[f"{name} grad"] = (lambda: kg(*args), lambda: fg(*args))
 
-    _every_row(add, f_kl_div, f_logits, (x, y, y0, s, t, keep))
+    _every_row(add, _formulas(Ops), arrays)
     return cases
 
 
 def torch_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """name -> (klx, formula), each torch.compile(fullgraph=True) of the same call."""
+    """name -> (klx, formula), each torch.compile(fullgraph=True) of the same call (the
+    fused-linear call runs eagerly by design, a graph break: compiled without fullgraph)."""
     import torch
     import torch.nn.functional as F
 
-    x, y, y0, t, s = (torch.from_numpy(data[k]) for k in ("x", "y", "y0", "t", "s"))
-    keep = torch.from_numpy(data["keep"])
+    arrays = {k: torch.from_numpy(v) for k, v in data.items()}
 
-    def f_kl_div(x: Any, y: Any) -> Any:
-        return F.kl_div(x, y, reduction="batchmean")
+    class Ops:
+        log_softmax = staticmethod(lambda x: torch.log_softmax(x, -1))
+        exp, log, abs, sum, where = torch.exp, torch.log, torch.abs, torch.sum, torch.where
+        gather = staticmethod(lambda x, idx: torch.gather(x, -1, idx))
 
-    def f_logits(s: Any, t: Any, temperature: float = 1.0, mask: Any = None) -> Any:
-        lp = torch.log_softmax(t / temperature, -1)
-        lq = torch.log_softmax(s / temperature, -1)
-        if mask is None:
-            return F.kl_div(lq, lp, reduction="batchmean", log_target=True)
-        rows = F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
-        return torch.where(mask, rows, 0.0).sum() / mask.sum()
+        @staticmethod
+        def kl_div(x: Any, y: Any) -> Any:
+            return F.kl_div(x, y, reduction="batchmean")
 
     cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
 
     def add(name: str, k: Callable[..., Any], f: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        kc = torch.compile(k, fullgraph=True)
-        fc = torch.compile(f, fullgraph=True)
+        full = not name.startswith("fused")
+        kc = torch.compile(k, fullgraph=full)
+        fc = torch.compile(f, fullgraph=full)
         cases[f"{name} value"] = (lambda: kc(*args), lambda: fc(*args))
         leaf = args[0].clone().requires_grad_(True)
         rest = args[1:]
@@ -169,7 +295,7 @@ def torch_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Call
 
         cases[f"{name} grad"] = (grad_of(kc), grad_of(fc))
 
-    _every_row(add, f_kl_div, f_logits, (x, y, y0, s, t, keep))
+    _every_row(add, _formulas(Ops), arrays)
     return cases
 
 
@@ -179,15 +305,24 @@ CASES = {"jax": jax_cases, "torch": torch_cases}
 def measure(backends: list[str], size: str) -> list[dict[str, Any]]:
     import numpy as np
 
-    kl_shape, logit_shape = SIZES[size]
-    data = _inputs(np, kl_shape, logit_shape)
+    data = _inputs(np, size)
+    budget, runs = BUDGET[size]
     rows = []
     for backend in backends:
         for name, (k, f) in CASES[backend](data).items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tk = median_time(k, _sync(backend), budget_s=2.0, max_runs=50, warmup=3)[0]
-                tf = median_time(f, _sync(backend), budget_s=2.0, max_runs=50, warmup=3)[0]
+                tk, tf = (
+                    median_time(
+                        fn,
+                        _sync(backend),
+                        budget_s=budget,
+                        min_runs=min(5, runs),
+                        max_runs=runs,
+                        warmup=2,
+                    )[0]
+                    for fn in (k, f)
+                )
             kind = "grad" if name.endswith("grad") else "value"
             ratio = tk / tf
             rows.append(
@@ -229,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap: argparse.ArgumentParser = parser(__doc__)
     ap.add_argument("--backends", nargs="*", default=None, help="jax torch (default: both)")
     ap.add_argument("--quick", action="store_true", help="smaller shapes")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one timing: a check")
     ap.add_argument("--load", type=int, default=0, help="busy background processes while timing")
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for traced.json")
     args = ap.parse_args(argv)
@@ -236,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
     backends = args.backends or [b for b in CASES if importlib.util.find_spec(b) is not None]
     with busy(args.load):
-        rows = measure(backends, "quick" if args.quick else "default")
+        size = "smoke" if args.smoke else "quick" if args.quick else "default"
+        rows = measure(backends, size)
     print(f"load average {load_average():.1f}, {args.load} busy processes", file=sys.stderr)
     print(table(rows))
     out = Path(args.out)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from klx._backend_ops import sum_along
+from klx._backend_ops import expm1, sum_along
 
 if TYPE_CHECKING:
     from klx._call import DivergenceCall, KLDivCall
@@ -47,6 +47,7 @@ __all__ = [
     "kl_terms",
     "log_softmax",
     "mask_rows",
+    "plain_logs",
     "probabilities",
     "reduce_rows",
     "reduction_divisor",
@@ -120,9 +121,7 @@ def probabilities(xp: ModuleType, x: Array, form: str, axis: int, temperature: A
     return xp.exp(as_log(xp, x, form, axis, temperature))
 
 
-def weighted(
-    xp: ModuleType, x: Array, form: str, axis: int, temperature: Any, plain: bool = False
-) -> Weighted:
+def weighted(xp: ModuleType, x: Array, form: str, axis: int, temperature: Any) -> Weighted:
     """A distribution's weights, safe logs, and where its weight is exactly 0.
 
     For probabilities, the weight is 0 where ``p == 0``, and a negative ``p`` is
@@ -134,10 +133,7 @@ def weighted(
         outside = x < 0
         safe = xp.where(zero | outside, 1.0, x)
         return Weighted(safe, xp.log(safe), zero, outside, x)
-    if plain and form == "logits":
-        log_x = _plain_log_softmax(xp, x, axis, temperature)
-    else:
-        log_x = as_log(xp, x, form, axis, temperature)
+    log_x = as_log(xp, x, form, axis, temperature)
     zero = log_x == -math.inf
     safe_log = xp.where(zero, 0.0, log_x)
     return Weighted(xp.exp(safe_log), safe_log, zero, None, x)
@@ -175,8 +171,13 @@ def _outside_and_nan(xp: ModuleType, terms: Array, p: Weighted, q: Weighted) -> 
 def _nan(xp: ModuleType, w: Weighted) -> Array:
     """Where a distribution is NaN: a NaN given; in log space also a row that log_softmax
     made NaN (a ``+inf`` logit). Probabilities are read as given, not through their log,
-    which would tie the check to the log's pass (jax.jit of kl_div: 2.2 -> 3.6 ms)."""
-    return xp.isnan(w.given) if w.outside is not None else xp.isnan(w.log_w)
+    which would tie the check to the log's pass (jax.jit of kl_div: 2.2 -> 3.6 ms).
+
+    ``a != a`` rather than ``isnan``: the same values, but inductor's CPU code vectorises
+    the comparison and runs ``isnan`` element by element (torch.compile of kl_div at
+    1024 x 4096: 3.8 -> see benchmarks/RESULTS.md)."""
+    x = w.given if w.outside is not None else w.log_w
+    return x != x
 
 
 def kl_terms(
@@ -197,26 +198,99 @@ def kl_terms(
     gets ``q - p`` added: ``p (d + expm1(-d))`` with ``d = log p - log q``, which is
     ``>= 0`` term by term, so the KL is ``>= 0`` and loses nothing to cancellation.
     """
-    # Two logits: each term is p phi(-d) >= 0, in which an error c in the log-normalisers'
-    # difference enters as c^2 / 2 only (its first-order part sums to sum p - sum q = 0):
-    # the plain log-sum-exp, which rounds a mass below epsilon next to the maximum, serves
-    # (float32 [20, 0, 0, 0] against [19, 0, 0, 0] is still 4.4415e-9, as mpmath).
-    plain = p_form == q_form == "logits"
-    wp = weighted(xp, p, p_form, axis, temperature, plain)
-    wq = weighted(xp, q, q_form, axis, temperature, plain)
+    if p_form == q_form == "logits":
+        return _kl_logits_terms(xp, p, q, axis, temperature)
+    wp = weighted(xp, p, p_form, axis, temperature)
+    if q_form != "probs":
+        return _kl_log_q_terms(xp, wp, as_log(xp, q, q_form, axis, temperature))
+    wq = weighted(xp, q, q_form, axis, temperature)
     # p > 0 (however small) with q = 0 is +inf.
     infinite = wq.zero & ~wp.zero
-    d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")  # finite: from safe values
-    if p_form == q_form == "logits":
-        # d + expm1(-d) >= 0 where expm1 cannot overflow; p d + q - p (no cancellation) else.
-        small = d > -1.0
-        ds = xp.where(small, d, 0.0)
-        terms = xp.where(small, wp.w * (ds + xp.expm1(-ds)), wp.w * d + (wq.w - wp.w))
-        terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, wq.w), terms)  # (q.w is 1 at 0)
-    else:
-        terms = xp.where(wp.zero, 0.0, wp.w * d)
+    d = _log_ratio(xp, wp, wq, p_form == "probs")  # finite: from safe values
+    terms = xp.where(wp.zero, 0.0, wp.w * d)
     terms = xp.where(infinite, math.inf, terms)
     return _outside_and_nan(xp, terms, wp, wq)
+
+
+def _kl_log_q_terms(xp: ModuleType, wp: Weighted, log_q: Array) -> Array:
+    """``p (log p - log q)`` with ``log q`` as given (or from logits): the terms of
+    :func:`torch.nn.functional.kl_div`.
+
+    ``log q = -inf`` under ``p > 0`` makes the term ``+inf`` by itself, and its
+    derivatives torch's: ``-p`` in ``log q``, ``+inf`` in ``p``. A NaN in ``log q``
+    propagates by itself too, except where P is 0 (the term is 0), its weight underflows
+    to 0 (0, or ``+inf`` against ``q = 0``) or P is negative (``+inf``): there the value
+    is a constant, NaN where ``log q`` is, selected by masks that no derivative needs. So
+    the derivative in ``log q`` reads P alone: traced, the backward of ``kl_div`` reads
+    the target, as torch's does, and keeps no mask of the input (inductor stores a bool
+    tensor on the CPU at 1/30 of a float's speed).
+    """
+    terms = wp.w * (wp.log_w - log_q)  # safe p: 1 where P is 0 or negative
+    undefined = log_q != log_q
+    constant = xp.zeros_like(log_q)  # (no derivative: the values below are constants)
+    # P is 0, or positive with a weight that underflowed (log p = -150 in float32): the
+    # term is 0, or +inf against q = 0 (not 0 * inf), NaN where log q is.
+    vanished = wp.zero | (wp.w == 0)
+    infinite = (log_q == -math.inf) & ~wp.zero
+    fixed = xp.where(infinite, math.inf, constant)
+    terms = xp.where(vanished, xp.where(undefined, math.nan, fixed), terms)
+    if wp.outside is not None:  # a negative probability: +inf, as rel_entr
+        terms = xp.where(wp.outside, xp.where(undefined, math.nan, constant + math.inf), terms)
+    return terms
+
+
+class PlainLogs(NamedTuple):
+    """Both sides' log-probabilities from logits (the plain log-sum-exp), where each
+    weight is 0, and safe logs (0 there)."""
+
+    log_p: Array
+    log_q: Array
+    p_zero: Array
+    q_zero: Array
+    lp: Array
+    lq: Array
+
+
+def plain_logs(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> PlainLogs:
+    """:class:`PlainLogs` of two logits inputs: what KL's terms between logits and their
+    closed-form derivatives (``klx._accel.closed_forms``) start from."""
+    log_p = _plain_log_softmax(xp, p, axis, temperature)
+    log_q = _plain_log_softmax(xp, q, axis, temperature)
+    p_zero = log_p == -math.inf
+    q_zero = log_q == -math.inf
+    lp = xp.where(p_zero, 0.0, log_p)  # safe values where a weight is 0
+    lq = xp.where(q_zero, 0.0, log_q)
+    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq)
+
+
+def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> Array:
+    """KL terms between two sets of logits: ``p (d + expm1(-d))``, ``d = log p - log q``.
+
+    That is ``p d + q - p``, ``>= 0`` term by term, with no cancellation; where ``d <=
+    -1`` (where ``expm1(-d)`` could overflow) it is taken in that form. Both sides are
+    normalised by the plain log-sum-exp: its error c in ``log p - log q`` enters the sum
+    as ``c^2 / 2`` only (its first-order part sums to ``sum p - sum q = 0``), so it serves
+    where a one-sided KL would need the exact :func:`log_softmax` (float32 ``[20, 0, 0,
+    0]`` against ``[19, 0, 0, 0]`` is still 4.4415e-9, as mpmath).
+
+    ``d`` takes ``log q`` as given: ``q = 0`` under ``p > 0`` makes the term ``+inf`` by
+    itself, with the closed form's derivative ``-p`` in ``log q`` (the torch and JAX rows'
+    ``(q - p) / T``).
+    """
+    _, log_q, p_zero, q_zero, lp, lq = plain_logs(xp, p, q, axis, temperature)
+    pw, qw = xp.exp(lp), xp.exp(lq)
+    d = lp - log_q
+    small = d > -1.0
+    ds = xp.where(small, d, 0.0)
+    terms = xp.where(small, pw * (ds + expm1(xp, -ds)), pw * d + (qw - pw))
+    constant = xp.zeros_like(terms)  # (no derivative: the values below are constants)
+    # P positive but too small for the dtype (a logit 150 below the others in float32):
+    # 0, or +inf against q = 0 (not 0 * inf)
+    vanished = (pw == 0) & ~p_zero
+    terms = xp.where(vanished, xp.where(q_zero, math.inf, constant), terms)
+    terms = xp.where(p_zero, xp.where(q_zero, 0.0, qw), terms)
+    # a NaN logit (or a +inf one: NaN logs) is NaN, also on a side whose weight is 0
+    return xp.where((lp != lp) | (lq != lq), math.nan, terms)
 
 
 def js_terms(
@@ -274,14 +348,14 @@ def _mixture_logs(
     r = xp.where(zp | zq, 0.0, _log_ratio(xp, wq, wp, both_probs))
     if _MIDDLE <= w <= 1.0 - _MIDDLE:
         # u directly where expm1(r) cannot overflow, else r + v; v likewise.
-        u_direct = xp.log1p((1.0 - w) * xp.expm1(xp.where(r > _DIRECT, _DIRECT, r)))
-        v_direct = xp.log1p(w * xp.expm1(-xp.where(r < -_DIRECT, -_DIRECT, r)))
+        u_direct = xp.log1p((1.0 - w) * expm1(xp, xp.where(r > _DIRECT, _DIRECT, r)))
+        v_direct = xp.log1p(w * expm1(xp, -xp.where(r < -_DIRECT, -_DIRECT, r)))
         u = xp.where(r > _DIRECT, r + v_direct, u_direct)
         v = xp.where(r < -_DIRECT, u_direct - r, v_direct)
         return zp, zq, u, v
     near = xp.abs(r) <= 1.0
     rn = xp.where(near, r, 0.0)  # the untaken branch at a safe value: finite gradients
-    e = xp.expm1(rn)
+    e = expm1(xp, rn)
     u_near = xp.log1p((1.0 - w) * e)
     v_near = xp.log1p(-w * e / (1.0 + e))  # expm1(-r) = -e / (1 + e): one expm1 for both
     # u = logaddexp(log w, log(1 - w) + r) and v = logaddexp(log w - r, log(1 - w)) share
@@ -328,6 +402,12 @@ def skew_kl_terms(
     ``p = q``). Where P is positive and ``alpha > 0``, M >= alpha P > 0: every term is
     finite, whatever Q is (``-p log(alpha)`` where Q is 0). At ``alpha = 0`` the mixture is
     Q and these are the terms of :func:`kl_terms` exactly.
+
+    When both are logits (normalised here, so ``sum p = sum m = 1`` in exact arithmetic)
+    each term gets ``m - p = p expm1(u)`` added, as KL's get ``q - p``: ``p (expm1(u) -
+    u) >= 0`` (``(1 - alpha) q`` where P is 0), which loses nothing to cancellation. The
+    plain ``-p u`` are first order in ``log(q / p)`` and cancel in the sum: float32 logits
+    1e-3 apart gave a skew KL 72% off.
     """
     if alpha == 0.0:
         # M is Q: KL's own terms (+inf for p > 0 = q).
@@ -335,7 +415,13 @@ def skew_kl_terms(
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     zp, zq, u, _ = _mixture_logs(xp, wp, wq, alpha, p_form == q_form == "probs")
-    terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * _log(alpha), -wp.w * u))  # alpha > 0
+    if p_form == q_form == "logits":  # alpha > 0 below
+        gap = wp.w * (expm1(xp, u) - u)
+        only_p = wp.w * (alpha - 1.0 - _log(alpha))  # Q is 0: m - p = (alpha - 1) p
+        only_q = xp.where(zq, 0.0, (1.0 - alpha) * wq.w)
+        terms = xp.where(zp, only_q, xp.where(zq, only_p, gap))
+    else:
+        terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * _log(alpha), -wp.w * u))
     return _outside_and_nan(xp, terms, wp, wq)
 
 

@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from klx._agnostic import kl_terms, log_softmax, mask_rows, reduce_rows, shape_size
-from klx._backend_ops import take_along_axis
+from klx._backend_ops import expm1, take_along_axis
 from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
@@ -436,7 +436,7 @@ def log1mexp(xp: ModuleType, a: Array) -> Array:
     inside = near & (a < 0.0)
     a_near = xp.where(inside, a, -1.0)
     a_far = xp.where(near, -1.0, a)
-    out = xp.where(near, xp.log(-xp.expm1(a_near)), xp.log1p(-xp.exp(a_far)))
+    out = xp.where(near, xp.log(-expm1(xp, a_near)), xp.log1p(-xp.exp(a_far)))
     return xp.where(near & ~inside & ~xp.isnan(a), -math.inf, out)
 
 

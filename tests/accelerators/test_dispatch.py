@@ -395,7 +395,8 @@ def test_cuda_torch_without_triton_is_not_available_with_its_reason(backend, mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no AcceleratorWarning
         report = klx.explain(fn, *args, **kwargs)
-    assert report.chosen == "definition", str(report)
+    # the next row: the definition's value (with a closed-form derivative)
+    assert report.chosen == "torch-closed-form", str(report)
     assert (row.name, "needs triton, which is not installed") in report.refused
     x, y = _kl_div_inputs(np.random.default_rng(9), (4, 16))
     report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
@@ -561,7 +562,7 @@ def test_first_use_check_catches_a_kernel_wrong_only_near_p_equal_q(backend, mon
     monkeypatch.setattr(triton_distill, "kl_rows_from_logits", lambda t, s, T: real(t, s, T) + 1e-6)
     with pytest.warns(registry.AcceleratorWarning, match="a student within 1e-3 of its teacher"):
         report = klx.explain(fn, *args, **kwargs)
-    assert report.chosen == "definition"
+    assert report.chosen == "torch-closed-form"  # the definition's value
 
 
 def test_first_use_check_runs_the_backward_kernels_when_gradients_are_needed(backend, monkeypatch):
@@ -593,7 +594,7 @@ def test_first_use_check_runs_the_backward_kernels_when_gradients_are_needed(bac
     args = tuple(a.detach().clone().requires_grad_(True) for a in args)
     with pytest.warns(registry.AcceleratorWarning, match="the gradient of"):
         report = klx.explain(fn, *args, **kwargs)
-    assert report.chosen == "definition"
+    assert report.chosen == "torch-closed-form"  # the definition's value
     variants = sorted(k[3] for k in registry.checked() if k[0] == row.name)
     assert variants == ["kl logits+logits", "kl logits+logits grad"]
 

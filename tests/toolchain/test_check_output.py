@@ -255,7 +255,7 @@ def test_a_path_whose_library_is_missing_is_not_available_not_failed(monkeypatch
     ]
     monkeypatch.setitem(registry._IMPORTABLE, "triton", True)
     names = {r.name for r in check._serving(registry, lib, [])}
-    assert names == {"triton-kl-div", "triton-rows-from-logits"}
+    assert names == {"triton-kl-div", "triton-rows-from-logits", "torch-closed-form"}
 
 
 @pytest.mark.backends("torch", reason="torch's devices as the check lists them")

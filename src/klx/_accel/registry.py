@@ -80,9 +80,11 @@ class Accelerator:
     #: served (empty: every pair).
     kinds: tuple[str, ...] = ()
     forms: tuple[tuple[str, str], ...] = ()
-    #: Concrete arrays only: not under jax.jit, torch.compile, torch.func, CUDA-graph
-    #: capture or forward-mode AD.
-    eager_only: bool = True
+    #: The traces it serves besides concrete arrays: 'jax' (a JAX tracer: jax.jit, grad,
+    #: vmap) or 'torch.compile'. Empty: concrete arrays only (not under jax.jit,
+    #: torch.compile, torch.func, CUDA-graph capture or forward-mode AD). Its module is then
+    #: klx._accel.traced, imported by an import statement, which torch.compile traces.
+    traces: tuple[str, ...] = ()
     #: Whether inputs that require gradients may use it (it has a backward).
     autograd: bool = False
     #: Whether its first use on a (device, dtype) is checked against the definition.
@@ -217,19 +219,19 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         summary="each chunk (its distributions whole) by the NumPy row blocks (map_blocks)",
     ),
     Accelerator(
-        "jax-closed-form-kl",
+        "jax-closed-form",
         "divergence",
         "jax",
-        "klx._accel.traced:jax_kl_rows",
+        "klx._accel.traced:jax_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
-        kinds=("kl",),
+        kinds=("kl", "js", "skew_kl"),
         forms=(("logits", "logits"),),
         layout="any",
-        eager_only=False,
+        traces=("jax",),
         autograd=True,
         probe=False,
         summary="the definition's value with its derivative in closed form (a "
-        "jax.custom_jvp: (q - p) / T and p (d - KL) / T), inside jax.jit and outside "
+        "jax.custom_jvp; KL: (q - p) / T and p (d - KL) / T), inside jax.jit and outside "
         "(it is the definition, so it needs no first-use check)",
     ),
     Accelerator(
@@ -247,6 +249,22 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         weights=(1.0 / 16.0, 15.0 / 16.0),
         summary="Triton kernels over the vocabulary: log-sum-exps online, then the "
         "definition's terms (two reads of each row), with backward (never run on a GPU yet)",
+    ),
+    Accelerator(
+        "torch-closed-form",
+        "divergence",
+        "torch",
+        "klx._accel.traced:torch_rows",
+        dtypes=("float16", "bfloat16", "float32", "float64"),
+        kinds=("kl", "js", "skew_kl"),
+        forms=(("logits", "logits"),),
+        layout="any",
+        traces=("torch.compile",),
+        autograd=True,
+        probe=False,
+        summary="the definition's value with its derivative in closed form (a "
+        "torch.autograd.Function recomputing the log-softmaxes; KL: (q - p) / T and "
+        "p (d - KL) / T), eager and inside torch.compile; without gradients the definition",
     ),
 )
 
@@ -342,29 +360,39 @@ def _rows_layout(lib: str, x: Array) -> bool:
     return bool(x.stride(1) == 1 and x.stride(0) >= x.shape[1])
 
 
-def _traced(lib: str, a: Array, b: Array, device: str) -> str | None:
-    """Why the arrays' values cannot be used eagerly right now, or None."""
+class _Trace(NamedTuple):
+    """A trace the call is inside: its kind (a row's `traces` name it) and why the
+    arrays' values cannot be used eagerly."""
+
+    kind: str
+    why: str
+
+
+def _traced(lib: str, a: Array, b: Array, device: str) -> _Trace | None:
+    """The trace the call is inside, or None for concrete arrays."""
     if lib == "torch":
         torch = sys.modules["torch"]
         if torch.compiler.is_compiling():
-            return "inside torch.compile (inductor fuses the definition itself)"
+            return _Trace("torch.compile", "inside torch.compile (inductor fuses the definition)")
         if torch._C._functorch.maybe_current_level() is not None:
-            return "inside a torch.func transform"
+            return _Trace("torch.func", "inside a torch.func transform")
         fwd = sys.modules.get("torch.autograd.forward_ad")
         if fwd is not None and getattr(fwd, "_current_level", -1) >= 0:
-            return "inside forward-mode AD (torch.autograd.forward_ad)"
+            return _Trace("forward AD", "inside forward-mode AD (torch.autograd.forward_ad)")
         if (
             device == "cuda"
             and torch.cuda.is_available()
             and torch.cuda.is_current_stream_capturing()
         ):
             # a first launch loads the kernel's module, which capture forbids
-            return "during CUDA-graph capture"
+            return _Trace("CUDA graph", "during CUDA-graph capture")
         return None
     if lib == "jax":
         tracer = sys.modules["jax"].core.Tracer
         if isinstance(a, tracer) or isinstance(b, tracer):
-            return "a JAX tracer (inside jax.jit / grad / vmap: XLA fuses the definition)"
+            return _Trace(
+                "jax", "a JAX tracer (inside jax.jit / grad / vmap: XLA fuses the definition)"
+            )
     return None
 
 
@@ -375,7 +403,7 @@ class _Context(NamedTuple):
     b: Array
     lib: str
     device: str
-    traced: str | None
+    traced: _Trace | None
 
 
 def _context(call: Any) -> _Context:
@@ -397,12 +425,12 @@ def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
         return "accelerators are off (KLX_ACCELERATORS=0 or klx.set_accelerators(False))"
     if ctx.lib != lib:
         return f"serves {lib} arrays only"
-    if row.eager_only and ctx.traced:
-        return ctx.traced
+    if ctx.traced is not None and ctx.traced.kind not in row.traces:
+        return ctx.traced.why
     cls = _base_type(lib)
     if cls is not None and (type(a) is not cls or type(b) is not cls):
         return f"a subclass of {cls.__module__}.{cls.__qualname__} keeps its own semantics"
-    if lib == "torch" and (a.is_neg() or b.is_neg()):
+    if lib == "torch" and ctx.traced is None and (a.is_neg() or b.is_neg()):
         # Its memory holds the values before negation: kernels and NumPy views would read them.
         return "a lazily negated view (Tensor.is_neg()); the definition reads it as torch does"
     if row.devices and dev not in row.devices:
@@ -501,7 +529,7 @@ def select(call: Any, operation: str) -> Accelerator | None:
     # (torch.compile cannot trace a logger: no log lines from inside a compiled graph)
     logging_on = (
         record is None
-        and not (ctx.traced and "torch.compile" in ctx.traced)
+        and not (ctx.traced and ctx.traced.kind == "torch.compile")
         and _log.isEnabledFor(logging.DEBUG)
     )
     # Not while tracing: every row is eager-only there, and a dict read inside a compiled
@@ -640,6 +668,13 @@ def explain(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Dispatch:
 
 
 def _implementation(row: Accelerator) -> Callable[[Any], Array] | None:
+    if row.traces:
+        # An import statement, which torch.compile traces (it refuses importlib), and no
+        # dict read, which would guard the compiled frame on the dict's keys.
+        from klx._accel import traced
+
+        fn_traced: Callable[[Any], Array] = getattr(traced, row.function)
+        return fn_traced
     module = _MODULES.get(row.name)
     if module is None:
         try:
@@ -782,6 +817,9 @@ def markdown_table() -> str:
             serves.append(f">= 2^{int(math.log2(row.min_size))} elements")
         if row.operation == "divergence":
             serves.append("any axis" if row.layout == "any" else "last axis")
+        if row.traces:
+            inside = " / ".join("JAX tracers" if t == "jax" else t for t in row.traces)
+            serves.append(f"inside {inside} too")
         lines.append(
             f"| `{row.name}` | {fn} | {row.library} | {'/'.join(row.devices) or 'any'} | "
             f"{', '.join(_short(d) for d in row.dtypes)} | {row.layout} | "

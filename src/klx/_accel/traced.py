@@ -1,31 +1,33 @@
-"""Closed-form derivatives for JAX: KL between two sets of logits, traced or eager.
+"""Rows that serve traced calls as well as eager ones: KL, JS and skew KL between two
+sets of logits, each with its derivative in closed form (:mod:`klx._accel.closed_forms`),
+for JAX and for torch.
 
 The value is the array-API definition's (:func:`klx._agnostic.divergence_rows`), to the
-bit; only the derivative differs. Autodiff of the definition differentiates every guard
-(the log-sum-exp's ``log1p``, the double ``where`` of each term, ``expm1`` of the log
-ratio): XLA fuses it, but it stayed about 2x the plain formula's gradient. The derivative
-of KL(softmax(t / T) || softmax(s / T)) per distribution is, in closed form,
+bit; only the derivative differs: one fused expression of the two softmaxes instead of
+autodiff of every guard.
 
-    dKL = sum( p (log p - log q - KL) dt + (q - p) ds ) / T    (p log p read as 0 at p = 0),
+* JAX: a ``jax.custom_jvp``. ``jax.grad`` and ``jax.vjp`` take its transpose, forward
+  mode (``jax.jvp``, ``jacfwd``) takes it directly, higher orders differentiate it in
+  turn, inside and outside ``jax.jit``, and ``jax.vmap`` batches it.
+* torch: a ``torch.autograd.Function``
+  (:class:`klx._accel.torch_closed_form.FromLogitsRows`), eager and inside
+  ``torch.compile`` (which traces it); without gradients, the definition itself.
 
-one fused expression of the same softmaxes. It is registered as a ``jax.custom_jvp``:
-``jax.grad`` and ``jax.vjp`` take its transpose, forward mode (``jax.jvp``, ``jacfwd``)
-takes it directly, higher orders differentiate it in turn, inside and outside
-``jax.jit``, and ``jax.vmap`` batches it. Distributions that ``where`` drops get a
-derivative of exactly 0.
+Distributions that ``where`` drops get a derivative of exactly 0.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from klx._agnostic import _plain_log_softmax, divergence_rows, mask_rows
+from klx._accel.closed_forms import logits_derivatives
+from klx._agnostic import divergence_rows, mask_rows
 
-__all__ = ["jax_kl_rows"]
+__all__ = ["jax_rows", "torch_rows"]
 
 
-def jax_kl_rows(call: Any) -> Any:
-    """Per-distribution KL of a JAX call from two logits inputs, with a closed-form JVP."""
+def jax_rows(call: Any) -> Any:
+    """Per-distribution values of a JAX call from two logits inputs, with a closed-form JVP."""
     import jax
     import jax.numpy as jnp
 
@@ -43,14 +45,8 @@ def jax_kl_rows(call: Any) -> Any:
         out = rows(t, s, k)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, "logits"), mask_rows(xp, s, k, "logits")
-        # the plain log-softmax, as the value's terms take it (kl_terms)
-        log_p = _plain_log_softmax(xp, t, axis, temperature)
-        log_q = _plain_log_softmax(xp, s, axis, temperature)
-        p, q = jnp.exp(log_p), jnp.exp(log_q)
-        zero = p == 0
-        d = jnp.where(zero, 0.0, log_p - jnp.where(zero, 0.0, log_q))
-        a = jnp.where(zero, 0.0, p * (d - jnp.expand_dims(out, axis)))
-        tangent = jnp.sum(a * dt + (q - p) * ds, axis=axis) / temperature
+        c_t, c_s = logits_derivatives(xp, call, t, s, out)
+        tangent = jnp.sum(c_t * dt + c_s * ds, axis=axis) / temperature
         if has_keep:
             tangent = jnp.where(jnp.squeeze(k, axis=axis), tangent, 0.0)
         return out, tangent
@@ -60,3 +56,21 @@ def jax_kl_rows(call: Any) -> Any:
     q = xp.astype(call.q, call.acc, copy=False)
     keep = call.keep if has_keep else jnp.zeros((), dtype=bool)
     return rows(p, q, keep)
+
+
+def torch_rows(call: Any) -> Any:
+    """Per-distribution values of a torch call from two logits inputs, eager or inside
+    torch.compile: with gradients, a ``torch.autograd.Function`` whose backward is the
+    closed form (:class:`klx._accel.torch_closed_form.FromLogitsRows`); without, the
+    definition."""
+    import torch
+
+    from klx._accel.torch_closed_form import FromLogitsRows
+
+    xp = call.xp
+    t = xp.astype(call.p, call.acc, copy=False)
+    s = xp.astype(call.q, call.acc, copy=False)
+    if not (torch.is_grad_enabled() and (t.requires_grad or s.requires_grad)):
+        return divergence_rows(xp, call, t, s, call.keep)
+    bare = call._replace(p=None, q=None, keep=None)  # its tensors go as arguments
+    return FromLogitsRows.apply(t, s, call.keep, xp, bare)  # type: ignore[no-untyped-call,unused-ignore]

@@ -1,0 +1,49 @@
+"""``python -m benchmarks.traced --smoke``: every row of the traced benchmark traces
+(``jax.jit``; ``torch.compile(fullgraph=True)``), and the table and JSON say what the
+issue's targets are. Tiny shapes, one timing each: no figure is checked here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import traced  # noqa: E402
+
+#: Rows of the table per backend: every case, value and gradient.
+ROWS = 20
+
+
+@pytest.mark.slow
+@pytest.mark.backends("jax", "torch", reason="the libraries that trace: jax.jit, torch.compile")
+# torch 2.13's Dynamo instantiates the Function class while tracing any autograd.Function
+# (its own DeprecationWarning, raised by filterwarnings = error): not klx's.
+@pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+def test_every_traced_row_runs(backend, tmp_path, capsys):
+    if backend.name == "torch":
+        import torch
+
+        torch._dynamo.reset()
+    assert traced.main(["--smoke", "--backends", backend.name, "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((tmp_path / "traced.json").read_text())
+    assert len(rows) == ROWS
+    label = "jax.jit" if backend.name == "jax" else "torch.compile"
+    assert {r["backend"] for r in rows} == {label}
+    cases = [r["case"] for r in rows]
+    for kind in ("kl_div", "KL from logits", "JS", "skew KL", "TV", "k3", "sparse", "fused"):
+        assert sum(kind in c for c in cases) >= 2, kind  # its value and its gradient
+    for r in rows:
+        assert r["target"] == traced.TARGETS["grad" if r["case"].endswith("grad") else "value"]
+        assert r["klx_ms"] > 0 and r["formula_ms"] > 0
+        assert r["met"] == (r["ratio"] <= r["target"])
+    assert table.count("\n| " + label) == ROWS
