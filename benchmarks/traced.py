@@ -7,7 +7,8 @@ against the plain formula traced the same way (issue 24).
     python -m benchmarks.traced --backends jax --load 1
 
 Each row is one traced call, values alone and values with gradients (with respect to the
-student's input), timed in one process after compiling (compile time is not counted):
+student's input), timed in one process after compiling (compile time is not counted),
+klx and the formula in alternation (so that both see the same machine):
 klx against the plain formula a user would write without klx, on dense inputs, targets
 with 1/8 exact zeros, masks (``where=``) and a temperature, for kl_div, KL, JS, skew KL
 and TV from logits, the k3 estimator, a top-k sparse teacher and the fused-linear KL
@@ -36,7 +37,7 @@ from typing import Any
 import benchmarks
 import klx
 from benchmarks.cli import parser
-from benchmarks.timing import busy, load_average, median_time
+from benchmarks.timing import busy, interleaved, load_average
 
 #: kl_div's shape, the logits' shape, (tokens, hidden, vocab) of the fused-linear rows, the
 #: top-k of the sparse rows and the sampled tokens of the estimator rows, per size.
@@ -47,7 +48,7 @@ SIZES = {
 }
 #: Seconds of timing per call, and the most runs, per size (the smoke run checks the
 #: table and the JSON, not the figures).
-BUDGET = {"default": (2.0, 50), "quick": (1.0, 20), "smoke": (0.01, 2)}
+BUDGET = {"default": (4.0, 60), "quick": (2.0, 30), "smoke": (0.01, 2)}
 #: The targets: klx / formula at most this, for values and for values with gradients.
 TARGETS = {"value": 1.15, "grad": 1.2}
 
@@ -312,17 +313,15 @@ def measure(backends: list[str], size: str) -> list[dict[str, Any]]:
         for name, (k, f) in CASES[backend](data).items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tk, tf = (
-                    median_time(
-                        fn,
-                        _sync(backend),
-                        budget_s=budget,
-                        min_runs=min(5, runs),
-                        max_runs=runs,
-                        warmup=2,
-                    )[0]
-                    for fn in (k, f)
+                timed = interleaved(
+                    {"klx": k, "formula": f},
+                    _sync(backend),
+                    budget_s=budget,
+                    min_rounds=min(5, runs),
+                    max_rounds=runs,
+                    warmup=2,
                 )
+            tk, tf = timed["klx"].median_s, timed["formula"].median_s
             kind = "grad" if name.endswith("grad") else "value"
             ratio = tk / tf
             rows.append(
