@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from klx._agnostic import reduce_rows, shape_size
-from klx._backend_ops import stop_gradient
+from klx._backend_ops import expm1, stop_gradient, with_derivative
 from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
@@ -245,7 +245,11 @@ def _estimate(xp: ModuleType, call: EstimateCall) -> Array:
     lp = _prepare(xp, call.log_p, call)
     lq = _prepare(xp, call.log_q, call)
     r = lq - lp  # log q - log p
-    k = estimator_values(xp, call.estimator, r)
+    if call.estimator == "k3" and call.gradient == "estimator":
+        # d k3 / dr = e^r - 1, one expression of r (autodiff of the branches kept masks)
+        k = with_derivative(xp, r, lambda a: k3_from_log_ratio(xp, a), lambda a: expm1(xp, a))
+    else:
+        k = estimator_values(xp, call.estimator, r)
     if call.clamp is not None:
         k = xp.clip(k, -call.clamp, call.clamp)
     if call.gradient == "straight_through":
@@ -292,8 +296,11 @@ def k3_from_log_ratio(xp: ModuleType, r: Array) -> Array:
     """
     small = xp.abs(r) <= _K3_SERIES_RADIUS
     rs = xp.where(small, r, 0.0)
-    series = xp.zeros_like(rs) + _K3_SERIES[-1]
-    for c in reversed(_K3_SERIES[:-1]):  # Horner
+    # float32 (and what accumulates in it) needs 8 terms: the first left out is 1e-9 of
+    # the sum; float64 all 15 (traced, each term is an op of the fused loop)
+    terms = _K3_SERIES if r.dtype == xp.float64 else _K3_SERIES[:8]
+    series = xp.zeros_like(rs) + terms[-1]
+    for c in reversed(terms[:-1]):  # Horner
         series = series * rs + c
     series = series * (rs * rs)
     # Above log(max) the value exceeds the dtype's range: +inf, without an overflow warning.
@@ -302,7 +309,7 @@ def k3_from_log_ratio(xp: ModuleType, r: Array) -> Array:
     rb = xp.where(finite_big, r, 1.0)
     big = xp.expm1(rb) - rb
     # r = -inf: e^r - 1 - r = +inf; r > log(max): +inf; NaN stays NaN.
-    edge = xp.where(xp.isnan(r), r, math.inf)
+    edge = xp.where(r != r, r, math.inf)  # (not isnan: inductor's CPU code loops over it)
     return xp.where(small, series, xp.where(finite_big, big, edge))
 
 

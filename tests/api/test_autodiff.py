@@ -311,3 +311,47 @@ def test_closed_form_derivatives_match_finite_differences(backend, kind, traced)
             finally:
                 klx.set_accelerators(True)
         np.testing.assert_allclose(hessians[0], hessians[1], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.backends("torch", "jax", reason="a derivative registered with torch and JAX")
+@pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+def test_k3_derivative_in_closed_form(backend, dtype, traced):
+    """Issue 24: k3 = e^r - 1 - r (r = log q - log p) takes its derivative as expm1(r),
+    one expression of r (autodiff of its branches kept their masks: 8x the formula's
+    gradient inside torch.compile). Against numpy's float64 expm1, eager and traced
+    (torch.compile(fullgraph=True), jax.jit), near r = 0 and far from it."""
+    r = np.array([-40.0, -1.0, -0.3, -1e-3, 0.0, 1e-8, 0.3, 0.6, 5.0])
+    lp_np = -np.linspace(0.5, 3.0, r.size)
+    lq_np = lp_np + r
+    rtol = {"float32": 2e-6, "float64": 1e-14}[dtype]
+
+    def f(lq, lp):
+        return klx.kl_estimate(lp, lq, estimator="k3", reduction="sum")
+
+    lq, lp = backend.asarray(lq_np, dtype), backend.asarray(lp_np, dtype)
+    if backend.name == "torch":
+        import torch
+
+        run = f
+        if traced:
+            torch._dynamo.reset()
+            run = torch.compile(f, fullgraph=True)
+        a, b = lq.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+        run(a, b).backward()
+        g_q, g_p = a.grad, b.grad
+    else:
+        import jax
+
+        grad = jax.grad(f, argnums=(0, 1))
+        g_q, g_p = (jax.jit(grad) if traced else grad)(lq, lp)
+    assert g_q.dtype == lq.dtype and tuple(g_q.shape) == (r.size,)
+    r_given = backend.to_numpy(lq).astype(np.float64) - backend.to_numpy(lp)
+    want = np.expm1(r_given)
+    np.testing.assert_allclose(backend.to_numpy(g_q), want, rtol=rtol, atol=1e-30)
+    np.testing.assert_allclose(backend.to_numpy(g_p), -want, rtol=rtol, atol=1e-30)
