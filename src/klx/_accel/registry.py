@@ -2,11 +2,11 @@
 
 An accelerator computes what :mod:`klx._agnostic` defines, faster, for some calls. Each
 row of :data:`ACCELERATORS` states which calls it serves (operation, array library,
-device, dtypes, layout, divergence kinds and forms, minimum size, whether it needs eager
-arrays and whether it carries gradients) and names its implementation, a function of the
-call object imported only when first used. :func:`select` walks the rows of the call's
-operation and library in order and takes the first whose gates all pass; a call no row
-takes runs the definition itself.
+device, dtypes, layout, divergence kinds and forms, minimum size, the traces it serves
+besides eager arrays (JAX tracers, torch.compile) and whether it carries gradients) and
+names its implementation, a function of the call object imported only when first used.
+:func:`select` walks the rows of the call's operation and library in order and takes the
+first whose gates all pass; a call no row takes runs the definition itself.
 
 The first time a row serves a (device, dtype) in a process, its result on a small probe
 (a zero target, a ``-inf`` log-probability, a masked row) is compared with the
