@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import pytest
 
+from klx._accel import registry
 from support import reference
 from support.asserts import triton_device
 from support.distill import distill_logits, js_rows_and_gradients, kl_rows_and_gradients
@@ -217,21 +218,6 @@ def test_device_guard_selects_the_tensors_gpu(backend, monkeypatch):
     assert seen == [torch.device("cuda", 1)]
 
 
-@pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
-def test_capturing(backend, monkeypatch):
-    torch = _torch()
-    from klx._accel import triton_kl
-
-    if not torch.cuda.is_available():
-        assert triton_kl.capturing() is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for state in (True, False):
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda s=state: s)
-        assert triton_kl.capturing() is state
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert triton_kl.capturing() is False
-
-
 # -- autograd: double backward, torch.func ---------------------------------------------
 
 
@@ -359,27 +345,17 @@ def test_result_may_be_modified_in_place_before_backward(backend, kind):
 
 
 @pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
-def test_accepts(backend):
+def test_the_rows_layout_gate(backend):
+    """The registry's 'rows' layout (the Triton rows' gate): unit stride along each row,
+    rows at a stride of their own, such as logits[:, :-1]."""
     torch = _torch()
-    from klx._accel import triton_distill, triton_kl
-
     a = torch.zeros(4, 9, dtype=torch.float32)
     b = torch.zeros(4, 10, dtype=torch.float32)
-    for mod in (triton_kl, triton_distill):
-        assert mod.accepts(a, a.clone())
-        assert mod.accepts(b[:, :-1], a)  # logits[:, :-1]
-        assert mod.accepts(b[:, 1:], b[:, :-1])
-        assert not mod.accepts(a.T, a.T.clone())  # column-major
-        assert not mod.accepts(b[:, ::2], b[:, 1::2])  # stride 2 along the row
-        assert not mod.accepts(a.as_strided((4, 9), (5, 1)), a)  # overlapping rows
-        assert not mod.accepts(a, a.double())
-        assert not mod.accepts(a, a[:, :-1])
-        assert not mod.accepts(a.int(), a.int())
-        assert not mod.accepts(torch.nn.Parameter(a), a)  # a subclass
-    c = torch.zeros(2, 3, 4, dtype=torch.float32)
-    assert triton_kl.accepts(c, c.clone())  # contiguous, any shape
-    assert not triton_distill.accepts(c, c.clone())  # rows are 2-D
-    assert not triton_kl.accepts(c[:, :, :-1], c[:, :, :-1])
+    for x in (a, b[:, :-1], b[:, 1:]):
+        assert registry._rows_layout("torch", x)
+    assert not registry._rows_layout("torch", a.T)  # column-major
+    assert not registry._rows_layout("torch", b[:, ::2])  # stride 2 along the row
+    assert not registry._rows_layout("torch", a.as_strided((4, 9), (5, 1)))  # overlapping
 
 
 @pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
@@ -399,7 +375,7 @@ def test_distillation_takes_strided_rows_as_they_are(backend, monkeypatch, kind,
     t_full = t_full.to(torch.float32).requires_grad_(True)
     s_full = s_full.to(torch.float32).requires_grad_(True)
     t, s = t_full[:, :vocab], s_full[:, :vocab]
-    assert triton_distill.accepts(t, s)
+    assert registry._rows_layout("torch", t) and registry._rows_layout("torch", s)
     if kind == "kl":
         rows = triton_distill.kl_rows_from_logits(t, s, 2.0)
         t32, s32 = t.detach().double().cpu().numpy(), s.detach().double().cpu().numpy()
@@ -438,7 +414,8 @@ def test_kl_div_takes_strided_rows_as_they_are(backend, reduction):
     x_full.requires_grad_(True)
     y_full.requires_grad_(True)
     x, y = x_full[:, :-1], y_full[:, 1:-2]
-    assert triton_kl.accepts(x, y) and not x.is_contiguous() and not y.is_contiguous()
+    assert registry._rows_layout("torch", x) and registry._rows_layout("torch", y)
+    assert not x.is_contiguous() and not y.is_contiguous()
     out = triton_kl.kl_div(x, y, reduction, False)
     xs, ys = x.detach().cpu().numpy(), y.detach().cpu().numpy()
     ref, scale = reference.kl_div(xs, ys, reduction, False)

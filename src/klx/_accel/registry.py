@@ -26,7 +26,7 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -105,11 +105,6 @@ class Accelerator:
     def function(self) -> str:
         """The implementation's function name in its module."""
         return self.implementation.partition(":")[2]
-
-    def load(self) -> Callable[[Any], Array]:
-        """The implementation (imported now; an ImportError if its module cannot be)."""
-        fn: Callable[[Any], Array] = getattr(importlib.import_module(self.module), self.function)
-        return fn
 
 
 _BLOCKED = "klx._accel.blocked"
@@ -411,11 +406,6 @@ def _context(call: Any) -> _Context:
     lib = library_of(call.xp)
     device = device_type(lib, a)
     return _Context(a, b, lib, device, _traced(lib, a, b, device))
-
-
-def refusal(row: Accelerator, call: Any) -> str | None:
-    """Why `row` cannot serve `call`, or None if it can."""
-    return _refusal(row, call, _context(call))
 
 
 def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
@@ -831,8 +821,3 @@ def markdown_table() -> str:
 
 def _short(dtype: str) -> str:
     return dtype.replace("float", "f")
-
-
-def rows_for(library: str) -> Iterator[Accelerator]:
-    """The rows of one library, in order."""
-    return (row for row in ACCELERATORS if row.library == library)

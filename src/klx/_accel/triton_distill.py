@@ -32,12 +32,13 @@ log-sum-exps; its backward kernel is one more pass:
 The weights are those of the definition's direct forms, [1/16, 15/16] (the dispatcher
 sends others to the definition's logaddexp forms).
 
-Layouts (:func:`accepts`): `t` and `s` are 2-D ``[rows, vocab]`` tensors of one shape,
-one dtype (float16, bfloat16, float32, float64) and one device, each row-major with a
-row stride of its own: ``stride(1) == 1`` and ``stride(0) >= vocab`` (contiguous, or a
-slice such as ``logits[:, :-1]``). The per-row results are new contiguous float32
-(float64) tensors, not views of anything saved for backward, so in-place operations on
-them are allowed; gradients are new contiguous ``[rows, vocab]`` tensors.
+Layouts (the registry's 'rows' layout gate): `t` and `s` are 2-D ``[rows, vocab]``
+tensors of one shape, one dtype (float16, bfloat16, float32, float64) and one device,
+each row-major with a row stride of its own: ``stride(1) == 1`` and ``stride(0) >=
+vocab`` (contiguous, or a slice such as ``logits[:, :-1]``). The per-row results are new
+contiguous float32 (float64) tensors, not views of anything saved for backward, so
+in-place operations on them are allowed; gradients are new contiguous ``[rows, vocab]``
+tensors.
 
 Each row is read in blocks aligned to 16 bytes of `t`'s memory: the first block of a row
 (which starts before the row when the row is not aligned) and the last are masked, the
@@ -63,22 +64,13 @@ import triton
 import triton.language as tl
 
 from klx._accel import triton_kl
-from klx._accel.triton_kl import device_guard, first_order, no_vmap, row_major, same_floats, scalars
+from klx._accel.triton_kl import device_guard, first_order, no_vmap, scalars
 
-__all__ = ["accepts", "js_rows_from_logits", "kl_rows_from_logits"]
+__all__ = ["js_rows_from_logits", "kl_rows_from_logits"]
 
 BLOCK_V = 2048
 NUM_WARPS = 8
 LAUNCH = {**triton_kl.LAUNCH, "num_warps": NUM_WARPS}
-
-
-def accepts(t: Any, s: Any) -> bool:
-    """Whether the row kernels take `t` and `s` as they are (see the module's layouts).
-
-    It checks types, dtypes, shapes, devices and strides only, not whether the device is
-    a GPU or whether a kernel should be used at all.
-    """
-    return same_floats(t, s) and row_major(t) and row_major(s)
 
 
 @triton.jit
@@ -669,7 +661,7 @@ def js_rows_from_logits(
 
 
 def kl_rows_from_logits(t: torch.Tensor, s: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) per row of two `[rows, vocab]` tensors that
-    :func:`accepts` takes."""
+    """KL(softmax(t/T) || softmax(s/T)) per row of two `[rows, vocab]` tensors of the
+    module's layouts."""
     out: torch.Tensor = _KLRows.apply(t, s, temperature)[0]
     return out

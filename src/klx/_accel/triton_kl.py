@@ -8,8 +8,8 @@ run to run (no atomics). 'none' writes the terms instead. No array of the input'
 allocated for a reduction. The backward pass is one element-wise kernel that writes the
 gradients that are asked for.
 
-Layouts (:func:`accepts`): `x` and `y` of one shape, one floating dtype (float16,
-bfloat16, float32, float64) and one device, and either
+Layouts (the registry's 'rows' layout gate): `x` and `y` of one shape, one floating
+dtype (float16, bfloat16, float32, float64) and one device, and either
 
 * both contiguous, of any shape (seen by the kernels as one row of ``numel`` elements), or
 * both 2-D and row-major with a row stride of their own: ``stride(1) == 1`` and
@@ -22,7 +22,7 @@ throughout, so inputs of 2^31 elements and more are addressed correctly.
 
 Launches run under ``torch.cuda.device(x.device)`` (Triton launches on the current
 device). Nothing here decides *when* the kernels are used: under ``torch.func``
-transforms, during CUDA-graph capture (see :func:`capturing`) or on the CPU, the
+transforms, during CUDA-graph capture or on the CPU, the
 dispatcher keeps to the generic path. The kernels run in the test suite on CPU tensors
 under ``TRITON_INTERPRET=1``.
 """
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from klx._agnostic import reduction_divisor
 
-__all__ = ["accepts", "capturing", "kl_div"]
+__all__ = ["kl_div"]
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -48,16 +48,6 @@ NUM_WARPS = 8
 #: where it is unset (an error under pytest's ``filterwarnings = error``), and a later
 #: Triton changes its default, which would move results silently.
 LAUNCH = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a CUDA graph (False without CUDA).
-
-    Triton loads a kernel's module at its first launch, which global-mode capture
-    forbids, so the dispatcher keeps to the generic path while this is true.
-    """
-    return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def device_guard(x: torch.Tensor) -> Any:
@@ -77,34 +67,6 @@ def scalars(values: Sequence[float], dtype: torch.dtype, device: torch.device) -
     """
     host = torch.tensor(list(values), dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
-
-
-def row_major(a: torch.Tensor) -> bool:
-    """2-D with unit stride along the rows and rows that do not overlap."""
-    return a.dim() == 2 and a.stride(1) == 1 and a.stride(0) >= a.shape[1]
-
-
-def same_floats(a: Any, b: Any) -> bool:
-    """Two plain tensors (no subclass) of one floating dtype, shape and device."""
-    return bool(
-        type(a) is torch.Tensor
-        and type(b) is torch.Tensor
-        and a.dtype == b.dtype
-        and a.dtype in FLOATS
-        and a.shape == b.shape
-        and a.device == b.device
-    )
-
-
-def accepts(x: Any, y: Any) -> bool:
-    """Whether :func:`kl_div` takes `x` and `y` as they are (see the module's layouts).
-
-    It checks types, dtypes, shapes, devices and strides only, not whether the device is
-    a GPU or whether a kernel should be used at all.
-    """
-    return same_floats(x, y) and (
-        (x.is_contiguous() and y.is_contiguous()) or (row_major(x) and row_major(y))
-    )
 
 
 @triton.jit
@@ -411,7 +373,7 @@ class _KLDiv(torch.autograd.Function):
 def kl_div(
     x: torch.Tensor, y: torch.Tensor, reduction: str, log_target: bool, acc_out: bool = False
 ) -> torch.Tensor:
-    """`kl_div` of two tensors that :func:`accepts` takes, with autograd.
+    """`kl_div` of two tensors of the module's layouts, with autograd.
 
     A reduced result is in `x`'s dtype, or with ``acc_out=True`` in the accumulation dtype
     (float32 for float16 and bfloat16), for a caller that divides it before the cast (a
