@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from klx import _agnostic
+from klx._accel import closed_forms
 from klx._config import accelerators_enabled
 from klx._namespace import library_of
 
@@ -219,7 +220,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "jax",
         "klx._accel.traced:jax_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
-        kinds=("kl", "js", "skew_kl"),
+        kinds=closed_forms.KINDS,
         forms=(("logits", "logits"),),
         layout="any",
         traces=("jax",),
@@ -251,7 +252,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "torch",
         "klx._accel.traced:torch_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
-        kinds=("kl", "js", "skew_kl"),
+        kinds=closed_forms.KINDS,
         forms=(("logits", "logits"),),
         layout="any",
         traces=("torch.compile",),
