@@ -9,6 +9,8 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
 * :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
 * :func:`skew_kl_divergence`, :func:`tv_distance` -- skew KL and total variation.
+* :func:`divergence`, :func:`register_divergence`, :class:`Divergence` -- any divergence by
+  name; new ones from one record.
 * :func:`sparse_kl_divergence` -- KL(P || Q) with P known on its top k indices only.
 * :func:`kl_estimate` -- sampled KL estimators for RL (k1, k2, k3; gradient options).
 * :func:`fused_linear_divergence` -- distillation from hidden states, without the logits.
@@ -24,7 +26,15 @@ from klx._config import (
     set_validation,
     validation,
 )
-from klx._divergences import js_divergence, kl_divergence, skew_kl_divergence, tv_distance
+from klx._divergence_table import Divergence, Option
+from klx._divergences import (
+    divergence,
+    js_divergence,
+    kl_divergence,
+    register_divergence,
+    skew_kl_divergence,
+    tv_distance,
+)
 from klx._estimators import kl_estimate
 from klx._fused_linear import fused_linear_divergence
 from klx._kl_div import KLDivMeanWarning, kl_div
@@ -35,9 +45,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AcceleratorWarning",
     "Dispatch",
+    "Divergence",
     "KLDivMeanWarning",
+    "Option",
     "__version__",
     "accelerators_enabled",
+    "divergence",
     "explain",
     "fused_linear_divergence",
     "is_validating",
@@ -45,6 +58,7 @@ __all__ = [
     "kl_div",
     "kl_divergence",
     "kl_estimate",
+    "register_divergence",
     "set_accelerators",
     "set_validation",
     "skew_kl_divergence",

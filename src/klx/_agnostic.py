@@ -23,7 +23,7 @@ and the gradient of the guarded entries is exactly 0, never NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,11 +35,9 @@ if TYPE_CHECKING:
 Array = Any
 
 __all__ = [
-    "DIVERGENCES",
     "Weighted",
     "divergence",
     "divergence_rows",
-    "divergence_terms",
     "divide",
     "finish_rows",
     "js_terms",
@@ -49,6 +47,7 @@ __all__ = [
     "mask_rows",
     "plain_logs",
     "probabilities",
+    "record_rows",
     "reduce_rows",
     "reduction_divisor",
     "shape_size",
@@ -253,7 +252,7 @@ class PlainLogs(NamedTuple):
 
 def plain_logs(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> PlainLogs:
     """:class:`PlainLogs` of two logits inputs: what KL's terms between logits and their
-    closed-form derivatives (``klx._accel.closed_forms``) start from."""
+    closed-form derivatives (``klx._closed_forms``) start from."""
     log_p = _plain_log_softmax(xp, p, axis, temperature)
     log_q = _plain_log_softmax(xp, q, axis, temperature)
     p_zero = log_p == -math.inf
@@ -450,33 +449,46 @@ def _zero_weight(zero: Array, b: float) -> Array:
     return zero | ~zero if b == 0 else zero
 
 
-#: A divergence's pointwise terms: ``terms(xp, p, q, *, p_form, q_form, axis, temperature,
-#: **options)``, whose sum over `axis` is the divergence of one distribution pair.
-TermsFunction = Callable[..., Array]
-
-#: Every divergence klx computes, by the name its call object carries. Adding one is a
-#: terms function here, an entry in this table, and a public function that builds its call.
-DIVERGENCES: dict[str, TermsFunction] = {
-    "kl": kl_terms,
-    "js": js_terms,
-    "skew_kl": skew_kl_terms,
-    "tv": tv_terms,
-}
-
-
-def divergence_terms(kind: str) -> TermsFunction:
-    """The terms function of the divergence `kind` (a KeyError names the known ones)."""
-    try:
-        return DIVERGENCES[kind]
-    except KeyError:
-        msg = f"unknown divergence {kind!r}; known: {', '.join(sorted(DIVERGENCES))}"
-        raise KeyError(msg) from None
+def record_rows(
+    xp: ModuleType,
+    record: Any,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any,
+    options: Sequence[tuple[str, float]] = (),
+) -> Array:
+    """One value per distribution of the divergence `record` (a
+    :class:`klx._divergence_table.Divergence`), by its definition: its terms (on the
+    inputs as its ``reads`` asks), summed over `axis`, then its ``finish``."""
+    opts = dict(options)
+    if record.reads == "forms":
+        terms = record.terms(
+            xp,
+            p,
+            q,
+            p_form=p_form,
+            q_form=q_form,
+            axis=axis,
+            temperature=temperature,
+            **opts,
+        )
+    else:
+        convert = probabilities if record.reads == "probs" else as_log
+        p = convert(xp, p, p_form, axis, temperature)
+        q = convert(xp, q, q_form, axis, temperature)
+        terms = record.terms(xp, p, q, **opts)
+    rows = sum_along(xp, terms, axis)
+    return rows if record.finish is None else record.finish(xp, rows, **opts)
 
 
 def divergence_rows(
     xp: ModuleType, call: DivergenceCall, p: Array, q: Array, keep: Array | None
 ) -> Array:
-    """One value per distribution of the divergence `call.kind`, by the definition.
+    """One value per distribution of the divergence of `call`, by the definition.
 
     `p` and `q` are in the accumulation dtype; they may be row blocks of the call's
     inputs, with `keep` the matching block of ``call.keep`` (full rank, size 1 on the
@@ -485,17 +497,17 @@ def divergence_rows(
     """
     p = mask_rows(xp, p, keep, call.p_form)
     q = mask_rows(xp, q, keep, call.q_form)
-    terms = divergence_terms(call.kind)(
+    return record_rows(
         xp,
+        call.divergence,
         p,
         q,
         p_form=call.p_form,
         q_form=call.q_form,
         axis=call.axis,
         temperature=call.temperature,
-        **dict(call.options),
+        options=call.options,
     )
-    return sum_along(xp, terms, call.axis)
 
 
 def divergence(xp: ModuleType, call: DivergenceCall) -> Array:

@@ -9,7 +9,7 @@ after that (validation, the accelerator registry, the definition in
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -17,8 +17,6 @@ from klx._checks import (
     KL_DIV_REDUCTIONS,
     REDUCTIONS,
     broadcast_shapes,
-    check_alpha,
-    check_beta,
     check_flag,
     check_float,
     check_form,
@@ -31,6 +29,7 @@ from klx._checks import (
     shape_of,
 )
 from klx._config import resolve_validate
+from klx._divergence_table import Divergence, lookup
 from klx._dtypes import accumulation_dtype
 from klx._namespace import array_namespace, check_same_device, library_name
 
@@ -71,7 +70,8 @@ class DivergenceCall(NamedTuple):
     form: full rank, size 1 along `axis` (None keeps every distribution).
     """
 
-    kind: str
+    #: The divergence's record (:mod:`klx._divergence_table`).
+    divergence: Divergence
     xp: ModuleType
     p: Array
     q: Array
@@ -80,7 +80,8 @@ class DivergenceCall(NamedTuple):
     q_form: str
     #: A float, or a 0-d array of the inputs' library (a traced or learned temperature).
     temperature: Any
-    #: The divergence's own parameters (e.g. ``beta`` of JS), passed to its terms function.
+    #: The divergence's own parameters (e.g. ``beta`` of JS), each checked by its record,
+    #: in the record's order; passed to its terms function.
     options: tuple[tuple[str, float], ...]
     keep: Array | None
     reduction: str
@@ -91,6 +92,11 @@ class DivergenceCall(NamedTuple):
     #: What 'batchmean' divides the kept distributions' sum by instead of their count:
     #: a Python float, a 0-d array of `xp`, or None (the count).
     normalizer: float | Array | None = None
+
+    @property
+    def kind(self) -> str:
+        """The divergence's name (``'kl'``, ``'js'``, ...)."""
+        return self.divergence.name
 
 
 def parse_kl_div(
@@ -134,7 +140,7 @@ _SIZES_KNOWN = ("array_api_compat.numpy", "array_api_compat.torch", "array_api_c
 
 
 def parse_divergence(
-    kind: str,
+    divergence: Divergence | str,
     p: Array,
     q: Array,
     *,
@@ -147,14 +153,17 @@ def parse_divergence(
     validate: object,
     xp: ModuleType | None,
     normalizer: object = None,
-    **options: object,
+    options: Mapping[str, object] | None = None,
 ) -> DivergenceCall:
     """Check the arguments of a divergence (raising TypeError / ValueError).
 
-    `options` are the divergence's own parameters (``beta=`` of JS), each checked by its
-    entry in :data:`OPTION_CHECKS`. `normalizer` is checked by
+    `divergence` is a record or a name (or alias) in :data:`klx._divergence_table.
+    DIVERGENCES`; `options` are its own parameters (``beta=`` of JS), each checked by the
+    record (defaults for those not given). `normalizer` is checked by
     :func:`klx._checks.check_normalizer` (with 'batchmean' only).
     """
+    record = lookup(divergence)
+    opts = record.option_values(options or {})
     named = [("p", p), ("q", q), ("where", where), *normalizer_array(normalizer)]
     xp = array_namespace(named, xp)
     check_float(xp, "p", p)
@@ -194,7 +203,7 @@ def parse_divergence(
     if "logits" in forms:
         check_temperature_range(t, xp.finfo(acc))
     return DivergenceCall(
-        kind,
+        record,
         xp,
         p,
         q,
@@ -202,7 +211,7 @@ def parse_divergence(
         forms[0],
         forms[1],
         t,
-        tuple((name, OPTION_CHECKS[name](value)) for name, value in options.items()),
+        opts,
         keep,
         red,
         resolve_validate(validate),
@@ -224,10 +233,3 @@ def normalizer_array(normalizer: object) -> list[tuple[str, Array]]:
     if isinstance(normalizer, numbers.Real) or library_name(normalizer) is None:
         return []
     return [("normalizer", normalizer)]
-
-
-#: The check of each divergence parameter, by name.
-OPTION_CHECKS: dict[str, Callable[[object], float]] = {
-    "alpha": check_alpha,
-    "beta": check_beta,
-}

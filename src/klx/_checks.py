@@ -18,8 +18,6 @@ __all__ = [
     "KL_DIV_REDUCTIONS",
     "REDUCTIONS",
     "broadcast_shapes",
-    "check_alpha",
-    "check_beta",
     "check_flag",
     "check_float",
     "check_form",
@@ -28,6 +26,7 @@ __all__ = [
     "check_temperature",
     "check_temperature_range",
     "check_where",
+    "mixture_weight",
     "normalize_axis",
     "real_number",
     "shape_of",
@@ -245,15 +244,7 @@ def _is_array(x: object) -> bool:
     return not isinstance(x, numbers.Number) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def check_beta(beta: object) -> float:
-    return _mixture_weight("beta", beta)
-
-
-def check_alpha(alpha: object) -> float:
-    return _mixture_weight("alpha", alpha)
-
-
-def _mixture_weight(name: str, value: object) -> float:
+def mixture_weight(name: str, value: object) -> float:
     """A mixture weight `name` (beta of JS, alpha of skew KL): a real number in [0, 1]."""
     w = real_number(name, value, "a real number in [0, 1]")
     if not 0.0 <= w <= 1.0:

@@ -1,17 +1,31 @@
-"""The divergences in the order the formulas read: KL, JS, skew KL and total variation."""
+"""The divergences in the order the formulas read: KL, JS, skew KL and total variation, any
+divergence by its name (:func:`divergence`), and new ones (:func:`register_divergence`).
+
+Each function parses its arguments into a :class:`klx._call.DivergenceCall` that carries
+the divergence's record (:mod:`klx._divergence_table`); everything after reads the record.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from klx import _accel
+from klx import _accel, _divergence_table
 from klx._call import DivergenceCall, parse_divergence
+from klx._divergence_table import Divergence
 from klx._dtypes import as_array, numpy_quiet
 from klx._validation import check_distribution, check_normalizer_value
 
-__all__ = ["js_divergence", "kl_divergence", "skew_kl_divergence", "tv_distance"]
+__all__ = [
+    "divergence",
+    "js_divergence",
+    "kl_divergence",
+    "register_divergence",
+    "skew_kl_divergence",
+    "tv_distance",
+]
 
 Array = Any
 
@@ -124,7 +138,21 @@ def kl_divergence(
     ...                   temperature=2.0, where=keep, reduction="batchmean")
     array(0.0152...)
     """
-    return evaluate(parse_divergence("kl", **locals()))
+    call = parse_divergence(
+        "kl",
+        p,
+        q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        where=where,
+        reduction=reduction,
+        validate=validate,
+        xp=xp,
+        normalizer=normalizer,
+    )
+    return evaluate(call)
 
 
 def js_divergence(
@@ -179,7 +207,22 @@ def js_divergence(
     >>> klx.js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]))  # disjoint: log 2
     array(0.6931...)
     """
-    return evaluate(parse_divergence("js", **locals()))
+    call = parse_divergence(
+        "js",
+        p,
+        q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        where=where,
+        reduction=reduction,
+        validate=validate,
+        xp=xp,
+        normalizer=normalizer,
+        options={"beta": beta},
+    )
+    return evaluate(call)
 
 
 def skew_kl_divergence(
@@ -240,7 +283,22 @@ def skew_kl_divergence(
     >>> klx.skew_kl_divergence(p, q, alpha=0.1)  # log(1 / 0.1)
     array(2.3025...)
     """
-    return evaluate(parse_divergence("skew_kl", **locals()))
+    call = parse_divergence(
+        "skew_kl",
+        p,
+        q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        where=where,
+        reduction=reduction,
+        validate=validate,
+        xp=xp,
+        normalizer=normalizer,
+        options={"alpha": alpha},
+    )
+    return evaluate(call)
 
 
 def tv_distance(
@@ -290,7 +348,21 @@ def tv_distance(
     >>> klx.tv_distance(np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5]))
     array(0.5)
     """
-    return evaluate(parse_divergence("tv", **locals()))
+    call = parse_divergence(
+        "tv",
+        p,
+        q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        where=where,
+        reduction=reduction,
+        validate=validate,
+        xp=xp,
+        normalizer=normalizer,
+    )
+    return evaluate(call)
 
 
 def evaluate(call: DivergenceCall) -> Array:
@@ -314,11 +386,132 @@ def evaluate(call: DivergenceCall) -> Array:
         return as_array(_accel.evaluate_divergence(call))
 
 
-#: The public function of each divergence kind (as :data:`klx._agnostic.DIVERGENCES`
-#: names them), for callers that hold a kind, such as the fused-linear chunks.
-PUBLIC: dict[str, Callable[..., Array]] = {
-    "kl": kl_divergence,
-    "js": js_divergence,
-    "skew_kl": skew_kl_divergence,
-    "tv": tv_distance,
-}
+def divergence(
+    p: Array,
+    q: Array,
+    kind: str | Divergence = "kl",
+    *,
+    axis: int = -1,
+    p_form: str = "probs",
+    q_form: str = "probs",
+    temperature: float = 1.0,
+    where: Array | None = None,
+    reduction: str = "none",
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+    normalizer: float | Array | None = None,
+    **options: float,
+) -> Array:
+    r"""Any divergence klx knows, by its name: ``divergence(p, q, "js", beta=0.3)``.
+
+    The same as the divergence's own function (``kind="kl"`` is :func:`kl_divergence`,
+    "js" :func:`js_divergence`, "skew_kl" :func:`skew_kl_divergence`, "tv" (or "tvd")
+    :func:`tv_distance`), and the way to call one added by
+    :func:`register_divergence`. ``docs/divergences.md`` lists them all.
+
+    Parameters
+    ----------
+    p, q : array
+        The two distributions along `axis` (see :func:`kl_divergence`).
+    kind : str or Divergence, optional
+        The divergence's name or one of its aliases, or its record. Default 'kl'.
+    axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+        As in :func:`kl_divergence`.
+    **options : float
+        The divergence's own parameters (``beta`` of JS, ``alpha`` of skew KL); those
+        not given take their defaults. Any other keyword is a TypeError.
+
+    Returns
+    -------
+    array
+        As in :func:`kl_divergence`.
+
+    See Also
+    --------
+    kl_divergence, js_divergence, skew_kl_divergence, tv_distance, register_divergence
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> p = np.array([0.5, 0.5, 0.0])
+    >>> q = np.array([0.25, 0.25, 0.5])
+    >>> klx.divergence(p, q, "kl")  # log 2
+    array(0.6931...)
+    >>> klx.divergence(p, q, "tvd")
+    array(0.5)
+    """
+    call = parse_divergence(
+        kind,
+        p,
+        q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        where=where,
+        reduction=reduction,
+        validate=validate,
+        xp=xp,
+        normalizer=normalizer,
+        options=options,
+    )
+    return evaluate(call)
+
+
+def register_divergence(record: Divergence, *, replace: bool = False) -> Callable[..., Array]:
+    r"""Teach klx a new divergence, and get its public function.
+
+    After this, the divergence is served like the built-in ones: by the returned
+    function and :func:`divergence` (by its name) on every array library, on any axis,
+    from probabilities, log-probabilities or logits, with masks, reductions, validation
+    and gradients (autodiff of its terms); by :func:`fused_linear_divergence`
+    (``divergence=record.name``); by the accelerators that serve any divergence (the CPU
+    row blocks, Dask chunks); and in :func:`explain`.
+
+    Parameters
+    ----------
+    record : Divergence
+        Its name, terms, options and (optionally) finishing step: see
+        :class:`klx.Divergence`. Write the terms against the array API (``xp``) only, with
+        a safe value in the untaken branch of every ``where``, so gradients stay finite.
+    replace : bool, optional
+        Replace a divergence of the same name (else that is a ValueError). Default False.
+
+    Returns
+    -------
+    callable
+        ``f(p, q, *, axis=-1, p_form='probs', q_form='probs', temperature=1.0,
+        where=None, reduction='none', validate=None, xp=None, normalizer=None,
+        **options)``, named after ``record.public`` (or ``record.name``).
+
+    Examples
+    --------
+    The squared Hellinger distance, ``1/2 sum (sqrt p - sqrt q)^2``:
+
+    >>> import numpy as np
+    >>> import klx
+    >>> def hellinger_terms(xp, p, q):
+    ...     d = xp.sqrt(p) - xp.sqrt(q)
+    ...     return 0.5 * d * d
+    >>> hellinger = klx.register_divergence(
+    ...     klx.Divergence("hellinger_doc", hellinger_terms, formula="1/2 sum (sqrt p - sqrt q)^2"))
+    >>> hellinger(np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    array(1.)
+    >>> klx.divergence(np.array([0.5, 0.5]), np.array([0.5, 0.5]), "hellinger_doc")
+    array(0.)
+    """
+    _divergence_table.register(record, replace=replace)
+
+    def registered(p: Array, q: Array, **kwargs: Any) -> Array:
+        return divergence(p, q, record, **kwargs)
+
+    params = [v for k, v in inspect.signature(divergence).parameters.items() if k != "kind"]
+    registered.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    registered.__name__ = registered.__qualname__ = record.public or record.name
+    registered.__doc__ = (
+        f"The divergence {record.name!r}: {record.formula or 'see its record'}.\n\n"
+        "Arguments and result as in :func:`klx.divergence` (registered with "
+        ":func:`klx.register_divergence`)."
+    )
+    return registered

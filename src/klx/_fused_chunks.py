@@ -3,7 +3,7 @@
 The per-chunk definition shared by the value path (:mod:`klx._fused_linear`) and the
 gradient paths (:mod:`klx._fused_torch`, :mod:`klx._fused_jax`): the chunk budget, the
 logits of a chunk of hidden states, each token's divergence by the definition
-(:func:`klx._agnostic.divergence_terms`), and the walk over chunks.
+(:func:`klx._agnostic.record_rows`), and the walk over chunks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from klx._agnostic import divergence_terms
+from klx._agnostic import record_rows
+from klx._divergence_table import lookup
 from klx._namespace import library_name
 
 Array = Any
@@ -45,15 +46,11 @@ CUDA_CHUNK_BYTES = 2 << 30
 #: picks 256 for 8192 x 4096 x 128256, ``next_pow2(cdiv(BT, cdiv(V, H)))``).
 CUDA_MIN_TOKENS = 256
 
-#: ``divergence=`` names -> the kind in :data:`klx._agnostic.DIVERGENCES`.
-_KINDS = {"kl": "kl", "js": "js", "skew_kl": "skew_kl", "tvd": "tv"}
-#: The option each kind takes, by kind.
-_KIND_OPTION = {"js": "beta", "skew_kl": "alpha"}
-
 
 class FusedSpec(NamedTuple):
     """The static (Python-valued, hashable) part of a call: the same in every chunk."""
 
+    #: The divergence's name in :data:`klx._divergence_table.DIVERGENCES`.
     kind: str
     options: tuple[tuple[str, float], ...]
     temperature: float
@@ -199,17 +196,17 @@ def chunk_rows(
     if hw < 1.0 and divergence_rows is not None:
         rows = divergence_rows(zp, zq)
     elif hw < 1.0:
-        terms = divergence_terms(spec.kind)(
+        rows = record_rows(
             xp,
+            lookup(spec.kind),
             zp,
             zq,
             p_form="logits",
             q_form="logits",
             axis=-1,
             temperature=spec.temperature,
-            **dict(spec.options),
+            options=spec.options,
         )
-        rows = xp.sum(terms, axis=-1)
     if rows is not None and hw > 0.0:
         rows = (1.0 - hw) * rows
     if hw > 0.0 and labels is not None:

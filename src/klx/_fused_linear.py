@@ -2,7 +2,7 @@
 
 :func:`fused_linear_divergence` walks the tokens a chunk at a time: per chunk it computes
 the two models' logits (``hidden @ weight.T + bias``), the divergence of each token by
-the definition (:func:`klx._agnostic.divergence_terms`), and, where gradients are asked
+the definition (:func:`klx._agnostic.record_rows`), and, where gradients are asked
 for, its gradient with respect to the chunk's logits and from there with respect to the
 hidden states, weights and biases. Nothing of size [tokens, vocab] is allocated: the
 extra memory is that of one chunk's logits and temporaries, plus the gradients.
@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from klx._agnostic import DIVERGENCES
-from klx._call import OPTION_CHECKS, normalizer_array
+from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
     check_float,
@@ -39,10 +39,9 @@ from klx._checks import (
     check_temperature_range,
     check_where,
 )
+from klx._divergence_table import lookup
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
 from klx._fused_chunks import (
-    _KIND_OPTION,
-    _KINDS,
     CHUNK_BYTES,
     CHUNK_TEMPORARIES,
     JAX_TEMPORARIES,
@@ -88,8 +87,6 @@ def fused_linear_divergence(
     p_bias: Array | None = None,
     q_bias: Array | None = None,
     divergence: str = "kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
     temperature: float = 1.0,
     softcap: float | None = None,
     where: Array | None = None,
@@ -100,6 +97,7 @@ def fused_linear_divergence(
     hard_weight: float = 0.0,
     ignore_index: int = -100,
     xp: ModuleType | None = None,
+    **options: float,
 ) -> Array:
     r"""A divergence between two models' output distributions, from their last hidden states.
 
@@ -139,16 +137,14 @@ def fused_linear_divergence(
         The student's output layer [vocab, hidden_q].
     p_bias, q_bias : array, optional
         Output-layer biases [vocab].
-    divergence : {'kl', 'js', 'skew_kl', 'tvd'}, optional
-        'kl': KL(P || Q), the forward KL of distillation (for the reverse KL swap the
-        sides). 'js': the generalized Jensen-Shannon divergence with weight `beta` on P,
-        as :func:`klx.js_divergence` (TRL's GKD loss with ``beta`` is this with
+    divergence : str, optional
+        Any divergence klx knows (``docs/divergences.md``; one added by
+        :func:`klx.register_divergence` too), by its name or an alias. 'kl': KL(P || Q),
+        the forward KL of distillation (for the reverse KL swap the sides). 'js': the
+        generalized Jensen-Shannon divergence with weight `beta` on P, as
+        :func:`klx.js_divergence` (TRL's GKD loss with ``beta`` is this with
         ``beta_trl = 1 - beta``). 'skew_kl': KL(P || alpha P + (1 - alpha) Q) (DistiLLM).
-        'tvd': the total variation, 0.5 sum ``|p - q|``. Default 'kl'.
-    beta : float, optional
-        The weight of P in JS's mixture, in [0, 1]. Default 0.5.
-    alpha : float, optional
-        The weight of P in skew KL's mixture, in [0, 1]. Default 0.1.
+        'tv' or 'tvd': the total variation, 0.5 sum ``|p - q|``. Default 'kl'.
     temperature : float, optional
         Both models' logits are divided by it. Default 1.
     softcap : float, optional
@@ -190,6 +186,10 @@ def fused_linear_divergence(
         The label of tokens without a hard term. Default -100.
     xp : namespace, optional
         The array namespace; by default that of the arrays.
+    **options : float
+        The divergence's own parameters: `beta` of 'js' (the weight of P in the mixture,
+        in [0, 1]; default 0.5), `alpha` of 'skew_kl' (the weight of P in the mixture,
+        in [0, 1]; default 0.1). A keyword the divergence does not take is a TypeError.
 
     Returns
     -------
@@ -245,8 +245,7 @@ def fused_linear_divergence(
         p_bias,
         q_bias,
         divergence,
-        beta,
-        alpha,
+        options,
         temperature,
         softcap,
         labels,
@@ -345,8 +344,7 @@ def _check(
     p_bias: Array | None,
     q_bias: Array | None,
     divergence: object,
-    beta: object,
-    alpha: object,
+    options: Mapping[str, object],
     temperature: object,
     softcap: object,
     labels: Array | None,
@@ -354,22 +352,8 @@ def _check(
     ignore_index: object,
 ) -> tuple[FusedSpec, tuple[int, ...]]:
     """Check shapes and Python options; return the static spec and the token shape."""
-    if not isinstance(divergence, str) or divergence not in _KINDS:
-        valid = ", ".join(repr(k) for k in _KINDS)
-        msg = f"`divergence` must be one of {valid}, got {divergence!r}."
-        raise ValueError(msg)
-    kind = _KINDS[divergence]
-    if kind not in DIVERGENCES:
-        msg = (
-            f"`divergence`={divergence!r} is not available in this version of klx (known: "
-            f"{', '.join(sorted(DIVERGENCES))}); upgrade klx or choose another divergence."
-        )
-        raise ValueError(msg)
-    options: tuple[tuple[str, float], ...] = ()
-    option = _KIND_OPTION.get(kind)
-    if option is not None:
-        value = beta if option == "beta" else alpha
-        options = ((option, OPTION_CHECKS[option](value)),)
+    record = lookup(divergence)
+    opts = record.option_values(options)
     t = check_temperature(_number_temperature(temperature), ("logits",))
     cap = None
     if softcap is not None:
@@ -460,7 +444,7 @@ def _check(
         if tuple(int(s) for s in labels.shape) != token_shape:
             msg = f"`labels` must have the token shape {token_shape}, got {tuple(labels.shape)}."
             raise ValueError(msg)
-    spec = FusedSpec(kind, options, t, cap, hw, int(ignore_index))
+    spec = FusedSpec(record.name, opts, t, cap, hw, int(ignore_index))
     return spec, token_shape
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from klx._agnostic import divergence_terms, log_softmax
+from klx._agnostic import js_terms, log_softmax
 from klx._fused_chunks import (
     FusedSpec,
     _Flat,
@@ -183,7 +183,7 @@ def _closed_chunk(
             del q
         else:  # js: the value by the definition (exactly 0 for P = Q, never negative)
             beta = dict(spec.options)["beta"]
-            terms = divergence_terms("js")(
+            terms = js_terms(
                 xp, zp, zq, p_form="logits", q_form="logits", axis=-1, temperature=t, beta=beta
             )
             soft = torch.sum(terms, -1)
@@ -260,21 +260,21 @@ def _on_cuda(z: Array) -> bool:
 def _public_rows(spec: FusedSpec) -> Any:
     """The divergence per token of two logits blocks by klx's public function (dispatched:
     the Triton rows kernels on CUDA for KL and JS, the definition elsewhere)."""
-    from klx._divergences import PUBLIC
+    from klx._divergences import divergence
 
-    fn = PUBLIC[spec.kind]
     opts = dict(spec.options)
 
     def rows(zp: Array, zq: Array) -> Array:
-        return fn(
+        return divergence(
             zp,
             zq,
+            spec.kind,
             p_form="logits",
             q_form="logits",
             temperature=spec.temperature,
             reduction="none",
             validate=False,
-            **opts,
+            **opts,  # type: ignore[arg-type]
         )
 
     return rows

@@ -581,7 +581,9 @@ def _check(
                 else:
                     cases, worst, bad = 0, 0.0, []
                 if row is None or row.operation == "divergence":
-                    kinds = ("kl", "js") if row is None else row.kinds
+                    # the kinds it serves that the references here know (all, if its
+                    # row names none)
+                    kinds = ("kl", "js") if row is None or not row.kinds else row.kinds
                     kinds = [k for k in kinds if k in ("kl", "js")]
                     c2, w2, b2 = _rows_cases(np, klx, lib, dtype, kinds, name)
                     cases, worst, bad = cases + c2, max(worst, w2), bad + b2
@@ -668,7 +670,7 @@ def _time(
             return klx.kl_div(x, y, reduction="sum")
 
     else:
-        fn = klx.kl_divergence if "kl" in row.kinds else klx.js_divergence
+        fn = klx.kl_divergence if not row.kinds or "kl" in row.kinds else klx.js_divergence
         operation = fn.__name__
 
         def path() -> Any:

@@ -12,7 +12,7 @@ import pytest
 
 import klx
 from support import reference
-from support.cases import kl_div_case
+from support.cases import divergence_cases, kl_div_case
 
 
 def analytic_grads(x, y, log_target):
@@ -198,15 +198,8 @@ def test_jax_kl_from_logits_derivatives_in_closed_form(backend):
     assert both.shape == (2,) and float(both[0]) == float(both[1])
 
 
-CLOSED_FORMS = {
-    "kl": (klx.kl_divergence, {}, lambda p, q: reference.kl_rows(p, q, -1)[0]),
-    "js": (klx.js_divergence, {"beta": 0.3}, lambda p, q: reference.js_rows(p, q, -1, 0.3)),
-    "skew_kl": (
-        klx.skew_kl_divergence,
-        {"alpha": 0.1},
-        lambda p, q: reference.skew_kl_rows(p, q, -1, 0.1)[0],
-    ),
-}
+#: The divergences whose records have a closed-form derivative from logits.
+CLOSED_FORMS = divergence_cases({"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}}, closed_form=True)
 
 
 @pytest.mark.slow

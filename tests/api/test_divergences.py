@@ -3,6 +3,8 @@ scipy.spatial.distance.jensenshannon, on every backend."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
@@ -10,7 +12,7 @@ from scipy.spatial.distance import jensenshannon
 import klx
 from support import reference
 from support.asserts import check_array
-from support.cases import draw_distribution
+from support.cases import divergence_cases, draw_distribution
 
 FORMS = ("probs", "log_probs", "logits")
 REDUCTIONS = ("none", "sum", "batchmean")
@@ -279,3 +281,37 @@ def test_near_equal_rows_on_every_backend(backend, dtype, kind, form, conformanc
     conformance(f"{backend.id} {dtype} near P = Q ({form})", f"{kind} none", err, tol, value=got)
     assert np.all(got >= 0)
     assert err <= tol, err
+
+
+# --------------------------------------------------------------------------- the records
+
+
+@pytest.mark.parametrize("name", list(divergence_cases()))
+def test_divergence_by_name_is_the_public_function(backend, xp, name):
+    """``klx.divergence(p, q, name)`` (and each alias) is the record's public function, and
+    both match the float64 reference: the records, not a hand list, name the divergences."""
+    fn, options, ref_rows = divergence_cases({"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}})[name]
+    rng = np.random.default_rng(11)
+    p, _ = draw_distribution(rng, (3, 6), -1, "probs", zeros=True)
+    q, _ = draw_distribution(rng, (3, 6), -1, "probs")
+    bp, bq = backend.asarray(p), backend.asarray(q)
+    want = ref_rows(p, q)
+    got = fn(bp, bq, **options)
+    check_array(backend, got, bp, "float64", (3,))
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-12, atol=1e-15)
+    from klx._divergence_table import DIVERGENCES
+
+    for kind in (name, *DIVERGENCES[name].aliases):
+        by_name = klx.divergence(bp, bq, kind, **options)
+        np.testing.assert_array_equal(backend.to_numpy(by_name), backend.to_numpy(got))
+
+
+def test_docs_divergence_table_is_the_records():
+    from klx import _divergence_table
+
+    text = (Path(__file__).parents[2] / "docs" / "divergences.md").read_text()
+    begin, end = "<!-- divergence-table: begin -->\n", "\n<!-- divergence-table: end -->"
+    table = text[text.index(begin) + len(begin) : text.index(end)]
+    assert table == _divergence_table.markdown_table(), (
+        "docs/divergences.md is out of date: paste klx._divergence_table.markdown_table()"
+    )

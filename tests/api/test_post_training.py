@@ -16,23 +16,14 @@ from hypothesis.extra import numpy as hnp
 import klx
 from support import reference
 from support.asserts import check_array
-from support.cases import draw_distribution
+from support.cases import divergence_cases, draw_distribution
 from support.strategies import SETTINGS, distributions, normalize
 
 FORMS = ("probs", "log_probs", "logits")
 
-#: Every reducing divergence function, and its reference per distribution (float64
-#: probabilities along the last axis).
-FUNCTIONS = {
-    "kl": (klx.kl_divergence, {}, lambda p, q: reference.kl_rows(p, q, -1)[0]),
-    "js": (klx.js_divergence, {}, lambda p, q: reference.js_rows(p, q, -1, 0.5)),
-    "skew_kl": (
-        klx.skew_kl_divergence,
-        {"alpha": 0.1},
-        lambda p, q: reference.skew_kl_rows(p, q, -1, 0.1)[0],
-    ),
-    "tv": (klx.tv_distance, {}, lambda p, q: reference.tv_rows(p, q, -1)[0]),
-}
+#: Every divergence klx ships (read from its records), its public function, and its reference
+#: per distribution (float64 probabilities along the last axis).
+FUNCTIONS = divergence_cases({"skew_kl": {"alpha": 0.1}})
 
 
 def _rows(kind, p, q, axis, alpha):

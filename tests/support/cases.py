@@ -96,3 +96,39 @@ def draw_distribution(rng, shape, axis, form, zeros=False, temperature=1.0):
     probs = np.exp(log_p)
     given = {"probs": probs, "log_probs": log_p, "logits": logits}[form]
     return given, probs
+
+
+#: The float64 reference of each divergence klx ships (probabilities along the last axis;
+#: keyword options as its record names them). The tests of every divergence read the
+#: records through :func:`divergence_cases`: a record without a reference here fails them.
+_REFERENCE_ROWS = {
+    "kl": lambda p, q: reference.kl_rows(p, q, -1)[0],
+    "js": lambda p, q, beta=0.5: reference.js_rows(p, q, -1, beta),
+    "skew_kl": lambda p, q, alpha=0.1: reference.skew_kl_rows(p, q, -1, alpha)[0],
+    "tv": lambda p, q: reference.tv_rows(p, q, -1)[0],
+}
+
+
+def divergence_cases(options=None, closed_form=False):
+    """``{name: (public function, options, reference rows)}`` for every built-in record
+    (with `closed_form`, those with a closed-form derivative from logits), each with the
+    options in ``options[name]`` (default: none, the record's defaults)."""
+    import klx
+    from klx._divergence_table import built_in
+
+    options = options or {}
+    cases = {}
+    for record in built_in():
+        if closed_form and record.logits_derivatives is None:
+            continue
+        if record.name not in _REFERENCE_ROWS:
+            msg = (
+                f"the divergence {record.name!r} has no float64 reference: add one to "
+                "_REFERENCE_ROWS in tests/support/cases.py"
+            )
+            raise AssertionError(msg)
+        opts = dict(options.get(record.name, {}))
+        ref = _REFERENCE_ROWS[record.name]
+        fn = getattr(klx, record.public)
+        cases[record.name] = (fn, opts, lambda p, q, ref=ref, opts=opts: ref(p, q, **opts))
+    return cases

@@ -136,7 +136,7 @@ def mismatch(row: Any, fn: Callable[[Any], Any], call: Any, grad: bool = False) 
 
 def _divergence_probe(call: Any, p: Any, q: Any, where: Any) -> Any:
     return parse_divergence(
-        call.kind,
+        call.divergence,
         p,
         q,
         axis=-1,
@@ -147,7 +147,7 @@ def _divergence_probe(call: Any, p: Any, q: Any, where: Any) -> Any:
         reduction="none",
         validate=False,
         xp=call.xp,
-        **dict(call.options),
+        options=dict(call.options),
     )
 
 

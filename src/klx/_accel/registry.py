@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from klx import _agnostic
-from klx._accel import closed_forms
 from klx._config import accelerators_enabled
 from klx._namespace import library_of
 
@@ -77,8 +76,9 @@ class Accelerator:
     layout: str = "contiguous"
     #: Fewest elements worth the fast path (below it the definition is as fast).
     min_size: int = 0
-    #: Divergence kinds served (operation 'divergence'), and (p_form, q_form) pairs
-    #: served (empty: every pair).
+    #: Divergences served by name (operation 'divergence'; empty: every divergence, one
+    #: registered by a user too, as the definition computes it), and (p_form, q_form)
+    #: pairs served (empty: every pair).
     kinds: tuple[str, ...] = ()
     forms: tuple[tuple[str, str], ...] = ()
     #: The traces it serves besides concrete arrays: 'jax' (a JAX tracer: jax.jit, grad,
@@ -86,6 +86,9 @@ class Accelerator:
     #: torch.compile, torch.func, CUDA-graph capture or forward-mode AD). Its module is then
     #: klx._accel.traced, imported by an import statement, which torch.compile traces.
     traces: tuple[str, ...] = ()
+    #: Whether it serves only divergences whose record has a closed-form derivative from
+    #: logits (:mod:`klx._closed_forms`), which it registers with the tracer.
+    closed_form: bool = False
     #: Whether inputs that require gradients may use it (it has a backward).
     autograd: bool = False
     #: Whether its first use on a (device, dtype) is checked against the definition.
@@ -184,7 +187,6 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         devices=("cpu",),
         dtypes=("float16", "float32", "float64"),
         layout="any",
-        kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
         summary="blocks of rows on klx's threads, each by the definition (KL from logits "
         "by its own kernel of half the passes): bounded memory, any axis or layout",
@@ -197,7 +199,6 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         devices=("cpu",),
         dtypes=("float16", "float32", "float64"),
         layout="any",
-        kinds=("kl", "js", "skew_kl", "tv"),
         min_size=1 << 20,
         requires=("numpy",),
         summary="the NumPy row blocks (as numpy-rows) on zero-copy views: no torch "
@@ -210,7 +211,6 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "klx._accel.rows:dask_rows",
         devices=("cpu",),
         dtypes=("float16", "float32", "float64"),
-        kinds=("kl", "js", "skew_kl", "tv"),
         layout="any",
         summary="each chunk (its distributions whole) by the NumPy row blocks (map_blocks)",
     ),
@@ -220,7 +220,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "jax",
         "klx._accel.traced:jax_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
-        kinds=closed_forms.KINDS,
+        closed_form=True,
         forms=(("logits", "logits"),),
         layout="any",
         traces=("jax",),
@@ -252,7 +252,7 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "torch",
         "klx._accel.traced:torch_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
-        kinds=closed_forms.KINDS,
+        closed_form=True,
         forms=(("logits", "logits"),),
         layout="any",
         traces=("torch.compile",),
@@ -439,8 +439,10 @@ def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
     if row.min_size and _size(a) < row.min_size:
         return f"fewer than {row.min_size} elements (the definition is as fast)"
     if row.operation == "divergence":
-        if call.kind not in row.kinds:
+        if row.kinds and call.kind not in row.kinds:
             return f"serves {', '.join(row.kinds)}, not {call.kind!r}"
+        if row.closed_form and call.divergence.logits_derivatives is None:
+            return f"{call.kind!r} has no closed-form derivative (its record gives none)"
         if row.forms and (call.p_form, call.q_form) not in row.forms:
             return f"serves forms {row.forms}, not {(call.p_form, call.q_form)}"
         if call.axis != a.ndim - 1 and row.layout != "any":
@@ -580,7 +582,14 @@ def _memo_key(operation: str, call: Any, ctx: _Context) -> tuple[Any, ...] | Non
     extra = (
         (call.log_target, call.reduction == "none")  # first-use variants (`_variant`)
         if operation == "kl_div"
-        else (call.kind, call.p_form, call.q_form, call.axis, type(call.temperature), call.options)
+        else (
+            call.divergence,
+            call.p_form,
+            call.q_form,
+            call.axis,
+            type(call.temperature),
+            call.options,
+        )
     )
     return (
         operation,
@@ -802,6 +811,10 @@ def markdown_table() -> str:
         serves = []
         if row.kinds:
             serves.append("/".join(row.kinds))
+        elif row.closed_form:
+            serves.append("the divergences with a closed-form derivative")
+        elif row.operation == "divergence":
+            serves.append("every divergence")
         if row.forms:
             serves.append(", ".join(f"{p}+{q}" for p, q in row.forms))
         if row.min_size:

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from klx._accel.closed_forms import logits_derivatives
 from klx._agnostic import divergence_rows, mask_rows
 
 __all__ = ["FromLogitsRows"]
@@ -19,7 +18,7 @@ __all__ = ["FromLogitsRows"]
 
 class FromLogitsRows(torch.autograd.Function):
     """A divergence between two sets of logits, per distribution: the definition's value,
-    and its derivative in closed form (:mod:`klx._accel.closed_forms`).
+    and its derivative in closed form (:mod:`klx._closed_forms`).
 
     The forward saves the two inputs and the values; the backward recomputes the
     log-softmaxes (where autodiff of the definition read every guard's mask saved) and
@@ -43,7 +42,7 @@ class FromLogitsRows(torch.autograd.Function):
         xp, call = ctx.xp, ctx.call
         if keep is not None:  # the definition's stand-in rows; their derivative is 0 below
             t, s = mask_rows(xp, t, keep, "logits"), mask_rows(xp, s, keep, "logits")
-        c_t, c_s = logits_derivatives(
+        c_t, c_s = call.divergence.logits_derivatives(
             xp, call, t, s, rows, need_t=ctx.needs_input_grad[0], need_s=ctx.needs_input_grad[1]
         )
         scale = torch.unsqueeze(g, call.axis) / call.temperature

@@ -1,5 +1,5 @@
 """Rows that serve traced calls as well as eager ones: KL, JS and skew KL between two
-sets of logits, each with its derivative in closed form (:mod:`klx._accel.closed_forms`),
+sets of logits, each with its derivative in closed form (:mod:`klx._closed_forms`),
 for JAX and for torch.
 
 The value is the array-API definition's (:func:`klx._agnostic.divergence_rows`), to the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from klx._accel.closed_forms import logits_derivatives
 from klx._agnostic import divergence_rows, mask_rows
 
 __all__ = ["jax_rows", "torch_rows"]
@@ -45,7 +44,7 @@ def jax_rows(call: Any) -> Any:
         out = rows(t, s, k)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, "logits"), mask_rows(xp, s, k, "logits")
-        c_t, c_s = logits_derivatives(xp, call, t, s, out)
+        c_t, c_s = call.divergence.logits_derivatives(xp, call, t, s, out)
         tangent = jnp.sum(c_t * dt + c_s * ds, axis=axis) / temperature
         if has_keep:
             tangent = jnp.where(jnp.squeeze(k, axis=axis), tangent, 0.0)
