@@ -13,6 +13,8 @@ from typing import Any
 
 import array_api_compat as aac
 
+from klx._backends import BY_NAME, by_name, library, loaded
+
 __all__ = [
     "array_namespace",
     "device_of",
@@ -24,47 +26,16 @@ __all__ = [
 ]
 
 
-def loaded(module: str, *path: str) -> Any:
-    """``module.path...`` where that module has been imported far enough to define it, else
-    ``None``; nothing is imported.
-
-    A module is in ``sys.modules`` from the moment another thread starts importing it, and a
-    class it has not defined yet has no instances: an ``isinstance`` test can skip it.
-    """
-    obj = sys.modules.get(module)
-    for name in path:
-        if obj is None:
-            return None
-        obj = getattr(obj, name, None)
-    return obj
-
-
 def library_name(x: Any) -> str | None:
     """A short name for the array library of `x`, or ``None`` if `x` is not an array.
 
-    Plain ``isinstance`` checks against classes of libraries already imported, so that
-    this stays cheap and traceable by ``torch.compile`` (array-api-compat's helpers
-    are ``lru_cache``-wrapped, which Dynamo warns about).
+    Plain ``isinstance`` checks against classes of libraries already imported
+    (:func:`klx._backends.library`), so that this stays cheap and traceable by
+    ``torch.compile`` (array-api-compat's helpers are ``lru_cache``-wrapped, which Dynamo
+    warns about).
     """
-    for name, module, attr in _ARRAY_TYPES:
-        mod = sys.modules.get(module)  # `loaded`, inline: this runs on every call
-        cls = getattr(mod, attr, None) if mod is not None else None
-        if cls is not None and isinstance(x, cls):
-            return name
-    if isinstance(x, (bool, int, float, complex)):
-        return None
-    if hasattr(x, "__array_namespace__"):
-        return type(x).__module__.split(".")[0]
-    return None
-
-
-_ARRAY_TYPES = (
-    ("torch", "torch", "Tensor"),
-    ("numpy", "numpy", "ndarray"),
-    ("jax", "jax", "Array"),
-    ("cupy", "cupy", "ndarray"),
-    ("dask", "dask.array", "Array"),
-)
+    lib = library(x)
+    return None if lib is None else lib.name
 
 
 def _describe(x: Any) -> str:
@@ -125,8 +96,8 @@ def array_namespace(named: Sequence[tuple[str, Any]], xp: ModuleType | None = No
         return xp
     if len(libraries) == 1:
         (only,) = libraries
-        if only in _COMPAT:
-            return _compat_namespace(only)
+        if only in BY_NAME:
+            return _namespace_of(only)
     return aac.array_namespace(*arrays)
 
 
@@ -163,54 +134,21 @@ def _refuse_numpy_kinds(name: str, value: Any) -> None:
     raise TypeError(msg)
 
 
-#: Namespaces of the libraries array-api-compat wraps, by library name; looked up
-#: directly (a dict, not array-api-compat's cached dispatch), which keeps dispatch
-#: cheap for tiny inputs and traceable by torch.compile.
-_COMPAT = {
-    "numpy": "array_api_compat.numpy",
-    "torch": "array_api_compat.torch",
-    "cupy": "array_api_compat.cupy",
-    "dask": "array_api_compat.dask.array",
-    "jax": "jax.numpy",
-}
-
-
 #: Namespaces whose import has completed in this process, by library name. Not
 #: ``sys.modules``: a module is there from the moment its import starts, so a thread that
 #: took it from there while another thread still imported it got a partially initialised
-#: module (``AttributeError: ... has no attribute 'isdtype'``). An import statement waits
-#: for the other thread's import to finish.
+#: module (``AttributeError: ... has no attribute 'isdtype'``). An import statement (in
+#: each adapter's ``namespace()``) waits for the other thread's import to finish.
 _READY: dict[str, ModuleType] = {}
 
 
-def _compat_namespace(lib: str) -> ModuleType:
+def _namespace_of(lib: str) -> ModuleType:
+    """The namespace of a library klx has an adapter for (a dict lookup once imported:
+    cheap for tiny inputs and traceable by torch.compile)."""
     ready = _READY.get(lib)
-    if ready is not None:
-        return ready
-    # Import statements (not importlib), which torch.compile can trace.
-    ns: ModuleType
-    if lib == "torch":
-        import array_api_compat.torch as torch_xp
-
-        ns = torch_xp
-    elif lib == "numpy":
-        import array_api_compat.numpy as numpy_xp
-
-        ns = numpy_xp
-    elif lib == "cupy":
-        import array_api_compat.cupy as cupy_xp
-
-        ns = cupy_xp
-    elif lib == "dask":
-        import array_api_compat.dask.array as dask_xp
-
-        ns = dask_xp
-    else:
-        import jax.numpy  # noqa: F401
-
-        ns = sys.modules["jax.numpy"]
-    _READY[lib] = ns
-    return ns
+    if ready is None:
+        ready = _READY[lib] = BY_NAME[lib].namespace()
+    return ready
 
 
 def library_of(xp: ModuleType) -> str:
@@ -222,21 +160,14 @@ def library_of(xp: ModuleType) -> str:
     return lib
 
 
-#: Namespace name -> library name; the wrapped libraries' entries are the reverse of _COMPAT.
-_LIBRARY_OF = {ns: lib for lib, ns in _COMPAT.items()}
+#: Namespace name -> library name, from the adapters.
+_LIBRARY_OF = {lib.namespace_name: lib.name for lib in BY_NAME.values()}
 
 
 def device_of(x: Any) -> Any:
     """The device of `x`, or ``None`` where the library cannot say (a JAX tracer)."""
-    lib = library_name(x)
-    if lib == "torch" or lib == "cupy":
-        return x.device
-    if lib == "jax":
-        return None  # JAX places arrays itself; tracers and sharded arrays have no one device
-    try:
-        return aac.device(x)
-    except Exception:  # pragma: no cover - a library whose arrays cannot say
-        return None
+    lib = library(x)
+    return None if lib is None else lib.device(x)
 
 
 def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = None) -> Any:
@@ -250,15 +181,15 @@ def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = 
     ValueError
         If two arrays live on different devices.
     """
-    if xp is not None and xp.__name__ in _ONE_PLACE:
+    one = None if xp is None else by_name(library_of(xp))
+    if one is not None and one.one_place:
         return None
-    # torch and CuPy arrays say their device directly (no per-array library lookup)
-    direct = xp is not None and library_of(xp) in ("torch", "cupy")
     first_name, first_device = None, None
     for name, value in named:
         if value is None:
             continue
-        dev = value.device if direct else device_of(value)
+        # all arrays of one library (checked before): its adapter, without a lookup each
+        dev = one.device(value) if one is not None else device_of(value)
         if dev is None:
             continue
         if first_name is None:
@@ -272,23 +203,11 @@ def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = 
     return first_device
 
 
-#: Namespaces whose arrays need no device comparison.
-_ONE_PLACE = ("array_api_compat.numpy", "jax.numpy")
-
-
 def is_concrete(x: Any) -> bool:
-    """Whether the values of `x` can be read now (not a JAX tracer, not a lazy array)."""
-    tracer = loaded("jax", "core", "Tracer")
-    if tracer is not None and isinstance(x, tracer):
-        return False
-    tensor = loaded("torch", "Tensor")
-    if tensor is not None and isinstance(x, tensor):
-        compiler = loaded("torch", "compiler")
-        if compiler is not None and compiler.is_compiling():
-            return False
-        if in_torch_func():  # torch.func.grad / vmap: batched or traced tensors
-            return False
-    return True
+    """Whether the values of `x` can be read now (not a JAX tracer, not inside
+    torch.compile or a torch.func transform)."""
+    lib = library(x)
+    return lib is None or lib.is_concrete(x)
 
 
 def in_torch_func() -> bool:

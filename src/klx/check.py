@@ -22,7 +22,6 @@ checked (or on bad arguments). Needs NumPy (for the reference).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import importlib.util
 import json
@@ -37,22 +36,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from klx import _backends
+from klx._backends import CheckDevice, note
+
 __all__ = ["Row", "main", "run"]
 
-LIBRARIES = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict")
+#: The array libraries it looks for: every one klx has an adapter for (klx._backends).
+LIBRARIES = tuple(lib.name for lib in _backends.LIBRARIES)
 #: Allowed error relative to the scale of the terms, by dtype (the conformance tolerances).
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 2e-6, "float64": 1e-12}
 #: float16 results below its smallest subnormal's half are off by up to this, at any scale.
 ATOL = {"float16": 2.0**-25}
-#: What to install to check each library, for the 'not checked' lines.
-INSTALL = {
-    "numpy": "pip install numpy",
-    "torch": "pip install torch (on Linux, PyPI's torch wheel is the CUDA build)",
-    "jax": 'pip install jax (on an NVIDIA GPU: pip install "jax[cuda12]")',
-    "cupy": "pip install cupy-cuda12x (CUDA 12; needs an NVIDIA GPU and its driver)",
-    "dask": 'pip install "dask[array]"',
-    "array_api_strict": "pip install array-api-strict",
-}
 #: The definition's name in the table: it is the reference, not a path users pick.
 REFERENCE = "definition (reference)"
 
@@ -145,205 +139,31 @@ def _cases(np: Any, rows: int, cols: int, seed: int = 0) -> dict[str, Any]:
 # --------------------------------------------------------------------------- libraries
 
 
-@dataclass
-class _Library:
-    name: str
-    device: str
-    #: float64 NumPy array -> array of this library on this device, of the named dtype.
-    put: Callable[[Any, str], Any]
-    get: Callable[[Any], Any]
-    sync: Callable[[], None]
-    dtypes: tuple[str, ...]
-    device_type: str
+_Library = CheckDevice
 
 
 def _find(np: Any, name: str, notes: list[str]) -> list[_Library]:
     """The devices of library `name`; [] with a note saying how to check it if missing."""
+    adapter = _backends.BY_NAME[name]
     try:
-        importlib.import_module("dask.array" if name == "dask" else name)
+        importlib.import_module(adapter.module)
     except ImportError as exc:
         missing = (exc.name or name).split(".")[0]
-        why = "not installed" if missing == name else f"cannot be imported ({exc})"
-        notes.append(_note(name, why, f"to check it: {INSTALL[name]}"))
+        why = (
+            "not installed"
+            if missing == adapter.module.split(".")[0]
+            else (f"cannot be imported ({exc})")
+        )
+        notes.append(note(name, why, f"to check it: {adapter.install}"))
         return []
     except Exception as exc:  # a broken install: reported, the other libraries still checked
-        notes.append(_note(name, f"failed to import ({type(exc).__name__}: {exc})"))
+        notes.append(note(name, f"failed to import ({type(exc).__name__}: {exc})"))
         return []
     try:
-        return _devices(np, name, notes)
+        return adapter.check_devices(np, notes)
     except Exception as exc:
-        notes.append(_note(name, f"its devices could not be listed ({type(exc).__name__}: {exc})"))
+        notes.append(note(name, f"its devices could not be listed ({type(exc).__name__}: {exc})"))
         return []
-
-
-def _note(what: str, why: str, hint: str = "") -> str:
-    """One 'not checked' line: what, why, and what to do to check it."""
-    return f"{what}: {why}" + (f". {hint[0].upper()}{hint[1:]}" if hint else "")
-
-
-def _torch_gpu_note(version: str, cuda: str | None) -> str:
-    """Why torch sees no GPU, and what to do about it."""
-    if cuda is None:
-        return _note(
-            "a GPU through torch",
-            f"torch {version} is a CPU-only build",
-            "to check klx's Triton kernels on an NVIDIA GPU, install a CUDA build of torch "
-            "(on Linux, PyPI's torch wheel is one: pip install --force-reinstall torch; "
-            "others: https://pytorch.org/get-started/locally/)",
-        )
-    return _note(
-        "a GPU through torch",
-        f"torch {version} (built for CUDA {cuda}) sees no GPU",
-        "to check klx's Triton kernels, check the NVIDIA driver (nvidia-smi) and "
-        "CUDA_VISIBLE_DEVICES",
-    )
-
-
-def _devices(np: Any, name: str, notes: list[str]) -> list[_Library]:
-    def nop() -> None:
-        return None
-
-    if name == "numpy":
-        return [
-            _Library(
-                "numpy",
-                "cpu",
-                lambda a, d: a.astype(d),
-                lambda a: np.asarray(a, dtype=np.float64),
-                nop,
-                ("float32", "float64"),
-                "cpu",
-            )
-        ]
-    if name == "torch":
-        import torch
-
-        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        if len(devices) == 1:
-            notes.append(_torch_gpu_note(torch.__version__, torch.version.cuda))
-        out = []
-        for dev in devices:
-            # synchronize(dev): the plain call waits for the current device only, so a
-            # cuda:1 timing would stop its clock before cuda:1's kernels finished
-            sync = functools.partial(torch.cuda.synchronize, dev) if dev != "cpu" else nop
-
-            def put_torch(a: Any, d: str, dev: str = dev) -> Any:
-                return torch.from_numpy(a.copy()).to(dev, getattr(torch, d))
-
-            out.append(
-                _Library(
-                    "torch",
-                    dev,
-                    put_torch,
-                    lambda a: a.detach().to("cpu", torch.float64).numpy(),
-                    sync,
-                    ("float16", "bfloat16", "float32", "float64"),
-                    dev.split(":")[0],
-                )
-            )
-        return out
-    if name == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)  # type: ignore[no-untyped-call,unused-ignore]
-        import jax.numpy as jnp
-
-        out = []
-        kinds = {d.platform for d in jax.devices()} | {"cpu"}
-        if "gpu" not in kinds and "cuda" not in kinds:
-            notes.append(
-                _note(
-                    "a GPU through JAX",
-                    f"JAX sees only {', '.join(sorted(kinds))}",
-                    'to check JAX on an NVIDIA GPU: pip install "jax[cuda12]"',
-                )
-            )
-        # JAX's CPU (jax.devices() lists only the GPUs where jax[cuda] is installed) and
-        # its first accelerator, if any
-        accelerators = [d for d in jax.devices() if d.platform != "cpu"][:1]
-        for d in jax.devices("cpu")[:1] + accelerators:
-
-            def put_jax(a: Any, dt: str, d: Any = d) -> Any:
-                return jax.device_put(jnp.asarray(a).astype(dt), d)
-
-            out.append(
-                _Library(
-                    "jax",
-                    str(d),
-                    put_jax,
-                    lambda a: np.asarray(a.astype(jnp.float64)),
-                    nop,
-                    ("float16", "bfloat16", "float32", "float64"),
-                    "cpu" if d.platform == "cpu" else "cuda",
-                )
-            )
-        return out
-    if name == "cupy":
-        import cupy
-
-        try:
-            count = cupy.cuda.runtime.getDeviceCount()
-            why = "CuPy found no CUDA device"
-        except Exception as exc:  # no driver
-            count = 0
-            why = f"CuPy found no CUDA device ({exc})"
-        if count == 0:
-            notes.append(
-                _note(
-                    "a GPU through CuPy",
-                    why,
-                    "to check klx's CuPy kernels, check the NVIDIA driver (nvidia-smi)",
-                )
-            )
-        out = []
-        for i in range(count):
-
-            def put(a: Any, d: str, i: int = i) -> Any:
-                with cupy.cuda.Device(i):
-                    return cupy.asarray(a.astype(d))
-
-            out.append(
-                _Library(
-                    "cupy",
-                    f"cuda:{i}",
-                    put,
-                    lambda a: a.astype("float64").get(),
-                    cupy.cuda.runtime.deviceSynchronize,
-                    ("float32", "float64"),
-                    "cuda",
-                )
-            )
-        return out
-    if name == "dask":
-        import dask.array as da
-
-        return [
-            _Library(
-                "dask",
-                "cpu",
-                lambda a, d: da.from_array(  # type: ignore[no-untyped-call,unused-ignore]
-                    a.astype(d), chunks=(max(1, a.shape[0] // 2), -1)
-                ),
-                lambda a: np.asarray(a.compute(), dtype=np.float64),
-                nop,
-                ("float32", "float64"),
-                "cpu",
-            )
-        ]
-    import array_api_strict as xps
-
-    cpu = xps.Device("CPU_DEVICE")
-    return [
-        _Library(
-            "array_api_strict",
-            "cpu",
-            lambda a, d: xps.asarray(a, dtype=getattr(xps, d), device=cpu),
-            lambda a: np.asarray(xps.astype(a, xps.float64)),
-            nop,
-            ("float32", "float64"),
-            "cpu",
-        )
-    ]
 
 
 # --------------------------------------------------------------------------- the check
@@ -443,25 +263,7 @@ def _rows_cases(
 
 def _peer(lib: _Library) -> tuple[str, Callable[[Any, Any], Any]] | None:
     """The library's native way to compute kl_div 'sum', for the timing column."""
-    if lib.name == "torch":
-        import torch.nn.functional as F
-
-        return "F.kl_div", lambda x, y: F.kl_div(x, y, reduction="sum")
-    if lib.name == "numpy":
-        import numpy as np
-
-        return "NumPy formula", lambda x, y: np.sum(y * (np.log(y) - x))
-    if lib.name == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        f = jax.jit(lambda x, y: jnp.sum(jax.scipy.special.xlogy(y, y) - y * x))
-        return "jax.jit formula", lambda x, y: f(x, y).block_until_ready()
-    if lib.name == "cupy":
-        import cupy
-
-        return "CuPy formula", lambda x, y: cupy.sum(y * (cupy.log(y) - x))
-    return None
+    return _backends.BY_NAME[lib.name].peer()
 
 
 def run(
@@ -500,7 +302,7 @@ def run(
     accelerators_on = klx.accelerators_enabled()
     if not accelerators_on:
         notes.append(
-            _note(
+            note(
                 "klx's accelerators",
                 "off in this process (KLX_ACCELERATORS=0 or klx.set_accelerators(False)): only "
                 "the definition was checked",
@@ -547,13 +349,13 @@ def _serving(registry: Any, lib: _Library, notes: list[str]) -> list[Any]:
             continue
         missing = [m for m in r.requires if not registry._importable(m)]
         if missing:
-            note = _note(
+            line = note(
                 f"{r.name} on {lib.device}",
                 f"not available: needs {', '.join(missing)}, which is not installed",
                 f"to check it: pip install {' '.join(missing)}",
             )
-            if note not in notes:
-                notes.append(note)
+            if line not in notes:
+                notes.append(line)
             continue
         rows.append(r)
     return rows
@@ -658,6 +460,7 @@ def _time(
     timings: dict[str, float],
 ) -> None:
     """Fill `out`'s timings; the definition's and the peer's are taken once per device."""
+    adapter = _backends.BY_NAME[lib.name]
     rng = np.random.default_rng(2)
     y64 = rng.random(size) + 0.01
     y64 /= y64.sum(axis=-1, keepdims=True)
@@ -683,10 +486,10 @@ def _time(
 
     if row is not None:
         with force(row):
-            out.ms_path = _timed(lambda: _materialise(path()), lib.sync, repeat)
+            out.ms_path = _timed(lambda: adapter.materialise(path()), lib.sync, repeat)
     if operation not in timings:
         with force(None):
-            timings[operation] = _timed(lambda: _materialise(path()), lib.sync, repeat)
+            timings[operation] = _timed(lambda: adapter.materialise(path()), lib.sync, repeat)
     out.ms_definition = timings[operation]
     peer = _peer(lib) if row is not None and row.operation == "kl_div" else None
     if peer is not None:
@@ -694,14 +497,6 @@ def _time(
         if "peer" not in timings:
             timings["peer"] = _timed(lambda: peer[1](x, y), lib.sync, repeat)
         out.ms_peer = timings["peer"]
-
-
-def _materialise(x: Any) -> Any:
-    compute = getattr(x, "compute", None)  # Dask: the work happens here
-    if compute is not None:
-        return compute()
-    ready = getattr(x, "block_until_ready", None)
-    return ready() if ready is not None else x
 
 
 # --------------------------------------------------------------------------- the report

@@ -22,6 +22,7 @@ import pytest
 import klx
 from klx import check
 from klx._accel import blocked, registry
+from klx._backends import BY_NAME, torch_gpu_note
 
 ONCE = pytest.mark.backends("numpy", reason="runs the command on NumPy only; once per run")
 SMALL = ["--repeat", "1", "--size", "8", "64"]
@@ -102,10 +103,10 @@ def test_what_to_install_for_a_missing_library(backend):
 
 
 def test_what_to_do_when_torch_sees_no_gpu():
-    cpu = check._torch_gpu_note("2.13.0+cpu", None)
+    cpu = torch_gpu_note("2.13.0+cpu", None)
     assert "torch 2.13.0+cpu is a CPU-only build" in cpu
     assert "install a CUDA build of torch" in cpu
-    cuda = check._torch_gpu_note("2.13.0", "12.8")
+    cuda = torch_gpu_note("2.13.0", "12.8")
     assert "sees no GPU" in cuda and "nvidia-smi" in cuda
 
 
@@ -264,10 +265,8 @@ def test_each_gpu_timing_waits_for_its_own_device(backend, monkeypatch):
     cuda:1's timings stopped the clock before its kernels had finished."""
     import torch
 
-    from klx import check
-
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    libs = check._devices(np, "torch", [])
+    libs = BY_NAME["torch"].check_devices(np, [])
     assert [lib.device for lib in libs] == ["cpu", "cuda:0", "cuda:1"]
     for lib in libs[1:]:
         assert lib.sync.func is torch.cuda.synchronize and lib.sync.args == (lib.device,)
@@ -278,13 +277,11 @@ def test_jax_on_the_cpu_is_checked_beside_its_gpu(backend, monkeypatch):
     """With jax[cuda], jax.devices() lists the GPUs only: JAX's CPU was never checked."""
     import jax
 
-    from klx import check
-
     cpu = jax.devices("cpu")
     gpu = types.SimpleNamespace(platform="gpu", __str__=lambda self: "cuda:0")
     real = jax.devices
     monkeypatch.setattr(jax, "devices", lambda kind=None: [gpu] if kind is None else real(kind))
-    libs = check._devices(np, "jax", notes := [])
+    libs = BY_NAME["jax"].check_devices(np, notes := [])
     assert [lib.device_type for lib in libs] == ["cpu", "cuda"]
     assert libs[0].device == str(cpu[0])
     assert not notes  # a GPU was found: no "JAX sees only cpu" note

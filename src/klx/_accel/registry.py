@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from klx import _agnostic
+from klx._backends import Trace, by_name
 from klx._config import accelerators_enabled
 from klx._namespace import library_of
 
@@ -324,13 +325,7 @@ _DTYPE_NAMES: dict[Any, str] = {}
 def device_type(lib: str, x: Array) -> str:
     """The device type the gates see for an array `x` of `lib` ('cpu', 'cuda'), after
     :data:`DEVICE_ALIASES`."""
-    if lib == "torch":
-        # is_cpu / is_cuda are cheap flags; building x.device costs more
-        kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else str(x.device.type)
-    elif lib == "cupy":
-        kind = "cuda"
-    else:
-        kind = "cpu"
+    kind = by_name(lib).device_type(x)
     return DEVICE_ALIASES.get(kind, kind)
 
 
@@ -342,54 +337,12 @@ def _size(x: Array) -> int:
 
 
 def _contiguous(lib: str, x: Array) -> bool:
-    if lib == "torch":
-        return bool(x.is_contiguous())
-    return bool(x.flags.c_contiguous)
+    return by_name(lib).contiguous(x)
 
 
 def _rows_layout(lib: str, x: Array) -> bool:
     """Last axis of stride 1; rows at any uniform stride (a 2-D slice such as x[:, :-1])."""
-    if _contiguous(lib, x):
-        return True
-    if lib != "torch" or x.ndim != 2:
-        return False
-    return bool(x.stride(1) == 1 and x.stride(0) >= x.shape[1])
-
-
-class _Trace(NamedTuple):
-    """A trace the call is inside: its kind (a row's `traces` name it) and why the
-    arrays' values cannot be used eagerly."""
-
-    kind: str
-    why: str
-
-
-def _traced(lib: str, a: Array, b: Array, device: str) -> _Trace | None:
-    """The trace the call is inside, or None for concrete arrays."""
-    if lib == "torch":
-        torch = sys.modules["torch"]
-        if torch.compiler.is_compiling():
-            return _Trace("torch.compile", "inside torch.compile (inductor fuses the definition)")
-        if torch._C._functorch.maybe_current_level() is not None:
-            return _Trace("torch.func", "inside a torch.func transform")
-        fwd = sys.modules.get("torch.autograd.forward_ad")
-        if fwd is not None and getattr(fwd, "_current_level", -1) >= 0:
-            return _Trace("forward AD", "inside forward-mode AD (torch.autograd.forward_ad)")
-        if (
-            device == "cuda"
-            and torch.cuda.is_available()
-            and torch.cuda.is_current_stream_capturing()
-        ):
-            # a first launch loads the kernel's module, which capture forbids
-            return _Trace("CUDA graph", "during CUDA-graph capture")
-        return None
-    if lib == "jax":
-        tracer = sys.modules["jax"].core.Tracer
-        if isinstance(a, tracer) or isinstance(b, tracer):
-            return _Trace(
-                "jax", "a JAX tracer (inside jax.jit / grad / vmap: XLA fuses the definition)"
-            )
-    return None
+    return by_name(lib).rows_layout(x)
 
 
 class _Context(NamedTuple):
@@ -399,14 +352,14 @@ class _Context(NamedTuple):
     b: Array
     lib: str
     device: str
-    traced: _Trace | None
+    traced: Trace | None
 
 
 def _context(call: Any) -> _Context:
     a, b = _arrays(call)
     lib = library_of(call.xp)
     device = device_type(lib, a)
-    return _Context(a, b, lib, device, _traced(lib, a, b, device))
+    return _Context(a, b, lib, device, by_name(lib).trace(a, b, device=device))
 
 
 def _refusal(row: Accelerator, call: Any, ctx: _Context) -> str | None:
