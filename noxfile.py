@@ -68,6 +68,8 @@ BACKENDS: dict[str, tuple[str, list[str]]] = {
     "cupy": ("cupy", []),
     "dask": ("dask", []),
     "array_api_strict": ("array-api-strict", []),
+    # MLX through klx's own namespace for it (klx._array_api_mlx); mlx[cpu] on Linux.
+    "mlx": ("mlx", []),
 }
 #: Tools the other sessions install (klx's `dev` extra names them too).
 LINTERS = ["ruff", "mypy"]

@@ -8,8 +8,8 @@ attaches a derivative, and the layout facts the accelerator gates read. The rest
 asks :func:`library` / :data:`BY_NAME` instead of branching on a library's name.
 
 Adding an array library is a subclass here (and, if array-api-compat does not wrap it, a
-namespace module that supplies the standard's functions), plus its test support and nox
-session.
+namespace module that supplies the standard's functions, as :mod:`klx._array_api_mlx`
+does for MLX), plus its test support and nox session.
 """
 
 from __future__ import annotations
@@ -576,6 +576,92 @@ class _Dask(Library):
         )
 
 
+class _MLX(Library):
+    """Apple's MLX. It is not array-API compliant, and array-api-compat does not wrap it:
+    :mod:`klx._array_api_mlx` supplies the standard's functions klx uses."""
+
+    name = "mlx"
+    array_type = ("mlx.core", "array")
+    namespace_name = "klx._array_api_mlx"
+    one_place = True  # unified memory: an MLX array has no device, a stream runs it
+    install = 'pip install "mlx[cpu]" (Linux) or pip install mlx (macOS)'
+    module = "mlx.core"
+
+    def namespace(self) -> ModuleType:
+        import klx._array_api_mlx as ns
+
+        return ns
+
+    def check_devices(self, np: Any, notes: list[str]) -> list[CheckDevice]:
+        import mlx.core as mx
+
+        kind = self.device_type(None)
+        dtypes = ("float16", "bfloat16", "float32") + (("float64",) if kind == "cpu" else ())
+        return [
+            CheckDevice(
+                "mlx",
+                kind,
+                lambda a, d: mx.array(a, dtype=mx.float64).astype(getattr(mx, d)),
+                lambda a: np.array(
+                    a.astype(mx.float32 if a.dtype != mx.float64 else a.dtype), dtype=np.float64
+                ),
+                lambda: mx.synchronize(),
+                dtypes,
+                kind,
+            )
+        ]
+
+    def peer(self) -> tuple[str, Callable[[Any, Any], Any]] | None:
+        import mlx.core as mx
+
+        def formula(x: Any, y: Any) -> Any:
+            out = mx.sum(y * (mx.log(y) - x))
+            mx.eval(out)
+            return out
+
+        return "MLX formula", formula
+
+    def materialise(self, x: Array) -> Array:
+        sys.modules["mlx.core"].eval(x)
+        return x
+
+    def device(self, x: Array) -> Any:
+        return None
+
+    def device_type(self, x: Array) -> str:
+        mx = sys.modules["mlx.core"]
+        return "cpu" if mx.default_device().type == mx.cpu else "gpu"
+
+    def stop_gradient(self, x: Array) -> Array:
+        return sys.modules["mlx.core"].stop_gradient(x)
+
+    def with_derivative(
+        self,
+        xp: ModuleType,
+        x: Array,
+        value: Callable[[Array], Array],
+        derivative: Callable[[Array], Array],
+    ) -> Array:
+        mx = sys.modules["mlx.core"]
+        f = mx.custom_function(value)
+
+        def one(a: Any) -> Any:  # a function of one array gets arrays, not tuples
+            return a[0] if isinstance(a, (tuple, list)) else a
+
+        @f.jvp  # type: ignore[untyped-decorator,unused-ignore]
+        def jvp(primals: Any, tangents: Any) -> Any:
+            return derivative(one(primals)) * one(tangents)
+
+        @f.vjp  # type: ignore[untyped-decorator,unused-ignore]
+        def vjp(primals: Any, cotangent: Any, output: Any) -> Any:
+            return derivative(one(primals)) * one(cotangent)
+
+        return f(x)
+
+    def contiguous(self, x: Array) -> bool:
+        return False  # no strides to read: the row paths (NumPy's, torch's) do not serve it
+
+
 class _ArrayAPIStrict(Library):
     """array-api-strict: the standard and nothing else (array-api-compat passes it
     through)."""
@@ -637,6 +723,7 @@ LIBRARIES: tuple[Library, ...] = (
     _CuPy(),
     _Dask(),
     _ArrayAPIStrict(),
+    _MLX(),
 )
 #: The same, by name.
 BY_NAME: dict[str, Library] = {lib.name: lib for lib in LIBRARIES}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-ALL = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict")
+ALL = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict", "mlx")
 
 
 @dataclass
@@ -55,6 +55,13 @@ class Backend:
                 return cupy.asarray(a.astype(dt) if dt is not None else a)
         if self.name == "array_api_strict":
             return self.xp.asarray(a, dtype=dt, device=self.device)
+        if self.name == "mlx":
+            import mlx.core as mx
+
+            if dt is None:  # integers and booleans keep their dtype (int64 -> int64)
+                return mx.array(a)
+            # through float64 (MLX converts a float64 NumPy array to float32 otherwise)
+            return mx.array(a.astype(np.float64), dtype=mx.float64).astype(dt)
         return np.asarray(a, dtype=dt)
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -75,11 +82,17 @@ class Backend:
 
             cpu = xps.Device("CPU_DEVICE")
             return np.asarray(xps.astype(x.to_device(cpu), xps.float64))
+        if self.name == "mlx":
+            import mlx.core as mx
+
+            return np.array(x.astype(mx.float64), dtype=np.float64)
         return np.asarray(x, dtype=np.float64)
 
     def device_of(self, x: Any) -> Any:
         if self.name == "jax":
             return next(iter(x.devices()))
+        if self.name == "mlx":
+            return self.device  # unified memory: an MLX array has no device of its own
         import array_api_compat
 
         return array_api_compat.device(x)
@@ -152,6 +165,17 @@ def load(name: str) -> list[Backend]:
         xps = importlib.import_module("array_api_strict")
         dtypes = {"float32": xps.float32, "float64": xps.float64}
         return [Backend("array_api_strict", xps.Device("CPU_DEVICE"), xps, dtypes)]
+    if name == "mlx":
+        mx = importlib.import_module("mlx.core")
+        from klx._backends import BY_NAME
+
+        dtypes = {
+            "float16": mx.float16,
+            "bfloat16": mx.bfloat16,
+            "float32": mx.float32,
+            "float64": mx.float64,  # on the CPU only, MLX's default device on Linux
+        }
+        return [Backend("mlx", "cpu", BY_NAME["mlx"].namespace(), dtypes)]
     msg = f"unknown backend {name!r}; choose from {', '.join(ALL)}"
     raise ValueError(msg)
 

@@ -39,6 +39,7 @@ NEEDS = (
     ("jax", "jax"),
     ("optax", "jax"),
     ("torch", "torch"),
+    ("mlx", "mlx"),
 )
 
 

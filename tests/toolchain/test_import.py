@@ -13,7 +13,7 @@ def test_import_klx_imports_no_array_library():
         "import sys, klx\n"
         "klx.kl_div, klx.kl_divergence, klx.js_divergence, klx.validation\n"
         "loaded = [m for m in ('numpy', 'torch', 'jax', 'cupy', 'dask', 'array_api_strict', "
-        "'triton', 'scipy') if m in sys.modules]\n"
+        "'mlx', 'triton', 'scipy') if m in sys.modules]\n"
         "print(','.join(loaded))\n"
     )
     out = subprocess.run(
