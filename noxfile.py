@@ -106,10 +106,12 @@ def _run_tests(session: nox.Session, backend: str, results: str = CONFORMANCE) -
     args = [f"--backend={backend}", f"--conformance-out={results}", _junit(session)]
     if backend == "numpy":
         # The kernel modules import torch/triton or cupy, which this session has not; so do
-        # fused_linear_divergence's torch and JAX modules and the autograd.Functions.
+        # fused_linear_divergence's torch and JAX modules, the autograd.Functions and the MLX
+        # namespace.
         accel = ("triton_kl", "triton_distill", "cupy_kl", "torch_closed_form")
         kernels = [f"--ignore=src/klx/_accel/{m}.py" for m in accel] + [
-            f"--ignore=src/klx/{m}.py" for m in ("_fused_torch", "_fused_jax", "_torch_derivative")
+            f"--ignore=src/klx/{m}.py"
+            for m in ("_fused_torch", "_fused_jax", "_torch_derivative", "_array_api_mlx")
         ]
         args += ["--doctest-modules", *kernels, "src/klx", "tests"]
     env = {}

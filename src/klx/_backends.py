@@ -100,6 +100,9 @@ class Library:
     numpy_based = False
     #: Whether it reduces a strided axis in sequence (klx then sums pairwise itself).
     sequential_strided_sums = False
+    #: Whether equal ``.shape`` of two arrays means one shape, no broadcast to check (a
+    #: Dask shape may hold NaN; JAX's are checked as the standard says).
+    shapes_known = False
     #: What to install to check it (:mod:`klx.check`'s 'not checked' lines).
     install = ""
     #: The module :mod:`klx.check` imports to find it.
@@ -183,10 +186,8 @@ class Library:
         self, xp: ModuleType, x: Array, indices: Array, axis: int, spread: bool
     ) -> Array:
         """``take_along_axis`` along the non-negative `axis`; `spread`: `x` has size 1
-        where `indices` is larger on another axis (broadcast, never materialised)."""
-        if spread:
-            shape = (*indices.shape[:axis], x.shape[axis], *indices.shape[axis + 1 :])
-            x = xp.broadcast_to(x, shape)
+        where `indices` is larger on another axis (the standard's function broadcasts it
+        without materialising it: NumPy, JAX, CuPy, array-api-strict, MLX)."""
         return xp.take_along_axis(x, indices, axis=axis)
 
     def reduce_chunks(
@@ -198,6 +199,7 @@ class Library:
 
 
 class _NumPy(Library):
+    shapes_known = True
     name = "numpy"
     array_type = ("numpy", "ndarray")
     namespace_name = "array_api_compat.numpy"
@@ -232,6 +234,7 @@ class _NumPy(Library):
 
 
 class _Torch(Library):
+    shapes_known = True
     name = "torch"
     array_type = ("torch", "Tensor")
     namespace_name = "array_api_compat.torch"
@@ -450,6 +453,7 @@ class _JAX(Library):
 
 
 class _CuPy(Library):
+    shapes_known = True
     name = "cupy"
     array_type = ("cupy", "ndarray")
     namespace_name = "array_api_compat.cupy"
@@ -581,6 +585,7 @@ class _MLX(Library):
     :mod:`klx._array_api_mlx` supplies the standard's functions klx uses."""
 
     name = "mlx"
+    shapes_known = True
     array_type = ("mlx.core", "array")
     namespace_name = "klx._array_api_mlx"
     one_place = True  # unified memory: an MLX array has no device, a stream runs it
@@ -590,7 +595,8 @@ class _MLX(Library):
     def namespace(self) -> ModuleType:
         import klx._array_api_mlx as ns
 
-        return ns
+        module: ModuleType = ns  # (Any where the library is not installed: typecheck)
+        return module
 
     def check_devices(self, np: Any, notes: list[str]) -> list[CheckDevice]:
         import mlx.core as mx
@@ -601,7 +607,12 @@ class _MLX(Library):
             CheckDevice(
                 "mlx",
                 kind,
-                lambda a, d: mx.array(a, dtype=mx.float64).astype(getattr(mx, d)),
+                # converted in NumPy (a GPU stream has no float64; NumPy has no bfloat16)
+                lambda a, d: (
+                    mx.array(a.astype("float32" if d == "bfloat16" else d)).astype(getattr(mx, d))
+                    if d != "float64"
+                    else mx.array(a, dtype=mx.float64)
+                ),
                 lambda a: np.array(
                     a.astype(mx.float32 if a.dtype != mx.float64 else a.dtype), dtype=np.float64
                 ),
@@ -677,7 +688,8 @@ class _ArrayAPIStrict(Library):
     def namespace(self) -> ModuleType:
         import array_api_strict as ns
 
-        return ns
+        module: ModuleType = ns  # (Any where the library is not installed: typecheck)
+        return module
 
     def check_devices(self, np: Any, notes: list[str]) -> list[CheckDevice]:
         import array_api_strict as xps
@@ -715,7 +727,7 @@ def torch_gpu_note(version: str, cuda: str | None) -> str:
 
 
 #: Every array library klx has an adapter for, in the order :func:`library` tries them
-#: (torch first: the most calls) and :mod:`klx.check` lists them.
+#: and :mod:`klx.check` lists them.
 LIBRARIES: tuple[Library, ...] = (
     _NumPy(),
     _Torch(),
@@ -730,8 +742,8 @@ BY_NAME: dict[str, Library] = {lib.name: lib for lib in LIBRARIES}
 
 
 class _Other(Library):
-    """Any other array-API library (array-api-strict, ...): its own namespace, through
-    array-api-compat; named after its top-level package."""
+    """Any other array-API library: its own namespace, through array-api-compat; named
+    after its top-level package."""
 
     def __init__(self, name: str) -> None:
         self.name = name

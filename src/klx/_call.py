@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from klx._backends import LIBRARIES
 from klx._checks import (
     KL_DIV_REDUCTIONS,
     REDUCTIONS,
@@ -136,7 +137,7 @@ def parse_kl_div(
 
 
 #: Namespaces whose arrays always know their sizes (Dask's may be NaN until computed).
-_SIZES_KNOWN = ("array_api_compat.numpy", "array_api_compat.torch", "array_api_compat.cupy")
+_SIZES_KNOWN = tuple(lib.namespace_name for lib in LIBRARIES if lib.shapes_known)
 
 
 def parse_divergence(

@@ -17,8 +17,9 @@ user's own code), its terms, and its tests and docs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from klx import _agnostic
@@ -38,6 +39,17 @@ __all__ = [
 ]
 
 Array = Any
+
+#: The arguments of klx's divergence functions (and of fused_linear_divergence): an option
+#: of a record cannot take one of these names, which the functions would take themselves.
+RESERVED = frozenset(
+    {
+        "p", "q", "kind", "axis", "p_form", "q_form", "temperature", "where", "reduction",
+        "validate", "xp", "normalizer", "divergence", "p_hidden", "p_weight", "q_hidden",
+        "q_weight", "p_bias", "q_bias", "softcap", "chunk_size", "labels", "hard_weight",
+        "ignore_index",
+    }
+)  # fmt: skip
 
 #: How a record's terms take the two distributions: 'forms' (as given, with their forms,
 #: axis and temperature: the built-in terms, which keep full accuracy from any form),
@@ -98,7 +110,7 @@ class Divergence:
         when rows are computed in pieces (blocks, chunks, Dask).
     logits_derivatives : callable, optional
         Its derivatives from logits in closed form, ``f(xp, call, t, s, rows, *, need_t,
-        need_s)`` (see :mod:`klx._accel.closed_forms`); the closed-form accelerators serve
+        need_s)`` (see :mod:`klx._closed_forms`); the closed-form accelerators serve
         only records that have one.
     public : str
         The name of its own public function, if it has one (for the docs and
@@ -112,15 +124,30 @@ class Divergence:
     options: tuple[Option, ...] = ()
     reads: str = "probs"
     finish: Callable[..., Array] | None = None
-    logits_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = field(
-        default=None, compare=False
-    )
+    logits_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = None
     public: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             msg = f"`name` must be an identifier such as 'hellinger', got {self.name!r}."
             raise ValueError(msg)
+        aliases: Any = self.aliases  # (checked at run time: records come from users)
+        if isinstance(aliases, str) or not all(isinstance(a, str) for a in aliases):
+            msg = f"`aliases` of {self.name!r} must be a tuple of names, got {aliases!r}."
+            raise TypeError(msg)
+        object.__setattr__(self, "aliases", tuple(aliases))  # hashable, as records are
+        options: Any = tuple(self.options)
+        object.__setattr__(self, "options", options)
+        for option in options:
+            if not isinstance(option, Option):
+                msg = f"`options` of {self.name!r} must be klx.Option records, got {option!r}."
+                raise TypeError(msg)
+            if option.name in RESERVED:
+                msg = (
+                    f"the option {option.name!r} of {self.name!r} is an argument of klx's "
+                    "divergence functions, which would take it; name the option otherwise."
+                )
+                raise ValueError(msg)
         terms: object = self.terms  # (checked at run time: records come from users)
         if not callable(terms):
             msg = f"`terms` of {self.name!r} must be callable, got {terms!r}."
@@ -148,56 +175,91 @@ class Divergence:
         return tuple((o.name, o.check(o.name, given.get(o.name, o.default))) for o in self.options)
 
 
-#: The built-in divergences, by name (aliases resolve through :func:`lookup`).
+#: Every divergence klx knows, by name: the built-in ones, then those registered
+#: (:func:`klx.register_divergence`). Written under :data:`_LOCK`, each time as a new
+#: dict, so readers never see one mid-change.
 DIVERGENCES: dict[str, Divergence] = {}
+#: Every name and alias -> its record (rebuilt with :data:`DIVERGENCES`).
+_BY_NAME: dict[str, Divergence] = {}
+_LOCK = threading.Lock()
+
+
+def _publish(table: dict[str, Divergence]) -> None:
+    global DIVERGENCES, _BY_NAME
+    by_name = {n: r for r in table.values() for n in (r.name, *r.aliases)}
+    DIVERGENCES, _BY_NAME = table, by_name
 
 
 def register(record: object, *, replace: bool = False) -> Divergence:
-    """Add `record` to the table (see :func:`klx.register_divergence`)."""
+    """Add `record` to the table (see :func:`klx.register_divergence`). klx's own
+    divergences cannot be replaced: their names select its kernels."""
     if not isinstance(record, Divergence):
         msg = f"`record` must be a klx.Divergence, got {type(record).__name__}."
         raise TypeError(msg)
-    taken = {}
-    for existing in DIVERGENCES.values():
-        if replace and existing.name == record.name:
-            continue
-        for n in (existing.name, *existing.aliases):
-            taken[n] = existing.name
-    for n in (record.name, *record.aliases):
-        if n in taken:
-            msg = (
-                f"the divergence name {n!r} is taken by {taken[n]!r}; choose another name "
-                "(or pass replace=True to replace a record of the same name)."
-            )
-            raise ValueError(msg)
-    DIVERGENCES[record.name] = record
+    with _LOCK:
+        table = dict(DIVERGENCES)
+        if replace and record.name in table:
+            if record.name in BUILT_IN:
+                msg = f"{record.name!r} is one of klx's own divergences; it cannot be replaced."
+                raise ValueError(msg)
+            del table[record.name]
+        taken = {n: r.name for r in table.values() for n in (r.name, *r.aliases)}
+        for n in (record.name, *record.aliases):
+            if n in taken:
+                msg = (
+                    f"the divergence name {n!r} is taken by {taken[n]!r}; choose another "
+                    "name (or pass replace=True to replace a record of the same name)."
+                )
+                raise ValueError(msg)
+        table[record.name] = record
+        _publish(table)
     return record
 
 
 def unregister(name: str) -> None:
-    """Remove the record `name` (for tests that register their own)."""
-    DIVERGENCES.pop(name, None)
+    """Remove the record `name` (for tests that register their own; not klx's own)."""
+    with _LOCK:
+        if name in DIVERGENCES and name not in BUILT_IN:
+            table = dict(DIVERGENCES)
+            del table[name]
+            _publish(table)
 
 
 def lookup(name: object, argument: str = "divergence") -> Divergence:
-    """The record called `name` (or by one of its aliases); a ValueError that names
-    `argument` and lists the known names otherwise."""
+    """The record called `name` (or by one of its aliases), or `name` itself if it is a
+    record; a ValueError that names `argument` and lists the known names otherwise.
+
+    A record given directly may not take a name or alias of another registered record
+    (klx's kernels serve its own divergences by name): that is a ValueError too.
+    """
+    by_name = _BY_NAME  # one snapshot: register() swaps the dicts whole
     if isinstance(name, Divergence):
+        for n in (name.name, *name.aliases):
+            other = by_name.get(n)
+            if other is not None and other is not name:
+                msg = (
+                    f"the divergence record {name.name!r} uses the name {n!r} of the "
+                    f"registered divergence {other.name!r}; give it a name of its own."
+                )
+                raise ValueError(msg)
         return name
     if isinstance(name, str):
-        if name in DIVERGENCES:
-            return DIVERGENCES[name]
-        for record in DIVERGENCES.values():
-            if name in record.aliases:
-                return record
-    valid = ", ".join(repr(n) for n in names())
-    msg = f"`{argument}` must be one of {valid}, got {name!r}."
-    raise ValueError(msg)
+        record = by_name.get(name)
+        if record is not None:
+            return record
+        valid = ", ".join(repr(n) for n in by_name)
+        msg = f"`{argument}` must be one of {valid}, got {name!r}."
+        raise ValueError(msg)
+    msg = (
+        f"`{argument}` must be a divergence's name (such as 'kl') or a klx.Divergence, "
+        f"got {type(name).__name__}."
+    )
+    raise TypeError(msg)
 
 
 def names() -> list[str]:
     """Every accepted name: each record's, then its aliases."""
-    return [n for r in DIVERGENCES.values() for n in (r.name, *r.aliases)]
+    return list(_BY_NAME)
 
 
 def built_in() -> tuple[Divergence, ...]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from klx import _accel, _divergence_table
 from klx._call import DivergenceCall, parse_divergence
-from klx._divergence_table import Divergence
+from klx._divergence_table import Divergence, lookup
 from klx._dtypes import as_array, numpy_quiet
 from klx._validation import check_distribution, check_normalizer_value
 
@@ -442,7 +442,7 @@ def divergence(
     array(0.5)
     """
     call = parse_divergence(
-        kind,
+        lookup(kind, "kind"),
         p,
         q,
         axis=axis,

@@ -7,6 +7,8 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from klx._backends import LIBRARIES
+
 __all__ = ["accumulation_dtype", "as_array", "numpy_quiet"]
 
 
@@ -23,8 +25,9 @@ def accumulation_dtype(xp: ModuleType, dtype: Any) -> Any:
 _ACCUMULATION: dict[tuple[str, Any], Any] = {}
 
 
-#: Libraries that compute with NumPy (Dask only later, when it computes).
-_NUMPY_BASED = ("numpy", "array_api_strict", "dask")
+#: Libraries that compute with NumPy (Dask only later, when it computes), by top-level
+#: package name.
+_NUMPY_BASED = tuple(lib.name for lib in LIBRARIES if lib.numpy_based)
 
 
 def numpy_quiet(x: Any) -> contextlib.AbstractContextManager[Any]:

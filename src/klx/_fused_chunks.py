@@ -50,13 +50,20 @@ CUDA_MIN_TOKENS = 256
 class FusedSpec(NamedTuple):
     """The static (Python-valued, hashable) part of a call: the same in every chunk."""
 
-    #: The divergence's name in :data:`klx._divergence_table.DIVERGENCES`.
+    #: The divergence's name (klx's own kernels serve 'kl' and 'js' by it).
     kind: str
     options: tuple[tuple[str, float], ...]
     temperature: float
     softcap: float | None
     hard_weight: float
     ignore_index: int
+    #: Its record (:mod:`klx._divergence_table`); None: the registered one named `kind`.
+    divergence: Any = None
+
+    @property
+    def record(self) -> Any:
+        """The divergence's record."""
+        return lookup(self.kind) if self.divergence is None else self.divergence
 
 
 def chunk_size_for(
@@ -198,7 +205,7 @@ def chunk_rows(
     elif hw < 1.0:
         rows = record_rows(
             xp,
-            lookup(spec.kind),
+            spec.record,
             zp,
             zq,
             p_form="logits",

@@ -444,7 +444,7 @@ def _check(
         if tuple(int(s) for s in labels.shape) != token_shape:
             msg = f"`labels` must have the token shape {token_shape}, got {tuple(labels.shape)}."
             raise ValueError(msg)
-    spec = FusedSpec(record.name, opts, t, cap, hw, int(ignore_index))
+    spec = FusedSpec(record.name, opts, t, cap, hw, int(ignore_index), record)
     return spec, token_shape
 
 

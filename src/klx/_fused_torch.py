@@ -268,7 +268,7 @@ def _public_rows(spec: FusedSpec) -> Any:
         return divergence(
             zp,
             zq,
-            spec.kind,
+            spec.record,
             p_form="logits",
             q_form="logits",
             temperature=spec.temperature,

@@ -173,8 +173,9 @@ def device_of(x: Any) -> Any:
 def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = None) -> Any:
     """Return the common device of the named arrays (``None`` where it cannot be told).
 
-    Given the namespace `xp`, libraries whose arrays all live in one place (NumPy, Dask's
-    NumPy chunks: the CPU; JAX, which places arrays itself) are not inspected at all.
+    Given the namespace `xp`, libraries whose arrays all live in one place (their adapter's
+    ``one_place``: NumPy, on the CPU; JAX, which places arrays itself; MLX, in unified
+    memory) are not inspected at all.
 
     Raises
     ------

@@ -162,6 +162,69 @@ def test_options_and_names_are_checked(registered):
         klx.register_divergence(klx.Divergence("other", hellinger_terms, aliases=("tvd",)))
     with pytest.raises(ValueError, match="`reads`"):
         klx.Divergence("bad", hellinger_terms, reads="logits")
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        klx.divergence(p, p, "hellinger")
+    with pytest.raises(TypeError, match="`kind` must be a divergence's name"):
+        klx.divergence(p, p, 3)
+
+
+def test_records_are_checked_and_names_of_klx_kernels_are_kept(registered):
+    """Review findings: klx's own names select its kernels, so no other record may take
+    them; records hash as they compare (their derivative included); fields are tuples."""
+    p = np.array([0.25, 0.75])
+    with pytest.raises(ValueError, match="'kl' is one of klx's own divergences"):
+        klx.register_divergence(klx.Divergence("kl", hellinger_terms), replace=True)
+    impostor = klx.Divergence("kl", hellinger_terms)
+    with pytest.raises(ValueError, match="uses the name 'kl' of the registered divergence"):
+        klx.divergence(p, p, impostor)
+    a = klx.Divergence("twin", hellinger_terms, aliases=["tw"])  # a list: stored as a tuple
+    assert a.aliases == ("tw",) and hash(a) == hash(
+        klx.Divergence("twin", hellinger_terms, aliases=("tw",))
+    )
+    b = klx.Divergence("twin", hellinger_terms, logits_derivatives=lambda *a, **k: (None, None))
+    assert a != b
+    with pytest.raises(TypeError, match="`aliases`"):
+        klx.Divergence("bad", hellinger_terms, aliases="hx")
+    with pytest.raises(ValueError, match="the option 'temperature' of 'bad' is an argument"):
+        klx.Divergence(
+            "bad", hellinger_terms, options=(klx.Option("temperature", 1.0, lambda n, v: v),)
+        )
+    # an unregistered record of its own name works anywhere a name does
+    loose = klx.Divergence("loose_h2", hellinger_terms)
+    q = np.array([0.5, 0.5])
+    np.testing.assert_allclose(klx.divergence(p, q, loose), ref_rows("hellinger_sq", p, q))
+    a_ = _fused_case()
+    want, _ = _fused_reference("hellinger_sq", a_, 1.0)
+    got = klx.fused_linear_divergence(*(a_[k] for k in ORDER), divergence=loose, reduction="sum")
+    _close(got, want, 1e-12)
+
+
+def test_register_and_lookup_from_threads(registered):
+    """The table is swapped whole under a lock: readers in other threads never fail."""
+    import threading
+
+    errors = []
+    stop = threading.Event()
+
+    def read():
+        try:
+            while not stop.is_set():
+                _divergence_table.lookup("hellinger_sq")
+                _divergence_table.names()
+        except Exception as exc:  # pragma: no cover - the failure this test looks for
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(300):
+            klx.register_divergence(klx.Divergence(f"tmp_{i}", hellinger_terms))
+            _divergence_table.unregister(f"tmp_{i}")
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors
+    assert not any(n.startswith("tmp_") for n in _divergence_table.names())
 
 
 # ---------------------------------------------------------------- accelerators, Dask, explain

@@ -1,6 +1,6 @@
-"""Rows that serve traced calls as well as eager ones: KL, JS and skew KL between two
-sets of logits, each with its derivative in closed form (:mod:`klx._closed_forms`),
-for JAX and for torch.
+"""Rows that serve traced calls as well as eager ones: the divergences whose record has a
+closed-form derivative (KL, JS and skew KL today) between two sets of logits, each with
+that derivative (:mod:`klx._closed_forms`), for JAX and for torch.
 
 The value is the array-API definition's (:func:`klx._agnostic.divergence_rows`), to the
 bit; only the derivative differs: one fused expression of the two softmaxes instead of
