@@ -110,7 +110,7 @@ def test_k3_takes_the_adapters_derivative(backend, mx):
     np.testing.assert_allclose(_np(tangent), -np.expm1(r), rtol=1e-12, atol=1e-300)
 
 
-def test_namespace_is_accurate_where_mlx_is_not(mx):
+def test_namespace_is_accurate_where_mlx_is_not(backend, mx):
     """klx's MLX namespace: float64 exp within 1.1 ulps (MLX's own: float32-accurate),
     float32 log, log1p, expm1 and exp within half an ulp of float64's rounding, and sums
     accumulated in float64 on the CPU."""
