@@ -28,11 +28,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from klx._backend_ops import expm1, sum_along
+from klx._typing import Array
 
 if TYPE_CHECKING:
     from klx._call import DivergenceCall, KLDivCall
 
-Array = Any
 
 __all__ = [
     "Weighted",
@@ -44,6 +44,7 @@ __all__ = [
     "kl_div",
     "kl_terms",
     "log_softmax",
+    "log_weight",
     "mask_rows",
     "plain_logs",
     "probabilities",
@@ -322,7 +323,7 @@ def js_terms(
     # (Where beta is 0 or 1 the weight itself is 0 and the term is selected away: a finite
     # stand-in keeps 0 * -inf out of the untaken branch.)
     only_q = -b * (_log1m(beta) if beta < 1 else 0.0)
-    only_p = -a * (_log(beta) if beta > 0 else 0.0)
+    only_p = -a * (log_weight(beta) if beta > 0 else 0.0)
     terms = xp.where(zp, xp.where(zq, 0.0, only_q), xp.where(zq, only_p, gap))
     return _outside_and_nan(xp, terms, wp, wq)
 
@@ -359,7 +360,7 @@ def _mixture_logs(
     v_near = xp.log1p(-w * e / (1.0 + e))  # expm1(-r) = -e / (1 + e): one expm1 for both
     # u = logaddexp(log w, log(1 - w) + r) and v = logaddexp(log w - r, log(1 - w)) share
     # their log1p(exp(-|log(w / (1 - w)) - r|)): one exp and one log1p for both.
-    log_w, log_1w = _log(w), _log1m(w)
+    log_w, log_1w = log_weight(w), _log1m(w)
     shared = xp.log1p(xp.exp(-xp.abs((log_w - log_1w) - r)))  # 0 where w is 0 or 1
     r_u = log_1w + r
     u_far = xp.where(r_u > log_w, r_u, log_w) + shared
@@ -374,8 +375,8 @@ _MIDDLE = 1.0 / 16.0
 _DIRECT = 30.0
 
 
-def _log(b: float) -> float:
-    """``log b`` of a weight in [0, 1], ``-inf`` at 0."""
+def log_weight(b: float) -> float:
+    """``log b`` of a (Python float) weight in [0, 1], ``-inf`` at 0."""
     return math.log(b) if b > 0 else -math.inf
 
 
@@ -416,11 +417,11 @@ def skew_kl_terms(
     zp, zq, u, _ = _mixture_logs(xp, wp, wq, alpha, p_form == q_form == "probs")
     if p_form == q_form == "logits":  # alpha > 0 below
         gap = wp.w * (expm1(xp, u) - u)
-        only_p = wp.w * (alpha - 1.0 - _log(alpha))  # Q is 0: m - p = (alpha - 1) p
+        only_p = wp.w * (alpha - 1.0 - log_weight(alpha))  # Q is 0: m - p = (alpha - 1) p
         only_q = xp.where(zq, 0.0, (1.0 - alpha) * wq.w)
         terms = xp.where(zp, only_q, xp.where(zq, only_p, gap))
     else:
-        terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * _log(alpha), -wp.w * u))
+        terms = xp.where(zp, 0.0, xp.where(zq, -wp.w * log_weight(alpha), -wp.w * u))
     return _outside_and_nan(xp, terms, wp, wq)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
-Array = Any
+from klx._typing import Array
 
 __all__: list[str] = []  # a namespace: klx reads its attributes, never star-imports it
 

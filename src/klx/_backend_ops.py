@@ -13,10 +13,9 @@ from typing import Any
 
 from klx._backends import by_name, library
 from klx._namespace import library_of
+from klx._typing import Array
 
 __all__ = ["expm1", "stop_gradient", "sum_along", "take_along_axis", "with_derivative"]
-
-Array = Any
 
 
 #: 1 / k! for k = 1 .. 11: Taylor coefficients of expm1, whose truncation after x^11 (x^7

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from klx._typing import Array
+
 __all__ = [
     "BY_NAME",
     "LIBRARIES",
@@ -33,8 +35,6 @@ __all__ = [
     "loaded",
     "note",
 ]
-
-Array = Any
 
 
 def loaded(module: str, *path: str) -> Any:

@@ -33,6 +33,7 @@ from klx._config import resolve_validate
 from klx._divergence_table import Divergence, lookup
 from klx._dtypes import accumulation_dtype
 from klx._namespace import array_namespace, check_same_device, library_name
+from klx._typing import Array, Shape
 
 __all__ = [
     "DivergenceCall",
@@ -41,9 +42,6 @@ __all__ = [
     "parse_divergence",
     "parse_kl_div",
 ]
-
-Array = Any
-Shape = tuple[int | None, ...]
 
 
 class KLDivCall(NamedTuple):

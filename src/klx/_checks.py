@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from klx._typing import Shape
+
 __all__ = [
     "FORMS",
     "KL_DIV_REDUCTIONS",
@@ -38,8 +40,6 @@ KL_DIV_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 REDUCTIONS = ("none", "sum", "batchmean")
 #: The ways a distribution can be given.
 FORMS = ("probs", "log_probs", "logits")
-
-Shape = tuple[int | None, ...]
 
 
 def check_reduction(reduction: object, allowed: Sequence[str]) -> str:

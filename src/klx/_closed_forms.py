@@ -31,10 +31,9 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from klx._agnostic import plain_logs
+from klx._typing import Array
 
 __all__ = ["js_derivatives", "kl_derivatives", "skew_kl_derivatives"]
-
-Array = Any
 
 
 class _Sides(NamedTuple):

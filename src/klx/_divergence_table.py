@@ -25,6 +25,7 @@ from typing import Any
 from klx import _agnostic
 from klx import _closed_forms as closed_forms
 from klx._checks import mixture_weight
+from klx._typing import Array
 
 __all__ = [
     "BUILT_IN",
@@ -38,7 +39,6 @@ __all__ = [
     "unregister",
 ]
 
-Array = Any
 
 #: The arguments of klx's divergence functions (and of fused_linear_divergence): an option
 #: of a record cannot take one of these names, which the functions would take themselves.

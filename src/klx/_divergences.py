@@ -16,6 +16,7 @@ from klx import _accel, _divergence_table
 from klx._call import DivergenceCall, parse_divergence
 from klx._divergence_table import Divergence, lookup
 from klx._dtypes import as_array, numpy_quiet
+from klx._typing import Array
 from klx._validation import check_distribution, check_normalizer_value
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "tv_distance",
 ]
 
-Array = Any
 
 _HINTS = {
     "p": ("pass p_form='log_probs'", "pass p_form='probs'"),
@@ -250,9 +250,11 @@ def skew_kl_divergence(
 
     Skewing Q towards P bounds the divergence by :math:`-\log \alpha` and keeps it finite
     where Q is 0 and P is not (a student that rules out a teacher's token), which is why
-    distillation uses it (DistiLLM's skew KL, Ko et al. 2024). ``log M`` is a
-    ``logaddexp`` of the log-space inputs, so nothing underflows; gradients are finite
-    wherever the value is. At ``alpha = 0`` it is :func:`kl_divergence` exactly; at
+    distillation uses it (DistiLLM's skew KL, Ko et al. 2024). Each term is computed from
+    ``r = log(q / p)`` as ``-p log(alpha + (1 - alpha) e^r)``, a ``log1p``/``expm1`` form
+    that is exactly 0 where ``p = q`` and never underflows (from two logits inputs it gets
+    ``m - p`` added, so no term is negative: see ``docs/numerics.md``); gradients are
+    finite wherever the value is. At ``alpha = 0`` it is :func:`kl_divergence` exactly; at
     ``alpha = 1`` it is 0. Natural logarithms throughout.
 
     Parameters
@@ -321,10 +323,10 @@ def tv_distance(
 
         \mathrm{TV}(P, Q) = \tfrac12 \sum_i |p_i - q_i|
 
-    Symmetric, in [0, 1] for distributions, and finite whatever the supports (it upper-
-    bounds nothing by the KL's infinities: Pinsker's inequality gives
-    :math:`\mathrm{TV} \le \sqrt{\mathrm{KL}/2}`). Inputs in log or logit form are turned
-    into probabilities first. Where ``p_i = q_i`` the gradient of :math:`|p_i - q_i|` is
+    Symmetric, in [0, 1] for distributions, and finite whatever the supports, where the KL
+    may be infinite (Pinsker's inequality bounds it by the KL:
+    :math:`\mathrm{TV} \le \sqrt{\mathrm{KL}/2}`). Log-probabilities and logits are
+    turned into probabilities first. Where ``p_i = q_i`` the gradient of :math:`|p_i - q_i|` is
     the array library's own subgradient (0 in torch, 1 in JAX), never NaN.
 
     Parameters

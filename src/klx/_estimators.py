@@ -20,10 +20,10 @@ from klx._checks import (
 )
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
 from klx._namespace import array_namespace, check_same_device
+from klx._typing import Array
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "k3_from_log_ratio", "kl_estimate"]
 
-Array = Any
 
 #: Schulman's estimators, by the names verl's `kl_penalty` and OpenRLHF's
 #: `compute_approx_kl` give them.

@@ -15,8 +15,7 @@ from typing import Any, NamedTuple
 from klx._agnostic import record_rows
 from klx._divergence_table import lookup
 from klx._namespace import library_name
-
-Array = Any
+from klx._typing import Array
 
 #: The memory budget of one chunk when ``chunk_size=None``: the chunk's rows times the
 #: vocabulary times :data:`CHUNK_TEMPORARIES` arrays of the accumulation dtype fit in it.

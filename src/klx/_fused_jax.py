@@ -34,10 +34,9 @@ from klx._fused_chunks import (
     chunk_rows,
     closed_form_kl,
 )
+from klx._typing import Array
 
 __all__ = ["jax_rows", "jax_total"]
-
-Array = Any
 
 
 def jax_rows(spec: FusedSpec, acc: Any, chunk: int, f: _Flat) -> Array:

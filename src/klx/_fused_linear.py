@@ -61,6 +61,7 @@ from klx._namespace import (
     is_concrete,
     library_name,
 )
+from klx._typing import Array
 
 __all__ = [
     "CHUNK_BYTES",
@@ -74,8 +75,6 @@ __all__ = [
     "fused_linear_divergence",
     "temporaries_for",
 ]
-
-Array = Any
 
 
 def fused_linear_divergence(

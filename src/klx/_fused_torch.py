@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from klx._agnostic import js_terms, log_softmax
+from klx._agnostic import js_terms, log_softmax, log_weight
 from klx._fused_chunks import (
     FusedSpec,
     _Flat,
@@ -41,10 +41,10 @@ from klx._fused_chunks import (
     plain_cpu_tensors,
     rows_like,
 )
+from klx._typing import Array
 
 __all__ = ["torch_fused"]
 
-Array = Any
 _DIFFERENTIABLE = ("hp", "wp", "bp", "hq", "wq", "bq")
 
 
@@ -189,7 +189,7 @@ def _closed_chunk(
             soft = torch.sum(terms, -1)
             del terms
             q = torch.exp(lq)
-            lm = torch.logaddexp(lp + _log(beta), lq + _log(1.0 - beta))
+            lm = torch.logaddexp(lp + log_weight(beta), lq + log_weight(1.0 - beta))
             if want_p:
                 dzp = _js_side(p, lp, lm, beta)
             if want_q:
@@ -244,10 +244,6 @@ def _js_side(w: Array, log_w: Array, log_m: Array, b: float) -> Array:
     (0 where the weight is 0)."""
     d = torch.where(w == 0, 0.0, log_w - log_m)
     return b * w * (d - torch.sum(w * d, -1, keepdim=True))
-
-
-def _log(b: float) -> float:
-    return math.log(b) if b > 0 else -math.inf
 
 
 def _on_cuda(z: Array) -> bool:

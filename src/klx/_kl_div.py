@@ -11,11 +11,10 @@ from klx import _accel
 from klx._call import parse_kl_div
 from klx._dtypes import as_array, numpy_quiet
 from klx._namespace import library_name
+from klx._typing import Array
 from klx._validation import check_distribution
 
 __all__ = ["KLDivMeanWarning", "kl_div"]
-
-Array = Any
 
 
 class KLDivMeanWarning(UserWarning):

@@ -25,6 +25,7 @@ from klx._checks import (
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
 from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
+from klx._typing import Array, Shape
 from klx._validation import (
     _count,
     _require_concrete,
@@ -34,9 +35,6 @@ from klx._validation import (
 )
 
 __all__ = ["SparseCall", "log1mexp", "sparse_kl_divergence"]
-
-Array = Any
-Shape = tuple[int | None, ...]
 
 
 class SparseCall(NamedTuple):

@@ -16,10 +16,9 @@ from typing import Any
 
 from klx._dtypes import accumulation_dtype
 from klx._namespace import is_concrete, library_name
+from klx._typing import Array
 
 __all__ = ["check_distribution", "check_normalizer_value", "tolerance"]
-
-Array = Any
 
 
 def tolerance(xp: ModuleType, dtype: Any, n: int) -> float:

@@ -1,6 +1,7 @@
 """The CUDA source of klx's CuPy kernels, and how their sums are split over the GPU, apart
 from CuPy so that both can be checked where CuPy is not installed
-(``tests/test_cupy_source.py`` builds the source with nvcc and runs the split on NumPy)."""
+(``tests/toolchain/test_cupy_source.py`` builds the source with nvcc and runs the split
+on NumPy)."""
 
 from __future__ import annotations
 

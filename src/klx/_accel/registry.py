@@ -34,6 +34,7 @@ from klx import _agnostic
 from klx._backends import Trace, by_name
 from klx._config import accelerators_enabled
 from klx._namespace import library_of
+from klx._typing import Array
 
 __all__ = [
     "ACCELERATORS",
@@ -47,7 +48,6 @@ __all__ = [
     "select",
 ]
 
-Array = Any
 _log = logging.getLogger("klx.dispatch")
 
 
