@@ -374,7 +374,7 @@ def _check(
 ) -> Row:
     name = "definition" if row is None else row.name
     out = Row(lib.name, lib.device, name, dtype, tolerance=TOLERANCE[dtype])
-    forced = _forcing(klx, registry, row)
+    forced = registry.only(row)
     with _own_warnings(out.detail):
         try:
             with forced:
@@ -426,29 +426,6 @@ def _own_warnings(detail: list[str]) -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _forcing(klx: Any, registry: Any, row: Any) -> Any:
-    """A context in which only `row` (or, for None, no accelerator) may serve a call."""
-
-    class Only:
-        def __enter__(self) -> None:
-            self.before = klx.accelerators_enabled()
-            self.saved = registry._BY_KEY.copy()
-            registry.forget_choices()
-            if row is None:
-                klx.set_accelerators(False)
-            else:
-                key = (row.operation, row.library)
-                registry._BY_KEY[key] = (row.__class__(**{**asdict(row), "min_size": 0}),)
-
-        def __exit__(self, *exc: object) -> None:
-            registry._BY_KEY.clear()
-            registry._BY_KEY.update(self.saved)
-            registry.forget_choices()
-            klx.set_accelerators(self.before)
-
-    return Only()
-
-
 def _time(
     np: Any,
     klx: Any,
@@ -482,7 +459,7 @@ def _time(
     from klx._accel import registry
 
     def force(r: Any) -> Any:
-        return _forcing(klx, registry, r)
+        return registry.only(r)
 
     if row is not None:
         with force(row):

@@ -637,3 +637,21 @@ def test_gradient_probe_under_no_grad_does_not_switch_the_kernel_off(backend, mo
         assert klx.explain(fn, *args, **kwargs).chosen == row.name  # grad: its own check
     variants = sorted(k[3] for k, ok in registry.checked().items() if k[0] == row.name and ok)
     assert variants == ["kl logits+logits", "kl logits+logits grad"]
+
+
+@pytest.mark.backends("numpy", reason="the registry's table, backend-independent")
+def test_only_one_row_and_restored_after(backend):
+    """registry.only(row): that row serves at any size (klx.check runs each path so);
+    only(None): the definition; on exit the table and the switch are as before."""
+    x, y = _kl_div_inputs(np.random.default_rng(12), (2, 4))
+    a, b = backend.asarray(x), backend.asarray(y)
+    before = klx.explain(klx.kl_divergence, np.exp(a), np.exp(a))
+    assert before.chosen == "definition"  # below numpy-rows' minimum size
+    with registry.only(ROWS["numpy-rows"]):
+        assert klx.explain(klx.kl_divergence, np.exp(a), np.exp(a)).chosen == "numpy-rows"
+    with registry.only(None):
+        report = klx.explain(klx.kl_div, a, b, reduction="sum")
+        assert report.chosen == "definition" and not klx.accelerators_enabled()
+    assert klx.accelerators_enabled()
+    assert klx.explain(klx.kl_div, a, b, reduction="sum").chosen == "numpy-blocked"
+    assert klx.explain(klx.kl_divergence, np.exp(a), np.exp(a)).chosen == "definition"

@@ -26,13 +26,14 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from klx import _agnostic
 from klx._backends import Trace, by_name
-from klx._config import accelerators_enabled
+from klx._config import accelerators_enabled, set_accelerators
 from klx._namespace import library_of
 from klx._typing import Array
 
@@ -45,6 +46,7 @@ __all__ = [
     "evaluate_kl_div",
     "explain",
     "markdown_table",
+    "only",
     "select",
 ]
 
@@ -734,6 +736,31 @@ def _probe(row: Accelerator, fn: Callable[[Any], Array], call: Any, key: tuple[s
 def forget_choices() -> None:
     """Forget the rows chosen for calls seen so far (after changing :data:`_BY_KEY`)."""
     _SELECTED.clear()
+
+
+@contextmanager
+def only(row: Accelerator | None) -> Iterator[None]:
+    """A context in which only `row` may serve the calls of its operation and library, at
+    any size (its ``min_size`` set to 0); with None, no accelerator serves any call.
+
+    For :mod:`klx.check` and tests, which run one path at a time; the table is restored
+    on exit, and the choices made inside are forgotten. Calls in other threads meanwhile
+    see the same table.
+    """
+    before = accelerators_enabled()
+    saved = dict(_BY_KEY)
+    forget_choices()
+    try:
+        if row is None:
+            set_accelerators(False)
+        else:
+            _BY_KEY[(row.operation, row.library)] = (replace(row, min_size=0),)
+        yield
+    finally:
+        _BY_KEY.clear()
+        _BY_KEY.update(saved)
+        forget_choices()
+        set_accelerators(before)
 
 
 def checked() -> dict[tuple[str, str, str, str], bool]:
