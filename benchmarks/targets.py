@@ -189,7 +189,8 @@ def limit_cases() -> Iterator[Case]:
     import numpy as np
     import torch
 
-    from klx._accel.blocked import _pool, _workers
+    from klx._accel.threads import _pool
+    from klx._accel.threads import workers as _workers
 
     for zeros in (False, True):
         x, y = _numpy_inputs((1024, 4096), zeros)

@@ -421,7 +421,8 @@ def test_thread_pool_survives_fork(backend):
 def test_pieces_run_once_each_on_the_caller_and_the_pool(backend):
     """Every piece runs once, state is made once per thread, the calling thread works too,
     and an error is raised only after no thread is still working."""
-    from klx._accel.blocked import _workers, share_pieces
+    from klx._accel.threads import share_pieces
+    from klx._accel.threads import workers as _workers
 
     lock = threading.Lock()
     seen, states = [], []
@@ -483,7 +484,7 @@ def test_calls_on_klx_own_threads_do_not_wait_for_each_other(backend):
         """
         import numpy as np
         import klx
-        from klx._accel.blocked import _pool
+        from klx._accel.threads import _pool
 
         rng = np.random.default_rng(0)
         x = np.log(rng.dirichlet(np.ones(4096), size=256)).astype(np.float32)

@@ -24,10 +24,9 @@ the definition itself. So the result is the definition's, at the cost of about o
 
 Threads: NumPy's ufuncs release the GIL, so the inputs are cut into a few fixed pieces per
 thread (by position, never by scheduling) that the calling thread and the pool's threads
-take in turn (:func:`share_pieces`: a thread the OS holds back delays only its own piece),
-and the pieces' sums are added in order: the result is the same bit for bit on every run.
-The pool is made again in a forked child (:func:`os.register_at_fork`), whose copy of the
-parent's pool has no threads.
+take in turn (:func:`klx._accel.threads.share_pieces`: a thread the OS holds back delays
+only its own piece), and the pieces' sums are added in order: the result is the same bit
+for bit on every run.
 
 Torch CPU tensors take the same NumPy code through zero-copy views (``Tensor.numpy()``):
 no torch op runs per block, so nothing waits at torch's intra-op thread barriers when
@@ -45,14 +44,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from klx._accel import threads as _threads
+from klx._accel.threads import share_pieces
 from klx._agnostic import kl_terms, reduction_divisor
-from klx._config import num_threads
 
 __all__ = [
     "accumulation_dtype",
@@ -121,7 +119,7 @@ def kl_sum_numpy(
         return 0.0
     if n <= SMALL:
         return _small_sum(x, y, out, log_target, out_like_x)
-    workers = _workers() if threads and n >= PARALLEL_MIN else 1
+    workers = _threads.workers() if threads and n >= PARALLEL_MIN else 1
     pieces = _pieces(x, y, out, pieces_for(n, workers))
     if len(pieces) == 1:
         return _piece_sum(pieces[0], log_target)
@@ -392,83 +390,6 @@ def _exact(xb: Any, yb: Any, log_target: bool) -> Any:
     return kl_terms(
         xp, yb, xb, p_form="log_probs" if log_target else "probs", q_form="log_probs", axis=-1
     )
-
-
-# --------------------------------------------------------------------------- threads
-
-
-_POOL: list[Any] = []
-
-
-def _workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, num_threads() or cores))
-
-
-def _pool() -> Any:
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="klx"))
-    return _POOL[0]
-
-
-def share_pieces(
-    count: int,
-    workers: int,
-    task: Callable[[int, Any], None],
-    state: Callable[[], Any] = lambda: None,
-) -> None:
-    """Run ``task(i, state)`` for every piece ``i < count`` on the calling thread and up to
-    ``workers - 1`` of the pool's threads, each taking the next piece as it goes.
-
-    The caller works too (one hand-over fewer, and on a busy machine one thread fewer for
-    the OS to schedule), and a thread the OS holds back delays only the piece it holds;
-    ``state()`` is made once per thread (block buffers). What a piece computes must not
-    depend on which thread runs it.
-    """
-    from concurrent.futures import wait
-
-    order = iter(range(count))
-    lock = threading.Lock()
-
-    def work(_: int) -> None:
-        mine = state()
-        while True:
-            with lock:
-                i = next(order, None)
-            if i is None:
-                return
-            task(i, mine)
-
-    helpers: list[Any] = []
-    try:
-        try:
-            for k in range(min(workers, count) - 1):
-                helpers.append(_pool().submit(work, k))
-        except RuntimeError:  # the interpreter is shutting down: the caller does it all
-            pass
-        work(-1)
-    finally:
-        # A helper that has not started has nothing left to take (and may be queued
-        # behind this very call, when it runs on a pool thread): cancel it, and wait for
-        # the others, so that no helper still writes once this returns, even after an error.
-        helpers = [h for h in helpers if not h.cancel()]
-        wait(helpers)
-    for h in helpers:
-        h.result()
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's pool came without its threads; make a new one."""
-    _POOL.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
 
 
 # --------------------------------------------------------------------------- torch

@@ -27,7 +27,9 @@ import math
 import sys
 from typing import Any
 
-from klx._accel.blocked import _workers, accumulation_dtype, share_pieces
+from klx._accel import threads as _threads
+from klx._accel.blocked import accumulation_dtype
+from klx._accel.threads import share_pieces
 from klx._agnostic import divergence_rows
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "blocked_rows", "dask_rows"]
@@ -77,7 +79,7 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
     if any(x2 is None or x2.strides[1] != x2.itemsize for x2 in (p2, q2)):
         tile = step * max(1, -(-_LINE // (step * p.itemsize)))
     starts = list(range(0, n_rows, tile))
-    workers = _workers() if threads else 1
+    workers = _threads.workers() if threads else 1
     pieces = min(len(starts), 4 * workers if workers > 1 else 1)
     block_call = call._replace(axis=1)
     fast = call.kind == "kl" and (call.p_form, call.q_form) == ("logits", "logits")
