@@ -729,8 +729,8 @@ def torch_gpu_note(version: str, cuda: str | None) -> str:
 #: Every array library klx has an adapter for, in the order :func:`library` tries them
 #: and :mod:`klx.check` lists them.
 LIBRARIES: tuple[Library, ...] = (
+    _Torch(),  # first: the library of most calls (and of every torch.compile trace)
     _NumPy(),
-    _Torch(),
     _JAX(),
     _CuPy(),
     _Dask(),
@@ -739,6 +739,7 @@ LIBRARIES: tuple[Library, ...] = (
 )
 #: The same, by name.
 BY_NAME: dict[str, Library] = {lib.name: lib for lib in LIBRARIES}
+_ARRAY_TYPES = tuple((lib, *lib.array_type) for lib in LIBRARIES)
 
 
 class _Other(Library):
@@ -757,8 +758,10 @@ _OTHERS: dict[str, Library] = {}
 
 def library(x: Any) -> Library | None:
     """The adapter of `x`'s library, or None if `x` is not an array."""
-    for lib in LIBRARIES:
-        if lib.is_array(x):
+    for lib, module, attr in _ARRAY_TYPES:  # is_array, inline: this runs on every call
+        mod = sys.modules.get(module)
+        cls = getattr(mod, attr, None) if mod is not None else None
+        if cls is not None and isinstance(x, cls):
             return lib
     if isinstance(x, (bool, int, float, complex)) or not hasattr(x, "__array_namespace__"):
         return None

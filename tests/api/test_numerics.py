@@ -655,7 +655,7 @@ def test_klx_num_threads_must_be_a_positive_integer(value):
 
 
 def test_klx_num_threads_is_honoured():
-    code = "import klx._accel.blocked as b; print(b._workers())"
+    code = "import klx._accel.threads as t; print(t.workers())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
