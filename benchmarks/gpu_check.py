@@ -634,10 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # before klx imports Triton
-        from klx._accel import registry
+        from klx._accel import gates
 
         # CPU tensors take klx's CUDA paths (the Triton kernels, interpreted), as the tests do
-        registry.DEVICE_ALIASES["cpu"] = "cuda"
+        gates.DEVICE_ALIASES["cpu"] = "cuda"
     ctx = Context(
         smoke=args.smoke,
         device="cuda" if cuda else "cpu",

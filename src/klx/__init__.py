@@ -18,7 +18,8 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
 """
 
-from klx._accel.registry import AcceleratorWarning, Dispatch, explain
+from klx._accel.explain import Dispatch, explain
+from klx._accel.registry import AcceleratorWarning
 from klx._config import (
     accelerators_enabled,
     is_validating,

@@ -248,9 +248,9 @@ def _js_side(w: Array, log_w: Array, log_m: Array, b: float) -> Array:
 
 def _on_cuda(z: Array) -> bool:
     """Whether the registry sees `z` as a CUDA tensor (its test alias included)."""
-    from klx._accel import registry
+    from klx._accel import gates
 
-    return registry.device_type("torch", z) == "cuda"
+    return gates.device_type("torch", z) == "cuda"
 
 
 def _public_rows(spec: FusedSpec) -> Any:

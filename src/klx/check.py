@@ -343,11 +343,13 @@ def _serving(registry: Any, lib: _Library, notes: list[str]) -> list[Any]:
     """The accelerators that serve `lib`'s arrays on its device. One that needs a library
     that is not installed (Triton for CUDA torch on Windows) is not available: a note says
     so, with what to install, instead of a failed row."""
+    from klx._accel import gates
+
     rows = []
     for r in registry.ACCELERATORS:
         if r.library != lib.name or (r.devices and lib.device_type not in r.devices):
             continue
-        missing = [m for m in r.requires if not registry._importable(m)]
+        missing = [m for m in r.requires if not gates._importable(m)]
         if missing:
             line = note(
                 f"{r.name} on {lib.device}",

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import klx
-from klx._accel import registry
+from klx._accel import gates, registry
 from support import reference
 from support.asserts import cuda_route
 
@@ -39,7 +39,7 @@ def _fresh_checks():
     registry.reset_checks()
     yield
     registry.reset_checks()
-    registry.DEVICE_ALIASES.clear()
+    gates.DEVICE_ALIASES.clear()
 
 
 def _kl_div_inputs(rng, shape, log_target=False):
@@ -268,7 +268,7 @@ def test_docs_table_is_the_registry():
     begin, end = "<!-- registry-table: begin -->\n", "\n<!-- registry-table: end -->"
     table = text[text.index(begin) + len(begin) : text.index(end)]
     assert table == registry.markdown_table(), (
-        "docs/accelerators.md is out of date: paste klx._accel.registry.markdown_table()"
+        "docs/accelerators.md is out of date: paste klx._accel.explain.markdown_table()"
     )
 
 
@@ -377,7 +377,7 @@ def test_torch_cpu_rows_need_numpy(backend, monkeypatch):
     """torch's CPU rows run NumPy code on views: without NumPy they step aside."""
     if backend.name != "torch":
         pytest.skip("the torch CPU rows")
-    monkeypatch.setitem(registry._IMPORTABLE, "numpy", False)
+    monkeypatch.setitem(gates._IMPORTABLE, "numpy", False)
     x, y = _kl_div_inputs(np.random.default_rng(9), (4, 16))
     report = klx.explain(klx.kl_div, backend.asarray(x), backend.asarray(y), reduction="sum")
     assert report.chosen == "definition"
@@ -390,7 +390,7 @@ def test_cuda_torch_without_triton_is_not_available_with_its_reason(backend, mon
     optional library is a refusal naming it, and no check runs."""
     row = ROWS["triton-rows-from-logits"]
     _route(row, backend, monkeypatch)
-    monkeypatch.setitem(registry._IMPORTABLE, "triton", False)
+    monkeypatch.setitem(gates._IMPORTABLE, "triton", False)
     fn, args, kwargs = _claimed_call(row, backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no AcceleratorWarning
@@ -436,10 +436,10 @@ def test_remembered_choices_follow_the_gates(backend):
     finally:
         klx.set_accelerators(True)
     assert registry.select(klx_call(x.requires_grad_(True), y), "kl_div") is None
-    registry.DEVICE_ALIASES["cpu"] = "cuda"  # CPU tensors seen as CUDA ones: other rows
+    gates.DEVICE_ALIASES["cpu"] = "cuda"  # CPU tensors seen as CUDA ones: other rows
     chosen = registry.select(klx_call(x.detach(), y), "kl_div")
     assert chosen is None or chosen.name != row.name
-    registry.DEVICE_ALIASES.clear()
+    gates.DEVICE_ALIASES.clear()
     assert registry.select(klx_call(x.detach(), y), "kl_div") is row
 
 

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import pytest
 
-from klx._accel import registry
+from klx._accel import gates, registry
 from support import reference
 from support.asserts import triton_device
 from support.distill import distill_logits, js_rows_and_gradients, kl_rows_and_gradients
@@ -352,10 +352,10 @@ def test_the_rows_layout_gate(backend):
     a = torch.zeros(4, 9, dtype=torch.float32)
     b = torch.zeros(4, 10, dtype=torch.float32)
     for x in (a, b[:, :-1], b[:, 1:]):
-        assert registry._rows_layout("torch", x)
-    assert not registry._rows_layout("torch", a.T)  # column-major
-    assert not registry._rows_layout("torch", b[:, ::2])  # stride 2 along the row
-    assert not registry._rows_layout("torch", a.as_strided((4, 9), (5, 1)))  # overlapping
+        assert gates._rows_layout("torch", x)
+    assert not gates._rows_layout("torch", a.T)  # column-major
+    assert not gates._rows_layout("torch", b[:, ::2])  # stride 2 along the row
+    assert not gates._rows_layout("torch", a.as_strided((4, 9), (5, 1)))  # overlapping
 
 
 @pytest.mark.backends("torch", reason="the Triton kernels take torch tensors")
@@ -375,7 +375,7 @@ def test_distillation_takes_strided_rows_as_they_are(backend, monkeypatch, kind,
     t_full = t_full.to(torch.float32).requires_grad_(True)
     s_full = s_full.to(torch.float32).requires_grad_(True)
     t, s = t_full[:, :vocab], s_full[:, :vocab]
-    assert registry._rows_layout("torch", t) and registry._rows_layout("torch", s)
+    assert gates._rows_layout("torch", t) and gates._rows_layout("torch", s)
     if kind == "kl":
         rows = triton_distill.kl_rows_from_logits(t, s, 2.0)
         t32, s32 = t.detach().double().cpu().numpy(), s.detach().double().cpu().numpy()
@@ -414,7 +414,7 @@ def test_kl_div_takes_strided_rows_as_they_are(backend, reduction):
     x_full.requires_grad_(True)
     y_full.requires_grad_(True)
     x, y = x_full[:, :-1], y_full[:, 1:-2]
-    assert registry._rows_layout("torch", x) and registry._rows_layout("torch", y)
+    assert gates._rows_layout("torch", x) and gates._rows_layout("torch", y)
     assert not x.is_contiguous() and not y.is_contiguous()
     out = triton_kl.kl_div(x, y, reduction, False)
     xs, ys = x.detach().cpu().numpy(), y.detach().cpu().numpy()
@@ -567,7 +567,7 @@ def test_float16_mean_is_divided_before_the_cast(backend, reduction):
     """Issue 22 item 2: the kernels' float16 'sum' was cast to float16 before the division,
     so a 'mean' whose 'sum' is past 65504 came out inf. The division is in float32."""
     import klx
-    from klx._accel import registry
+    from klx._accel import gates
 
     torch = _torch()
     rng = np.random.default_rng(33)
@@ -576,13 +576,13 @@ def test_float16_mean_is_divided_before_the_cast(backend, reduction):
     xt = torch.tensor(x).to(torch.float16).to(triton_device())
     yt = torch.tensor(y).to(torch.float16).to(triton_device())
     if triton_device() == "cpu":
-        registry.DEVICE_ALIASES["cpu"] = "cuda"  # the CUDA row, on CPU tensors
+        gates.DEVICE_ALIASES["cpu"] = "cuda"  # the CUDA row, on CPU tensors
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", klx.KLDivMeanWarning)  # 'mean' on purpose
             report = klx.explain(klx.kl_div, xt, yt, reduction=reduction)
     finally:
-        registry.DEVICE_ALIASES.clear()
+        gates.DEVICE_ALIASES.clear()
         registry.reset_checks()
     assert report.chosen == "triton-kl-div", str(report)
     got = report.result

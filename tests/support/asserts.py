@@ -49,12 +49,12 @@ def cuda_route(backend, monkeypatch) -> None:
     """
     import torch
 
-    from klx._accel import registry
+    from klx._accel import gates, registry
 
     if backend.device.type == "cuda":
         return
     if torch.cuda.is_available():
         pytest.skip("a CUDA path: the torch-cuda backend runs it on the GPU")
     triton_device()  # skips without triton or TRITON_INTERPRET=1
-    monkeypatch.setitem(registry.DEVICE_ALIASES, "cpu", "cuda")
+    monkeypatch.setitem(gates.DEVICE_ALIASES, "cpu", "cuda")
     registry.reset_checks()

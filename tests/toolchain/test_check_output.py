@@ -21,7 +21,7 @@ import pytest
 
 import klx
 from klx import check
-from klx._accel import blocked, registry
+from klx._accel import blocked, gates, registry
 from klx._backends import BY_NAME, torch_gpu_note
 
 ONCE = pytest.mark.backends("numpy", reason="runs the command on NumPy only; once per run")
@@ -244,7 +244,7 @@ def test_a_path_whose_library_is_missing_is_not_available_not_failed(monkeypatch
     from klx import check
     from klx._accel import registry
 
-    monkeypatch.setitem(registry._IMPORTABLE, "triton", False)
+    monkeypatch.setitem(gates._IMPORTABLE, "triton", False)
     lib = check._Library("torch", "cuda:0", None, None, None, ("float32",), "cuda")
     notes: list[str] = []
     rows = check._serving(registry, lib, notes)
@@ -254,7 +254,7 @@ def test_a_path_whose_library_is_missing_is_not_available_not_failed(monkeypatch
         "it: pip install triton"
         for name in ("triton-kl-div", "triton-rows-from-logits")
     ]
-    monkeypatch.setitem(registry._IMPORTABLE, "triton", True)
+    monkeypatch.setitem(gates._IMPORTABLE, "triton", True)
     names = {r.name for r in check._serving(registry, lib, [])}
     assert names == {"triton-kl-div", "triton-rows-from-logits", "torch-closed-form"}
 

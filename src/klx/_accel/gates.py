@@ -1,0 +1,175 @@
+"""The gates: whether a row of the accelerator table may serve a call, each written once.
+
+:func:`refusal` returns why a row refuses a call (None: it may serve), reading the call's
+:class:`Context` (its arrays, library, device type and trace), worked out once per call.
+Layout, device and trace facts come from the arrays' library adapter
+(:mod:`klx._backends`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any, NamedTuple
+
+from klx._accel.table import Accelerator
+from klx._backends import Trace, by_name
+from klx._config import accelerators_enabled
+from klx._namespace import library_of
+from klx._typing import Array
+
+__all__ = ["DEVICE_ALIASES", "Context", "context", "device_type", "refusal"]
+
+
+#: Exact array types an accelerator takes; subclasses (np.matrix, masked arrays, tensor
+#: subclasses) keep their own semantics and take the definition.
+_BASE_TYPES = {
+    "numpy": ("numpy", "ndarray"),
+    "torch": ("torch", "Tensor"),
+    "cupy": ("cupy", "ndarray"),
+}
+
+
+def _base_type(lib: str) -> type | None:
+    """The exact array class of `lib` that accelerators take (None: no such check)."""
+    cls = _BASE_CLASSES.get(lib)
+    if cls is None and lib in _BASE_TYPES:
+        module, name = _BASE_TYPES[lib]
+        cls = _BASE_CLASSES[lib] = getattr(sys.modules[module], name)
+    return cls
+
+
+_BASE_CLASSES: dict[str, type] = {}
+
+#: Test hook: device types seen as others (e.g. {'cpu': 'cuda'} routes CPU tensors to the
+#: CUDA rows, to run their Triton kernels under TRITON_INTERPRET=1). Empty in use.
+DEVICE_ALIASES: dict[str, str] = {}
+
+#: Outcome of each first-use check: (row name, device, dtype) -> passed.
+_CHECKED: dict[tuple[str, str, str, str], bool] = {}
+#: Implementations that could not be imported: row name -> reason.
+_UNLOADABLE: dict[str, str] = {}
+
+
+def _arrays(call: Any) -> tuple[Array, Array]:
+    if hasattr(call, "input"):
+        return call.input, call.target
+    return call.p, call.q
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(getattr(dtype, "name", None) or dtype).rsplit(".", 1)[-1]
+    return name
+
+
+#: dtype object -> its name ('float32'): a dict lookup is cheaper than str() per call.
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def device_type(lib: str, x: Array) -> str:
+    """The device type the gates see for an array `x` of `lib` ('cpu', 'cuda'), after
+    :data:`DEVICE_ALIASES`."""
+    kind = by_name(lib).device_type(x)
+    return DEVICE_ALIASES.get(kind, kind)
+
+
+def _size(x: Array) -> int:
+    n = 1
+    for s in x.shape:
+        n *= int(s)
+    return n
+
+
+def _contiguous(lib: str, x: Array) -> bool:
+    return by_name(lib).contiguous(x)
+
+
+def _rows_layout(lib: str, x: Array) -> bool:
+    """Last axis of stride 1; rows at any uniform stride (a 2-D slice such as x[:, :-1])."""
+    return by_name(lib).rows_layout(x)
+
+
+class Context(NamedTuple):
+    """What every row's gates read about a call, worked out once per call."""
+
+    a: Array
+    b: Array
+    lib: str
+    device: str
+    traced: Trace | None
+
+
+def context(call: Any) -> Context:
+    a, b = _arrays(call)
+    lib = library_of(call.xp)
+    device = device_type(lib, a)
+    return Context(a, b, lib, device, by_name(lib).trace(a, b, device=device))
+
+
+def refusal(row: Accelerator, call: Any, ctx: Context) -> str | None:
+    """Every gate, written once."""
+    a, b, lib, dev = ctx.a, ctx.b, row.library, ctx.device
+    if not accelerators_enabled():
+        return "accelerators are off (KLX_ACCELERATORS=0 or klx.set_accelerators(False))"
+    if ctx.lib != lib:
+        return f"serves {lib} arrays only"
+    if ctx.traced is not None and ctx.traced.kind not in row.traces:
+        return ctx.traced.why
+    cls = _base_type(lib)
+    if cls is not None and (type(a) is not cls or type(b) is not cls):
+        return f"a subclass of {cls.__module__}.{cls.__qualname__} keeps its own semantics"
+    if lib == "torch" and ctx.traced is None and (a.is_neg() or b.is_neg()):
+        # Its memory holds the values before negation: kernels and NumPy views would read them.
+        return "a lazily negated view (Tensor.is_neg()); the definition reads it as torch does"
+    if row.devices and dev not in row.devices:
+        return f"serves {'/'.join(row.devices)} arrays, not {dev}"
+    if a.dtype != b.dtype:
+        return "the two arrays have different dtypes"
+    if _dtype_name(a.dtype) not in row.dtypes:
+        return f"serves {', '.join(row.dtypes)}, not {_dtype_name(a.dtype)}"
+    if tuple(a.shape) != tuple(b.shape):
+        return "the arrays broadcast (it needs one shape)"
+    if row.layout == "contiguous" and not (_contiguous(lib, a) and _contiguous(lib, b)):
+        return "needs C-contiguous arrays"
+    if row.layout == "rows" and not (_rows_layout(lib, a) and _rows_layout(lib, b)):
+        return "needs rows along the last axis with stride 1"
+    if row.min_size and _size(a) < row.min_size:
+        return f"fewer than {row.min_size} elements (the definition is as fast)"
+    if row.operation == "divergence":
+        if row.kinds and call.kind not in row.kinds:
+            return f"serves {', '.join(row.kinds)}, not {call.kind!r}"
+        if row.closed_form and call.divergence.logits_derivatives is None:
+            return f"{call.kind!r} has no closed-form derivative (its record gives none)"
+        if row.forms and (call.p_form, call.q_form) not in row.forms:
+            return f"serves forms {row.forms}, not {(call.p_form, call.q_form)}"
+        if call.axis != a.ndim - 1 and row.layout != "any":
+            return "serves distributions along the last axis only"
+        if not isinstance(call.temperature, float):
+            return "the temperature is an array (a traced or learned one), not a number"
+        beta = dict(call.options).get("beta")
+        if row.weights and beta is not None and not row.weights[0] <= beta <= row.weights[1]:
+            lo, hi = row.weights
+            return (
+                f"serves weights in [{lo:g}, {hi:g}], not beta = {beta:g} (the definition's "
+                "logaddexp forms serve it)"
+            )
+    if not row.autograd and lib == "torch" and (a.requires_grad or b.requires_grad):
+        return "inputs require gradients and it has no backward"
+    for module in row.requires:
+        if not _importable(module):
+            return f"needs {module}, which is not installed"
+    if row.name in _UNLOADABLE:
+        return _UNLOADABLE[row.name]
+    return None
+
+
+_IMPORTABLE: dict[str, bool] = {}
+
+
+def _importable(module: str) -> bool:
+    found = _IMPORTABLE.get(module)
+    if found is None:
+        found = _IMPORTABLE[module] = importlib.util.find_spec(module) is not None
+    return found
