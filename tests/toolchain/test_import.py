@@ -23,9 +23,14 @@ def test_import_klx_imports_no_array_library():
 
 
 def test_version():
+    """One version source: the installed metadata is read from ``klx.__version__``
+    (pyproject's ``dynamic = ["version"]``)."""
+    import importlib.metadata
+
     import klx
 
     assert klx.__version__.count(".") == 2
+    assert importlib.metadata.version("klx") == klx.__version__
 
 
 #: Eight threads make their first klx call at once, in a fresh process; the interpreter

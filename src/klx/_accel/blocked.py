@@ -53,12 +53,11 @@ from klx._accel.threads import share_pieces
 from klx._agnostic import kl_terms, reduction_divisor
 
 __all__ = [
-    "accumulation_dtype",
     "kl_div_dask",
     "kl_div_numpy",
     "kl_div_torch",
     "kl_sum_numpy",
-    "share_pieces",
+    "numpy_accumulation_dtype",
 ]
 
 #: Bytes per array and block: 2^18 float32 elements, so a 2^22-element call is 16 NumPy
@@ -128,13 +127,14 @@ def kl_sum_numpy(
     def piece(i: int, bufs: Any) -> None:
         sums[i] = _piece_sum(pieces[i], log_target, bufs)
 
-    acc = accumulation_dtype(x.dtype)
+    acc = numpy_accumulation_dtype(x.dtype)
     share_pieces(len(pieces), workers, piece, lambda: _buffers(acc, log_target))
     return float(sum(sums))  # in the pieces' order: the same bits whoever ran which
 
 
-def accumulation_dtype(dtype: Any) -> Any:
-    """The dtype a block is evaluated in: float32 for float16 input, else the input's."""
+def numpy_accumulation_dtype(dtype: Any) -> Any:
+    """The NumPy dtype a block is evaluated in: float32 for float16 input, else the input's
+    (:func:`klx._dtypes.accumulation_dtype` for any namespace)."""
     import numpy as np
 
     return np.dtype(np.float32) if np.dtype(dtype).itemsize < 4 else np.dtype(dtype)
@@ -214,7 +214,7 @@ def _piece_sum(piece: tuple[Any, Any, Any], log_target: bool, bufs: Any = None) 
     """
 
     x, y, out = piece
-    acc = accumulation_dtype(x.dtype)
+    acc = numpy_accumulation_dtype(x.dtype)
     buf, wbuf = _buffers(acc, log_target) if bufs is None else bufs
 
     def floor(m: int) -> Any:
@@ -254,7 +254,7 @@ def _small_sum(x: Any, y: Any, out: Any, log_target: bool, out_like_x: bool = Fa
     """
     import numpy as np
 
-    acc = accumulation_dtype(x.dtype)
+    acc = numpy_accumulation_dtype(x.dtype)
     same = x.strides == y.strides and (out is None or out_like_x)
     order = "K" if same else "C"
     xb = x.ravel(order).astype(acc, copy=False)

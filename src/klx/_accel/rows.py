@@ -28,7 +28,7 @@ import sys
 from typing import Any
 
 from klx._accel import threads as _threads
-from klx._accel.blocked import accumulation_dtype
+from klx._accel.blocked import numpy_accumulation_dtype
 from klx._accel.threads import share_pieces
 from klx._agnostic import divergence_rows
 
@@ -68,7 +68,7 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
     if keep is not None:
         keep = np.broadcast_to(np.moveaxis(keep, axis, -1), (*batch, 1))
         keep2 = keep.reshape(n_rows, 1)  # one bool per row: a copy is small
-    acc = accumulation_dtype(p.dtype)
+    acc = numpy_accumulation_dtype(p.dtype)
     out = np.empty(n_rows, dtype=acc)
     step = max(1, ROW_BLOCK_ELEMENTS // max(vocab, 1))
     p2, q2 = _rows(p, n_rows, vocab), _rows(q, n_rows, vocab)
@@ -250,7 +250,7 @@ def dask_rows(call: Any) -> Any:
         return divergence_rows(xp, call, xp.astype(p, acc), xp.astype(q, acc), keep)
     p = p.rechunk({axis: -1})
     q = q.rechunk(p.chunks)
-    acc = accumulation_dtype(p.dtype)
+    acc = numpy_accumulation_dtype(p.dtype)
     arrays = [p, q]
     if keep is not None:
         shape = tuple(1 if i == axis else s for i, s in enumerate(p.shape))
