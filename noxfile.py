@@ -111,7 +111,13 @@ def _run_tests(session: nox.Session, backend: str, results: str = CONFORMANCE) -
         accel = ("triton_kl", "triton_distill", "cupy_kl", "torch_closed_form")
         kernels = [f"--ignore=src/klx/_accel/{m}.py" for m in accel] + [
             f"--ignore=src/klx/{m}.py"
-            for m in ("_fused_torch", "_fused_jax", "_torch_derivative", "_array_api_mlx")
+            for m in (
+                "_fused/torch_autograd",
+                "_fused/torch_cpu_kl",
+                "_fused/jax_vjp",
+                "_torch_derivative",
+                "_array_api_mlx",
+            )
         ]
         args += ["--doctest-modules", *kernels, "src/klx", "tests"]
     env = {}

@@ -37,7 +37,7 @@ from klx._divergences import (
     tv_distance,
 )
 from klx._estimators import kl_estimate
-from klx._fused_linear import fused_linear_divergence
+from klx._fused import fused_linear_divergence
 from klx._kl_div import KLDivMeanWarning, kl_div
 from klx._sparse import sparse_kl_divergence
 

@@ -46,17 +46,23 @@ class _Sides(NamedTuple):
     lq: Array
     p_zero: Array
     q_zero: Array
+    #: ``log q`` as it is (``-inf`` where Q is 0; `lq` is 0 there).
+    log_q: Array
 
 
 def _sides(xp: ModuleType, call: Any, t: Array, s: Array) -> _Sides:
     log_p, log_q, p_zero, q_zero, lp, lq = plain_logs(xp, t, s, call.axis, call.temperature)
-    return _Sides(xp.exp(log_p), xp.exp(log_q), lp, lq, p_zero, q_zero)
+    return _Sides(xp.exp(log_p), xp.exp(log_q), lp, lq, p_zero, q_zero, log_q)
 
 
 def _transport(xp: ModuleType, axis: int, w: Array, g: Array) -> Array:
-    """``w (g - sum(w g))``, with ``w g`` read as 0 where ``w`` is."""
-    wg = xp.where(w == 0, 0.0, w * g)
-    return wg - w * xp.sum(wg, axis=axis, keepdims=True)
+    """``w (g - sum(w g))``, with ``w g`` read as 0 where ``w`` is.
+
+    In this form (the sum subtracted before the product) a torch DTensor sharded along
+    `axis` all-reduces the sum; as ``w g - w sum(w g)`` it took an all-gather and a
+    reduce-scatter."""
+    g = xp.where(w == 0, 0.0, g)
+    return w * (g - xp.sum(w * g, axis=axis, keepdims=True))
 
 
 def kl_derivatives(
@@ -70,11 +76,21 @@ def kl_derivatives(
     need_s: bool = True,
 ) -> tuple[Array | None, Array | None]:
     """``(c_t, c_s)`` of KL(P || Q) (see the module's docstring; not yet divided by
-    ``T``) at logits `t`, `s`, whose per-distribution values are `rows`; None where not
-    needed. ``sum(p d)`` is the KL itself: `rows`, no further reduction."""
+    ``T``) at logits `t`, `s`; None where not needed.
+
+    The KL in ``c_t = p (d - KL)`` is ``sum(p d)`` of the same ``d``, not the value `rows`
+    (whose terms ``p d + q - p`` leave out the rounding of the log-normalisers'
+    difference, the same in every ``d`` of a row): so that rounding cancels, where with
+    `rows` it stayed in every entry, about 1e-3 of the gradient of a float32 student
+    within 1e-3 of its teacher. ``d`` reads ``log q`` as it is: a row with ``q = 0``
+    under ``p > 0`` has an infinite KL, and ``c_t = -inf`` where ``p > 0``, as before.
+    """
     w = _sides(xp, call, t, s)
-    kl = xp.expand_dims(rows, axis=call.axis)
-    c_t = xp.where(w.p_zero, 0.0, w.p * ((w.lp - w.lq) - kl)) if need_t else None
+    c_t = None
+    if need_t:
+        d = w.lp - w.lq
+        kl = xp.sum(xp.where(w.p_zero, 0.0, w.p * (w.lp - w.log_q)), axis=call.axis, keepdims=True)
+        c_t = xp.where(w.p_zero, 0.0, w.p * (d - kl))
     return c_t, (w.q - w.p) if need_s else None
 
 

@@ -494,7 +494,7 @@ def test_narrow_integer_labels_over_a_large_vocabulary(backend, label_dtype):
 
 
 def test_default_chunk_size_follows_the_budget():
-    from klx import _fused_linear as fl
+    from klx._fused import chunks as fl
 
     assert fl.chunk_size_for(10**6, 32000, 4) == 2**27 // (16 * 32000 * 4) // 8 * 8
     assert fl.chunk_size_for(5, 32000, 4) == 5
@@ -508,7 +508,7 @@ def test_cuda_chunks_are_sized_from_the_free_memory():
     products of 16 rows, each reading the whole weight). On CUDA the budget is an eighth
     of the free memory up to 2 GiB, with 256 tokens at least where half the memory holds
     them; the CPU budget is unchanged (None: no CUDA device)."""
-    from klx import _fused_linear as fl
+    from klx._fused import chunks as fl
 
     gb = 1 << 30
     vocab, four = 128256, 4
@@ -527,7 +527,7 @@ def test_cuda_chunks_are_sized_from_the_free_memory():
 
 @pytest.mark.backends("torch", "numpy", reason="no CUDA device: the CPU budget")
 def test_no_cuda_device_means_no_free_memory_query(backend):
-    from klx import _fused_linear as fl
+    from klx._fused import chunks as fl
 
     assert fl.cuda_free_bytes(backend.asarray(np.zeros((2, 3)))) is None
 
@@ -535,7 +535,7 @@ def test_no_cuda_device_means_no_free_memory_query(backend):
 @pytest.mark.backends("torch", "jax", "numpy", reason="which budget each path uses")
 def test_default_chunk_counts_the_path_temporaries(backend):
     """torch CPU's closed-form KL holds 4 [chunk, vocab] arrays, JAX's 8; other paths 16."""
-    from klx import _fused_chunks as fc
+    from klx._fused import chunks as fc
 
     spec = fc.FusedSpec("kl", (), 2.0, None, 0.0, -100)
     h = backend.asarray(np.zeros((2, 3)))
@@ -837,7 +837,7 @@ def test_review_cases_on_torch(backend):
 def test_the_triton_budget_only_where_the_triton_kernels_serve():
     """A review found JS with beta = 0.01 (the definition's autograd, 16 arrays), a hard
     term and DTensors budgeted as the Triton route's 6 arrays: up to 2.7x the budget."""
-    from klx import _fused_chunks as fc
+    from klx._fused import chunks as fc
 
     class FakeCuda:
         is_cuda = True

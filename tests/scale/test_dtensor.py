@@ -99,7 +99,7 @@ SCRIPT = textwrap.dedent(
                                 "got": got.full_tensor().tolist(), "ref": ref.tolist(),
                                 "comms": counts})
         # the CUDA route (issue 22 item 6): a DTensor on CUDA takes the closed form too
-        import klx._fused_torch as fused_torch
+        import klx._fused.torch_autograd as fused_torch
         on_cuda, fused_torch._on_cuda = fused_torch._on_cuda, lambda z: True
         try:
             kw = {"divergence": "kl", "temperature": 2.0, "chunk_size": 4}

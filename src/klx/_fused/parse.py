@@ -1,23 +1,8 @@
-"""Divergences from hidden states and output-layer weights, never holding the logits.
-
-:func:`fused_linear_divergence` walks the tokens a chunk at a time: per chunk it computes
-the two models' logits (``hidden @ weight.T + bias``), the divergence of each token by
-the definition (:func:`klx._agnostic.record_rows`), and, where gradients are asked
-for, its gradient with respect to the chunk's logits and from there with respect to the
-hidden states, weights and biases. Nothing of size [tokens, vocab] is allocated: the
-extra memory is that of one chunk's logits and temporaries, plus the gradients.
-
-Per backend:
-
-* torch: a :class:`torch.autograd.Function`. For 'sum' and 'batchmean' the gradients are
-  computed in the forward pass (four matrix products per chunk, as many as eager
-  autograd makes in all) and scaled in the backward; for 'none' the backward walks the
-  chunks again. Under :func:`torch.compile` it runs eagerly (a graph break).
-* JAX: :func:`jax.custom_vjp` over :func:`jax.lax.map` / :func:`jax.lax.scan` of the
-  chunks, so memory stays bounded under ``jax.jit``; for 'sum' / 'batchmean' the
-  forward rule computes the gradients as on torch, for 'none' the backward recomputes
-  each chunk's logits. Works under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
-* NumPy, CuPy, Dask, array-api-strict: the value, a chunk at a time.
+"""The checks of :func:`klx.fused_linear_divergence`: its arguments into a
+:class:`FusedCall` (the static :class:`~klx._fused.chunks.FusedSpec`, the chunk size, the
+arrays flattened to tokens as a :class:`~klx._fused.chunks.Flat`, and the reduction), as
+:func:`klx._call.parse_divergence` does for the plain functions. Every problem is a
+TypeError or ValueError that names the argument and the fix.
 """
 
 from __future__ import annotations
@@ -27,7 +12,7 @@ import numbers
 import operator
 from collections.abc import Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from klx._call import normalizer_array
 from klx._checks import (
@@ -40,185 +25,64 @@ from klx._checks import (
     check_where,
 )
 from klx._divergence_table import lookup
-from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._fused_chunks import (
-    CHUNK_BYTES,
-    CHUNK_TEMPORARIES,
-    JAX_TEMPORARIES,
-    LEAN_TEMPORARIES,
-    TRITON_TEMPORARIES,
+from klx._dtypes import accumulation_dtype
+from klx._fused.chunks import (
+    Flat,
     FusedSpec,
-    _Flat,
-    _rows_by_chunks,
+    Side,
     chunk_size_for,
     cuda_free_bytes,
     temporaries_for,
 )
-from klx._namespace import (
-    array_namespace,
-    check_same_device,
-    in_torch_func,
-    is_concrete,
-    library_name,
-)
-from klx._typing import Array
+from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
+from klx._typing import Array, Shape
 
-__all__ = [
-    "CHUNK_BYTES",
-    "CHUNK_TEMPORARIES",
-    "JAX_TEMPORARIES",
-    "LEAN_TEMPORARIES",
-    "TRITON_TEMPORARIES",
-    "FusedSpec",
-    "chunk_size_for",
-    "cuda_free_bytes",
-    "fused_linear_divergence",
-    "temporaries_for",
-]
+__all__ = ["FusedCall", "parse_fused"]
 
 
-def fused_linear_divergence(
+class FusedCall(NamedTuple):
+    """A checked call of :func:`klx.fused_linear_divergence`."""
+
+    xp: ModuleType
+    #: The static part, the same in every chunk (hashable: JAX's static arguments).
+    spec: FusedSpec
+    #: The accumulation dtype (float32 for 16-bit inputs).
+    acc: Any
+    #: Tokens per chunk.
+    chunk: int
+    #: The arrays, the tokens flattened to one axis.
+    flat: Flat
+    reduction: str
+    #: What the 'batchmean' sum is multiplied by (None: 'sum' or 'none').
+    scale: Any
+    #: The tokens' shape ('none' returns it).
+    token_shape: Shape
+    #: The result's dtype (the inputs' promoted one).
+    dtype: Any
+
+
+def parse_fused(
     p_hidden: Array,
     p_weight: Array | None,
     q_hidden: Array,
     q_weight: Array,
     *,
-    p_bias: Array | None = None,
-    q_bias: Array | None = None,
-    divergence: str = "kl",
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    where: Array | None = None,
-    reduction: str = "batchmean",
-    normalizer: Any = None,
-    chunk_size: int | None = None,
-    labels: Array | None = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-    xp: ModuleType | None = None,
-    **options: float,
-) -> Array:
-    r"""A divergence between two models' output distributions, from their last hidden states.
-
-    P (the teacher) and Q (the student) are, per token,
-
-    .. math::
-
-        P = \mathrm{softmax}\big(\mathrm{cap}(h_P W_P^\top + b_P) / T\big), \qquad
-        Q = \mathrm{softmax}\big(\mathrm{cap}(h_Q W_Q^\top + b_Q) / T\big),
-
-    with :math:`\mathrm{cap}(x) = c \tanh(x / c)` when `softcap` is given (Gemma-style,
-    applied before the temperature). The [tokens, vocab] logits are never materialised:
-    tokens are taken `chunk_size` at a time, and per chunk klx computes the logits, the
-    divergence by its definition, and (torch, JAX) the gradients with respect to the
-    hidden states, weights and biases. The per-token loss is
-
-    .. math::
-
-        \ell = (1 - w_h) \, D(P, Q) + w_h \, \mathrm{CE}(Q_1, y)
-
-    where :math:`w_h` is `hard_weight`, and :math:`\mathrm{CE}(Q_1, y)` the cross-entropy
-    of the student's (capped) logits at temperature 1 with the label :math:`y`, as in
-    Liger Kernel's distillation losses.
-
-    Parameters
-    ----------
-    p_hidden : array
-        The teacher's hidden states [..., hidden_p], or, with ``p_weight=None``, the
-        teacher's logits [..., vocab] (computed offline).
-    p_weight : array or None
-        The teacher's output layer [vocab, hidden_p], laid out as
-        :attr:`torch.nn.Linear.weight` (a Flax ``Dense`` kernel is ``kernel.T``).
-    q_hidden : array
-        The student's hidden states [..., hidden_q]; the leading (token) shape is that
-        of `p_hidden`. The hidden sizes may differ.
-    q_weight : array
-        The student's output layer [vocab, hidden_q].
-    p_bias, q_bias : array, optional
-        Output-layer biases [vocab].
-    divergence : str, optional
-        Any divergence klx knows (``docs/divergences.md``; one added by
-        :func:`klx.register_divergence` too), by its name or an alias. 'kl': KL(P || Q),
-        the forward KL of distillation (for the reverse KL swap the sides). 'js': the
-        generalized Jensen-Shannon divergence with weight `beta` on P, as
-        :func:`klx.js_divergence` (TRL's GKD loss with ``beta`` is this with
-        ``beta_trl = 1 - beta``). 'skew_kl': KL(P || alpha P + (1 - alpha) Q) (DistiLLM).
-        'tv' or 'tvd': the total variation, 0.5 sum ``|p - q|``. Default 'kl'.
-    temperature : float, optional
-        Both models' logits are divided by it. Default 1.
-    softcap : float, optional
-        ``softcap * tanh(logits / softcap)`` first. Default None (no cap).
-    where : bool array, optional
-        Which tokens count, broadcastable to the token shape. Dropped tokens contribute
-        nothing, and get exactly zero gradient even if their hidden states hold NaN.
-    reduction : {'batchmean', 'sum', 'none'}, optional
-        'none': one value per token (the token shape); 'sum': their sum; 'batchmean':
-        the sum divided by the number of kept tokens (or by `normalizer`). Default
-        'batchmean'.
-    normalizer : number or 0-d array, optional
-        With 'batchmean', divide the sum by this instead of the count of kept tokens
-        (gradient accumulation over micro-batches needs the global count). As in the
-        plain functions, a divisor of 0 (nothing kept) gives 0, not NaN.
-    chunk_size : int, optional
-        Tokens per chunk. By default the largest whose temporaries fit in
-        ``klx._fused_chunks.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (k * vocab *
-        itemsize)``, rounded down to a multiple of 8, with ``k = 4`` arrays for KL on
-        torch CPU tensors without softcap or hard term (a closed form that overwrites
-        the logits in place: 256 tokens at V = 32,000 in float32), ``k = 8`` for KL on
-        JAX (closed-form gradients: 128 tokens), ``k = 6`` where the Triton kernels take
-        a CUDA chunk (KL, or JS with beta in [1/16, 15/16], without softcap or hard term)
-        and ``k = 16`` otherwise. On a CUDA device the budget is up to an eighth of its
-        free memory (``torch.cuda.mem_get_info`` rounded down to a power of two, so the
-        chunking repeats from call to call; at most 2 GiB), with
-        at least 256 tokens where half the free memory holds them (8192 x 128256 float32
-        with 60 GB free: 696 tokens per chunk, where 128 MiB gave 16).
-    labels : integer array, optional
-        The tokens' labels (the token shape), for the hard term.
-    hard_weight : float, optional
-        The weight :math:`w_h` in [0, 1] of the cross-entropy with `labels`. Tokens
-        whose label is `ignore_index` have no hard term (their soft term stays unless
-        `where` drops them). Default 0. With a positive `hard_weight`, a label outside
-        ``[0, vocab)`` other than `ignore_index` raises a ValueError (read eagerly: a
-        device sync on a GPU); under ``jax.jit`` or ``torch.compile``, on a lazy Dask
-        array or a meta tensor, it is taken as `ignore_index`.
-    ignore_index : int, optional
-        The label of tokens without a hard term. Default -100.
-    xp : namespace, optional
-        The array namespace; by default that of the arrays.
-    **options : float
-        The divergence's own parameters: `beta` of 'js' (the weight of P in the mixture,
-        in [0, 1]; default 0.5), `alpha` of 'skew_kl' (the weight of P in the mixture,
-        in [0, 1]; default 0.1). A keyword the divergence does not take is a TypeError.
-
-    Returns
-    -------
-    array
-        A 0-d array ('sum', 'batchmean') or the token shape ('none'), of the inputs'
-        library and promoted dtype (computed in float32 for float16 / bfloat16 inputs).
-
-    See Also
-    --------
-    kl_divergence, js_divergence : the same divergences from arrays of logits.
-    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss : the torch/Triton analogue (JSD).
-
-    Notes
-    -----
-    Extra memory: one chunk's ``16 * chunk * vocab`` accumulation-dtype elements at
-    most, plus the gradients (the size of the inputs that require them). On torch the
-    gradients of the teacher's inputs are computed only if they require grad.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import klx
-    >>> rng = np.random.default_rng(0)
-    >>> h_t, w_t = rng.normal(size=(6, 4)), rng.normal(size=(10, 4))  # teacher
-    >>> h_s, w_s = rng.normal(size=(6, 3)), rng.normal(size=(10, 3))  # student
-    >>> loss = klx.fused_linear_divergence(h_t, w_t, h_s, w_s, temperature=2.0, chunk_size=4)
-    >>> bool(np.isclose(loss, klx.kl_divergence(h_t @ w_t.T, h_s @ w_s.T, p_form="logits",
-    ...      q_form="logits", temperature=2.0, reduction="batchmean")))
-    True
-    """
+    p_bias: Array | None,
+    q_bias: Array | None,
+    divergence: Any,
+    temperature: Any,
+    softcap: float | None,
+    where: Array | None,
+    reduction: str,
+    normalizer: Any,
+    chunk_size: int | None,
+    labels: Array | None,
+    hard_weight: float,
+    ignore_index: int,
+    xp: ModuleType | None,
+    options: Mapping[str, object],
+) -> FusedCall:
+    """Check the arguments of :func:`klx.fused_linear_divergence` (see there)."""
     named = [
         ("p_hidden", p_hidden),
         ("p_weight", p_weight),
@@ -269,13 +133,9 @@ def fused_linear_divergence(
     if where is not None:
         check_where(xp, where, token_shape)
         keep = xp.reshape(xp.broadcast_to(where, token_shape), (n_tokens,))
-    flat = _Flat(
-        xp.reshape(p_hidden, (n_tokens, int(p_hidden.shape[-1]))),
-        p_weight,
-        p_bias,
-        xp.reshape(q_hidden, (n_tokens, int(q_hidden.shape[-1]))),
-        q_weight,
-        q_bias,
+    flat = Flat(
+        Side(xp.reshape(p_hidden, (n_tokens, int(p_hidden.shape[-1]))), p_weight, p_bias),
+        Side(xp.reshape(q_hidden, (n_tokens, int(q_hidden.shape[-1]))), q_weight, q_bias),
         keep,
         None
         if labels is None
@@ -284,30 +144,7 @@ def fused_linear_divergence(
     scale = None
     if red == "batchmean":
         scale = _batchmean_scale(xp, norm, keep, n_tokens, acc)
-    lib = library_name(q_hidden)
-    with numpy_quiet(q_hidden):
-        # Inside torch.func.grad / vmap torch takes the generic chunks (plain torch ops the
-        # transforms trace; the closed-form backward's autograd.Function has no
-        # setup_context, and its value checks cannot read batched tensors), and memory
-        # grows as autodiff keeps each chunk. torch.compile still runs the call eagerly.
-        if lib == "torch" and not in_torch_func():
-            from klx._fused_torch import torch_fused
-
-            out = torch_fused(xp, spec, acc, chunk, flat, red, scale)
-        else:
-            if lib == "jax":
-                from klx._fused_jax import jax_rows, jax_total
-
-                out = (jax_rows if red == "none" else jax_total)(spec, acc, chunk, flat)
-            else:
-                out = _rows_by_chunks(xp, spec, acc, chunk, flat)
-                if red != "none":
-                    out = xp.sum(out)
-            if scale is not None:
-                out = out * scale
-        if red == "none":
-            out = xp.reshape(out, token_shape)
-        return as_array(xp.astype(out, dtype, copy=False))
+    return FusedCall(xp, spec, acc, chunk, flat, red, scale, token_shape, dtype)
 
 
 def _batchmean_scale(

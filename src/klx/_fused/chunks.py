@@ -1,9 +1,11 @@
 """One chunk of tokens for :func:`klx.fused_linear_divergence`: its logits and divergences.
 
-The per-chunk definition shared by the value path (:mod:`klx._fused_linear`) and the
-gradient paths (:mod:`klx._fused_torch`, :mod:`klx._fused_jax`): the chunk budget, the
-logits of a chunk of hidden states, each token's divergence by the definition
-(:func:`klx._agnostic.record_rows`), and the walk over chunks.
+The per-chunk definition shared by the value path (:mod:`klx._fused.api`) and the
+gradient paths (:mod:`klx._fused.torch_autograd`, :mod:`klx._fused.jax_vjp`): the call's
+static part (:class:`FusedSpec`), its arrays with the tokens flattened (:class:`Flat`,
+one :class:`Side` per model), the chunk budget, the logits of a chunk of hidden states,
+each token's loss by the definition (:func:`klx._agnostic.record_rows` and the hard
+term), and the walk over chunks.
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from typing import Any, NamedTuple
 
 from klx._agnostic import record_rows
 from klx._divergence_table import lookup
+from klx._fused.dtensor import label_mask, rows_like
 from klx._namespace import library_name
 from klx._typing import Array
 
 #: The memory budget of one chunk when ``chunk_size=None``: the chunk's rows times the
 #: vocabulary times :data:`CHUNK_TEMPORARIES` arrays of the accumulation dtype fit in it.
-#: 128 MiB by default; set ``klx._fused_chunks.CHUNK_BYTES`` to change it process-wide.
+#: 128 MiB by default; set ``klx._fused.chunks.CHUNK_BYTES`` to change it process-wide.
 CHUNK_BYTES = 1 << 27
 #: How many [chunk, vocab] arrays one chunk holds at its peak (both models' logits, the
 #: definition's temporaries, and their gradients): an upper estimate.
 CHUNK_TEMPORARIES = 16
-#: The same for torch CPU's closed-form KL chunk (``klx._fused_torch._kl_chunk_cpu``: the
+#: The same for torch CPU's closed-form KL chunk (:mod:`klx._fused.torch_cpu_kl`: the
 #: two logits blocks, overwritten in place, and their exponentials), which is 4: at
 #: V = 32,000 in float32 a chunk of 256 tokens, whose matrix products run at full speed.
 LEAN_TEMPORARIES = 4
-#: The same for JAX's KL chunk with closed-form gradients (``klx._fused_jax``): what XLA
+#: The same for JAX's KL chunk with closed-form gradients (:mod:`klx._fused.jax_vjp`): what XLA
 #: keeps of a step beyond the weight gradients it carries, about 6 arrays measured at
 #: 4096 x 512 x 32,000 (102 MiB of XLA temporaries at 128 tokens per chunk); 8, so 128
 #: tokens, which keeps the matrix products at full speed on a CPU.
@@ -63,6 +66,52 @@ class FusedSpec(NamedTuple):
     def record(self) -> Any:
         """The divergence's record."""
         return lookup(self.kind) if self.divergence is None else self.divergence
+
+    @property
+    def axis(self) -> int:
+        """The vocabulary's axis in a chunk's logits [tokens, vocab] (so that a spec
+        serves as the call of a record's ``logits_derivatives``)."""
+        return -1
+
+
+class Side(NamedTuple):
+    """One model's output layer: its hidden states [tokens, hidden] (or, without a
+    weight, its logits [tokens, vocab]), weight [vocab, hidden] and bias [vocab]; the
+    same shape holds each one's gradient, or whether it is wanted."""
+
+    hidden: Any
+    weight: Any = None
+    bias: Any = None
+
+
+class Flat(NamedTuple):
+    """The inputs with the tokens flattened to one axis: the teacher's side `p`, the
+    student's side `q`, the kept tokens and the labels (one per token, or None). A pytree
+    to JAX, so the custom VJPs take and return it whole."""
+
+    p: Side
+    q: Side
+    keep: Array | None = None
+    labels: Array | None = None
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        return self.p, self.q
+
+    @property
+    def tokens(self) -> int:
+        return int(self.q.hidden.shape[0])
+
+    def arrays(self) -> tuple[Array | None, ...]:
+        """The six differentiable arrays, the teacher's side first (the order in which
+        the torch autograd Functions take them, last among their arguments)."""
+        return (*self.p, *self.q)
+
+    @classmethod
+    def of(cls, arrays: Any, keep: Array | None = None, labels: Array | None = None) -> Flat:
+        """The inverse of :meth:`arrays` (six values: arrays, gradients or flags)."""
+        values = tuple(arrays)
+        return cls(Side(*values[:3]), Side(*values[3:6]), keep, labels)
 
 
 def chunk_size_for(
@@ -108,6 +157,13 @@ def cuda_free_bytes(x: Array) -> int | None:
     # a power of two at or below it: the chunk size (so the order of the sums, and the
     # result's last bits) changes only when the free memory halves, not from call to call
     return 1 << (free.bit_length() - 1) if free > 0 else 0
+
+
+def closed_form(spec: FusedSpec) -> bool:
+    """Whether the divergence has closed-form logits derivatives (its record's
+    ``logits_derivatives``): its chunks' gradients come from :mod:`klx._fused.gradients`
+    instead of autodiff of the definition."""
+    return spec.record.logits_derivatives is not None
 
 
 def closed_form_kl(spec: FusedSpec) -> bool:
@@ -160,19 +216,70 @@ def temporaries_for(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
 # --------------------------------------------------------------------------- one chunk
 
 
-def _safe_rows(xp: ModuleType, h: Array, keep: Array | None) -> Array:
+def safe_rows(xp: ModuleType, h: Array, keep: Array | None) -> Array:
     """`h` with the dropped tokens' rows set to 0 (so NaN there reaches nothing)."""
     if keep is None:
         return h
     return xp.where(keep[:, None], h, 0.0)
 
 
-def _logits(xp: ModuleType, h: Array, w: Array | None, b: Array | None, acc: Any) -> Array:
-    """``h @ w.T + b`` of one chunk in the accumulation dtype (`h` itself if `w` is None)."""
+def masked(xp: ModuleType, f: Flat) -> Flat:
+    """Chunk `f` with the dropped tokens' hidden states set to 0 (so NaN there reaches
+    nothing: not the logits, not the weight gradients ``dz.T @ h``)."""
+    if f.keep is None:
+        return f
+    p = f.p._replace(hidden=safe_rows(xp, f.p.hidden, f.keep))
+    q = f.q._replace(hidden=safe_rows(xp, f.q.hidden, f.keep))
+    return f._replace(p=p, q=q)
+
+
+def logits(xp: ModuleType, side: Side, acc: Any) -> Array:
+    """``h @ w.T + b`` of one chunk's `side` in the accumulation dtype (`h` itself if the
+    side has no weight)."""
+    h, w, b = side
     z = h if w is None else xp.matmul(h, w.T)
     if b is not None:
         z = z + b
     return xp.astype(z, acc, copy=False)
+
+
+class Capped(NamedTuple):
+    """A chunk's two logits blocks as the divergence reads them: the dropped tokens'
+    logits set to 0, then the softcap; `tp` / `tq` are ``tanh(z / cap)`` (None without a
+    softcap), which the chain rule through the cap reads."""
+
+    zp: Array
+    zq: Array
+    tp: Array | None
+    tq: Array | None
+
+
+def capped(xp: ModuleType, spec: FusedSpec, zp: Array, zq: Array, keep: Array | None) -> Capped:
+    """The logits of one chunk as the divergence reads them (:class:`Capped`)."""
+    if keep is not None:
+        zp = xp.where(keep[:, None], zp, 0.0)
+        zq = xp.where(keep[:, None], zq, 0.0)
+    if spec.softcap is None:
+        return Capped(zp, zq, None, None)
+    c = spec.softcap
+    tp, tq = xp.tanh(zp / c), xp.tanh(zq / c)
+    return Capped(c * tp, c * tq, tp, tq)
+
+
+def soft_rows(xp: ModuleType, spec: FusedSpec, zp: Array, zq: Array) -> Array:
+    """The divergence per token of two (capped) logits blocks, by its definition
+    (:func:`klx._agnostic.record_rows`)."""
+    return record_rows(
+        xp,
+        spec.record,
+        zp,
+        zq,
+        p_form="logits",
+        q_form="logits",
+        axis=-1,
+        temperature=spec.temperature,
+        options=spec.options,
+    )
 
 
 def chunk_rows(
@@ -186,40 +293,21 @@ def chunk_rows(
 ) -> Array:
     """Per-token loss of one chunk from the raw logits [n, vocab]: 0 where `keep` drops.
 
+    ``(1 - hard_weight) D + hard_weight CE``; a term whose weight is 0 is not computed.
     `divergence_rows(zp, zq)`, if given, computes the divergence per token from the
-    (masked, softcapped) logits instead of the definition's terms here (torch on CUDA:
-    klx's public function, so that its Triton kernels serve).
+    (masked, softcapped) logits instead of :func:`soft_rows` (torch on CUDA: klx's
+    public function, so that its Triton kernels serve). A hard weight of 1 comes with
+    labels (the checks refuse it without).
     """
-    if keep is not None:
-        zp = xp.where(keep[:, None], zp, 0.0)
-        zq = xp.where(keep[:, None], zq, 0.0)
-    if spec.softcap is not None:
-        c = spec.softcap
-        zp = c * xp.tanh(zp / c)
-        zq = c * xp.tanh(zq / c)
+    zp, zq, _, _ = capped(xp, spec, zp, zq, keep)
     hw = spec.hard_weight
-    rows = None
-    if hw < 1.0 and divergence_rows is not None:
-        rows = divergence_rows(zp, zq)
-    elif hw < 1.0:
-        rows = record_rows(
-            xp,
-            spec.record,
-            zp,
-            zq,
-            p_form="logits",
-            q_form="logits",
-            axis=-1,
-            temperature=spec.temperature,
-            options=spec.options,
-        )
-    if rows is not None and hw > 0.0:
-        rows = (1.0 - hw) * rows
+    if hw < 1.0:
+        rows = soft_rows(xp, spec, zp, zq) if divergence_rows is None else divergence_rows(zp, zq)
+        if hw > 0.0:
+            rows = (1.0 - hw) * rows
     if hw > 0.0 and labels is not None:
         ce = hw * _cross_entropy(xp, zq, labels, spec.ignore_index)
-        rows = ce if rows is None else rows + ce
-    if rows is None:  # hard_weight 1 with no labels is refused by the checks
-        rows = xp.zeros(zq.shape[:-1], dtype=zq.dtype)
+        rows = ce if hw == 1.0 else rows + ce
     if keep is not None:
         rows = xp.where(keep, rows, 0.0)
     return rows
@@ -236,118 +324,52 @@ def _cross_entropy(xp: ModuleType, z: Array, labels: Array, ignore_index: int) -
     return xp.where(valid, lse - picked, 0.0)
 
 
-def label_mask(xp: ModuleType, z: Array, labels: Array) -> Array:
-    """``mask[i, v] = (v == labels[i])`` for logits `z` [n, vocab], laid out like `z`.
-
-    A one-hot comparison, not a gather: on a torch DTensor sharded along the vocabulary
-    each rank compares its own slice of the vocabulary (the index is made on each rank,
-    without communication), where a gather would collect the logits first.
-    """
-    # an index type wide enough for the vocabulary (int8 labels would wrap at 128)
-    wide = labels.dtype if xp.iinfo(labels.dtype).bits >= 32 else xp.int32
-    vocab = xp.arange(z.shape[-1], dtype=wide, **_device_kw(z))
-    if _is_dtensor(z):
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-        last = z.ndim - 1
-        placements = [
-            Shard(0) if p.is_shard() and p.dim in (last, -1) else Replicate() for p in z.placements
-        ]
-        vocab = distribute_tensor(vocab, z.device_mesh, placements, src_data_rank=None)
-    return vocab == labels[:, None]
-
-
-def rows_like(x: Array, z: Array) -> Array:
-    """`x` (one value per row of `z`) as a DTensor placed like `z`'s rows when `z` is a
-    DTensor and `x` is not (made on each rank from its own copy, without communication)."""
-    if not _is_dtensor(z) or _is_dtensor(x):
-        return x
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    placements = [Shard(0) if p.is_shard() and p.dim == 0 else Replicate() for p in z.placements]
-    return distribute_tensor(x, z.device_mesh, placements, src_data_rank=None)
-
-
-def _is_dtensor(x: Array) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
-
-
-def _device_kw(x: Array) -> dict[str, Any]:
-    lib = library_name(x)
-    if lib in ("torch", "cupy"):
-        return {"device": x.device}
-    return {}
-
-
 def chunk_from_hidden(
     xp: ModuleType,
     spec: FusedSpec,
     acc: Any,
-    hp: Array,
-    wp: Array | None,
-    bp: Array | None,
-    hq: Array,
-    wq: Array,
-    bq: Array | None,
-    keep: Array | None,
-    labels: Array | None,
+    f: Flat,
     rows_of_logits: RowsOfLogits | None = None,
 ) -> Array:
-    """Per-token loss of one chunk of hidden states [n, hidden]: by the definition
+    """Per-token loss of one chunk `f` of hidden states [n, hidden]: by the definition
     (:func:`chunk_rows`), or by ``rows_of_logits(zp, zq, keep, labels)`` if given."""
-    zp = _logits(xp, _safe_rows(xp, hp, keep), wp, bp, acc)
-    zq = _logits(xp, _safe_rows(xp, hq, keep), wq, bq, acc)
+    f = masked(xp, f)
+    zp, zq = logits(xp, f.p, acc), logits(xp, f.q, acc)
     if rows_of_logits is not None:
-        return rows_of_logits(zp, zq, keep, labels)
-    return chunk_rows(xp, spec, zp, zq, keep, labels)
+        return rows_of_logits(zp, zq, f.keep, f.labels)
+    return chunk_rows(xp, spec, zp, zq, f.keep, f.labels)
 
 
 #: A chunk's per-token loss from its raw logits: ``(zp, zq, keep, labels) -> rows``.
 RowsOfLogits = Callable[[Array, Array, "Array | None", "Array | None"], Array]
 
 
-class _Flat(NamedTuple):
-    """The inputs with the tokens flattened to one axis."""
-
-    hp: Array
-    wp: Array | None
-    bp: Array | None
-    hq: Array
-    wq: Array
-    bq: Array | None
-    keep: Array | None
-    labels: Array | None
+def chunk_of(f: Flat, r0: int, r1: int) -> Flat:
+    """Tokens ``r0:r1`` of `f`: its hidden states, kept tokens and labels (the weights and
+    biases are every chunk's)."""
+    return Flat(
+        f.p._replace(hidden=f.p.hidden[r0:r1, ...]),
+        f.q._replace(hidden=f.q.hidden[r0:r1, ...]),
+        None if f.keep is None else f.keep[r0:r1],
+        None if f.labels is None else f.labels[r0:r1],
+    )
 
 
-def _rows_by_chunks(
+def rows_by_chunks(
     xp: ModuleType,
     spec: FusedSpec,
     acc: Any,
     chunk: int,
-    f: _Flat,
+    f: Flat,
     rows_of_logits: RowsOfLogits | None = None,
 ) -> Array:
     """Per-token values [tokens], a chunk at a time (any namespace; no gradients); each
     chunk by the definition or by `rows_of_logits` (see :func:`chunk_from_hidden`)."""
-    n = f.hq.shape[0]
+    n = f.tokens
     parts = []
     for r0 in range(0, n, chunk):
-        r1 = min(r0 + chunk, n)
         parts.append(
-            chunk_from_hidden(
-                xp,
-                spec,
-                acc,
-                f.hp[r0:r1, ...],
-                f.wp,
-                f.bp,
-                f.hq[r0:r1, ...],
-                f.wq,
-                f.bq,
-                None if f.keep is None else f.keep[r0:r1],
-                None if f.labels is None else f.labels[r0:r1],
-                rows_of_logits,
-            )
+            chunk_from_hidden(xp, spec, acc, chunk_of(f, r0, min(r0 + chunk, n)), rows_of_logits)
         )
     if not parts:
         return xp.zeros((0,), dtype=acc)
