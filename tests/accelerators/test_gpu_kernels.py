@@ -209,12 +209,12 @@ def test_device_guard_selects_the_tensors_gpu(backend, monkeypatch):
     import types
 
     torch = _torch()
-    from klx._accel import triton_kl
+    from klx._accel import triton_common
 
     seen = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: seen.append(d))
     fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
-    triton_kl.device_guard(fake)
+    triton_common.device_guard(fake)
     assert seen == [torch.device("cuda", 1)]
 
 

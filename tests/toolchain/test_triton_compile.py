@@ -45,7 +45,7 @@ def _compile(fn, signature, constexprs, arch, divisible=()):
         if kind.startswith("*") or name in divisible
     }
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    from klx._accel.triton_kl import LAUNCH
+    from klx._accel.triton_common import LAUNCH
 
     # the launches' own options (enable_fp_fusion given: Triton 3.9 warns where it is not)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(LAUNCH))

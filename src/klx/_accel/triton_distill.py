@@ -46,7 +46,7 @@ others are not, so they load 16 bytes at a time for any vocabulary (32001, 50257
 rows lie at one 16-byte phase. Offsets are 64-bit. Temperature and beta reach the kernels
 in a tensor of the accumulation dtype, so float64 kernels see float64 scalars on a GPU as
 in the interpreter. Launches run under ``torch.cuda.device(t.device)``. Second
-derivatives raise (see :func:`klx._accel.triton_kl.first_order`); ``torch.func.grad``
+derivatives raise (see :func:`klx._accel.triton_common.first_order`); ``torch.func.grad``
 works; ``vmap`` raises.
 
 The kernels run in the test suite on CPU tensors under ``TRITON_INTERPRET=1``; when they
@@ -63,14 +63,11 @@ import torch
 import triton
 import triton.language as tl
 
-from klx._accel import triton_kl
-from klx._accel.triton_kl import device_guard, first_order, no_vmap, scalars
+from klx._accel.triton_common import LAUNCH, device_guard, first_order, no_vmap, scalars
 
 __all__ = ["js_rows_from_logits", "kl_rows_from_logits"]
 
 BLOCK_V = 2048
-NUM_WARPS = 8
-LAUNCH = {**triton_kl.LAUNCH, "num_warps": NUM_WARPS}
 
 
 @triton.jit
