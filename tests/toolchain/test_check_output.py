@@ -165,7 +165,9 @@ def test_a_failed_first_use_check_is_reported_not_warned(backend, monkeypatch, c
 
 
 def test_klx_warnings_stay_in_and_others_pass_once(monkeypatch):
-    monkeypatch.setattr(check, "_FOREIGN_SEEN", set())
+    from klx.check import runner
+
+    monkeypatch.setattr(runner, "_FOREIGN_SEEN", set())
     detail: list[str] = []
 
     def three_paths() -> None:
@@ -213,7 +215,7 @@ def test_a_library_that_breaks_on_import_is_a_note_not_a_crash(monkeypatch):
             raise RuntimeError(msg)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(check.importlib, "import_module", fake)
+    monkeypatch.setattr(importlib, "import_module", fake)
     notes: list[str] = []
     assert check._find(None, "jax", notes) == []
     assert notes == ["jax: failed to import (RuntimeError: jaxlib version mismatch)"]
