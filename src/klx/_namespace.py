@@ -170,8 +170,8 @@ def device_of(x: Any) -> Any:
     return None if lib is None else lib.device(x)
 
 
-def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = None) -> Any:
-    """Return the common device of the named arrays (``None`` where it cannot be told).
+def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = None) -> None:
+    """Check that the named arrays live on one device (where their devices can be told).
 
     Given the namespace `xp`, libraries whose arrays all live in one place (their adapter's
     ``one_place``: NumPy, on the CPU; JAX, which places arrays itself; MLX, in unified
@@ -184,7 +184,7 @@ def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = 
     """
     one = None if xp is None else by_name(library_of(xp))
     if one is not None and one.one_place:
-        return None
+        return
     first_name, first_device = None, None
     for name, value in named:
         if value is None:
@@ -201,7 +201,6 @@ def check_same_device(named: Sequence[tuple[str, Any]], xp: ModuleType | None = 
                 f"{dev!r}; move both to one device first (for example `x.to(device)`)."
             )
             raise ValueError(msg)
-    return first_device
 
 
 def is_concrete(x: Any) -> bool:
