@@ -107,6 +107,15 @@ class Library:
     install = ""
     #: The module :mod:`klx.check` imports to find it.
     module = ""
+    #: Whether accelerators take only its exact array class (subclasses, such as
+    #: ``np.matrix`` or a tensor subclass, keep their own semantics and take the definition).
+    exact_type = False
+    #: Whether ``broadcast_to`` makes views that klx's fast paths read at no copy.
+    broadcast_views = False
+    #: The module of its own walk for :func:`klx.fused_linear_divergence` (with gradients:
+    #: ``fused(call)`` and ``temporaries(spec, q_hidden, q_weight)``); "" for the generic
+    #: chunks (values only, a chunk at a time).
+    fused_module = ""
 
     def is_array(self, x: Any) -> bool:
         """Whether `x` is an array of this library (nothing imported)."""
@@ -140,6 +149,53 @@ class Library:
     def is_concrete(self, x: Array) -> bool:
         """Whether the values of `x` can be read now (not a tracer, not lazy)."""
         return self.trace(x) is None
+
+    def values_readable(self, x: Array) -> bool:
+        """Whether a check may read values of `x` now: concrete, and reading them costs no
+        more than the check (not a lazy Dask graph, which a read would compute; not a
+        torch meta tensor, which has no values)."""
+        return self.is_concrete(x)
+
+    def creation_kwargs(self, x: Array) -> dict[str, Any]:
+        """Keywords that make a new array (``xp.arange``, ``xp.zeros``) on `x`'s device."""
+        return {}
+
+    def free_device_bytes(self, x: Array) -> int | None:
+        """The free memory of `x`'s accelerator, or None (a CPU, a trace, or a library
+        that cannot say)."""
+        return None
+
+    def refuses_mixed_matmul(self, a: Array, b: Array) -> bool:
+        """Whether ``a @ b`` of two dtypes raises (NumPy and JAX promote)."""
+        return False
+
+    def compiling(self) -> bool:
+        """Whether the call is being traced by a compiler that cannot trace a warning
+        (``torch.compile(fullgraph=True)``)."""
+        return False
+
+    def base_type(self) -> type | None:
+        """Its exact array class where accelerators take only that (:attr:`exact_type`;
+        None otherwise, or before the library has defined it)."""
+        return loaded(*self.array_type) if self.exact_type else None
+
+    def requires_grad(self, x: Array) -> bool:
+        """Whether autograd records operations on `x` (torch's ``requires_grad``)."""
+        return False
+
+    def records_gradients(self) -> bool:
+        """Whether autograd records now (torch: grad mode on, not inference mode)."""
+        return False
+
+    def lazily_negated(self, x: Array) -> bool:
+        """Whether `x` is a view whose memory holds the values before a negation that is
+        not applied yet (torch's ``Tensor.is_neg()``): kernels would read them unnegated."""
+        return False
+
+    def memo_layout(self, a: Array, b: Array) -> tuple[Any, ...] | None:
+        """What the registry's gates read of two arrays beyond shape, dtype and device
+        (strides, autograd flags), for its memo of choices; None: not remembered."""
+        return None
 
     def stop_gradient(self, x: Array) -> Array:
         """`x` with the same value and no gradient (libraries without autodiff: `x`)."""
@@ -206,8 +262,13 @@ class _NumPy(Library):
     one_place = True
     numpy_based = True
     sequential_strided_sums = True
+    exact_type = True
+    broadcast_views = True
     install = "pip install numpy"
     module = "numpy"
+
+    def memo_layout(self, a: Array, b: Array) -> tuple[Any, ...] | None:
+        return (a.strides, b.strides)
 
     def namespace(self) -> ModuleType:
         import array_api_compat.numpy as ns
@@ -240,6 +301,22 @@ class _Torch(Library):
     namespace_name = "array_api_compat.torch"
     install = "pip install torch (on Linux, PyPI's torch wheel is the CUDA build)"
     module = "torch"
+    fused_module = "klx._fused.torch_autograd"
+    exact_type = True
+    broadcast_views = True
+
+    def requires_grad(self, x: Array) -> bool:
+        return bool(x.requires_grad)
+
+    def records_gradients(self) -> bool:
+        torch = sys.modules["torch"]
+        return bool(torch.is_grad_enabled()) and not torch.is_inference_mode_enabled()
+
+    def lazily_negated(self, x: Array) -> bool:
+        return bool(x.is_neg())
+
+    def memo_layout(self, a: Array, b: Array) -> tuple[Any, ...] | None:
+        return (a.stride(), b.stride(), a.requires_grad, b.requires_grad, a.is_neg(), b.is_neg())
 
     def namespace(self) -> ModuleType:
         import array_api_compat.torch as ns
@@ -312,6 +389,29 @@ class _Torch(Library):
             return False
         return torch._C._functorch.maybe_current_level() is None  # torch.func: batched
 
+    def values_readable(self, x: Array) -> bool:
+        return self.is_concrete(x) and getattr(getattr(x, "device", None), "type", None) != "meta"
+
+    def creation_kwargs(self, x: Array) -> dict[str, Any]:
+        return {"device": x.device}
+
+    def free_device_bytes(self, x: Array) -> int | None:
+        torch = sys.modules["torch"]
+        if not bool(getattr(x, "is_cuda", False)) or torch.compiler.is_compiling():
+            return None
+        try:
+            return int(torch.cuda.mem_get_info(x.device)[0])
+        except (RuntimeError, AssertionError):  # pragma: no cover - a broken CUDA setup
+            return None
+
+    def refuses_mixed_matmul(self, a: Array, b: Array) -> bool:
+        # torch's matrix product refuses two dtypes outside torch.autocast (which casts)
+        torch = sys.modules["torch"]
+        return a.dtype != b.dtype and not torch.is_autocast_enabled(a.device.type)
+
+    def compiling(self) -> bool:
+        return bool(sys.modules["torch"].compiler.is_compiling())
+
     def stop_gradient(self, x: Array) -> Array:
         return x.detach()
 
@@ -367,6 +467,7 @@ class _JAX(Library):
     one_place = True
     install = 'pip install jax (on an NVIDIA GPU: pip install "jax[cuda12]")'
     module = "jax"
+    fused_module = "klx._fused.jax_vjp"
 
     def namespace(self) -> ModuleType:
         import jax.numpy  # noqa: F401
@@ -459,6 +560,7 @@ class _CuPy(Library):
     namespace_name = "array_api_compat.cupy"
     install = "pip install cupy-cuda12x (CUDA 12; needs an NVIDIA GPU and its driver)"
     module = "cupy"
+    exact_type = True
 
     def namespace(self) -> ModuleType:
         import array_api_compat.cupy as ns
@@ -510,6 +612,9 @@ class _CuPy(Library):
     def device(self, x: Array) -> Any:
         return x.device
 
+    def creation_kwargs(self, x: Array) -> dict[str, Any]:
+        return {"device": x.device}
+
     def device_type(self, x: Array) -> str:
         return "cuda"
 
@@ -549,6 +654,9 @@ class _Dask(Library):
 
     def is_concrete(self, x: Array) -> bool:
         return True  # lazy, but klx's reads of it compute (validation says so)
+
+    def values_readable(self, x: Array) -> bool:
+        return False  # a check's read would compute the graph: its checks stay lazy
 
     def take_along_axis(
         self, xp: ModuleType, x: Array, indices: Array, axis: int, spread: bool

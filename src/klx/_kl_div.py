@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from types import ModuleType
 from typing import Any
 
 from klx import _accel
+from klx._backends import library
 from klx._call import parse_kl_div
 from klx._dtypes import as_array, numpy_quiet
-from klx._namespace import library_name
 from klx._typing import Array
 from klx._validation import check_distribution
 
@@ -119,8 +118,8 @@ def kl_div(
 
 
 def _compiling(x: Any) -> bool:
-    torch = sys.modules.get("torch") if library_name(x) == "torch" else None
-    return torch is not None and bool(torch.compiler.is_compiling())
+    lib = library(x)
+    return lib is not None and lib.compiling()
 
 
 def _validate(call: Any) -> None:

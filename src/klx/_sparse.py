@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from klx._agnostic import kl_terms, log_softmax, mask_rows, reduce_rows, shape_size
 from klx._backend_ops import expm1, take_along_axis
+from klx._backends import library
 from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
@@ -24,7 +25,7 @@ from klx._checks import (
 )
 from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
+from klx._namespace import array_namespace, check_same_device, is_concrete
 from klx._typing import Array, Shape
 from klx._validation import (
     _count,
@@ -330,8 +331,8 @@ def _indices_in_range(xp: ModuleType, idx: Array, vocab: int | None) -> tuple[Ar
         return idx, None
     wide = idx if xp.iinfo(idx.dtype).bits >= 32 else xp.astype(idx, xp.int32)
     outside = (wide < 0) | (wide >= vocab)
-    device = getattr(getattr(idx, "device", None), "type", None)
-    readable = library_name(idx) != "dask" and device != "meta"
+    lib = library(idx)
+    readable = lib is None or lib.values_readable(idx)
     if readable and is_concrete(outside):  # a lazy Dask graph or a meta tensor is not read
         if bool(xp.any(outside)):  # one read of a value, as the gather's own bounds check
             n = int(xp.sum(xp.astype(outside, xp.int32)))

@@ -9,37 +9,16 @@ Layout, device and trace facts come from the arrays' library adapter
 from __future__ import annotations
 
 import importlib.util
-import sys
 from typing import Any, NamedTuple
 
 from klx._accel.table import Accelerator
-from klx._backends import Trace, by_name
+from klx._backends import Library, Trace, by_name
 from klx._config import accelerators_enabled
 from klx._namespace import library_of
 from klx._typing import Array
 
 __all__ = ["DEVICE_ALIASES", "Context", "context", "device_type", "refusal"]
 
-
-#: Exact array types an accelerator takes; subclasses (np.matrix, masked arrays, tensor
-#: subclasses) keep their own semantics and take the definition.
-_BASE_TYPES = {
-    "numpy": ("numpy", "ndarray"),
-    "torch": ("torch", "Tensor"),
-    "cupy": ("cupy", "ndarray"),
-}
-
-
-def _base_type(lib: str) -> type | None:
-    """The exact array class of `lib` that accelerators take (None: no such check)."""
-    cls = _BASE_CLASSES.get(lib)
-    if cls is None and lib in _BASE_TYPES:
-        module, name = _BASE_TYPES[lib]
-        cls = _BASE_CLASSES[lib] = getattr(sys.modules[module], name)
-    return cls
-
-
-_BASE_CLASSES: dict[str, type] = {}
 
 #: Test hook: device types seen as others (e.g. {'cpu': 'cuda'} routes CPU tensors to the
 #: CUDA rows, to run their Triton kernels under TRITON_INTERPRET=1). Empty in use.
@@ -99,13 +78,17 @@ class Context(NamedTuple):
     lib: str
     device: str
     traced: Trace | None
+    #: The arrays' library (:mod:`klx._backends`).
+    library: Library
 
 
 def context(call: Any) -> Context:
     a, b = _arrays(call)
     lib = library_of(call.xp)
-    device = device_type(lib, a)
-    return Context(a, b, lib, device, by_name(lib).trace(a, b, device=device))
+    adapter = by_name(lib)
+    kind = adapter.device_type(a)
+    device = DEVICE_ALIASES.get(kind, kind)
+    return Context(a, b, lib, device, adapter.trace(a, b, device=device), adapter)
 
 
 def refusal(row: Accelerator, call: Any, ctx: Context) -> str | None:
@@ -117,10 +100,11 @@ def refusal(row: Accelerator, call: Any, ctx: Context) -> str | None:
         return f"serves {lib} arrays only"
     if ctx.traced is not None and ctx.traced.kind not in row.traces:
         return ctx.traced.why
-    cls = _base_type(lib)
+    cls = ctx.library.base_type()
     if cls is not None and (type(a) is not cls or type(b) is not cls):
         return f"a subclass of {cls.__module__}.{cls.__qualname__} keeps its own semantics"
-    if lib == "torch" and ctx.traced is None and (a.is_neg() or b.is_neg()):
+    neg = ctx.library.lazily_negated
+    if ctx.traced is None and (neg(a) or neg(b)):
         # Its memory holds the values before negation: kernels and NumPy views would read them.
         return "a lazily negated view (Tensor.is_neg()); the definition reads it as torch does"
     if row.devices and dev not in row.devices:
@@ -155,7 +139,8 @@ def refusal(row: Accelerator, call: Any, ctx: Context) -> str | None:
                 f"serves weights in [{lo:g}, {hi:g}], not beta = {beta:g} (the definition's "
                 "logaddexp forms serve it)"
             )
-    if not row.autograd and lib == "torch" and (a.requires_grad or b.requires_grad):
+    grad = ctx.library.requires_grad
+    if not row.autograd and (grad(a) or grad(b)):
         return "inputs require gradients and it has no backward"
     for module in row.requires:
         if not _importable(module):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from klx._accel.gates import (
     refusal,
 )
 from klx._accel.table import ACCELERATORS, BY_KEY, Accelerator
+from klx._backends import by_name
 from klx._config import accelerators_enabled, set_accelerators
 from klx._namespace import library_of
 from klx._typing import Array
@@ -120,18 +120,8 @@ def _memo_key(operation: str, call: Any, ctx: Context) -> tuple[Any, ...] | None
     capture; worked out per call in `ctx`) are not remembered at all.
     """
     a, b, lib = ctx.a, ctx.b, ctx.lib
-    if lib == "torch":
-        layout: tuple[Any, ...] = (
-            a.stride(),
-            b.stride(),
-            a.requires_grad,
-            b.requires_grad,
-            a.is_neg(),
-            b.is_neg(),
-        )
-    elif lib == "numpy":
-        layout = (a.strides, b.strides)
-    else:
+    layout = ctx.library.memo_layout(a, b)
+    if layout is None:
         return None
     extra = (
         (call.log_target, call.reduction == "none")  # first-use variants (`_variant`)
@@ -219,7 +209,7 @@ def _one_shape(call: Any) -> Any:
     shape = tuple(call.shape)
     if tuple(a.shape) == tuple(b.shape) or None in shape:
         return call
-    if library_of(call.xp) not in ("numpy", "torch"):
+    if not by_name(library_of(call.xp)).broadcast_views:
         return call
     xp = call.xp
     return call._replace(input=xp.broadcast_to(a, shape), target=xp.broadcast_to(b, shape))
@@ -261,10 +251,9 @@ def _variant(row: Accelerator, call: Any, ctx: Context) -> str:
         parts.append("terms" if call.reduction == "none" else "sum")
     else:
         parts = [call.kind, f"{call.p_form}+{call.q_form}"]
-    if ctx.lib == "torch" and (ctx.a.requires_grad or ctx.b.requires_grad):
-        torch = sys.modules["torch"]
-        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-            parts.append("grad")  # (under no_grad no backward will run)
+    grad = ctx.library.requires_grad
+    if (grad(ctx.a) or grad(ctx.b)) and ctx.library.records_gradients():
+        parts.append("grad")  # (under no_grad no backward will run)
     return " ".join(parts)
 
 

@@ -26,9 +26,8 @@ from types import ModuleType
 from typing import Any
 
 from klx._dtypes import as_array, numpy_quiet
-from klx._fused.chunks import rows_by_chunks
+from klx._fused.chunks import fused_walk, rows_by_chunks
 from klx._fused.parse import FusedCall, parse_fused
-from klx._namespace import in_torch_func, library_name
 from klx._typing import Array
 
 __all__ = ["fused_linear_divergence"]
@@ -200,28 +199,17 @@ def fused_linear_divergence(
 
 
 def run(call: FusedCall) -> Array:
-    """The loss of a checked call: torch's autograd Function, JAX's custom VJPs, or (any
-    other library) the values a chunk at a time."""
+    """The loss of a checked call: the library's own walk where its adapter names one
+    (torch's autograd Function, JAX's custom VJPs: :func:`klx._fused.chunks.fused_walk`),
+    else the values a chunk at a time (any array-API library)."""
     xp, spec, acc, chunk, flat, red, scale, token_shape, dtype = call
-    lib = library_name(flat.q.hidden)
+    walk = fused_walk(flat.q.hidden)
     with numpy_quiet(flat.q.hidden):
-        # Inside torch.func.grad / vmap torch takes the generic chunks (plain torch ops the
-        # transforms trace; the closed-form backward's autograd.Function has no
-        # setup_context, and its value checks cannot read batched tensors), and memory
-        # grows as autodiff keeps each chunk. torch.compile still runs the call eagerly.
-        if lib == "torch" and not in_torch_func():
-            from klx._fused.torch_autograd import torch_fused
-
-            out = torch_fused(xp, spec, acc, chunk, flat, red, scale)
-        else:
-            if lib == "jax":
-                from klx._fused.jax_vjp import jax_rows, jax_total
-
-                out = (jax_rows if red == "none" else jax_total)(spec, acc, chunk, flat)
-            else:
-                out = rows_by_chunks(xp, spec, acc, chunk, flat)
-                if red != "none":
-                    out = xp.sum(out)
+        out = None if walk is None else walk.fused(call)
+        if out is None:
+            out = rows_by_chunks(xp, spec, acc, chunk, flat)
+            if red != "none":
+                out = xp.sum(out)
             if scale is not None:
                 out = out * scale
         if red == "none":

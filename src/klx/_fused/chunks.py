@@ -10,14 +10,15 @@ term), and the walk over chunks.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, NamedTuple
 
 from klx._agnostic import record_rows
+from klx._backends import library
 from klx._divergence_table import lookup
 from klx._fused.dtensor import label_mask, rows_like
-from klx._namespace import library_name
 from klx._typing import Array
 
 #: The memory budget of one chunk when ``chunk_size=None``: the chunk's rows times the
@@ -142,17 +143,11 @@ def chunk_size_for(
 
 
 def cuda_free_bytes(x: Array) -> int | None:
-    """The free memory of `x`'s CUDA device (torch), rounded down to a power of two, or
-    None elsewhere (the CPU, JAX, a traced call, or a torch whose CUDA cannot say)."""
-    if library_name(x) != "torch" or not bool(getattr(x, "is_cuda", False)):
-        return None
-    import torch
-
-    if torch.compiler.is_compiling():
-        return None
-    try:
-        free = int(torch.cuda.mem_get_info(x.device)[0])
-    except (RuntimeError, AssertionError):  # pragma: no cover - a broken CUDA setup
+    """The free memory of `x`'s accelerator (torch's CUDA device), rounded down to a power
+    of two, or None elsewhere (the CPU, JAX, a traced call, or a CUDA that cannot say)."""
+    lib = library(x)
+    free = None if lib is None else lib.free_device_bytes(x)
+    if free is None:
         return None
     # a power of two at or below it: the chunk size (so the order of the sums, and the
     # result's last bits) changes only when the free memory halves, not from call to call
@@ -172,45 +167,24 @@ def closed_form_kl(spec: FusedSpec) -> bool:
     return spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
 
 
-def plain_cpu_tensors(*arrays: Array | None) -> bool:
-    """Whether every array given is a plain torch CPU tensor (not a DTensor or another
-    subclass, whose vocabulary may be sharded; not CUDA)."""
-    return all(
-        a is None
-        or (type(a).__module__ == "torch" and type(a).__name__ == "Tensor" and bool(a.is_cpu))
-        for a in arrays
-    )
-
-
-def _triton_serves(spec: FusedSpec, q_hidden: Array) -> bool:
-    """Whether the Triton rows kernels take this call's CUDA chunks: KL, or JS with a
-    weight of their direct forms, with no softcap or hard term, on plain CUDA tensors (a
-    DTensor takes the closed form; other chunks autograd of the definition)."""
-    beta = dict(spec.options).get("beta", 0.5)
-    return (
-        (spec.kind == "kl" or (spec.kind == "js" and 1.0 / 16.0 <= beta <= 15.0 / 16.0))
-        and spec.softcap is None
-        and spec.hard_weight == 0.0
-        and type(q_hidden).__module__ == "torch"
-        and type(q_hidden).__name__ == "Tensor"
-        and bool(getattr(q_hidden, "is_cuda", False))
-    )
-
-
 def temporaries_for(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
-    """How many [chunk, vocab] arrays a chunk of this call holds at its peak:
+    """How many [chunk, vocab] arrays a chunk of this call holds at its peak: what the
+    library's own walk says (``temporaries`` of its adapter's ``fused_module``:
     :data:`LEAN_TEMPORARIES` for torch CPU's closed-form KL chunk, :data:`JAX_TEMPORARIES`
-    for JAX's, :data:`TRITON_TEMPORARIES` where the Triton kernels take a CUDA chunk, else
+    for JAX's, :data:`TRITON_TEMPORARIES` where the Triton kernels take a CUDA chunk), else
     :data:`CHUNK_TEMPORARIES`."""
-    if _triton_serves(spec, q_hidden):
-        return TRITON_TEMPORARIES
-    if not closed_form_kl(spec):
-        return CHUNK_TEMPORARIES
-    if plain_cpu_tensors(q_hidden, q_weight):
-        return LEAN_TEMPORARIES
-    if library_name(q_hidden) == "jax":
-        return JAX_TEMPORARIES
-    return CHUNK_TEMPORARIES
+    walk = fused_walk(q_hidden)
+    return CHUNK_TEMPORARIES if walk is None else int(walk.temporaries(spec, q_hidden, q_weight))
+
+
+def fused_walk(x: Array) -> Any:
+    """The module of the walk over chunks of `x`'s library (its adapter's
+    ``fused_module``: ``fused(call)`` and ``temporaries(...)``), or None for the generic
+    chunks. Imported only for a library whose arrays are in the call."""
+    lib = library(x)
+    if lib is None or not lib.fused_module:
+        return None
+    return importlib.import_module(lib.fused_module)
 
 
 # --------------------------------------------------------------------------- one chunk

@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from klx._namespace import library_name
+from klx._backends import library
 from klx._typing import Array
 
 __all__ = ["is_dtensor", "label_mask", "rows_like"]
@@ -57,6 +57,5 @@ def rows_like(x: Array, z: Array) -> Array:
 
 
 def _device_kw(x: Array) -> dict[str, Any]:
-    if library_name(x) in ("torch", "cupy"):
-        return {"device": x.device}
-    return {}
+    lib = library(x)
+    return {} if lib is None else lib.creation_kwargs(x)

@@ -30,18 +30,36 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from klx._fused.chunks import (
+    CHUNK_TEMPORARIES,
+    JAX_TEMPORARIES,
     Flat,
     FusedSpec,
     Side,
     chunk_from_hidden,
     closed_form,
+    closed_form_kl,
     logits,
     masked,
 )
 from klx._fused.gradients import chunk_value_and_grads
+from klx._fused.parse import FusedCall
 from klx._typing import Array
 
-__all__ = ["jax_rows", "jax_total"]
+__all__ = ["fused", "jax_rows", "jax_total", "temporaries"]
+
+
+def fused(call: FusedCall) -> Array:
+    """The loss of a checked call on JAX arrays: per token ('none') or summed, times the
+    call's scale ('batchmean')."""
+    walk = jax_rows if call.reduction == "none" else jax_total
+    out = walk(call.spec, call.acc, call.chunk, call.flat)
+    return out if call.scale is None else out * call.scale
+
+
+def temporaries(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
+    """How many [chunk, vocab] arrays a chunk holds at its peak: :data:`JAX_TEMPORARIES`
+    for KL without softcap or hard term (measured), else :data:`CHUNK_TEMPORARIES`."""
+    return JAX_TEMPORARIES if closed_form_kl(spec) else CHUNK_TEMPORARIES
 
 
 def jax_rows(spec: FusedSpec, acc: Any, chunk: int, f: Flat) -> Array:

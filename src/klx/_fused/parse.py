@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from klx._backends import library
 from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
@@ -34,7 +35,7 @@ from klx._fused.chunks import (
     cuda_free_bytes,
     temporaries_for,
 )
-from klx._namespace import array_namespace, check_same_device, is_concrete, library_name
+from klx._namespace import array_namespace, check_same_device, is_concrete
 from klx._typing import Array, Shape
 
 __all__ = ["FusedCall", "parse_fused"]
@@ -285,22 +286,21 @@ def _check(
 
 
 def _matmul_refuses(hidden: Array, weight: Array) -> bool:
-    """Whether torch's matrix product would refuse the two dtypes: torch tensors of two
-    dtypes outside ``torch.autocast`` (NumPy and JAX promote; autocast casts)."""
-    if hidden.dtype == weight.dtype or library_name(hidden) != "torch":
-        return False
-    import torch
-
-    return not torch.is_autocast_enabled(hidden.device.type)
+    """Whether the library's matrix product would refuse the two dtypes (torch's, outside
+    ``torch.autocast``; NumPy and JAX promote)."""
+    lib = library(hidden)
+    return (
+        hidden.dtype != weight.dtype
+        and lib is not None
+        and lib.refuses_mixed_matmul(hidden, weight)
+    )
 
 
 def _readable(x: Array) -> bool:
     """Whether a check may read `x`'s values now: not traced, not a lazy Dask array (whose
     graph a read would compute), not a torch meta tensor (which has no values)."""
-    if not is_concrete(x) or library_name(x) == "dask":
-        return False
-    device = getattr(x, "device", None)
-    return getattr(device, "type", None) != "meta"
+    lib = library(x)
+    return is_concrete(x) and (lib is None or lib.values_readable(x))
 
 
 def _checked_labels(

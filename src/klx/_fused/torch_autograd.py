@@ -33,24 +33,69 @@ import torch
 
 from klx._fused import torch_cpu_kl
 from klx._fused.chunks import (
+    CHUNK_TEMPORARIES,
+    LEAN_TEMPORARIES,
+    TRITON_TEMPORARIES,
     Flat,
     FusedSpec,
     Side,
     chunk_of,
     chunk_rows,
     closed_form,
+    closed_form_kl,
     logits,
     masked,
     rows_by_chunks,
 )
 from klx._fused.dtensor import is_dtensor
 from klx._fused.gradients import ChunkGrads, chunk_value_and_grads
+from klx._fused.parse import FusedCall
+from klx._namespace import in_torch_func
 from klx._typing import Array
 
-__all__ = ["torch_fused"]
+__all__ = ["fused", "temporaries", "torch_fused"]
 
 #: The autograd Functions take the six arrays of :meth:`Flat.arrays` last.
 _ARRAYS = 6
+
+
+def fused(call: FusedCall) -> Array | None:
+    """The loss of a checked call on torch tensors, or None inside ``torch.func.grad`` /
+    ``vmap``: there the generic chunks serve (plain torch ops the transforms trace; the
+    closed-form backward's autograd.Function has no setup_context, and its value checks
+    cannot read batched tensors), and memory grows as autodiff keeps each chunk.
+    ``torch.compile`` still runs the call eagerly."""
+    if in_torch_func():
+        return None
+    return torch_fused(
+        call.xp, call.spec, call.acc, call.chunk, call.flat, call.reduction, call.scale
+    )
+
+
+def temporaries(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
+    """How many [chunk, vocab] arrays a chunk holds at its peak: :data:`TRITON_TEMPORARIES`
+    where the Triton kernels take it, :data:`LEAN_TEMPORARIES` where
+    :mod:`klx._fused.torch_cpu_kl` does, else :data:`CHUNK_TEMPORARIES`."""
+    if _triton_serves(spec, q_hidden):
+        return TRITON_TEMPORARIES
+    if closed_form_kl(spec) and torch_cpu_kl.plain_cpu_tensors(q_hidden, q_weight):
+        return LEAN_TEMPORARIES
+    return CHUNK_TEMPORARIES
+
+
+def _triton_serves(spec: FusedSpec, q_hidden: Array) -> bool:
+    """Whether the Triton rows kernels take this call's CUDA chunks: KL, or JS with a
+    weight of their direct forms, with no softcap or hard term, on plain CUDA tensors (a
+    DTensor takes the closed form; other chunks autograd of the definition)."""
+    beta = dict(spec.options).get("beta", 0.5)
+    return (
+        (spec.kind == "kl" or (spec.kind == "js" and 1.0 / 16.0 <= beta <= 15.0 / 16.0))
+        and spec.softcap is None
+        and spec.hard_weight == 0.0
+        and type(q_hidden).__module__ == "torch"
+        and type(q_hidden).__name__ == "Tensor"
+        and bool(getattr(q_hidden, "is_cuda", False))
+    )
 
 
 def _walk(

@@ -18,11 +18,21 @@ from typing import Any
 
 import torch
 
-from klx._fused.chunks import Flat, FusedSpec, closed_form_kl, plain_cpu_tensors
+from klx._fused.chunks import Flat, FusedSpec, closed_form_kl
 from klx._fused.gradients import ChunkGrads
 from klx._typing import Array
 
-__all__ = ["kl_chunk", "kl_rows", "serves"]
+__all__ = ["kl_chunk", "kl_rows", "plain_cpu_tensors", "serves"]
+
+
+def plain_cpu_tensors(*arrays: Array | None) -> bool:
+    """Whether every array given is a plain torch CPU tensor (not a DTensor or another
+    subclass, whose vocabulary may be sharded; not CUDA)."""
+    return all(
+        a is None
+        or (type(a).__module__ == "torch" and type(a).__name__ == "Tensor" and bool(a.is_cpu))
+        for a in arrays
+    )
 
 
 def serves(spec: FusedSpec, f: Flat, cuda: bool) -> bool:
