@@ -31,7 +31,7 @@ from klx._backend_ops import expm1, sum_along
 from klx._typing import Array
 
 if TYPE_CHECKING:
-    from klx._call import DivergenceCall, KLDivCall
+    from klx._typing import DivergenceCall, KLDivCall
 
 
 __all__ = [

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from klx._agnostic import plain_logs
 from klx._typing import Array
+
+if TYPE_CHECKING:
+    from klx._typing import DivergenceCall
 
 __all__ = ["js_derivatives", "kl_derivatives", "skew_kl_derivatives"]
 
@@ -50,7 +53,7 @@ class _Sides(NamedTuple):
     log_q: Array
 
 
-def _sides(xp: ModuleType, call: Any, t: Array, s: Array) -> _Sides:
+def _sides(xp: ModuleType, call: DivergenceCall, t: Array, s: Array) -> _Sides:
     log_p, log_q, p_zero, q_zero, lp, lq = plain_logs(xp, t, s, call.axis, call.temperature)
     return _Sides(xp.exp(log_p), xp.exp(log_q), lp, lq, p_zero, q_zero, log_q)
 
@@ -67,7 +70,7 @@ def _transport(xp: ModuleType, axis: int, w: Array, g: Array) -> Array:
 
 def kl_derivatives(
     xp: ModuleType,
-    call: Any,
+    call: DivergenceCall,
     t: Array,
     s: Array,
     rows: Array,
@@ -110,7 +113,7 @@ def _zeros(xp: ModuleType, w: _Sides, need_t: bool, need_s: bool) -> tuple[Array
 
 def js_derivatives(
     xp: ModuleType,
-    call: Any,
+    call: DivergenceCall,
     t: Array,
     s: Array,
     rows: Array,
@@ -131,7 +134,7 @@ def js_derivatives(
 
 def skew_kl_derivatives(
     xp: ModuleType,
-    call: Any,
+    call: DivergenceCall,
     t: Array,
     s: Array,
     rows: Array,

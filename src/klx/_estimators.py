@@ -20,7 +20,7 @@ from klx._checks import (
 )
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
 from klx._namespace import array_namespace, check_same_device
-from klx._typing import Array
+from klx._typing import Array, Shape
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "k3_from_log_ratio", "kl_estimate"]
 
@@ -52,7 +52,7 @@ class EstimateCall(NamedTuple):
     keep: Array | None
     reduction: str
     normalizer: float | Array | None
-    shape: tuple[int | None, ...]
+    shape: Shape
     dtype: Any
     acc: Any
 

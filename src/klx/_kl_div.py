@@ -8,7 +8,7 @@ from typing import Any
 
 from klx import _accel
 from klx._backends import library
-from klx._call import parse_kl_div
+from klx._call import KLDivCall, parse_kl_div
 from klx._dtypes import as_array, numpy_quiet
 from klx._typing import Array
 from klx._validation import check_distribution
@@ -122,7 +122,7 @@ def _compiling(x: Any) -> bool:
     return lib is not None and lib.compiling()
 
 
-def _validate(call: Any) -> None:
+def _validate(call: KLDivCall) -> None:
     # torch's convention: the distributions lie along the last axis.
     xp = call.xp
     check_distribution(

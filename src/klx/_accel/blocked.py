@@ -46,11 +46,14 @@ import itertools
 import math
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klx._accel import threads as _threads
 from klx._accel.threads import share_pieces
 from klx._agnostic import kl_terms, reduction_divisor
+
+if TYPE_CHECKING:
+    from klx._typing import KLDivCall
 
 __all__ = [
     "kl_div_dask",
@@ -70,7 +73,7 @@ PARALLEL_MIN = 1 << 17
 SMALL = 1 << 14
 
 
-def _reduced(call: Any, total: float) -> float:
+def _reduced(call: KLDivCall, total: float) -> float:
     div = reduction_divisor(call.reduction, call.shape, call.first)
     return total / div if div else math.nan
 
@@ -78,12 +81,12 @@ def _reduced(call: Any, total: float) -> float:
 # --------------------------------------------------------------------------- NumPy core
 
 
-def kl_div_numpy(call: Any) -> Any:
+def kl_div_numpy(call: KLDivCall) -> Any:
     """`kl_div` of two float16/32/64 NumPy arrays of one shape, any layout."""
     return _kl_div_arrays(call, call.input, call.target)
 
 
-def _kl_div_arrays(call: Any, x: Any, y: Any) -> Any:
+def _kl_div_arrays(call: KLDivCall, x: Any, y: Any) -> Any:
     """`kl_div` of NumPy arrays `x`, `y` (perhaps views of tensors) as a NumPy array."""
     import numpy as np
 
@@ -395,7 +398,7 @@ def _exact(xb: Any, yb: Any, log_target: bool) -> Any:
 # --------------------------------------------------------------------------- torch
 
 
-def kl_div_torch(call: Any) -> Any:
+def kl_div_torch(call: KLDivCall) -> Any:
     """`kl_div` of two float16/32/64 CPU tensors of one shape, any layout.
 
     The NumPy blocks on klx's threads, through zero-copy views, so no torch intra-op
@@ -411,7 +414,7 @@ def kl_div_torch(call: Any) -> Any:
 # --------------------------------------------------------------------------- Dask
 
 
-def kl_div_dask(call: Any) -> Any:
+def kl_div_dask(call: KLDivCall) -> Any:
     """`kl_div` of two Dask arrays of one shape: each chunk by the NumPy blocks.
 
     'none' maps the terms over the chunks; the reductions map each chunk to its sum

@@ -13,9 +13,10 @@ from typing import Any, NamedTuple
 
 from klx._accel.table import Accelerator
 from klx._backends import Library, Trace, by_name
+from klx._call import DivergenceCall, KLDivCall
 from klx._config import accelerators_enabled
 from klx._namespace import library_of
-from klx._typing import Array
+from klx._typing import Array, Call
 
 __all__ = ["DEVICE_ALIASES", "Context", "context", "device_type", "refusal"]
 
@@ -30,8 +31,8 @@ _CHECKED: dict[tuple[str, str, str, str], bool] = {}
 _UNLOADABLE: dict[str, str] = {}
 
 
-def _arrays(call: Any) -> tuple[Array, Array]:
-    if hasattr(call, "input"):
+def _arrays(call: Call) -> tuple[Array, Array]:
+    if isinstance(call, KLDivCall):
         return call.input, call.target
     return call.p, call.q
 
@@ -82,7 +83,7 @@ class Context(NamedTuple):
     library: Library
 
 
-def context(call: Any) -> Context:
+def context(call: Call) -> Context:
     a, b = _arrays(call)
     lib = library_of(call.xp)
     adapter = by_name(lib)
@@ -91,7 +92,7 @@ def context(call: Any) -> Context:
     return Context(a, b, lib, device, adapter.trace(a, b, device=device), adapter)
 
 
-def refusal(row: Accelerator, call: Any, ctx: Context) -> str | None:
+def refusal(row: Accelerator, call: Call, ctx: Context) -> str | None:
     """Every gate, written once."""
     a, b, lib, dev = ctx.a, ctx.b, row.library, ctx.device
     if not accelerators_enabled():
@@ -121,7 +122,7 @@ def refusal(row: Accelerator, call: Any, ctx: Context) -> str | None:
         return "needs rows along the last axis with stride 1"
     if row.min_size and _size(a) < row.min_size:
         return f"fewer than {row.min_size} elements (the definition is as fast)"
-    if row.operation == "divergence":
+    if isinstance(call, DivergenceCall):  # a row of operation 'divergence'
         if row.kinds and call.kind not in row.kinds:
             return f"serves {', '.join(row.kinds)}, not {call.kind!r}"
         if row.closed_form and call.divergence.logits_derivatives is None:

@@ -8,14 +8,17 @@ these rows, so torch, triton and cupy are imported only then.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klx._agnostic import divide, reduction_divisor
+
+if TYPE_CHECKING:
+    from klx._typing import DivergenceCall, KLDivCall
 
 __all__ = ["cupy_kl_div", "triton_kl_div", "triton_rows"]
 
 
-def _reduce(call: Any, total: Any) -> Any:
+def _reduce(call: KLDivCall, total: Any) -> Any:
     """The sum `total` divided as the reduction says, in `total`'s dtype (the accumulation
     dtype), then cast to the result's."""
     div = reduction_divisor(call.reduction, call.shape, call.first)
@@ -23,7 +26,7 @@ def _reduce(call: Any, total: Any) -> Any:
     return call.xp.astype(out, call.dtype, copy=False)
 
 
-def triton_kl_div(call: Any) -> Any:
+def triton_kl_div(call: KLDivCall) -> Any:
     """`kl_div` on torch CUDA tensors by the fused Triton kernels (with autograd)."""
     from klx._accel import triton_kl
 
@@ -33,7 +36,7 @@ def triton_kl_div(call: Any) -> Any:
     return _reduce(call, total)
 
 
-def cupy_kl_div(call: Any) -> Any:
+def cupy_kl_div(call: KLDivCall) -> Any:
     """`kl_div` on CuPy arrays by CuPy's reduction / element-wise kernels."""
     from klx._accel import cupy_kl
 
@@ -43,7 +46,7 @@ def cupy_kl_div(call: Any) -> Any:
         return _reduce(call, cupy_kl.kl_div(call.input, call.target, "sum", call.log_target))
 
 
-def triton_rows(call: Any) -> Any:
+def triton_rows(call: DivergenceCall) -> Any:
     """KL or JS per row, from logits, by the online log-sum-exp Triton kernels."""
     from klx._accel import triton_distill
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klx._agnostic import kl_div as definition
 from klx._call import parse_kl_div
+
+if TYPE_CHECKING:
+    from klx._typing import KLDivCall
 
 __all__ = ["kl_div"]
 
 _COMPILED: dict[tuple[str, bool], Callable[[Any, Any], Any]] = {}
 
 
-def kl_div(call: Any) -> Any:
+def kl_div(call: KLDivCall) -> Any:
     """`kl_div` of a checked call on concrete JAX arrays, by the jitted definition."""
     key = (call.reduction, call.log_target)
     fn = _COMPILED.get(key)

@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from klx import _agnostic
-from klx._call import parse_divergence, parse_kl_div
+from klx._accel.table import Accelerator
+from klx._call import DivergenceCall, KLDivCall, parse_divergence, parse_kl_div
+from klx._typing import Call
 
 __all__ = ["mismatch"]
 
@@ -80,12 +82,14 @@ def _wide_vocab(vocab: int | None) -> int:
     return _BLOCK + 16 + (0 if vocab is None else vocab % 16)
 
 
-def mismatch(row: Any, fn: Callable[[Any], Any], call: Any, grad: bool = False) -> str | None:
+def mismatch(
+    row: Accelerator, fn: Callable[[Any], Any], call: Call, grad: bool = False
+) -> str | None:
     """How `fn` (the row's implementation) differs from the definition, or None."""
     xp = call.xp
     checks: list[tuple[str, Any, Any, float]] = []  # (what, got, want, relative tol)
     gpu = "cuda" in row.devices
-    if row.operation == "kl_div":
+    if isinstance(call, KLDivCall):  # a row of operation 'kl_div'
         a = call.input
         target = _log(_P) if call.log_target else [list(r) for r in _P]
         probe = parse_kl_div(
@@ -134,7 +138,7 @@ def mismatch(row: Any, fn: Callable[[Any], Any], call: Any, grad: bool = False) 
     return _verdict(xp, checks, a.dtype)
 
 
-def _divergence_probe(call: Any, p: Any, q: Any, where: Any) -> Any:
+def _divergence_probe(call: DivergenceCall, p: Any, q: Any, where: Any) -> Any:
     return parse_divergence(
         call.divergence,
         p,

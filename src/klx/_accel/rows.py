@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klx._accel import threads as _threads
 from klx._accel.blocked import numpy_accumulation_dtype
 from klx._accel.threads import share_pieces
 from klx._agnostic import divergence_rows
+
+if TYPE_CHECKING:
+    from klx._typing import DivergenceCall
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "blocked_rows", "dask_rows"]
 
@@ -41,7 +44,7 @@ ROW_BLOCK_ELEMENTS = 1 << 16
 _LINE = 64
 
 
-def blocked_rows(call: Any) -> Any:
+def blocked_rows(call: DivergenceCall) -> Any:
     """Per-distribution values (shape ``call.batch_shape``) of a NumPy or torch CPU call."""
     torch_in = type(call.p).__module__.startswith("torch")
     p, q = (call.p.numpy(), call.q.numpy()) if torch_in else (call.p, call.q)
@@ -56,7 +59,7 @@ def blocked_rows(call: Any) -> Any:
     return out
 
 
-def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
+def rows_numpy(call: DivergenceCall, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
     """Per-distribution values of NumPy arrays `p`, `q` (and mask `keep`) of `call`."""
     import numpy as np
 
@@ -108,7 +111,7 @@ def rows_numpy(call: Any, p: Any, q: Any, keep: Any, *, threads: bool) -> Any:
     return out.reshape(batch)
 
 
-def _kl_from_logits(xp: Any, call: Any, p: Any, q: Any, keep: Any) -> Any:
+def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) -> Any:
     """KL(P || Q) of each row of two logits blocks, in about half the definition's passes.
 
     The same quantities as :func:`klx._agnostic.kl_terms` (logits form): for each side the
@@ -234,7 +237,7 @@ def _contiguous(block: Any) -> Any:
     return block
 
 
-def dask_rows(call: Any) -> Any:
+def dask_rows(call: DivergenceCall) -> Any:
     """Per-distribution values of a Dask call: each chunk by :func:`rows_numpy`.
 
     The distribution axis is rechunked to one chunk (a distribution must be whole); the
@@ -258,8 +261,9 @@ def dask_rows(call: Any) -> Any:
             tuple((1,) if i == axis else c for i, c in enumerate(p.chunks))
         )
         arrays.append(keep)
-    # Only the call's Python values travel with the tasks, not its Dask arrays.
-    light = call._replace(xp=None, p=None, q=None, keep=None)
+    # Only the call's Python values travel with the tasks, not its Dask arrays nor its
+    # namespace (a module does not pickle; rows_numpy reads neither).
+    light = call._replace(xp=None, p=None, q=None, keep=None)  # type: ignore[arg-type]
 
     def chunk(a: Any, b: Any, k: Any = None) -> Any:
         return rows_numpy(light, a, b, k, threads=False)

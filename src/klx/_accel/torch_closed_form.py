@@ -7,11 +7,14 @@ tensors: it imports torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from klx._agnostic import divergence_rows, mask_rows
+
+if TYPE_CHECKING:
+    from klx._typing import DivergenceCall
 
 __all__ = ["FromLogitsRows"]
 
@@ -27,7 +30,7 @@ class FromLogitsRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(t: Any, s: Any, keep: Any, xp: Any, call: Any) -> Any:
+    def forward(t: Any, s: Any, keep: Any, xp: Any, call: DivergenceCall) -> Any:
         return divergence_rows(xp, call, t, s, keep)
 
     @staticmethod

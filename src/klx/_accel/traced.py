@@ -18,20 +18,25 @@ Distributions that ``where`` drops get a derivative of exactly 0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klx._agnostic import divergence_rows, mask_rows
+
+if TYPE_CHECKING:
+    from klx._typing import DivergenceCall
 
 __all__ = ["jax_rows", "torch_rows"]
 
 
-def jax_rows(call: Any) -> Any:
+def jax_rows(call: DivergenceCall) -> Any:
     """Per-distribution values of a JAX call from two logits inputs, with a closed-form JVP."""
     import jax
     import jax.numpy as jnp
 
     xp, axis, temperature = call.xp, call.axis, call.temperature
     has_keep = call.keep is not None
+    derivatives = call.divergence.logits_derivatives
+    assert derivatives is not None  # the row's closed_form gate refuses a record without
 
     def value(t: Any, s: Any, k: Any) -> Any:
         return divergence_rows(xp, call, t, s, k if has_keep else None)
@@ -44,7 +49,7 @@ def jax_rows(call: Any) -> Any:
         out = rows(t, s, k)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, "logits"), mask_rows(xp, s, k, "logits")
-        c_t, c_s = call.divergence.logits_derivatives(xp, call, t, s, out)
+        c_t, c_s = derivatives(xp, call, t, s, out)
         tangent = jnp.sum(c_t * dt + c_s * ds, axis=axis) / temperature
         if has_keep:
             tangent = jnp.where(jnp.squeeze(k, axis=axis), tangent, 0.0)
@@ -57,7 +62,7 @@ def jax_rows(call: Any) -> Any:
     return rows(p, q, keep)
 
 
-def torch_rows(call: Any) -> Any:
+def torch_rows(call: DivergenceCall) -> Any:
     """Per-distribution values of a torch call from two logits inputs, eager or inside
     torch.compile: with gradients, a ``torch.autograd.Function`` whose backward is the
     closed form (:class:`klx._accel.torch_closed_form.FromLogitsRows`); without, the
