@@ -72,7 +72,7 @@ BACKENDS: dict[str, tuple[str, list[str]]] = {
     "mlx": ("mlx", []),
 }
 #: Tools the other sessions install (klx's `dev` extra names them too).
-LINTERS = ["ruff", "mypy"]
+LINTERS = ["ruff", "mypy", "numpydoc"]
 
 
 def _cuda_available() -> bool:
@@ -190,10 +190,12 @@ LINTED = ("src", "tests", "benchmarks", "tools", "docs/conf.py", "noxfile.py")
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff: lint and format check."""
-    _install(session, "ruff")
+    """ruff: lint and format check; numpydoc: the public API's docstrings."""
+    _install(session, "-e", ".", "ruff", "numpydoc")
     session.run("ruff", "check", *LINTED)
     session.run("ruff", "format", "--check", *LINTED)
+    # klx.__all__ against [tool.numpydoc_validation] in pyproject.toml
+    session.run("python", "tools/docstrings.py")
 
 
 @nox.session

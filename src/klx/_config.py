@@ -47,6 +47,11 @@ def accelerators_enabled() -> bool:
 
     On by default; ``KLX_ACCELERATORS=0`` (or ``false``, ``no``, ``off``) in the
     environment turns them off from the start, :func:`set_accelerators` at any time.
+
+    Returns
+    -------
+    bool
+        True if the accelerators may serve calls.
     """
     return _state["accelerators"]
 
@@ -57,6 +62,11 @@ def set_accelerators(enabled: bool) -> None:
     With accelerators off, every call runs the array-API definition
     (:mod:`klx._agnostic`): slower on some backends, identical in what it computes.
     :func:`klx.explain` shows which path a call takes.
+
+    Parameters
+    ----------
+    enabled : bool
+        True allows them (the default state), False forbids them.
 
     Examples
     --------
@@ -74,7 +84,14 @@ _OVERRIDES: list[tuple[object, bool]] = []
 
 
 def is_validating() -> bool:
-    """Whether validation is on for calls that leave ``validate`` unset."""
+    """Whether validation is on for calls that leave ``validate`` unset.
+
+    Returns
+    -------
+    bool
+        The setting of the innermost open :func:`klx.validation` block, else that of
+        :func:`klx.set_validation` (initially ``KLX_VALIDATE`` from the environment).
+    """
     return _OVERRIDES[-1][1] if _OVERRIDES else _state["validate"]
 
 
@@ -82,6 +99,11 @@ def set_validation(enabled: bool) -> None:
     """Switch validation on or off for calls that leave ``validate`` unset.
 
     Process-wide; an open :func:`klx.validation` block takes precedence until it exits.
+
+    Parameters
+    ----------
+    enabled : bool
+        True checks the values of every call that leaves ``validate`` unset (or None).
 
     Examples
     --------
@@ -101,6 +123,16 @@ def validation(enabled: bool = True) -> Iterator[None]:
     The setting is process-wide (all threads see it). Blocks nest; each removes only its
     own setting when it exits, so interleaved blocks in several threads cannot leave it
     stuck: after the last one exits, :func:`klx.set_validation` decides again.
+
+    Parameters
+    ----------
+    enabled : bool, optional
+        The setting inside the block. Default True.
+
+    Yields
+    ------
+    None
+        Nothing: the block runs with the setting in force.
 
     Examples
     --------

@@ -161,8 +161,25 @@ class Divergence:
             raise ValueError(msg)
 
     def option_values(self, given: Mapping[str, object]) -> tuple[tuple[str, float], ...]:
-        """The record's options, each checked, from the keywords `given` (defaults for
-        those not given). A keyword that is not one of its options is a TypeError."""
+        """The record's options, each checked, from the keywords `given`.
+
+        Parameters
+        ----------
+        given : mapping of str to object
+            The options passed, by name; those not given take their defaults.
+
+        Returns
+        -------
+        tuple of (str, float)
+            Every option's name and checked value, in the record's order.
+
+        Raises
+        ------
+        TypeError
+            A keyword that is not one of its options; or an option's own check.
+        ValueError
+            An option's own check (a value out of range).
+        """
         if not self.options and not given:  # (KL, TV: the common case, per call)
             return ()
         known = {o.name for o in self.options}

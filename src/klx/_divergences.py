@@ -110,10 +110,10 @@ def kl_divergence(
 
     See Also
     --------
-    kl_div : the torch-compatible form (arguments in the reverse order).
-    js_divergence : the symmetric, bounded Jensen-Shannon divergence.
+    kl_div : The torch-compatible form (arguments in the reverse order).
+    js_divergence : The symmetric, bounded Jensen-Shannon divergence.
     skew_kl_divergence : KL(P || alpha P + (1 - alpha) Q), finite wherever P is.
-    scipy.special.rel_entr : the pointwise terms in SciPy; ``rel_entr(p, q).sum(axis)``.
+    scipy.special.rel_entr : The pointwise terms in SciPy; ``rel_entr(p, q).sum(axis)``.
     scipy.stats.entropy : ``entropy(p, q, axis=axis)`` normalises first, then gives the KL.
     torch.nn.functional.kl_div : ``kl_div(log(q), p, reduction='batchmean')`` for 2-D input.
     optax.kl_divergence : ``kl_divergence(log(q), p)``, the same reversed order as torch.
@@ -185,10 +185,14 @@ def js_divergence(
 
     Parameters
     ----------
-    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+    p, q : array
+        As in :func:`kl_divergence`.
+    axis, p_form, q_form, temperature : optional
         As in :func:`kl_divergence`.
     beta : float, optional
         The weight of P in the mixture, in [0, 1]. Default 0.5.
+    where, reduction, validate, xp, normalizer : optional
+        As in :func:`kl_divergence`.
 
     Returns
     -------
@@ -197,8 +201,8 @@ def js_divergence(
 
     See Also
     --------
-    kl_divergence
-    scipy.spatial.distance.jensenshannon : returns the *square root* of JS at beta = 0.5.
+    kl_divergence : KL(P || Q); JS is a weighted sum of two of them, against the mixture.
+    scipy.spatial.distance.jensenshannon : Returns the *square root* of JS at beta = 0.5.
 
     Examples
     --------
@@ -259,10 +263,12 @@ def skew_kl_divergence(
 
     Parameters
     ----------
-    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+    p, q : array
         As in :func:`kl_divergence`.
     alpha : float, optional
         The weight of P in the mixture, in [0, 1]. Default 0.1.
+    axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
+        As in :func:`kl_divergence`.
 
     Returns
     -------
@@ -271,9 +277,9 @@ def skew_kl_divergence(
 
     See Also
     --------
-    kl_divergence : the case ``alpha = 0``.
-    js_divergence : mixes both ways: ``beta KL(P || M) + (1 - beta) KL(Q || M)``.
-    tv_distance : bounded by 1, also finite where supports differ.
+    kl_divergence : The case ``alpha = 0``.
+    js_divergence : Mixes both ways: ``beta KL(P || M) + (1 - beta) KL(Q || M)``.
+    tv_distance : Bounded by 1, also finite where supports differ.
 
     Examples
     --------
@@ -331,7 +337,9 @@ def tv_distance(
 
     Parameters
     ----------
-    p, q, axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+    p, q : array
+        As in :func:`kl_divergence`.
+    axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
 
     Returns
@@ -341,7 +349,9 @@ def tv_distance(
 
     See Also
     --------
-    kl_divergence, skew_kl_divergence, js_divergence
+    kl_divergence : Its upper bound by Pinsker's inequality; infinite where supports differ.
+    skew_kl_divergence : A KL that is finite where supports differ.
+    js_divergence : A symmetric divergence bounded by ``log 2``.
 
     Examples
     --------
@@ -417,7 +427,7 @@ def divergence(
         The two distributions along `axis` (see :func:`kl_divergence`).
     kind : str or Divergence, optional
         The divergence's name or one of its aliases, or its record. Default 'kl'.
-    axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer
+    axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
     **options : float
         The divergence's own parameters (``beta`` of JS, ``alpha`` of skew KL); those
@@ -430,7 +440,11 @@ def divergence(
 
     See Also
     --------
-    kl_divergence, js_divergence, skew_kl_divergence, tv_distance, register_divergence
+    kl_divergence : ``kind="kl"``.
+    js_divergence : ``kind="js"``.
+    skew_kl_divergence : ``kind="skew_kl"``.
+    tv_distance : ``kind="tv"``.
+    register_divergence : Adds a divergence that this function then serves by its name.
 
     Examples
     --------

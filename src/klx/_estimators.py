@@ -147,7 +147,7 @@ def kl_estimate(
 
     See Also
     --------
-    kl_divergence : the exact KL when both full distributions are at hand.
+    kl_divergence : The exact KL when both full distributions are at hand.
 
     Notes
     -----

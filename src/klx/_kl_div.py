@@ -92,9 +92,9 @@ def kl_div(
     See Also
     --------
     kl_divergence : KL(P || Q) in the order the formula reads, over an explicit axis.
-    torch.nn.functional.kl_div : the torch original.
-    optax.kl_divergence, optax.kl_divergence_with_log_targets : optax's equivalents.
-    scipy.special.rel_entr : the pointwise terms ``y log(y / exp(x))`` in SciPy.
+    torch.nn.functional.kl_div : The torch original.
+    optax.kl_divergence, optax.kl_divergence_with_log_targets : Optax's equivalents.
+    scipy.special.rel_entr : The pointwise terms ``y log(y / exp(x))`` in SciPy.
 
     Examples
     --------

@@ -112,7 +112,7 @@ def sparse_kl_divergence(
 
     Parameters
     ----------
-    p_indices : integer array
+    p_indices : array of int
         The k indices of each distribution of P along `axis` (distinct, in
         ``[0, vocabulary size)``, in any order).
     p_log_probs : array
@@ -133,7 +133,7 @@ def sparse_kl_divergence(
         `q`. Default -1.
     temperature : float, optional
         Divides Q's logits (only with ``q_form='logits'``).
-    where, reduction, normalizer, validate, xp
+    where, reduction, normalizer, validate, xp : optional
         As in :func:`kl_divergence` ('batchmean' of nothing kept is 0; `normalizer`
         divides the sum instead of the count of kept distributions). Validation also
         checks that the indices are in range and distinct and that P's k probabilities
@@ -158,7 +158,7 @@ def sparse_kl_divergence(
 
     See Also
     --------
-    kl_divergence : the dense KL; with all indices (k = vocabulary size, any order) this
+    kl_divergence : The dense KL; with all indices (k = vocabulary size, any order) this
         function equals ``kl_divergence(p, q, p_form='log_probs', q_form=...)``.
 
     Notes

@@ -21,12 +21,22 @@ __all__ = ["Dispatch", "explain", "markdown_table", "open_record"]
 
 @dataclass
 class Dispatch:
-    """Which path served a call, and why the others were refused (see :func:`klx.explain`)."""
+    """Which path served a call, and why the others were refused (see :func:`klx.explain`).
+
+    Parameters
+    ----------
+    function : str
+        The klx function called (``'kl_div'``, ...).
+    chosen : str
+        The accelerator's name, or 'definition' (the array-API definition).
+    refused : list of (str, str)
+        (accelerator name, reason) for every row of the call's library that was refused.
+    result : object
+        What the call returned.
+    """
 
     function: str
-    #: The accelerator's name, or 'definition' (the array-API definition).
     chosen: str = "definition"
-    #: (accelerator name, reason) for every row of the call's library that was refused.
     refused: list[tuple[str, str]] = field(default_factory=list)
     result: Any = None
 
