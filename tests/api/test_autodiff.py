@@ -12,7 +12,7 @@ import pytest
 
 import klx
 from support import reference
-from support.cases import divergence_cases, kl_div_case
+from support.cases import divergence_cases, kl_div_case, top_k_case
 
 
 def analytic_grads(x, y, log_target):
@@ -348,3 +348,39 @@ def test_k3_derivative_in_closed_form(backend, dtype, traced):
     want = np.expm1(r_given)
     np.testing.assert_allclose(backend.to_numpy(g_q), want, rtol=rtol, atol=1e-30)
     np.testing.assert_allclose(backend.to_numpy(g_p), -want, rtol=rtol, atol=1e-30)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("torch", reason="torch.compile")
+def test_sparse_and_estimate_torch_compile_fullgraph(backend):
+    """sparse_kl_divergence and kl_estimate trace into one graph (stop_gradient included),
+    equal to eager."""
+    import torch
+
+    torch._dynamo.reset()
+    rng = np.random.default_rng(28)
+    idx, lp, s, _ = top_k_case(rng, (4,), 9, 3)
+    x_idx, x_lp = backend.asarray(idx), backend.asarray(lp)
+    keep = backend.asarray(np.array([True, False, True, True]))
+    lq = backend.asarray(rng.normal(size=4) - 2.0)
+
+    def losses(z):
+        lp_pol = torch.log_softmax(z, -1)[:, 0]
+        return (
+            klx.sparse_kl_divergence(
+                x_idx, x_lp, z, temperature=2.0, where=keep, reduction="batchmean"
+            ),
+            klx.kl_estimate(
+                lp_pol, lq, gradient="straight_through", where=keep, reduction="batchmean"
+            ),
+            klx.kl_estimate(lp_pol, lq, gradient="importance", reduction="sum"),
+        )
+
+    z = backend.asarray(s).requires_grad_(True)
+    compiled = torch.compile(losses, fullgraph=True)(z)
+    eager = losses(z)
+    for c, e in zip(compiled, eager, strict=True):
+        np.testing.assert_allclose(c.item(), e.item(), rtol=1e-12)
+    (g_c,) = torch.autograd.grad(sum(compiled), z)
+    (g_e,) = torch.autograd.grad(sum(eager), z)
+    np.testing.assert_allclose(g_c.numpy(), g_e.numpy(), rtol=1e-10, atol=1e-14)

@@ -21,6 +21,8 @@ from scipy import special, stats
 import klx
 from support import reference
 from support.asserts import check_array
+from support.cases import top_k_case
+from support.reference import k_values, sparse_rows
 
 FORMS = ("probs", "log_probs", "logits")
 TORCH = "torch's own API (autograd, torch.compile, torch.func, its dtypes and devices)"
@@ -904,3 +906,29 @@ def test_expm1_inside_torch_compile(backend, dtype):
     assert np.max(np.abs(got - want) / np.abs(want)) <= 10 * eps
     got_edges = backend.to_numpy(f(backend.asarray(edges, dtype)))
     np.testing.assert_array_equal(got_edges, np.expm1(edges).astype(dtype))
+
+
+# ------------------------------------------------------------------ 19. float16 and bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_is_computed_in_float32(backend, dtype):
+    """float16 / bfloat16 inputs: computed in float32, rounded once to the input dtype."""
+    if dtype not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no {dtype}")
+    rng = np.random.default_rng(26)
+    idx, lp, s, _ = top_k_case(rng, (4,), 9, 3)
+    x_lp, x_s = backend.asarray(lp, dtype), backend.asarray(s, dtype)
+    lp_r, s_r = backend.to_numpy(x_lp), backend.to_numpy(x_s)
+    got = klx.sparse_kl_divergence(backend.asarray(idx), x_lp, x_s)
+    check_array(backend, got, x_lp, dtype, (4,))
+    rows, scale = sparse_rows(idx, lp_r, np.exp(special.log_softmax(s_r, axis=-1)), True)
+    unit = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # one rounding of the result
+    atol = reference.ATOL.get(dtype, 0.0)  # float16's subnormal spacing
+    assert reference.rel_error(backend.to_numpy(got), rows, np.maximum(scale, 1e-3), atol) <= unit
+    lq = lp_r + rng.normal(scale=0.3, size=lp_r.shape)
+    x_lq = backend.asarray(lq, dtype)
+    est = klx.kl_estimate(x_lp, x_lq)
+    check_array(backend, est, x_lp, dtype, lp.shape)
+    ref = k_values(lp_r, backend.to_numpy(x_lq))["k3"]
+    np.testing.assert_allclose(backend.to_numpy(est), ref, rtol=unit, atol=atol)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from scipy.special import log_softmax
 
 from support import reference
 
@@ -132,3 +133,17 @@ def divergence_cases(options=None, closed_form=False):
         fn = getattr(klx, record.public)
         cases[record.name] = (fn, opts, lambda p, q, ref=ref, opts=opts: ref(p, q, **opts))
     return cases
+
+
+def top_k_case(rng, batch, vocab, k, temperature=1.0, masked_vocab=False):
+    """Teacher log-probs, their top-k indices (shuffled), student logits (float64)."""
+    t = rng.normal(scale=2.0, size=(*batch, vocab))
+    s = rng.normal(scale=1.5, size=(*batch, vocab))
+    if masked_vocab:
+        s[..., -1] = -np.inf  # a vocabulary entry the student never puts mass on
+        t[..., -1] = -np.inf
+    lp_full = log_softmax(t, axis=-1)
+    order = np.argsort(-lp_full, axis=-1, kind="stable")[..., :k]
+    idx = rng.permuted(order, axis=-1)  # any order
+    lp = np.take_along_axis(lp_full, idx, axis=-1)
+    return idx, lp, s, np.exp(log_softmax(s / temperature, axis=-1))

@@ -8,6 +8,9 @@ evaluation is bounded by a few ulps of the scale, so tests compare
 
 from __future__ import annotations
 
+import math
+
+import mpmath
 import numpy as np
 from scipy import special
 
@@ -159,3 +162,42 @@ def rel_error(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, atol: float =
     diff = np.maximum(np.abs(got[finite] - ref[finite]) - atol, 0.0)
     err = diff / np.maximum(scale[finite], tiny)
     return float(np.max(err)) if err.size else 0.0
+
+
+def sparse_bins(idx, lp, q, tail):
+    """P and Q over the bins (k + tail, or k renormalised), the last axis; float64."""
+    p_s = np.exp(lp)
+    q_s = np.take_along_axis(q, idx, axis=-1)
+    if not tail:
+        return p_s / p_s.sum(-1, keepdims=True), q_s / q_s.sum(-1, keepdims=True)
+    if idx.shape[-1] == q.shape[-1]:  # every index: no tail bin
+        return p_s, q_s
+    outside = np.ones(q.shape, dtype=bool)
+    np.put_along_axis(outside, idx, False, axis=-1)
+    q_t = np.where(outside, q, 0.0).sum(-1, keepdims=True)
+    p_t = np.maximum(1.0 - p_s.sum(-1, keepdims=True), 0.0)
+    return np.concatenate([p_s, p_t], -1), np.concatenate([q_s, q_t], -1)
+
+
+def sparse_rows(idx, lp, q, tail):
+    """Reference sparse KL per distribution, and its scale."""
+    p, qq = sparse_bins(idx, lp, q, tail)
+    with np.errstate(all="ignore"):
+        rows = special.rel_entr(p, qq).sum(-1)
+        scale = (np.abs(special.xlogy(p, p)) + np.abs(special.xlogy(p, qq))).sum(-1)
+    return rows, scale
+
+
+def k_values(log_p, log_q):
+    """k1, k2, k3 per token in float64 (k3 with mpmath, 40 digits beyond the cancellation)."""
+    r = log_q - log_p
+
+    def k3(x):
+        if not np.isfinite(x):
+            return np.nan if np.isnan(x) else np.inf
+        digits = 40 + max(0, -math.floor(math.log10(abs(x)))) if x else 40
+        with mpmath.workdps(digits):
+            return float(mpmath.expm1(mpmath.mpf(x)) - mpmath.mpf(x))
+
+    k3s = np.array([k3(float(x)) for x in np.ravel(r)]).reshape(np.shape(r))
+    return {"k1": -r, "k2": r * r / 2, "k3": k3s}
