@@ -1,7 +1,14 @@
-"""Bad input gets a clear TypeError or ValueError naming the argument, the problem and the fix."""
+"""Bad input gets a clear TypeError or ValueError naming the argument, the problem and the fix.
+
+What every function shares (`xp`, arrays of two libraries or devices, dtypes) and the
+arguments of kl_div and the divergences; sparse_kl_divergence's, kl_estimate's and
+fused_linear_divergence's own arguments are tested in their files, and the values that
+validation mode reads in test_validation.py.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -191,3 +198,102 @@ def test_hidden_and_weight_of_two_dtypes(backend):
     w = torch.tensor(rng.normal(size=(5, 3)), dtype=torch.bfloat16)
     with pytest.raises(TypeError, match=r"`p_hidden` is torch.float32 but `p_weight` is torch"):
         klx.fused_linear_divergence(h, w, h, w)
+
+
+def test_temperature_too_small_for_the_dtype_is_a_clear_error(backend):
+    x = backend.asarray([[1.0, 2.0, 3.0]], "float32")
+    with pytest.raises(ValueError, match=r"`temperature`=1e-45 is too small for float32"):
+        klx.kl_divergence(x, x, p_form="logits", q_form="logits", temperature=1e-45)
+    # float64 holds 1 / 1e-45: the right answer (one-hot P = Q)
+    y = backend.asarray([[1.0, 2.0, 3.0]], "float64")
+    got = klx.kl_divergence(y, y, p_form="logits", q_form="logits", temperature=1e-45)
+    got = backend.to_numpy(got)
+    assert got[0] == 0.0
+
+
+def test_array_temperature_must_be_0d_float(backend):
+    x = backend.asarray([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="`temperature` given as an array must be a 0-d"):
+        klx.kl_divergence(
+            x, x, p_form="logits", q_form="logits", temperature=backend.asarray([2.0])
+        )
+
+
+@pytest.mark.backends("numpy", reason="NumPy's own kinds of input")
+def test_numpy_matrix_masked_arrays_and_scalars_are_refused(backend):
+    p = np.array([[0.5, 0.5], [0.25, 0.75]])
+    with pytest.warns(PendingDeprecationWarning):  # NumPy's own, on making a matrix
+        matrix = np.asmatrix(p)
+    with pytest.raises(TypeError, match=r"`p` is a numpy.matrix.*numpy.asarray"):
+        klx.kl_divergence(matrix, p)
+    with pytest.raises(TypeError, match=r"`q` is a NumPy masked array.*where="):
+        klx.js_divergence(p, np.ma.masked_array(p, [[0, 1], [0, 0]]))
+    with pytest.raises(TypeError, match=r"`target` is a NumPy masked array"):
+        klx.kl_div(np.log(p), np.ma.masked_array(p))
+    for scalar in (np.float64(0.5), np.float32(0.5)):
+        with pytest.raises(TypeError, match=r"`input` is a NumPy scalar.*numpy.asarray"):
+            klx.kl_div(scalar, np.asarray(0.5), reduction="sum")
+
+
+@pytest.mark.backends("numpy", reason="NumPy arrays of ml_dtypes' bfloat16")
+def test_ml_dtypes_bfloat16_numpy_arrays_get_a_clear_error(backend):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.ones((2, 2), dtype=ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match=r"`p` has dtype bfloat16.*astype\(numpy.float32\)"):
+        klx.kl_divergence(x, np.ones((2, 2), np.float32))
+
+
+@pytest.mark.backends("torch", reason="torch's float8 dtypes")
+def test_float8_is_refused(backend):
+    import torch
+
+    x = torch.full((2, 2), 0.5, dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"`p` must have a real floating.*float8 is a storage"):
+        klx.kl_divergence(x, x)
+
+
+def test_xp_keyword_still_checks_the_arguments(backend):
+    a = backend.asarray([[0.5, 0.5]])
+    with pytest.raises(TypeError, match="`p` must be an array"):
+        klx.kl_divergence([[0.5, 0.5]], a, xp=backend.xp)
+    with pytest.raises(TypeError, match="`input` must be an array"):
+        klx.kl_div([0.5], a, xp=backend.xp)
+    got = klx.kl_divergence(a, a, xp=backend.xp)
+    assert backend.to_numpy(got)[0] == 0.0
+
+
+def test_normalizer_errors(backend):
+    p = backend.asarray([[0.5, 0.5], [0.1, 0.9]])
+    for reduction in ("none", "sum"):
+        with pytest.raises(ValueError, match="normalizer.*reduction='batchmean'"):
+            klx.tv_distance(p, p, reduction=reduction, normalizer=4)
+    for bad in (-1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="`normalizer` must be a finite number >= 0"):
+            klx.kl_divergence(p, p, reduction="batchmean", normalizer=bad)
+    with pytest.raises(TypeError, match="`normalizer` must be a number >= 0 or a 0-d array"):
+        klx.kl_divergence(p, p, reduction="batchmean", normalizer="4")
+    with pytest.raises(TypeError, match="`normalizer` must be a number"):
+        klx.kl_divergence(p, p, reduction="batchmean", normalizer=True)
+    with pytest.raises(ValueError, match=r"`normalizer` must be a single number.*shape \(2,\)"):
+        klx.js_divergence(p, p, reduction="batchmean", normalizer=backend.asarray([1.0, 2.0]))
+    with pytest.raises(TypeError, match="`normalizer` must have an integer or real floating"):
+        klx.js_divergence(p, p, reduction="batchmean", normalizer=backend.asarray(np.asarray(True)))
+    with pytest.raises(ValueError, match="`normalizer` must be a finite number >= 0.*-3"):
+        klx.skew_kl_divergence(
+            p,
+            p,
+            reduction="batchmean",
+            normalizer=backend.asarray(np.asarray(-3.0)),
+            validate=True,
+        )
+    if backend.name != "numpy":
+        with pytest.raises(TypeError, match="one library"):
+            klx.kl_divergence(p, p, reduction="batchmean", normalizer=np.asarray(4.0))
+
+
+def test_alpha_errors(backend):
+    p = backend.asarray([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"`alpha` must lie in \[0, 1\].*1.5"):
+        klx.skew_kl_divergence(p, p, alpha=1.5)
+    with pytest.raises(TypeError, match="`alpha` must be a real number"):
+        klx.skew_kl_divergence(p, p, alpha="0.1")
