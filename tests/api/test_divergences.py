@@ -1,5 +1,11 @@
-"""kl_divergence and js_divergence against scipy.special.rel_entr and
-scipy.spatial.distance.jensenshannon, on every backend."""
+"""What the divergences share, tested across them: special values (disjoint supports, NaN),
+gradients through masks and -inf logits, dtype promotion, a student within 1e-3 of its
+teacher, the records (by name, the docs table); and skew KL and TV together against their
+float64 references, the plain formula's gradients and the CPU row blocks.
+
+Each divergence's own tests are in its file (test_kl_divergence.py, test_js_divergence.py,
+...); masks, reductions and `normalizer` in test_reductions.py.
+"""
 
 from __future__ import annotations
 
@@ -7,86 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.spatial.distance import jensenshannon
 
 import klx
 from support import reference
 from support.asserts import check_array
+from support.autodiff import value_and_grads
 from support.cases import divergence_cases, draw_distribution
 
 FORMS = ("probs", "log_probs", "logits")
-REDUCTIONS = ("none", "sum", "batchmean")
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("q_form", FORMS)
-@pytest.mark.parametrize("p_form", FORMS)
-@pytest.mark.parametrize(("shape", "axis"), [((6, 9), -1), ((4, 5, 3), 1), ((7,), 0)])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_kl_divergence_matches_rel_entr(
-    backend, dtype, shape, axis, p_form, q_form, reduction, conformance
-):
-    rng = np.random.default_rng(1)
-    temperature = 2.0 if "logits" in (p_form, q_form) else 1.0
-    p_in, p = draw_distribution(rng, shape, axis, p_form, zeros=True, temperature=temperature)
-    q_in, q = draw_distribution(rng, shape, axis, q_form, temperature=temperature)
-    if p_form != "logits":  # temperature only rescales logits
-        p = reference.to_probs(p_in, p_form, axis)
-    if q_form != "logits":
-        q = reference.to_probs(q_in, q_form, axis)
-    xp_p, xp_q = backend.asarray(p_in, dtype), backend.asarray(q_in, dtype)
-    got = klx.kl_divergence(
-        xp_p,
-        xp_q,
-        axis=axis,
-        p_form=p_form,
-        q_form=q_form,
-        temperature=temperature,
-        reduction=reduction,
-    )
-    rows, scale = reference.kl_rows(p, q, axis)
-    ref = reference.reduce(rows, reduction)
-    ref_scale = reference.reduce(scale, reduction)
-    batch = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
-    check_array(backend, got, xp_p, dtype, batch if reduction == "none" else ())
-    tol = reference.TOL_KL_DIVERGENCE[dtype]
-    got = backend.to_numpy(got)
-    err = reference.rel_error(got, ref, np.maximum(ref_scale, 1.0))
-    conformance(f"{backend.id} {dtype} kl_divergence", reduction, err, tol, value=got)
-    assert err <= tol
-
-
-@pytest.mark.parametrize("beta", [0.5, 0.2, 0.0, 1.0])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_js_divergence_matches_scipy(backend, beta, reduction, conformance):
-    rng = np.random.default_rng(2)
-    _, p = draw_distribution(rng, (5, 8), -1, "probs", zeros=True)
-    _, q = draw_distribution(rng, (5, 8), -1, "probs", zeros=True)
-    got = klx.js_divergence(backend.asarray(p), backend.asarray(q), beta=beta, reduction=reduction)
-    ref_rows = reference.js_rows(p, q, -1, beta)
-    if beta == 0.5:  # SciPy returns the square root of JS at beta = 1/2
-        np.testing.assert_allclose(ref_rows, jensenshannon(p, q, axis=-1) ** 2, rtol=1e-12)
-    ref = reference.reduce(ref_rows, reduction)
-    got = backend.to_numpy(got)
-    err = reference.rel_error(got, ref, np.maximum(np.abs(ref), 1e-3))
-    conformance(f"{backend.id} float64 js_divergence", reduction, err, 1e-12, value=got)
-    assert err <= 1e-12
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_js_symmetric_bounded_from_any_form(backend, form):
-    rng = np.random.default_rng(3)
-    p_in, _ = draw_distribution(rng, (4, 6), -1, form, zeros=True)
-    q_in, _ = draw_distribution(rng, (4, 6), -1, form, zeros=True)
-    a = backend.to_numpy(
-        klx.js_divergence(backend.asarray(p_in), backend.asarray(q_in), p_form=form, q_form=form)
-    )
-    b = backend.to_numpy(
-        klx.js_divergence(backend.asarray(q_in), backend.asarray(p_in), p_form=form, q_form=form)
-    )
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-    assert np.all(a >= 0)
-    assert np.all(a <= np.log(2) + 1e-12)
 
 
 def test_disjoint_supports(backend):
@@ -107,29 +41,6 @@ def test_nan_propagates(backend):
     assert kl[1] == 0.0
     js = backend.to_numpy(klx.js_divergence(p, q))
     assert np.isnan(js[0])
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_where_masks_padding_rows(backend, reduction):
-    rng = np.random.default_rng(4)
-    t = rng.normal(size=(5, 6))
-    s = rng.normal(size=(5, 6))
-    keep = np.array([True, False, True, True, False])
-    t_pad, s_pad = t.copy(), s.copy()
-    t_pad[1] = np.nan  # padding rows hold garbage
-    s_pad[4] = -np.inf
-    got = klx.kl_divergence(
-        backend.asarray(t_pad),
-        backend.asarray(s_pad),
-        p_form="logits",
-        q_form="logits",
-        where=backend.asarray(keep),
-        reduction=reduction,
-    )
-    pt = np.exp(reference.log_softmax(t, -1))
-    rows, _ = reference.kl_rows(pt, np.exp(reference.log_softmax(s, -1)), -1)
-    ref = reference.reduce(rows, reduction, keep)
-    np.testing.assert_allclose(backend.to_numpy(got), ref, rtol=1e-12)
 
 
 @pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
@@ -189,17 +100,6 @@ def test_gradients_finite_with_masks_and_neginf_logits(backend):
         g = np.asarray(jax.grad(lambda b: loss(backend.asarray(t), b, "kl"))(backend.asarray(s)))
     rows = keep.nonzero()[0]
     np.testing.assert_allclose(g[rows], ((ps - pt) / 2.0 / keep.sum())[rows], atol=1e-12)
-
-
-@pytest.mark.backends("torch", reason="torch autograd")
-def test_probabilities_with_zero_q_where_p_zero_have_finite_gradient(backend):
-    import torch
-
-    p = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64, requires_grad=True)
-    q = torch.tensor([[0.25, 0.75, 0.0]], dtype=torch.float64, requires_grad=True)
-    klx.kl_divergence(p, q, reduction="sum").backward()
-    assert torch.all(torch.isfinite(p.grad)) and torch.all(torch.isfinite(q.grad))
-    np.testing.assert_allclose(q.grad.numpy(), [[-2.0, -2 / 3, 0.0]])
 
 
 @pytest.mark.parametrize(
@@ -315,3 +215,224 @@ def test_docs_divergence_table_is_the_records():
     assert table == _divergence_table.markdown_table(), (
         "docs/divergences.md is out of date: paste klx._divergence_table.markdown_table()"
     )
+
+
+# --------------------------------------------------------------------------- skew KL and TV
+
+
+def _rows(kind, p, q, axis, alpha):
+    if kind == "tv":
+        return reference.tv_rows(p, q, axis)
+    return reference.skew_kl_rows(p, q, axis, alpha)
+
+
+def _call(kind, p, q, alpha, **kwargs):
+    if kind == "tv":
+        return klx.tv_distance(p, q, **kwargs)
+    return klx.skew_kl_divergence(p, q, alpha=alpha, **kwargs)
+
+
+@pytest.mark.parametrize("q_form", FORMS)
+@pytest.mark.parametrize("p_form", FORMS)
+@pytest.mark.parametrize(("shape", "axis"), [((6, 9), -1), ((4, 5, 3), 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["skew_kl", "tv"])
+def test_matches_reference(backend, kind, dtype, shape, axis, p_form, q_form, conformance):
+    rng = np.random.default_rng(11)
+    temperature = 2.0 if "logits" in (p_form, q_form) else 1.0
+    # Zeros in both: P > 0 where Q = 0 (KL infinite, skew KL finite) and the reverse.
+    p_in, p = draw_distribution(rng, shape, axis, p_form, zeros=True, temperature=temperature)
+    q_in, q = draw_distribution(rng, shape, axis, q_form, zeros=True, temperature=temperature)
+    if p_form != "logits":  # temperature only rescales logits
+        p = reference.to_probs(p_in, p_form, axis)
+    if q_form != "logits":
+        q = reference.to_probs(q_in, q_form, axis)
+    xp_p, xp_q = backend.asarray(p_in, dtype), backend.asarray(q_in, dtype)
+    p_before, q_before = backend.to_numpy(xp_p), backend.to_numpy(xp_q)
+    rows, scale = _rows(kind, p, q, axis, 0.1)
+    assert np.all(np.isfinite(rows)), "the cases must exercise finite values only"
+    batch = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    tol = 1e-12 if dtype == "float64" else 1e-5  # the inputs were rounded to `dtype`
+    for reduction in ("none", "sum", "batchmean"):
+        got = _call(
+            kind,
+            xp_p,
+            xp_q,
+            0.1,
+            axis=axis,
+            p_form=p_form,
+            q_form=q_form,
+            temperature=temperature,
+            reduction=reduction,
+        )
+        check_array(backend, got, xp_p, dtype, batch if reduction == "none" else ())
+        ref = reference.reduce(rows, reduction)
+        ref_scale = reference.reduce(scale, reduction)
+        err = reference.rel_error(backend.to_numpy(got), ref, np.maximum(ref_scale, 1.0))
+        conformance(f"{backend.id} {dtype} {kind}", reduction, err, tol)
+        assert err <= tol, f"{reduction}: error {err:.3g}"
+    np.testing.assert_array_equal(backend.to_numpy(xp_p), p_before)  # inputs unmodified
+    np.testing.assert_array_equal(backend.to_numpy(xp_q), q_before)
+
+
+def test_nan_propagates_and_disjoint_tv(backend):
+    p = backend.asarray([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    q = backend.asarray([[np.nan, 1.0], [0.5, 0.5], [0.0, 1.0]])
+    for kind in ("skew_kl", "tv"):
+        got = backend.to_numpy(_call(kind, p, q, 0.25))
+        assert np.isnan(got[0]), f"{kind}: NaN in Q where P is 0 propagates"
+        assert abs(got[1]) <= 4 * np.finfo(np.float64).eps, "0 for P = Q, up to rounding"
+    np.testing.assert_allclose(backend.to_numpy(klx.tv_distance(p, q))[2], 1.0, rtol=1e-15)
+
+
+def _softmax(backend, x, temperature):
+    if backend.name == "torch":
+        import torch
+
+        return torch.softmax(x / temperature, dim=-1)
+    import jax
+
+    return jax.nn.softmax(x / temperature, axis=-1)
+
+
+def _plain(backend, kind, alpha, a, b, form, temperature):
+    """The formula written plainly in the framework (finite inputs, positive probabilities)."""
+    xp = backend.xp
+    if form == "logits":
+        a, b = _softmax(backend, a, temperature), _softmax(backend, b, temperature)
+    if kind == "tv":
+        return 0.5 * xp.sum(xp.abs(a - b))
+    m = alpha * a + (1 - alpha) * b
+    return xp.sum(a * (xp.log(a) - xp.log(m)))
+
+
+@pytest.mark.parametrize("form", ["probs", "logits"])
+@pytest.mark.parametrize(("kind", "alpha"), [("skew_kl", 0.1), ("skew_kl", 0.6), ("tv", 0.0)])
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
+def test_gradients_match_plain_formula(backend, kind, alpha, form):
+    rng = np.random.default_rng(13)
+    logits_a, logits_b = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    if form == "probs":
+        a = np.exp(reference.log_softmax(logits_a, -1))
+        b = np.exp(reference.log_softmax(logits_b, -1))
+    else:
+        a, b = logits_a, logits_b
+    t = 2.0 if form == "logits" else 1.0
+
+    def ours(x, y):
+        return _call(kind, x, y, alpha, p_form=form, q_form=form, temperature=t, reduction="sum")
+
+    value, ga, gb = value_and_grads(backend, ours, a, b)
+    ref_value, ra, rb = value_and_grads(
+        backend, lambda x, y: _plain(backend, kind, alpha, x, y, form, t), a, b
+    )
+    np.testing.assert_allclose(value, ref_value, rtol=1e-13)
+    np.testing.assert_allclose(ga, ra, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(gb, rb, rtol=1e-11, atol=1e-14)
+    if form == "probs":  # and against the analytic float64 NumPy derivatives
+        if kind == "tv":
+            ref_a = 0.5 * np.sign(a - b)
+            ref_b = -ref_a
+        else:
+            m = alpha * a + (1 - alpha) * b
+            ref_a = np.log(a / m) + 1 - alpha * a / m
+            ref_b = -(1 - alpha) * a / m
+        np.testing.assert_allclose(ga, ref_a, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(gb, ref_b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(("kind", "alpha"), [("skew_kl", 0.1), ("skew_kl", 1.0), ("tv", 0.0)])
+@pytest.mark.backends("torch", "jax", reason="autodiff: torch autograd and jax.grad")
+def test_gradients_finite_with_zeros_masks_and_neginf_logits(backend, kind, alpha):
+    rng = np.random.default_rng(14)
+    t, s = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
+    t[:, 3] = s[:, 3] = -np.inf  # a masked vocabulary entry in both
+    s[0, 1] = -np.inf  # Q is 0 where P is not: KL is +inf, skew KL is finite
+    t[1, 2] = -np.inf  # P is 0 where Q is not
+    t[2], s[2] = np.nan, -np.inf  # a padding row
+    keep = np.array([True, True, False, True, True])
+
+    def ours(a, b):
+        return _call(
+            kind,
+            a,
+            b,
+            alpha,
+            p_form="logits",
+            q_form="logits",
+            temperature=2.0,
+            where=backend.asarray(keep),
+            reduction="batchmean",
+        )
+
+    value, ga, gb = value_and_grads(backend, ours, t, s)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
+    assert np.all(ga[2] == 0) and np.all(gb[2] == 0), "a masked row gets no gradient"
+    assert np.all(ga[:, 3] == 0) and np.all(gb[:, 3] == 0)
+    # Rows without -inf other than the shared one: the plain formula's gradient.
+    rows = [3, 4]
+    cols = [0, 1, 2, 4, 5]
+    sub_t, sub_s = t[np.ix_(rows, cols)], s[np.ix_(rows, cols)]
+    _, ra, rb = value_and_grads(
+        backend,
+        lambda x, y: _plain(backend, kind, alpha, x, y, "logits", 2.0) / keep.sum(),
+        sub_t,
+        sub_s,
+    )
+    np.testing.assert_allclose(ga[np.ix_(rows, cols)], ra, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(gb[np.ix_(rows, cols)], rb, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.backends("jax", reason="jax.jit, jax.vmap and jax.grad")
+def test_jax_jit_vmap_grad(backend):
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(15)
+    t, s = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+    t[:, 2] = -np.inf
+    common = {"p_form": "logits", "q_form": "logits"}
+    for fn, options in ((klx.skew_kl_divergence, {"alpha": 0.3}), (klx.tv_distance, {})):
+
+        def f(a, b, fn=fn, options=options):
+            return fn(a, b, **common, **options)
+
+        rows = jax.jit(f)(jnp.asarray(t), jnp.asarray(s))
+        per_row = jax.vmap(f)(jnp.asarray(t), jnp.asarray(s))
+        np.testing.assert_allclose(np.asarray(per_row), np.asarray(rows), rtol=1e-13)
+        pt = np.exp(reference.log_softmax(t, -1))
+        ps = np.exp(reference.log_softmax(s, -1))
+        if fn is klx.tv_distance:
+            ref, _ = reference.tv_rows(pt, ps, -1)
+        else:
+            ref, _ = reference.skew_kl_rows(pt, ps, -1, 0.3)
+        np.testing.assert_allclose(np.asarray(rows), ref, rtol=1e-12)
+        g = jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b)), argnums=1))(
+            jnp.asarray(t), jnp.asarray(s)
+        )
+        assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.backends("numpy", "torch", reason="the CPU row-blocked accelerators")
+@pytest.mark.parametrize("kind", ["skew_kl", "tv"])
+def test_row_blocks_serve_the_new_kinds(backend, kind):
+    rng = np.random.default_rng(17)
+    shape = (1024, 1025)  # just over the rows' 2**20 elements
+    t, s = rng.normal(size=shape), rng.normal(size=shape)
+    report = klx.explain(
+        _call,
+        kind,
+        backend.asarray(t),
+        backend.asarray(s),
+        0.2,
+        p_form="logits",
+        q_form="logits",
+        reduction="batchmean",
+        normalizer=2048,
+    )
+    assert report.chosen == f"{'numpy' if backend.name == 'numpy' else 'torch-cpu'}-rows"
+    rows, _ = _rows(
+        kind, np.exp(reference.log_softmax(t, -1)), np.exp(reference.log_softmax(s, -1)), -1, 0.2
+    )
+    np.testing.assert_allclose(backend.to_numpy(report.result), rows.sum() / 2048, rtol=1e-12)

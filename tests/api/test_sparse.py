@@ -19,7 +19,7 @@ from scipy.special import log_softmax
 import klx
 from support import reference
 from support.asserts import check_array
-from support.autodiff import value_and_grad
+from support.autodiff import value_and_grads
 from support.cases import top_k_case
 from support.reference import sparse_bins, sparse_rows
 
@@ -305,7 +305,7 @@ def test_sparse_gradient_of_a_shared_student_row(backend, tail):
             x_idx, x_lp, z, tail=tail, temperature=temperature, where=x_keep, reduction="sum"
         )
 
-    value, g = value_and_grad(backend, loss, s_pad)
+    value, g = value_and_grads(backend, loss, s_pad)
     if tail:
         q_rows = np.broadcast_to(q, (4, vocab))
         ref = _student_grad(idx, lp, q_rows, tail, keep, temperature).sum(0, keepdims=True)
@@ -362,7 +362,7 @@ def test_sparse_gradient_with_respect_to_student_logits(backend, tail, k):
             x_idx, x_lp, z, tail=tail, temperature=temperature, where=x_keep, reduction="sum"
         )
 
-    value, g = value_and_grad(backend, loss, s_pad)
+    value, g = value_and_grads(backend, loss, s_pad)
     ref = _student_grad(idx, lp, q, tail, keep, temperature)
     rows, _ = sparse_rows(idx, lp, q, tail)
     np.testing.assert_allclose(value, rows[keep].sum(), rtol=1e-12)
@@ -478,7 +478,7 @@ def test_sparse_zero_teacher_entries_keep_gradients_finite(backend, tail):
                 reduction="sum",
             )
 
-        value, g = value_and_grad(backend, loss, q_in)
+        value, g = value_and_grads(backend, loss, q_in)
         rows, _ = sparse_rows(idx, lp, q, tail)
         np.testing.assert_allclose(value, rows.sum(), rtol=1e-12)
         assert np.all(np.isfinite(g)), (form, g)

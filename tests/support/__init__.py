@@ -1,3 +1,3 @@
-"""Shared test support: the backends under test, input cases, the float64 reference
-and shared assertions. Test files import from here (``from support import reference``);
-nothing imports a test file."""
+"""Shared test support: the backends under test, input cases, the float64 reference,
+shared assertions and gradients by the backends' autodiff. Test files import from here
+(``from support import reference``); nothing imports a test file."""

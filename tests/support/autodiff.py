@@ -6,14 +6,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def value_and_grad(backend, f, x):
-    """f(x) (a scalar) and its gradient w.r.t. the float64 NumPy array x."""
+def value_and_grads(backend, f, *arrays):
+    """``f(*arrays)`` (a scalar) and its gradient w.r.t. each of the float64 NumPy `arrays`:
+    ``(value, gradient, ...)``, by the backend's autodiff (JAX's under jax.jit)."""
     if backend.name == "torch":
-        t = backend.asarray(x).requires_grad_(True)
-        v = f(t)
-        v.backward()
-        return float(v.detach()), backend.to_numpy(t.grad)
+        xs = [backend.asarray(a).requires_grad_(True) for a in arrays]
+        value = f(*xs)
+        value.backward()
+        return (float(value.detach()), *(backend.to_numpy(x.grad) for x in xs))
     import jax
 
-    v, g = jax.jit(jax.value_and_grad(f))(backend.asarray(x))
-    return float(v), np.asarray(g)
+    argnums = tuple(range(len(arrays)))
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(
+        *(backend.asarray(a) for a in arrays)
+    )
+    return (float(value), *(np.asarray(g) for g in grads))

@@ -30,3 +30,12 @@ def normalize(weights):
     p = weights / weights.sum(axis=-1, keepdims=True)
     p = np.where(p < 1e-200, 0.0, p)
     return p / p.sum(axis=-1, keepdims=True)
+
+
+def another(data, p):
+    """A second distribution of `p`'s shape, with zeros anywhere but its last entry."""
+    weights = data.draw(
+        hnp.arrays(np.float64, p.shape, elements=st.floats(0.0, 10.0, allow_subnormal=False))
+    )
+    weights[..., -1] += 1e-3
+    return normalize(weights)
