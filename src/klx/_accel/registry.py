@@ -39,9 +39,10 @@ from klx._accel.gates import (
 )
 from klx._accel.table import ACCELERATORS, BY_KEY, Accelerator
 from klx._backends import by_name
+from klx._call import DivergenceCall, KLDivCall
 from klx._config import accelerators_enabled, set_accelerators
 from klx._namespace import library_of
-from klx._typing import Array
+from klx._typing import Array, Call
 
 __all__ = [
     "ACCELERATORS",
@@ -66,7 +67,7 @@ class AcceleratorWarning(RuntimeWarning):
     """An accelerator disagreed with the definition on its first-use check and is off."""
 
 
-def select(call: Any, operation: str) -> Accelerator | None:
+def select(call: Call, operation: str) -> Accelerator | None:
     """The first accelerator that serves `call`, or None (the definition)."""
     rows = BY_KEY.get((operation, library_of(call.xp)), ())
     if not rows:
@@ -110,7 +111,7 @@ def select(call: Any, operation: str) -> Accelerator | None:
     return chosen
 
 
-def _memo_key(operation: str, call: Any, ctx: Context) -> tuple[Any, ...] | None:
+def _memo_key(operation: str, call: Call, ctx: Context) -> tuple[Any, ...] | None:
     """Everything every gate reads about `call`, for NumPy arrays and torch tensors (whose
     tiny calls the gates would otherwise cost a sixth of); None for other libraries.
 
@@ -125,7 +126,7 @@ def _memo_key(operation: str, call: Any, ctx: Context) -> tuple[Any, ...] | None
         return None
     extra = (
         (call.log_target, call.reduction == "none")  # first-use variants (`_variant`)
-        if operation == "kl_div"
+        if isinstance(call, KLDivCall)
         else (
             call.divergence,
             call.p_form,
@@ -190,7 +191,7 @@ def _implementation(row: Accelerator) -> Callable[[Any], Array] | None:
 _MODULES: dict[str, Any] = {}
 
 
-def evaluate_kl_div(call: Any) -> Array:
+def evaluate_kl_div(call: KLDivCall) -> Array:
     """:func:`klx.kl_div` of a checked call, by the first accelerator that serves it."""
     call = _one_shape(call)
     row = select(call, "kl_div")
@@ -200,7 +201,7 @@ def evaluate_kl_div(call: Any) -> Array:
     return _agnostic.kl_div(call.xp, call)
 
 
-def _one_shape(call: Any) -> Any:
+def _one_shape(call: KLDivCall) -> KLDivCall:
     """NumPy and torch inputs that broadcast (a target of shape ``(1, V)`` against ``(N,
     V)``) as views of the broadcast shape: the fast paths serve them at no copy, where
     the definition held several temporaries of the full shape (1.7 GB and 1.3 s at
@@ -215,7 +216,7 @@ def _one_shape(call: Any) -> Any:
     return call._replace(input=xp.broadcast_to(a, shape), target=xp.broadcast_to(b, shape))
 
 
-def evaluate_divergence(call: Any) -> Array:
+def evaluate_divergence(call: DivergenceCall) -> Array:
     """A divergence of a checked call, by the first accelerator that serves it."""
     row = select(call, "divergence")
     fn = None if row is None else _implementation(row)
@@ -227,7 +228,7 @@ def evaluate_divergence(call: Any) -> Array:
 # --------------------------------------------------------------------------- first use
 
 
-def _first_use(row: Accelerator, call: Any, ctx: Context) -> str | None:
+def _first_use(row: Accelerator, call: Call, ctx: Context) -> str | None:
     """None if `row` passed (or needs no) first-use check on this device and dtype."""
     if not row.probe:
         return None
@@ -241,12 +242,12 @@ def _first_use(row: Accelerator, call: Any, ctx: Context) -> str | None:
     return None if ok else f"failed its first-use check on {key[1]} {key[2]} ({key[3]})"
 
 
-def _variant(row: Accelerator, call: Any, ctx: Context) -> str:
+def _variant(row: Accelerator, call: Call, ctx: Context) -> str:
     """What a row's kernels are specialised on, beyond device and dtype: each variant is
     checked on its first use (a ``log_target=True`` call after a False one ran a kernel
     that no check had seen). Gradients are part of it: their first use checks the
     backward kernels too."""
-    if row.operation == "kl_div":
+    if isinstance(call, KLDivCall):
         parts = ["log_target" if call.log_target else "probs_target"]
         parts.append("terms" if call.reduction == "none" else "sum")
     else:
@@ -257,7 +258,7 @@ def _variant(row: Accelerator, call: Any, ctx: Context) -> str:
     return " ".join(parts)
 
 
-def _probe(row: Accelerator, fn: Callable[[Any], Array], call: Any, key: tuple[str, ...]) -> bool:
+def _probe(row: Accelerator, fn: Callable[[Any], Array], call: Call, key: tuple[str, ...]) -> bool:
     """Compare `fn` with the definition on small inputs like `call`'s; warn on a mismatch."""
     from klx._accel import probes
 

@@ -128,7 +128,7 @@ def fused_linear_divergence(
         chunking repeats from call to call; at most 2 GiB), with
         at least 256 tokens where half the free memory holds them (8192 x 128256 float32
         with 60 GB free: 696 tokens per chunk, where 128 MiB gave 16).
-    labels : integer array, optional
+    labels : array of int, optional
         The tokens' labels (the token shape), for the hard term.
     hard_weight : float, optional
         The weight :math:`w_h` in [0, 1] of the cross-entropy with `labels`. Tokens
@@ -154,8 +154,8 @@ def fused_linear_divergence(
 
     See Also
     --------
-    kl_divergence, js_divergence : the same divergences from arrays of logits.
-    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss : the torch/Triton analogue (JSD).
+    kl_divergence, js_divergence : The same divergences from arrays of logits.
+    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss : The torch/Triton analogue (JSD).
 
     Notes
     -----
