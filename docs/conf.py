@@ -70,6 +70,38 @@ def _conformance_report() -> None:
 _conformance_report()
 
 
+def _alpha_family_plot() -> None:
+    """The alpha-divergence between two fixed distributions for alpha in [-1, 2], drawn
+    from klx itself (docs/divergence-family.md shows it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import klx
+
+    p, q = np.array([0.7, 0.2, 0.1]), np.array([0.2, 0.5, 0.3])
+    alphas = np.linspace(-1.0, 2.0, 301)
+    values = [float(klx.alpha_divergence(p, q, float(a))) for a in alphas]
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
+    ax.plot(alphas, values, label="alpha_divergence(P, Q, alpha)")
+    for a, name in ((0.0, "KL(Q || P)"), (0.5, "4 H^2"), (1.0, "KL(P || Q)")):
+        ax.plot([a], [float(klx.alpha_divergence(p, q, a))], "o", label=f"alpha = {a:g}: {name}")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("divergence (nats)")
+    ax.set_title("P = (0.7, 0.2, 0.1), Q = (0.2, 0.5, 0.3)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    folder = HERE / "_generated"
+    folder.mkdir(exist_ok=True)
+    fig.savefig(folder / "alpha-family.png")
+    plt.close(fig)
+
+
+_alpha_family_plot()
+
+
 #: The pages index.md names itself; every other docs/*.md is a feature page.
 GUIDE_AND_REFERENCE = {
     "index",

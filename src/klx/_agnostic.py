@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Weighted",
+    "alpha_terms",
     "divergence",
     "divergence_rows",
     "divide",
@@ -46,11 +47,14 @@ __all__ = [
     "log_softmax",
     "log_weight",
     "mask_rows",
+    "max_log_ratio_terms",
     "plain_logs",
     "probabilities",
     "record_rows",
     "reduce_rows",
     "reduction_divisor",
+    "renyi_finish",
+    "renyi_terms",
     "shape_size",
     "skew_kl_terms",
     "tv_terms",
@@ -445,6 +449,148 @@ def tv_terms(
     return 0.5 * xp.abs(wp - wq)
 
 
+def _expm1_minus(xp: ModuleType, x: Array) -> Array:
+    """``g(x) = exp(x) - 1 - x >= 0``, finite wherever ``exp(x)`` is."""
+    return expm1(xp, x) - x
+
+
+def _alpha_gap(xp: ModuleType, d: Array, a: float) -> Array:
+    """``[a + (1 - a) e^-d - e^-(1-a)d] / (a (1 - a))`` for ``a >= 1/2``: the alpha term
+    of a pair over its ``p`` (``d = log p - log q``), as ``[b g(-d) - g(-b d)] / (a b)``
+    with ``b = 1 - a`` and ``g(x) = e^x - 1 - x``; ``g(-d) / a`` at ``b = 0`` (KL's term
+    ``d + expm1(-d)``). Each ``g`` is O(x^2) near 0, so nothing first-order cancels, and
+    the quotient stays finite as ``b -> 0`` (no cliff at ``alpha = 1``)."""
+    b = 1.0 - a
+    if b == 0.0:
+        return _expm1_minus(xp, -d) / a
+    return (b * _expm1_minus(xp, -d) - _expm1_minus(xp, -b * d)) / (a * b)
+
+
+def alpha_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+    alpha: float = 0.5,
+) -> Array:
+    """Pointwise terms of Amari's alpha-divergence,
+    ``[alpha p + (1 - alpha) q - p^alpha q^(1 - alpha)] / (alpha (1 - alpha))``.
+
+    Written per pair through ``d = log p - log q`` (:func:`_alpha_gap`): ``p`` times the
+    gap at ``alpha`` for ``alpha >= 1/2``, ``q`` times the gap at ``1 - alpha`` (with ``-d``)
+    below, so each side's limit is reached without dividing 0 by 0: KL(P || Q)'s terms
+    ``p (d + expm1(-d))`` at ``alpha = 1``, KL(Q || P)'s at ``alpha = 0``. Every term is
+    ``>= 0`` (a negative rounding is set to 0), and 0 where ``p = q``.
+
+    Where P is 0: ``q / alpha`` for ``alpha > 0``, ``+inf`` for ``alpha <= 0`` (``0^alpha``
+    is infinite); where Q is 0: ``p / (1 - alpha)`` for ``alpha < 1``, ``+inf`` above; 0
+    where both are. A negative probability is ``+inf``; NaN propagates.
+    """
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")  # finite: from safe values
+    if alpha >= 0.5:
+        both = wp.w * _alpha_gap(xp, d, alpha)
+    else:
+        both = wq.w * _alpha_gap(xp, -d, 1.0 - alpha)
+    both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
+    only_q = wq.w / alpha if alpha > 0.0 else xp.full_like(wq.w, math.inf)
+    only_p = wp.w / (1.0 - alpha) if alpha < 1.0 else xp.full_like(wp.w, math.inf)
+    terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, only_q), xp.where(wq.zero, only_p, both))
+    return _outside_and_nan(xp, terms, wp, wq)
+
+
+def renyi_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+    alpha: float = 0.5,
+) -> tuple[Array, Array, Array]:
+    """What :func:`renyi_finish` takes, pointwise; the record sums the first two and
+    takes the maximum of the third.
+
+    1. The alpha-divergence's terms (:func:`alpha_terms`), whose sum ``A`` gives ``1 - S =
+       a (1 - a) A`` for ``S = sum p^a q^(1-a)``, with full accuracy near ``alpha = 1`` and
+       near ``P = Q`` (at ``alpha = 0``: Q where P is 0, whose sum is ``1 - S``).
+    2. ``exp(e - M)`` with ``e = a log p + (1 - a) log q`` and ``M`` its maximum over the
+       distribution (0 where that is not finite): ``S = e^M sum exp(e - M)``, which serves
+       where ``S`` is far from 1 (``1 - a (1 - a) A`` would cancel, or ``A`` overflow where
+       ``S`` itself does not fit the dtype: ``q / p`` beyond ``e^(709 / (a - 1))``).
+    3. ``M``, broadcast along the distribution.
+
+    ``p^a`` is 0 where P is 0 (``a > 0``); ``q^(1-a)`` is 0 where Q is 0 for ``a < 1`` and
+    ``+inf`` for ``a > 1``. At ``alpha = 1`` only the first is used.
+    """
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    if alpha == 0.0:
+        gaps = _outside_and_nan(xp, xp.where(wp.zero, wq.w, 0.0), wp, wq)
+        e = xp.where(wp.zero | wq.zero, -math.inf, wq.log_w)  # q^1 on the support of P
+    else:
+        gaps = alpha_terms(
+            xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature, alpha=alpha
+        )
+        e = alpha * wp.log_w + (1.0 - alpha) * wq.log_w  # finite: safe logs
+        q_zero = -math.inf if alpha < 1.0 else math.inf
+        e = xp.where(wp.zero, -math.inf, xp.where(wq.zero, q_zero, e))
+    top = xp.max(e, axis=axis, keepdims=True)
+    top = xp.where((top == math.inf) | (top == -math.inf), 0.0, top)
+    shifted = _outside_and_nan(xp, xp.exp(e - top), wp, wq)
+    return gaps, shifted, xp.broadcast_to(top, shifted.shape)
+
+
+def renyi_finish(
+    xp: ModuleType, gaps: Array, shifted: Array, top: Array, *, alpha: float = 0.5
+) -> Array:
+    """Rényi's divergence of order `alpha` from :func:`renyi_terms`' row sums (``A``,
+    ``sum exp(e - M)``) and ``M``: ``log(S) / (alpha - 1)``.
+
+    Where ``|1 - S| = |a (1 - a) A| < 1/2``, ``log S = log1p(-a (1 - a) A)``, accurate however
+    small ``1 - S`` and ``alpha - 1`` are: at ``alpha -> 1`` it tends to KL(P || Q) without a
+    cliff. Elsewhere ``log S = M + log(sum exp(e - M))``, well conditioned there (``|log S|``
+    is at least ``log(3/2)``) and free of overflow. At ``alpha = 1``: ``A``, the KL.
+    """
+    if alpha == 1.0:
+        return gaps
+    c = gaps if alpha == 0.0 else (alpha * (1.0 - alpha)) * gaps
+    near = (c < 0.5) & (c > -0.5)
+    log_s = xp.where(
+        near,
+        xp.log1p(-xp.where(near, c, 0.0)),
+        top + xp.log(xp.where(near, 1.0, shifted)),
+    )
+    return log_s / (alpha - 1.0)
+
+
+def max_log_ratio_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+) -> Array:
+    """``log(p / q)`` pointwise, whose maximum over the distribution is Rényi's
+    divergence of order infinity: ``-inf`` where P is 0, ``+inf`` where only Q is;
+    a negative probability is ``+inf``; NaN propagates."""
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")
+    terms = xp.where(wp.zero, -math.inf, xp.where(wq.zero, math.inf, d))
+    return _outside_and_nan(xp, terms, wp, wq)
+
+
 def _zero_weight(zero: Array, b: float) -> Array:
     """Where the weight ``b * w`` is 0: everywhere if the Python float `b` is 0."""
     return zero | ~zero if b == 0 else zero
@@ -464,7 +610,9 @@ def record_rows(
 ) -> Array:
     """One value per distribution of the divergence `record` (a
     :class:`klx._divergence_table.Divergence`), by its definition: its terms (on the
-    inputs as its ``reads`` asks), summed over `axis`, then its ``finish``."""
+    inputs as its ``reads`` asks), summed over `axis` (each array of them, where they are
+    several; their maximum where the record's ``combine`` says 'max'), then its
+    ``finish``."""
     opts = dict(options)
     if record.reads == "forms":
         terms = record.terms(
@@ -482,8 +630,19 @@ def record_rows(
         p = convert(xp, p, p_form, axis, temperature)
         q = convert(xp, q, q_form, axis, temperature)
         terms = record.terms(xp, p, q, **opts)
-    rows = sum_along(xp, terms, axis)
-    return rows if record.finish is None else record.finish(xp, rows, **opts)
+    arrays = _as_tuple(terms)
+    combine = record.combine
+    kinds = combine if isinstance(combine, tuple) else (combine,) * len(arrays)
+    sums = tuple(
+        xp.max(t, axis=axis) if kind == "max" else sum_along(xp, t, axis)
+        for t, kind in zip(arrays, kinds, strict=True)
+    )
+    return sums[0] if record.finish is None else record.finish(xp, *sums, **opts)
+
+
+def _as_tuple(terms: Array | tuple[Array, ...]) -> tuple[Array, ...]:
+    """A record's terms as a tuple of arrays (one per sum its ``finish`` takes)."""
+    return terms if isinstance(terms, tuple) else (terms,)
 
 
 def divergence_rows(

@@ -117,6 +117,10 @@ def full(
     return mx.full(shape, fill_value, dtype=dtype)
 
 
+def full_like(x: Array, /, fill_value: Any, *, dtype: Any = None, device: Any = None) -> Array:
+    return mx.full(x.shape, fill_value, dtype=x.dtype if dtype is None else dtype)
+
+
 def arange(
     start: Any, /, stop: Any = None, step: Any = 1, *, dtype: Any = None, device: Any = None
 ) -> Array:

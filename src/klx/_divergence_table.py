@@ -24,7 +24,7 @@ from typing import Any
 
 from klx import _agnostic
 from klx import _closed_forms as closed_forms
-from klx._checks import mixture_weight
+from klx._checks import alpha_order, mixture_weight, renyi_order
 from klx._typing import Array
 
 __all__ = [
@@ -55,6 +55,9 @@ RESERVED = frozenset(
 #: axis and temperature: the built-in terms, which keep full accuracy from any form),
 #: 'probs' or 'log_probs' (klx converts both sides first).
 READS = ("forms", "probs", "log_probs")
+#: How a record's terms are combined along the distribution: summed, or their maximum
+#: (Rényi's order infinity, ``log max p / q``).
+COMBINES = ("sum", "max")
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,9 @@ class Divergence:
         divergence=name)``, the accelerator table's kinds.
     terms : callable
         Its pointwise terms, whose sum over the distribution axis is the divergence of one
-        pair (before `finish`). With ``reads='forms'``: ``terms(xp, p, q, *, p_form,
-        q_form, axis, temperature, **options)``; with 'probs' or 'log_probs':
+        pair (before `finish`); or a tuple of such arrays, one per sum `finish` takes.
+        With ``reads='forms'``: ``terms(xp, p, q, *, p_form, q_form, axis, temperature,
+        **options)``; with 'probs' or 'log_probs':
         ``terms(xp, p, q, **options)`` on both sides converted so (in the accumulation
         dtype, dropped rows already replaced by safe ones). Written against `xp` only.
     formula : str
@@ -104,10 +108,14 @@ class Divergence:
     reads : {'forms', 'probs', 'log_probs'}
         What `terms` takes (see there). Default 'probs'.
     finish : callable, optional
-        ``finish(xp, sums, **options)``: the divergence from the per-distribution sums of
-        the terms, for a divergence that is not a plain sum (Rényi's log of a sum). Applied
-        per distribution, after the sum and before masks and reductions, so it works
-        when rows are computed in pieces (blocks, chunks, Dask).
+        ``finish(xp, *sums, **options)``: the divergence from the per-distribution sums of
+        the terms (one per array of terms), for a divergence that is not a plain sum
+        (Rényi's log of a sum). Applied per distribution, after the sum and before masks
+        and reductions, so it works when rows are computed in pieces (blocks, chunks,
+        Dask).
+    combine : {'sum', 'max'} or tuple of them
+        How the terms are combined along the distribution: 'sum' (the default), or
+        'max' (Rényi's order infinity); one per array where `terms` gives several.
     logits_derivatives : callable, optional
         Its derivatives from logits in closed form, ``f(xp, call, t, s, rows, *, need_t,
         need_s)`` (see :mod:`klx._closed_forms`); the closed-form accelerators serve
@@ -124,6 +132,7 @@ class Divergence:
     options: tuple[Option, ...] = ()
     reads: str = "probs"
     finish: Callable[..., Array] | None = None
+    combine: str | tuple[str, ...] = "sum"
     logits_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = None
     public: str = ""
 
@@ -154,6 +163,13 @@ class Divergence:
             raise TypeError(msg)
         if self.reads not in READS:
             msg = f"`reads` of {self.name!r} must be one of {READS}, got {self.reads!r}."
+            raise ValueError(msg)
+        kinds = self.combine if isinstance(self.combine, tuple) else (self.combine,)
+        if not kinds or not all(k in COMBINES for k in kinds):
+            msg = (
+                f"`combine` of {self.name!r} must be one of {COMBINES} (or a tuple of them, one "
+                f"per array of terms), got {self.combine!r}."
+            )
             raise ValueError(msg)
         names = [o.name for o in self.options]
         if len(set(names)) != len(names):
@@ -336,6 +352,33 @@ for _record in (
         aliases=("tvd",),
         reads="forms",
         public="tv_distance",
+    ),
+    Divergence(
+        "alpha",
+        _agnostic.alpha_terms,
+        formula="sum[alpha p + (1 - alpha) q - p^alpha q^(1 - alpha)] / (alpha (1 - alpha))",
+        options=(Option("alpha", 0.5, alpha_order, "any real; 1: KL(P || Q), 0: KL(Q || P)"),),
+        reads="forms",
+        public="alpha_divergence",
+    ),
+    Divergence(
+        "renyi",
+        _agnostic.renyi_terms,
+        formula="log(sum p^alpha q^(1 - alpha)) / (alpha - 1)",
+        options=(Option("alpha", 0.5, renyi_order, "its order, >= 0; 1: KL(P || Q)"),),
+        reads="forms",
+        finish=_agnostic.renyi_finish,
+        combine=("sum", "sum", "max"),
+        public="renyi_divergence",
+    ),
+    Divergence(
+        "renyi_inf",
+        _agnostic.max_log_ratio_terms,
+        formula="log max(p / q): Rényi's order alpha = inf",
+        aliases=("max_divergence",),
+        reads="forms",
+        combine="max",
+        public="renyi_divergence",
     ),
 ):
     register(_record)

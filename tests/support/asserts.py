@@ -6,9 +6,10 @@ import importlib.util
 import os
 
 import array_api_compat
+import numpy as np
 import pytest
 
-__all__ = ["check_array", "cuda_route", "triton_device"]
+__all__ = ["assert_within_ulps", "check_array", "cuda_route", "triton_device"]
 
 
 def check_array(backend, result, like, dtype, shape) -> None:
@@ -58,3 +59,20 @@ def cuda_route(backend, monkeypatch) -> None:
     triton_device()  # skips without triton or TRITON_INTERPRET=1
     monkeypatch.setitem(gates.DEVICE_ALIASES, "cpu", "cuda")
     registry.reset_checks()
+
+
+def assert_within_ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
+    """float64: within 4 ulps of the value or 1e-15 absolute; float32: 1e-6 relative
+    (or 1e-12 absolute). Infinities must match. Returns the worst error in units of the
+    tolerance."""
+    got = np.asarray(got, dtype=np.float64)
+    inf = np.isinf(want)
+    np.testing.assert_array_equal(got[inf], want[inf])
+    g, w = got[~inf], want[~inf]
+    if dtype == "float64":
+        tol = np.maximum(4 * np.spacing(np.abs(w)), 1e-15)
+    else:
+        tol = np.maximum(1e-6 * np.abs(w), 1e-12)
+    ratio = np.abs(g - w) / tol
+    assert np.all(ratio <= 1.0), (g, w, ratio)
+    return float(ratio.max(initial=0.0))

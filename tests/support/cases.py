@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 
 import numpy as np
@@ -107,7 +109,13 @@ _REFERENCE_ROWS = {
     "js": lambda p, q, beta=0.5: reference.js_rows(p, q, -1, beta),
     "skew_kl": lambda p, q, alpha=0.1: reference.skew_kl_rows(p, q, -1, alpha)[0],
     "tv": lambda p, q: reference.tv_rows(p, q, -1)[0],
+    "alpha": lambda p, q, alpha=0.5: reference.alpha_rows(p, q, alpha),
+    "renyi": lambda p, q, alpha=0.5: reference.renyi_rows(p, q, alpha),
+    "renyi_inf": lambda p, q: reference.renyi_rows(p, q, math.inf),
 }
+#: Arguments a record's public function takes besides its options: Rényi's order
+#: infinity is ``renyi_divergence(p, q, alpha=math.inf)``.
+_PUBLIC_ARGUMENTS = {"renyi_inf": {"alpha": math.inf}}
 
 
 def divergence_cases(options=None, closed_form=False):
@@ -128,9 +136,12 @@ def divergence_cases(options=None, closed_form=False):
                 "_REFERENCE_ROWS in tests/support/cases.py"
             )
             raise AssertionError(msg)
-        opts = dict(options.get(record.name, {}))
+        opts = {o.name: o.default for o in record.options} | dict(options.get(record.name, {}))
         ref = _REFERENCE_ROWS[record.name]
         fn = getattr(klx, record.public)
+        args = _PUBLIC_ARGUMENTS.get(record.name, {})
+        if args:
+            fn = functools.partial(fn, **args)
         cases[record.name] = (fn, opts, lambda p, q, ref=ref, opts=opts: ref(p, q, **opts))
     return cases
 
@@ -147,3 +158,29 @@ def top_k_case(rng, batch, vocab, k, temperature=1.0, masked_vocab=False):
     idx = rng.permuted(order, axis=-1)  # any order
     lp = np.take_along_axis(lp_full, idx, axis=-1)
     return idx, lp, s, np.exp(log_softmax(s / temperature, axis=-1))
+
+
+def small_cases() -> tuple[np.ndarray, np.ndarray]:
+    """Rows of dyadic distributions (each sums to 1 exactly, in float32 too): nearly
+    equal, one-hot, zeros in P, zeros in Q, and an ordinary pair."""
+    e = 2.0**-20
+    p = [
+        [0.25, 0.25, 0.5, 0.0],
+        [1.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0, 0.0],
+        [0.125, 0.375, 0.25, 0.25],
+        [0.0625, 0.1875, 0.5, 0.25],
+    ]
+    q = [
+        [0.25 + e, 0.25 - e, 0.5, 0.0],
+        [0.5, 0.25, 0.125, 0.125],
+        [0.25, 0.25, 0.25, 0.25],
+        [0.5, 0.5, 0.0, 0.0],
+        [0.25, 0.25, 0.25, 0.25],
+    ]
+    return np.array(p), np.array(q)
+
+
+def exact_logits(x: np.ndarray) -> np.ndarray:
+    """log x, -inf where x is 0."""
+    return np.where(x > 0, np.log(np.where(x > 0, x, 1.0)), -np.inf)
