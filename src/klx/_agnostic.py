@@ -48,6 +48,7 @@ __all__ = [
     "log_weight",
     "mask_rows",
     "max_log_ratio_terms",
+    "mix_terms",
     "plain_logs",
     "probabilities",
     "record_rows",
@@ -284,9 +285,7 @@ def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature:
     _, log_q, p_zero, q_zero, lp, lq = plain_logs(xp, p, q, axis, temperature)
     pw, qw = xp.exp(lp), xp.exp(lq)
     d = lp - log_q
-    small = d > -1.0
-    ds = xp.where(small, d, 0.0)
-    terms = xp.where(small, pw * (ds + expm1(xp, -ds)), pw * d + (qw - pw))
+    terms = _gap(xp, pw, d, qw)
     constant = xp.zeros_like(terms)  # (no derivative: the values below are constants)
     # P positive but too small for the dtype (a logit 150 below the others in float32):
     # 0, or +inf against q = 0 (not 0 * inf)
@@ -447,6 +446,50 @@ def tv_terms(
     wp = probabilities(xp, p, p_form, axis, temperature)
     wq = probabilities(xp, q, q_form, axis, temperature)
     return 0.5 * xp.abs(wp - wq)
+
+
+def _gap(xp: ModuleType, w: Array, d: Array, other: Array) -> Array:
+    """``w d + other - w`` (``w = p``, ``other = q``, ``d = log p - log q``), as
+    ``w (d + expm1(-d))`` where ``d > -1``: ``>= 0``, and free of cancellation near ``d =
+    0``; beyond, where ``expm1(-d)`` could overflow, as written."""
+    small = d > -1.0
+    ds = xp.where(small, d, 0.0)
+    return xp.where(small, w * (ds + expm1(xp, -ds)), w * d + (other - w))
+
+
+def mix_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+    lam: float = 0.5,
+) -> Array:
+    """Pointwise terms of ``lam KL(P || Q) + (1 - lam) KL(Q || P)``, both from one
+    ``d = log p - log q``.
+
+    Each direction's term is taken with the other side's ``q - p`` added (``p d + q - p``
+    and ``-q d + p - q``, :func:`_gap`), as KL's terms between logits are: ``>= 0`` term by
+    term, exactly 0 where ``p = q``, with no cancellation near P = Q; for two
+    distributions the added parts sum to 0. Where P is 0: ``lam q`` plus ``+inf`` unless
+    ``lam = 1``; where Q is 0: ``(1 - lam) p`` plus ``+inf`` unless ``lam = 0``; 0 where
+    both are. A negative probability is ``+inf``; NaN propagates.
+    """
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")
+    both = 0.0
+    if lam > 0.0:
+        both = lam * _gap(xp, wp.w, d, wq.w)
+    if lam < 1.0:
+        both = both + (1.0 - lam) * _gap(xp, wq.w, -d, wp.w)
+    only_q = lam * wq.w if lam == 1.0 else xp.full_like(wq.w, math.inf)  # P is 0
+    only_p = (1.0 - lam) * wp.w if lam == 0.0 else xp.full_like(wp.w, math.inf)  # Q is 0
+    terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, only_q), xp.where(wq.zero, only_p, both))
+    return _outside_and_nan(xp, terms, wp, wq)
 
 
 def _expm1_minus(xp: ModuleType, x: Array) -> Array:

@@ -36,7 +36,7 @@ from klx._typing import Array
 if TYPE_CHECKING:
     from klx._typing import DivergenceCall
 
-__all__ = ["js_derivatives", "kl_derivatives", "skew_kl_derivatives"]
+__all__ = ["js_derivatives", "kl_derivatives", "mix_derivatives", "skew_kl_derivatives"]
 
 
 class _Sides(NamedTuple):
@@ -49,13 +49,14 @@ class _Sides(NamedTuple):
     lq: Array
     p_zero: Array
     q_zero: Array
-    #: ``log q`` as it is (``-inf`` where Q is 0; `lq` is 0 there).
+    #: ``log q`` and ``log p`` as they are (``-inf`` where a side is 0; `lq`, `lp` are 0).
     log_q: Array
+    log_p: Array
 
 
 def _sides(xp: ModuleType, call: DivergenceCall, t: Array, s: Array) -> _Sides:
     log_p, log_q, p_zero, q_zero, lp, lq = plain_logs(xp, t, s, call.axis, call.temperature)
-    return _Sides(xp.exp(log_p), xp.exp(log_q), lp, lq, p_zero, q_zero, log_q)
+    return _Sides(xp.exp(log_p), xp.exp(log_q), lp, lq, p_zero, q_zero, log_q, log_p)
 
 
 def _transport(xp: ModuleType, axis: int, w: Array, g: Array) -> Array:
@@ -154,4 +155,42 @@ def skew_kl_derivatives(
     r = xp.where(w.p_zero, 0.0, xp.exp(xp.where(w.p_zero, 0.0, u)))  # p / m
     c_t = _transport(xp, call.axis, w.p, u + 1.0 - weight * r) if need_t else None
     c_s = -(1.0 - weight) * _transport(xp, call.axis, w.q, r) if need_s else None
+    return c_t, c_s
+
+
+def mix_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    t: Array,
+    s: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """``(c_t, c_s)`` of ``lam KL(P || Q) + (1 - lam) KL(Q || P)`` (as
+    :func:`kl_derivatives`): each direction's, weighted. KL(Q || P)'s are KL's with the
+    sides swapped: ``c_t = p - q``, ``c_s = q (-d - KL(Q || P))``."""
+    lam = dict(call.options)["lam"]
+    w = _sides(xp, call, t, s)
+    d = w.lp - w.lq
+    c_t = c_s = None
+    if lam > 0.0:
+        if need_t:
+            kl = xp.sum(
+                xp.where(w.p_zero, 0.0, w.p * (w.lp - w.log_q)), axis=call.axis, keepdims=True
+            )
+            c_t = lam * xp.where(w.p_zero, 0.0, w.p * (d - kl))
+        if need_s:
+            c_s = lam * (w.q - w.p)
+    if lam < 1.0:
+        if need_t:
+            back = (1.0 - lam) * (w.p - w.q)
+            c_t = back if c_t is None else c_t + back
+        if need_s:
+            kl = xp.sum(
+                xp.where(w.q_zero, 0.0, w.q * (w.lq - w.log_p)), axis=call.axis, keepdims=True
+            )
+            back = (1.0 - lam) * xp.where(w.q_zero, 0.0, w.q * (-d - kl))
+            c_s = back if c_s is None else c_s + back
     return c_t, c_s

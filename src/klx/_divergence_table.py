@@ -312,6 +312,7 @@ def markdown_table() -> str:
         name = " / ".join(f"`{n}`" for n in (r.name, *r.aliases))
         fn = f"`klx.{r.public}`" if r.public else f'`klx.divergence(p, q, "{r.name}")`'
         opts = "; ".join(f"`{o.name}` = {o.default:g}: {o.doc}" for o in r.options) or "-"
+        opts = opts.replace("|", "\\|")
         closed = "yes" if r.logits_derivatives is not None else "no"
         formula = "`" + r.formula.replace("|", "\\|") + "`" if r.formula else "-"
         lines.append(f"| {name} | {fn} | {formula} | {opts} | {closed} |")
@@ -352,6 +353,18 @@ for _record in (
         aliases=("tvd",),
         reads="forms",
         public="tv_distance",
+    ),
+    Divergence(
+        "mix",
+        _agnostic.mix_terms,
+        formula="lam KL(P || Q) + (1 - lam) KL(Q || P)",
+        options=(
+            Option(
+                "lam", 0.5, mixture_weight, "the weight of KL(P || Q), in [0, 1]; 1/2: symmetric"
+            ),
+        ),
+        reads="forms",
+        logits_derivatives=closed_forms.mix_derivatives,
     ),
     Divergence(
         "alpha",

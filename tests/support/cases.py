@@ -112,10 +112,17 @@ _REFERENCE_ROWS = {
     "alpha": lambda p, q, alpha=0.5: reference.alpha_rows(p, q, alpha),
     "renyi": lambda p, q, alpha=0.5: reference.renyi_rows(p, q, alpha),
     "renyi_inf": lambda p, q: reference.renyi_rows(p, q, math.inf),
+    "mix": lambda p, q, lam=0.5: reference.mix_rows(p, q, lam),
 }
 #: Arguments a record's public function takes besides its options: Rényi's order
 #: infinity is ``renyi_divergence(p, q, alpha=math.inf)``.
 _PUBLIC_ARGUMENTS = {"renyi_inf": {"alpha": math.inf}}
+
+
+def _by_name(p, q, kind, **kwargs):
+    import klx
+
+    return klx.divergence(p, q, kind, **kwargs)
 
 
 def divergence_cases(options=None, closed_form=False):
@@ -138,7 +145,10 @@ def divergence_cases(options=None, closed_form=False):
             raise AssertionError(msg)
         opts = {o.name: o.default for o in record.options} | dict(options.get(record.name, {}))
         ref = _REFERENCE_ROWS[record.name]
-        fn = getattr(klx, record.public)
+        if record.public:
+            fn = getattr(klx, record.public)
+        else:  # served by name only
+            fn = functools.partial(_by_name, kind=record.name)
         args = _PUBLIC_ARGUMENTS.get(record.name, {})
         if args:
             fn = functools.partial(fn, **args)

@@ -1,0 +1,178 @@
+"""The forward/reverse mixture ``lam KL(P || Q) + (1 - lam) KL(Q || P)`` (by name, 'mix'):
+against mpmath at 50 digits, the weighted sum of the two KLs, near P = Q from logits,
+its closed-form gradients (traced too) against autodiff of the textbook formula,
+fused-linear with gradients, hypothesis properties, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import klx
+from support import reference
+from support.asserts import assert_within_ulps, check_array
+from support.cases import small_cases
+from support.strategies import SETTINGS, another, distributions
+
+LAMS = [0.0, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("lam", LAMS)
+def test_against_mpmath(backend, xp, lam, dtype, conformance):
+    p, q = small_cases()
+    bp, bq = backend.asarray(p, dtype), backend.asarray(q, dtype)
+    got = klx.divergence(bp, bq, "mix", lam=lam)
+    check_array(backend, got, bp, dtype, (5,))
+    want = reference.mix_rows(p, q, lam)
+    err = assert_within_ulps(backend.to_numpy(got), want, dtype)
+    conformance(
+        f"{backend.id} {dtype} forward/reverse KL mix vs mpmath",
+        f"lam={lam:g}",
+        err,
+        1.0,
+        value=backend.to_numpy(got),
+    )
+
+
+@SETTINGS
+@given(data=st.data(), lam=st.floats(0.0, 1.0))
+def test_is_the_weighted_sum_of_both_kls(backend, data, lam):
+    p = data.draw(distributions(zeros=False))
+    q = another(data, p)
+    bp, bq = backend.asarray(p), backend.asarray(q)
+    got = backend.to_numpy(klx.divergence(bp, bq, "mix", lam=lam))
+    fwd, rev = reference.kl_rows(p, q, -1)[0], reference.kl_rows(q, p, -1)[0]
+    with np.errstate(invalid="ignore"):  # a direction of weight 0 adds nothing
+        want = np.where(lam == 0.0, 0.0, lam * fwd) + np.where(lam == 1.0, 0.0, (1 - lam) * rev)
+    assert np.all(got >= 0)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(backend.to_numpy(klx.divergence(bp, bp, "mix", lam=lam)), 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_near_p_equal_q_from_logits(backend, dtype):
+    """Logits 1e-3 apart: each direction's terms are >= 0, none cancels."""
+    from scipy.special import log_softmax
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(8, 1000))
+    zq = z + 1e-3 * rng.normal(size=z.shape)
+    z, zq = z.astype(dtype).astype(np.float64), zq.astype(dtype).astype(np.float64)
+    lp, lq = log_softmax(z, -1), log_softmax(zq, -1)
+    want = 0.5 * np.sum(np.exp(lp) * (lp - lq), -1) + 0.5 * np.sum(np.exp(lq) * (lq - lp), -1)
+    got = klx.divergence(
+        backend.asarray(z, dtype),
+        backend.asarray(zq, dtype),
+        "mix",
+        p_form="logits",
+        q_form="logits",
+    )
+    got = backend.to_numpy(got)
+    assert np.all(got >= 0)
+    np.testing.assert_allclose(got, want, rtol={"float64": 1e-9, "float32": 3e-4}[dtype])
+
+
+def _textbook(lib, lp, lq, lam):
+    p, q = lib.exp(lp), lib.exp(lq)
+    return lib.sum(lam * p * (lp - lq) + (1 - lam) * q * (lq - lp))
+
+
+@pytest.mark.backends("torch", "jax", reason="closed-form gradients, eager and traced")
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+@pytest.mark.filterwarnings(  # torch's, from its compiled autograd.Function
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+def test_gradients_match_autodiff_of_the_formula(backend, lam):
+    rng = np.random.default_rng(6)
+    zp, zq = rng.normal(size=(3, 9)), rng.normal(size=(3, 9))
+    t = 1.5
+    if backend.name == "torch":
+        import torch
+
+        def grads(f, *args):
+            a = [torch.tensor(x, requires_grad=True) for x in args]
+            return [g.numpy() for g in torch.autograd.grad(f(*a), a)]
+
+        def mine(a, b):
+            return klx.divergence(
+                a, b, "mix", lam=lam, p_form="logits", q_form="logits", temperature=t
+            ).sum()
+
+        def ref(a, b):
+            return _textbook(torch, torch.log_softmax(a / t, -1), torch.log_softmax(b / t, -1), lam)
+
+        compiled = torch.compile(mine, fullgraph=True)
+        got, want, traced = grads(mine, zp, zq), grads(ref, zp, zq), grads(compiled, zp, zq)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def mine(a, b):
+            return klx.divergence(
+                a, b, "mix", lam=lam, p_form="logits", q_form="logits", temperature=t
+            ).sum()
+
+        def ref(a, b):
+            ls = jax.nn.log_softmax
+            return _textbook(jnp, ls(a / t), ls(b / t), lam)
+
+        args = (jnp.asarray(zp), jnp.asarray(zq))
+        got = [np.asarray(g) for g in jax.grad(mine, argnums=(0, 1))(*args)]
+        want = [np.asarray(g) for g in jax.grad(ref, argnums=(0, 1))(*args)]
+        traced = [np.asarray(g) for g in jax.jit(jax.grad(mine, argnums=(0, 1)))(*args)]
+    for g, gt, w in zip(got, traced, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(gt, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.backends("numpy", "torch", "jax", reason="fused_linear_divergence's own paths")
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.8])
+def test_fused_linear_value_and_gradients(backend, lam):
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(9)
+    h, w_t, w_s = rng.normal(size=(6, 4)), rng.normal(size=(9, 4)) / 2, rng.normal(size=(9, 4)) / 2
+    want = reference.mix_rows(softmax(h @ w_t.T, axis=-1), softmax(h @ w_s.T, axis=-1), lam)
+    args = [backend.asarray(a) for a in (h, w_t, h, w_s)]
+    kw = {"divergence": "mix", "lam": lam, "chunk_size": 4}
+    got = klx.fused_linear_divergence(*args, reduction="none", **kw)
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-12)
+    if backend.name == "numpy":
+        return
+    if backend.name == "torch":
+        import torch
+
+        ws = torch.tensor(w_s, requires_grad=True)
+        klx.fused_linear_divergence(*args[:3], ws, reduction="sum", **kw).backward()
+        grad = ws.grad.numpy()
+        wr = torch.tensor(w_s, requires_grad=True)
+        lp = torch.log_softmax(torch.tensor(h) @ torch.tensor(w_t).T, -1)
+        lq = torch.log_softmax(torch.tensor(h) @ wr.T, -1)
+        _textbook(torch, lp, lq, lam).backward()
+        ref = wr.grad.numpy()
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def f(ws):
+            return klx.fused_linear_divergence(*args[:3], ws, reduction="sum", **kw)
+
+        def g(ws):
+            ls = jax.nn.log_softmax
+            return _textbook(jnp, ls(args[0] @ args[1].T), ls(args[0] @ ws.T), lam)
+
+        grad = np.asarray(jax.grad(f)(jnp.asarray(w_s)))
+        ref = np.asarray(jax.grad(g)(jnp.asarray(w_s)))
+    np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.backends("numpy", reason="argument checks, backend-independent")
+@pytest.mark.parametrize(("lam", "error"), [(1.5, ValueError), ("0.5", TypeError)])
+def test_bad_weights_are_refused(backend, lam, error):
+    p, q = small_cases()
+    with pytest.raises(error, match="`lam`"):
+        klx.divergence(p, q, "mix", lam=lam)
