@@ -41,6 +41,7 @@ __all__ = [
     "divergence_rows",
     "divide",
     "finish_rows",
+    "generalized_kl_terms",
     "js_terms",
     "kl_div",
     "kl_terms",
@@ -455,6 +456,28 @@ def _gap(xp: ModuleType, w: Array, d: Array, other: Array) -> Array:
     small = d > -1.0
     ds = xp.where(small, d, 0.0)
     return xp.where(small, w * (ds + expm1(xp, -ds)), w * d + (other - w))
+
+
+def generalized_kl_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+) -> Array:
+    """Pointwise terms ``p log(p / q) - p + q`` of the KL between non-negative measures
+    (:func:`scipy.special.kl_div`'s), as ``p (d + expm1(-d))`` (:func:`_gap`): ``>= 0``,
+    exact near ``p = q``. ``q`` where P is 0; ``+inf`` where only Q is; a negative entry is
+    ``+inf``; NaN propagates. Probabilities only (the record's ``measures``)."""
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    d = _log_ratio(xp, wp, wq, True)
+    gap = _gap(xp, wp.w, d, wq.w)
+    terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, wq.w), xp.where(wq.zero, math.inf, gap))
+    return _outside_and_nan(xp, terms, wp, wq)
 
 
 def mix_terms(

@@ -168,6 +168,14 @@ def parse_divergence(
     check_float(xp, "p", p)
     check_float(xp, "q", q)
     forms = (check_form("p_form", p_form), check_form("q_form", q_form))
+    if record.measures and forms != ("probs", "probs"):
+        msg = (
+            f"the divergence {record.name!r} takes non-negative measures as they are, "
+            f"given as probs, but p_form={forms[0]!r} and q_form={forms[1]!r}: log-probabilities "
+            "and logits are normalised distributions; use the normalised divergence "
+            "(normalized=True) for them."
+        )
+        raise ValueError(msg)
     t = check_temperature(temperature, forms, xp)
     red = check_reduction(reduction, REDUCTIONS)
     norm = check_normalizer(xp, normalizer, red)

@@ -123,6 +123,10 @@ class Divergence:
     public : str
         The name of its own public function, if it has one (for the docs and
         :func:`klx.explain`).
+    measures : bool
+        Whether its terms take non-negative measures as they are (SciPy's
+        ``special.kl_div``), not distributions: given as probs only, and validation then
+        checks each entry, not that each distribution sums to 1. Default False.
     """
 
     name: str
@@ -135,6 +139,7 @@ class Divergence:
     combine: str | tuple[str, ...] = "sum"
     logits_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = None
     public: str = ""
+    measures: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -353,6 +358,14 @@ for _record in (
         aliases=("tvd",),
         reads="forms",
         public="tv_distance",
+    ),
+    Divergence(
+        "generalized_kl",
+        _agnostic.generalized_kl_terms,
+        formula="sum p log(p / q) - p + q of measures: kl_divergence(normalized=False)",
+        reads="forms",
+        public="kl_divergence",
+        measures=True,
     ),
     Divergence(
         "mix",

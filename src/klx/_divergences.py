@@ -51,6 +51,7 @@ def kl_divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    normalized: bool = True,
 ) -> Array:
     r"""The Kullback-Leibler divergence KL(P || Q), in the order the formula reads.
 
@@ -104,6 +105,12 @@ def kl_divergence(
         the step's mean. A number >= 0, or a 0-d integer or floating array of the
         inputs' library and device (its value is read only in validation mode). A
         normalizer of 0 (a step without tokens) divides by 1: the result is 0.
+    normalized : bool, optional
+        True (the default): `p` and `q` are distributions. False: non-negative measures,
+        taken as they are, and the generalized KL :math:`\sum_i p_i \log(p_i / q_i) - p_i +
+        q_i` (SciPy's ``special.kl_div`` summed; also by name, ``"generalized_kl"``); probs
+        only (log-probabilities and logits are distributions), and validation checks each
+        entry, not the sums. For two distributions both give the KL.
 
     Returns
     -------
@@ -117,6 +124,7 @@ def kl_divergence(
     js_divergence : The symmetric, bounded Jensen-Shannon divergence.
     skew_kl_divergence : KL(P || alpha P + (1 - alpha) Q), finite wherever P is.
     scipy.special.rel_entr : The pointwise terms in SciPy; ``rel_entr(p, q).sum(axis)``.
+    scipy.special.kl_div : The generalized terms, ``normalized=False``.
     scipy.stats.entropy : ``entropy(p, q, axis=axis)`` normalises first, then gives the KL.
     torch.nn.functional.kl_div : ``kl_div(log(q), p, reduction='batchmean')`` for 2-D input.
     optax.kl_divergence : ``kl_divergence(log(q), p)``, the same reversed order as torch.
@@ -131,6 +139,8 @@ def kl_divergence(
     array(0.6931...)
     >>> klx.kl_divergence(q, p)  # Q puts mass where P has none
     array(inf)
+    >>> klx.kl_divergence(np.array([2.0, 1.0]), np.array([1.0, 1.0]), normalized=False)
+    array(0.3862...)
 
     Knowledge distillation, with temperature and a padding mask:
 
@@ -141,8 +151,11 @@ def kl_divergence(
     ...                   temperature=2.0, where=keep, reduction="batchmean")
     array(0.0152...)
     """
+    if not isinstance(normalized, bool):  # (user code is not type-checked)
+        msg = f"`normalized` must be True or False, got {normalized!r}."  # type: ignore[unreachable]
+        raise TypeError(msg)
     call = parse_divergence(
-        "kl",
+        "kl" if normalized else "generalized_kl",
         p,
         q,
         axis=axis,
@@ -552,7 +565,7 @@ def evaluate(call: DivergenceCall) -> Array:
                 name,
                 x,
                 form,
-                axis=call.axis,
+                axis=None if call.divergence.measures else call.axis,
                 keep_full=call.keep,
                 hint_log=hint_log,
                 hint_probs=hint_probs,

@@ -108,3 +108,68 @@ def test_agrees_with_reference(backend, data):
     else:
         got = klx.kl_div(backend.asarray(log_q), backend.asarray(p), reduction=reduction)
     assert reference.rel_error(backend.to_numpy(got), ref, np.maximum(ref_scale, 1e-200)) <= 1e-11
+
+
+# --------------------------------------------------------------------------- measures
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_generalized_kl_of_measures_is_scipys_kl_div(backend, xp, dtype):
+    """normalized=False: non-negative measures as they are, SciPy's special.kl_div summed
+    (zeros on either side, masses that do not sum to 1, nearly equal entries)."""
+    from scipy import special
+
+    from support.asserts import check_array
+
+    p = np.array([[2.0, 1.0, 0.0, 0.5], [3.0, 0.25, 0.25, 1.0], [1.0, 1.0 + 2.0**-20, 4.0, 0.0]])
+    q = np.array([[1.0, 1.0, 0.5, 0.5], [1.0, 0.5, 0.0, 1.0], [1.0, 1.0, 4.0, 0.0]])
+    bp, bq = backend.asarray(p, dtype), backend.asarray(q, dtype)
+    got = klx.kl_divergence(bp, bq, normalized=False)
+    check_array(backend, got, bp, dtype, (3,))
+    want = np.sum(special.kl_div(p, q), -1)
+    np.testing.assert_allclose(
+        backend.to_numpy(got), want, rtol={"float64": 1e-14, "float32": 1e-6}[dtype], atol=1e-15
+    )
+    by_name = klx.divergence(bp, bq, "generalized_kl")
+    np.testing.assert_array_equal(backend.to_numpy(by_name), backend.to_numpy(got))
+    # validation checks each entry, not the sums (a negative entry is still refused)
+    ok = klx.kl_divergence(bp, bq, normalized=False, validate=True)
+    np.testing.assert_array_equal(backend.to_numpy(ok), backend.to_numpy(got))
+
+
+@pytest.mark.backends("numpy", reason="argument checks, backend-independent")
+def test_generalized_kl_refusals(backend):
+    p, q = np.array([2.0, 1.0]), np.array([1.0, 1.0])
+    with pytest.raises(ValueError, match="non-negative measures"):
+        klx.kl_divergence(np.log(p), q, normalized=False, p_form="log_probs")
+    with pytest.raises(ValueError, match="negative"):
+        klx.kl_divergence(np.array([2.0, -1.0]), q, normalized=False, validate=True)
+    with pytest.raises(ValueError, match="sum"):  # the normalised KL still checks the sums
+        klx.kl_divergence(p, q, validate=True)
+    with pytest.raises(TypeError, match="`normalized`"):
+        klx.kl_divergence(p, q, normalized="no")
+
+
+@pytest.mark.backends("torch", "jax", reason="autodiff of the generalized KL")
+def test_generalized_kl_gradients(backend):
+    """d/dp = log(p / q), d/dq = 1 - p / q; finite where p is 0 (the term is q there)."""
+    p = np.array([2.0, 1.0, 0.0, 0.5])
+    q = np.array([1.0, 0.5, 0.5, 0.5])
+    if backend.name == "torch":
+        import torch
+
+        a, b = torch.tensor(p, requires_grad=True), torch.tensor(q, requires_grad=True)
+        ga, gb = (
+            g.numpy()
+            for g in torch.autograd.grad(klx.kl_divergence(a, b, normalized=False), (a, b))
+        )
+    else:
+        import jax
+
+        f = jax.grad(lambda a, b: klx.kl_divergence(a, b, normalized=False), argnums=(0, 1))
+        ga, gb = (np.asarray(g) for g in f(backend.asarray(p), backend.asarray(q)))
+    with np.errstate(divide="ignore"):
+        want_a = np.where(p > 0, np.log(p / q), 0.0)
+    np.testing.assert_allclose(ga[p > 0], want_a[p > 0], rtol=1e-12)
+    np.testing.assert_allclose(gb, 1 - p / q, rtol=1e-12)
+    assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))

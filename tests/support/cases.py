@@ -113,10 +113,12 @@ _REFERENCE_ROWS = {
     "renyi": lambda p, q, alpha=0.5: reference.renyi_rows(p, q, alpha),
     "renyi_inf": lambda p, q: reference.renyi_rows(p, q, math.inf),
     "mix": lambda p, q, lam=0.5: reference.mix_rows(p, q, lam),
+    "generalized_kl": lambda p, q: reference.generalized_kl_rows(p, q),
 }
 #: Arguments a record's public function takes besides its options: Rényi's order
-#: infinity is ``renyi_divergence(p, q, alpha=math.inf)``.
-_PUBLIC_ARGUMENTS = {"renyi_inf": {"alpha": math.inf}}
+#: infinity is ``renyi_divergence(p, q, alpha=math.inf)``, the generalized KL
+#: ``kl_divergence(p, q, normalized=False)``.
+_PUBLIC_ARGUMENTS = {"renyi_inf": {"alpha": math.inf}, "generalized_kl": {"normalized": False}}
 
 
 def _by_name(p, q, kind, **kwargs):

@@ -291,3 +291,11 @@ def mix_rows(p: np.ndarray, q: np.ndarray, lam: float) -> np.ndarray:
             rev = mpmath.fsum(_mp_kl_gap(y, x) - x + y for x, y in row) if lam < 1 else 0
             out.append(float(lam * fwd + (1 - lam) * rev))
     return np.asarray(out).reshape(np.shape(p)[:-1])
+
+
+def generalized_kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``sum p log(p / q) - p + q`` per row (last axis): SciPy's ``special.kl_div`` summed
+    (0 where p = 0 = q, q where only p is 0, +inf where only q is; +inf for a negative
+    entry)."""
+    with np.errstate(all="ignore"):
+        return np.sum(special.kl_div(np.asarray(p, np.float64), np.asarray(q, np.float64)), -1)
