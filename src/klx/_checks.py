@@ -253,34 +253,6 @@ def mixture_weight(name: str, value: object) -> float:
     return w
 
 
-def alpha_order(name: str, value: object) -> float:
-    """The order `name` of the alpha-divergence: any finite real number."""
-    a = real_number(name, value, "a finite real number")
-    if not math.isfinite(a):
-        msg = (
-            f"`{name}` must be finite, got {value!r}; the alpha-divergence has no order "
-            "infinity (klx.renyi_divergence has: alpha=math.inf)."
-        )
-        raise ValueError(msg)
-    return a
-
-
-def renyi_order(name: str, value: object) -> float:
-    """The order `name` of Rényi's divergence: a finite real number >= 0 (its order
-    infinity is the record 'renyi_inf', which :func:`klx.renyi_divergence` picks)."""
-    a = real_number(name, value, "a real number >= 0")
-    if math.isinf(a) and a > 0:
-        msg = (
-            f"`{name}`=inf is Rényi's order infinity, log max p / q: call "
-            "klx.renyi_divergence(p, q, alpha=math.inf) or the divergence 'renyi_inf'."
-        )
-        raise ValueError(msg)
-    if not a >= 0.0 or not math.isfinite(a):
-        msg = f"`{name}` must be a finite number >= 0 (Rényi's order), got {value!r}."
-        raise ValueError(msg)
-    return a
-
-
 def check_normalizer(xp: ModuleType, normalizer: object, reduction: str) -> float | Any:
     """`normalizer` for 'batchmean': a finite number >= 0, or a 0-d real array of `xp`.
 

@@ -17,6 +17,7 @@ user's own code), its terms, and its tests and docs.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 from klx import _agnostic
 from klx import _closed_forms as closed_forms
-from klx._checks import alpha_order, mixture_weight, renyi_order
+from klx._checks import mixture_weight, real_number
 from klx._typing import Array
 
 __all__ = [
@@ -213,6 +214,37 @@ class Divergence:
                 )
                 raise TypeError(msg)
         return tuple((o.name, o.check(o.name, given.get(o.name, o.default))) for o in self.options)
+
+
+# --------------------------------------------------------------------------- option checks
+
+
+def alpha_order(name: str, value: object) -> float:
+    """The order `name` of the alpha-divergence: any finite real number."""
+    a = real_number(name, value, "a finite real number")
+    if not math.isfinite(a):
+        msg = (
+            f"`{name}` must be finite, got {value!r}; the alpha-divergence has no order "
+            "infinity (klx.renyi_divergence has: alpha=math.inf)."
+        )
+        raise ValueError(msg)
+    return a
+
+
+def renyi_order(name: str, value: object) -> float:
+    """The order `name` of Rényi's divergence: a finite real number >= 0 (its order
+    infinity is the record 'renyi_inf', which :func:`klx.renyi_divergence` picks)."""
+    a = real_number(name, value, "a real number >= 0")
+    if math.isinf(a) and a > 0:
+        msg = (
+            f"`{name}`=inf is Rényi's order infinity, log max p / q: call "
+            "klx.renyi_divergence(p, q, alpha=math.inf) or the divergence 'renyi_inf'."
+        )
+        raise ValueError(msg)
+    if not a >= 0.0 or not math.isfinite(a):
+        msg = f"`{name}` must be a finite number >= 0 (Rényi's order), got {value!r}."
+        raise ValueError(msg)
+    return a
 
 
 #: Every divergence klx knows, by name: the built-in ones, then those registered
