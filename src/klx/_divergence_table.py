@@ -128,6 +128,9 @@ class Divergence:
         Whether its terms take non-negative measures as they are (SciPy's
         ``special.kl_div``), not distributions: given as probs only, and validation then
         checks each entry, not that each distribution sums to 1. Default False.
+    zero_at_equal : bool
+        Whether it is 0 where P = Q, as a divergence is (the default); the tests that
+        check ``D(P, P) = 0`` read it.
     """
 
     name: str
@@ -141,6 +144,7 @@ class Divergence:
     logits_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = None
     public: str = ""
     measures: bool = False
+    zero_at_equal: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -177,6 +181,10 @@ class Divergence:
                 f"per array of terms), got {self.combine!r}."
             )
             raise ValueError(msg)
+        zero: object = self.zero_at_equal  # (checked at run time: records come from users)
+        if not isinstance(zero, bool):
+            msg = f"`zero_at_equal` of {self.name!r} must be True or False, got {zero!r}."
+            raise TypeError(msg)
         names = [o.name for o in self.options]
         if len(set(names)) != len(names):
             msg = f"the options of {self.name!r} repeat a name: {names}."

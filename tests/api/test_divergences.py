@@ -206,6 +206,24 @@ def test_divergence_by_name_is_the_public_function(backend, xp, name):
         np.testing.assert_array_equal(backend.to_numpy(by_name), backend.to_numpy(got))
 
 
+@pytest.mark.parametrize("name", list(divergence_cases()))
+def test_zero_at_equal_distributions_as_the_record_says(backend, name):
+    """D(P, P) is 0 (up to rounding) for every record whose ``zero_at_equal`` says so; for
+    the others it is the reference's value."""
+    from klx._divergence_table import DIVERGENCES
+
+    fn, options, ref_rows = divergence_cases()[name]
+    rng = np.random.default_rng(12)
+    p, _ = draw_distribution(rng, (4, 7), -1, "probs", zeros=True)
+    bp = backend.asarray(p)
+    got = backend.to_numpy(fn(bp, bp, **options))
+    if DIVERGENCES[name].zero_at_equal:
+        assert np.all(np.abs(got) <= 4 * np.finfo(np.float64).eps), got
+    else:
+        np.testing.assert_allclose(got, ref_rows(p, p), rtol=1e-13)
+        assert np.all(got > 0)
+
+
 def test_docs_divergence_table_is_the_records():
     from klx import _divergence_table
 
