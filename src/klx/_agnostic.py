@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Weighted",
     "alpha_terms",
+    "cross_entropy_terms",
     "divergence",
     "divergence_rows",
     "divide",
@@ -654,6 +655,32 @@ def max_log_ratio_terms(
     wq = weighted(xp, q, q_form, axis, temperature)
     d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")
     terms = xp.where(wp.zero, -math.inf, xp.where(wq.zero, math.inf, d))
+    return _outside_and_nan(xp, terms, wp, wq)
+
+
+def cross_entropy_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+) -> Array:
+    """Pointwise terms ``-p log q`` of the cross-entropy H(P) + KL(P || Q).
+
+    The conventions of :func:`kl_terms`: 0 where P is 0 (whatever Q is), ``+inf`` where
+    ``p > 0 = q``, ``+inf`` for a negative probability, NaN propagates (also from a side
+    whose weight is 0). Each term of a distribution is ``>= 0`` (``log q <= 0``), so their
+    sum loses nothing to cancellation; from logits, ``log q`` is the exact
+    :func:`log_softmax`.
+    """
+    wp = weighted(xp, p, p_form, axis, temperature)
+    wq = weighted(xp, q, q_form, axis, temperature)
+    # 0 - p log q: +0, not -0, where q is 1 (a one-hot P against itself)
+    terms = xp.where(wp.zero, 0.0, 0.0 - wp.w * wq.log_w)
+    terms = xp.where(wq.zero & ~wp.zero, math.inf, terms)
     return _outside_and_nan(xp, terms, wp, wq)
 
 

@@ -6,7 +6,8 @@ its options each with its own check, and its closed-form derivative from logits 
 has one. Everything else reads the records: the public functions (:func:`klx.divergence`
 and the named ones), :func:`klx.fused_linear_divergence`, the accelerator registry's
 gates, :func:`klx.explain`, the docs table (:func:`markdown_table`) and the tests'
-parametrisation. Nothing else lists divergence names.
+parametrisation. Nothing else lists divergence names. The cross-entropy has a record here
+too (it is no divergence: at P = Q it is H(P), not 0, which its ``zero_at_equal`` says).
 
 This module sits above the math (:mod:`klx._agnostic`, whose terms it names) and below
 the call objects (:mod:`klx._call`, which carry a record): the math never imports it.
@@ -398,6 +399,14 @@ for _record in (
         aliases=("tvd",),
         reads="forms",
         public="tv_distance",
+    ),
+    Divergence(
+        "cross_entropy",
+        _agnostic.cross_entropy_terms,
+        formula="-sum p log q",
+        reads="forms",
+        public="cross_entropy",
+        zero_at_equal=False,
     ),
     Divergence(
         "generalized_kl",

@@ -22,6 +22,7 @@ from klx._validation import check_distribution, check_normalizer_value
 
 __all__ = [
     "alpha_divergence",
+    "cross_entropy",
     "divergence",
     "js_divergence",
     "kl_divergence",
@@ -378,6 +379,95 @@ def tv_distance(
     """
     call = parse_divergence(
         "tv",
+        p,
+        q,
+        axis=axis,
+        p_form=p_form,
+        q_form=q_form,
+        temperature=temperature,
+        where=where,
+        reduction=reduction,
+        validate=validate,
+        xp=xp,
+        normalizer=normalizer,
+    )
+    return evaluate(call)
+
+
+def cross_entropy(
+    p: Array,
+    q: Array,
+    *,
+    axis: int = -1,
+    p_form: str = "probs",
+    q_form: str = "probs",
+    temperature: float = 1.0,
+    where: Array | None = None,
+    reduction: str = "none",
+    validate: bool | None = None,
+    xp: ModuleType | None = None,
+    normalizer: float | Array | None = None,
+) -> Array:
+    r"""The cross-entropy of Q against the (soft) labels P: H(P) + KL(P || Q).
+
+    .. math::
+
+        H(P, Q) = -\sum_i p_i \log q_i = H(P) + \mathrm{KL}(P \,\|\, Q)
+
+    summed over `axis`: the loss of a model Q against probability targets P (soft labels,
+    label smoothing, a teacher's probabilities). Terms with :math:`p_i = 0` are 0 whatever
+    :math:`q_i` is; :math:`p_i > 0` with :math:`q_i = 0` gives ``+inf``; a negative
+    probability gives ``+inf``; NaN propagates (the conventions of
+    :func:`kl_divergence`). Unlike a divergence it is not 0 at P = Q but the entropy
+    H(P); it differs from the KL by H(P), which does not depend on Q, so both have the
+    same gradient with respect to Q. Each term is ``>= 0``, so nothing cancels; from
+    logits ``log q`` is the exact log-softmax. Gradients are finite with respect to every
+    input wherever the value is, also where P is 0 and at ``-inf`` logits.
+
+    Parameters
+    ----------
+    p, q : array
+        The labels P and the model's distribution Q along `axis`, as probabilities,
+        log-probabilities or logits (see `p_form`, `q_form`). They broadcast against each
+        other.
+    axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
+        As in :func:`kl_divergence`.
+
+    Returns
+    -------
+    array
+        As in :func:`kl_divergence`.
+
+    See Also
+    --------
+    entropy : H(P), the cross-entropy of P with itself.
+    kl_divergence : The cross-entropy less H(P).
+    torch.nn.functional.cross_entropy : ``cross_entropy(logits, p)`` with probability
+        targets (classes on axis 1), 'mean' over the batch: ``cross_entropy(p, logits,
+        axis=1, q_form='logits', reduction='batchmean')``.
+    optax.softmax_cross_entropy : ``softmax_cross_entropy(logits, p)``, per distribution:
+        ``cross_entropy(p, logits, q_form='logits')``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import klx
+    >>> p = np.array([0.5, 0.5, 0.0])
+    >>> q = np.array([0.25, 0.25, 0.5])
+    >>> klx.cross_entropy(p, q)  # log 4 = H(P) + KL(P || Q) = log 2 + log 2
+    array(1.3862...)
+    >>> klx.cross_entropy(p, p)  # H(P)
+    array(0.6931...)
+
+    Soft labels against a model's logits, averaged over the batch:
+
+    >>> labels = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
+    >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 3.0, 0.0]])
+    >>> klx.cross_entropy(labels, logits, q_form="logits", reduction="batchmean")
+    array(0.5806...)
+    """
+    call = parse_divergence(
+        "cross_entropy",
         p,
         q,
         axis=axis,

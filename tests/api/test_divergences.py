@@ -209,7 +209,7 @@ def test_divergence_by_name_is_the_public_function(backend, xp, name):
 @pytest.mark.parametrize("name", list(divergence_cases()))
 def test_zero_at_equal_distributions_as_the_record_says(backend, name):
     """D(P, P) is 0 (up to rounding) for every record whose ``zero_at_equal`` says so; for
-    the others it is the reference's value."""
+    the others (the cross-entropy, H(P) there) it is the reference's value."""
     from klx._divergence_table import DIVERGENCES
 
     fn, options, ref_rows = divergence_cases()[name]

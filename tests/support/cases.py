@@ -109,6 +109,7 @@ _REFERENCE_ROWS = {
     "js": lambda p, q, beta=0.5: reference.js_rows(p, q, -1, beta),
     "skew_kl": lambda p, q, alpha=0.1: reference.skew_kl_rows(p, q, -1, alpha)[0],
     "tv": lambda p, q: reference.tv_rows(p, q, -1)[0],
+    "cross_entropy": lambda p, q: reference.cross_entropy_rows(p, q, -1)[0],
     "alpha": lambda p, q, alpha=0.5: reference.alpha_rows(p, q, alpha),
     "renyi": lambda p, q, alpha=0.5: reference.renyi_rows(p, q, alpha),
     "renyi_inf": lambda p, q: reference.renyi_rows(p, q, math.inf),

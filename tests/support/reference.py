@@ -299,3 +299,10 @@ def generalized_kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     entry)."""
     with np.errstate(all="ignore"):
         return np.sum(special.kl_div(np.asarray(p, np.float64), np.asarray(q, np.float64)), -1)
+
+
+def cross_entropy_rows(p: np.ndarray, q: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """-sum p log q per distribution (0 where p is 0), and its scale (the same: terms >= 0)."""
+    with np.errstate(all="ignore"):
+        rows = -np.sum(special.xlogy(p, q), axis=axis)
+    return rows, np.abs(rows)
