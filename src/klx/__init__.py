@@ -9,6 +9,7 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`kl_divergence` -- KL(P || Q) as the formula reads, over an explicit axis.
 * :func:`js_divergence` -- the (generalized) Jensen-Shannon divergence.
 * :func:`skew_kl_divergence`, :func:`tv_distance` -- skew KL and total variation.
+* :func:`entropy`, :func:`cross_entropy` -- H(P), and ``-sum p log q`` against soft labels.
 * :func:`divergence`, :func:`register_divergence`, :class:`Divergence` -- any divergence by
   name; new ones from one record.
 * :func:`sparse_kl_divergence` -- KL(P || Q) with P known on its top k indices only.
@@ -30,6 +31,7 @@ from klx._config import (
 )
 from klx._divergence_table import Divergence, Option
 from klx._divergences import *  # noqa: F403  (each divergence's function: its __all__)
+from klx._entropy import entropy
 from klx._estimators import kl_estimate
 from klx._fused import fused_linear_divergence
 from klx._kl_div import KLDivMeanWarning, kl_div
@@ -45,6 +47,7 @@ __all__ = [
     "Option",
     "__version__",
     "accelerators_enabled",
+    "entropy",
     "explain",
     "fused_linear_divergence",
     "is_validating",

@@ -41,6 +41,7 @@ __all__ = [
     "divergence",
     "divergence_rows",
     "divide",
+    "entropy_terms",
     "finish_rows",
     "generalized_kl_terms",
     "js_terms",
@@ -682,6 +683,31 @@ def cross_entropy_terms(
     terms = xp.where(wp.zero, 0.0, 0.0 - wp.w * wq.log_w)
     terms = xp.where(wq.zero & ~wp.zero, math.inf, terms)
     return _outside_and_nan(xp, terms, wp, wq)
+
+
+def entropy_terms(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    *,
+    p_form: str,
+    q_form: str,
+    axis: int,
+    temperature: Any = 1.0,
+) -> Array:
+    """Pointwise terms ``-p log p`` of the entropy H(P) (:func:`scipy.special.entr`).
+
+    `q` is not read (:func:`klx.entropy` passes P as both sides of a divergence call, so
+    that masks, reductions and dispatch are the divergences'). 0 where P is 0 (``0 log 0
+    = 0``), ``-inf`` for a negative probability (as ``entr``), NaN propagates. From logits
+    ``log p`` is the exact :func:`log_softmax`, which keeps the mass beside the maximum of
+    a nearly one-hot distribution: its small entropy is that mass's terms.
+    """
+    wp = weighted(xp, p, p_form, axis, temperature)
+    terms = xp.where(wp.zero, 0.0, 0.0 - wp.w * wp.log_w)  # +0 where p is 1
+    if wp.outside is not None:
+        terms = xp.where(wp.outside, -math.inf, terms)
+    return terms
 
 
 def _zero_weight(zero: Array, b: float) -> Array:

@@ -153,13 +153,16 @@ def parse_divergence(
     xp: ModuleType | None,
     normalizer: object = None,
     options: Mapping[str, object] | None = None,
+    form_names: tuple[str, str] = ("p_form", "q_form"),
 ) -> DivergenceCall:
     """Check the arguments of a divergence (raising TypeError / ValueError).
 
     `divergence` is a record or a name (or alias) in :data:`klx._divergence_table.
     DIVERGENCES`; `options` are its own parameters (``beta=`` of JS), each checked by the
     record (defaults for those not given). `normalizer` is checked by
-    :func:`klx._checks.check_normalizer` (with 'batchmean' only).
+    :func:`klx._checks.check_normalizer` (with 'batchmean' only). `form_names` are the
+    caller's names of `p_form` and `q_form`, which the errors name (``form`` for both in
+    :func:`klx.entropy`).
     """
     record = lookup(divergence)
     opts = record.option_values(options or {})
@@ -167,7 +170,7 @@ def parse_divergence(
     xp = array_namespace(named, xp)
     check_float(xp, "p", p)
     check_float(xp, "q", q)
-    forms = (check_form("p_form", p_form), check_form("q_form", q_form))
+    forms = (check_form(form_names[0], p_form), check_form(form_names[1], q_form))
     if record.measures and forms != ("probs", "probs"):
         msg = (
             f"the divergence {record.name!r} takes non-negative measures as they are, "
@@ -176,7 +179,7 @@ def parse_divergence(
             "(normalized=True) for them."
         )
         raise ValueError(msg)
-    t = check_temperature(temperature, forms, xp)
+    t = check_temperature(temperature, forms, xp, form_names)
     red = check_reduction(reduction, REDUCTIONS)
     norm = check_normalizer(xp, normalizer, red)
     check_same_device(named, xp)

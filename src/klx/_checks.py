@@ -181,9 +181,14 @@ def _is_bool(value: object) -> bool:
 
 
 def check_temperature(
-    temperature: object, forms: Sequence[str], xp: ModuleType | None = None
+    temperature: object,
+    forms: Sequence[str],
+    xp: ModuleType | None = None,
+    form_names: Sequence[str] = ("p_form", "q_form"),
 ) -> Any:
-    """A positive, finite temperature (a float), or a 0-d array used as it is.
+    """A positive, finite temperature (a float), or a 0-d array used as it is; the
+    arguments that give `forms` are `form_names` (for the message of a temperature
+    without logits).
 
     Given the namespace `xp`, a 0-d real array of the inputs' library (a JAX tracer
     inside ``jax.jit`` / ``jax.grad``, a torch tensor that requires grad) is not read:
@@ -209,10 +214,13 @@ def check_temperature(
     else:
         real_number("temperature", t, "a positive real number (or a 0-d array)")
     if "logits" not in forms and not (isinstance(t, float) and t == 1.0):
+        names = list(dict.fromkeys(form_names))
+        quoted = " nor ".join(f"`{n}`" for n in names)
+        which = f"neither {quoted} is" if len(names) > 1 else f"{quoted} is not"
+        how = " / ".join(f"{n}='logits'" for n in names)
         msg = (
-            f"`temperature`={temperature!r} applies only to logits, but neither `p_form` nor "
-            "`q_form` is 'logits'; give logits with p_form='logits' / q_form='logits', "
-            "or leave temperature at 1."
+            f"`temperature`={temperature!r} applies only to logits, but {which} 'logits'; "
+            f"give logits with {how}, or leave temperature at 1."
         )
         raise ValueError(msg)
     return t

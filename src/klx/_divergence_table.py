@@ -32,6 +32,7 @@ from klx._typing import Array
 __all__ = [
     "BUILT_IN",
     "DIVERGENCES",
+    "ENTROPY",
     "Divergence",
     "Option",
     "built_in",
@@ -256,6 +257,20 @@ def renyi_order(name: str, value: object) -> float:
     return a
 
 
+#: The entropy H(P) of :func:`klx.entropy`: a record for the divergences' machinery (forms,
+#: masks, reductions, validation, dispatch), whose terms read P alone (the call passes P
+#: as both sides). It is not in the table: it is no divergence (``klx.divergence(p, q,
+#: "entropy")`` would ignore Q), and no registered divergence may take its name.
+ENTROPY = Divergence(
+    "entropy",
+    _agnostic.entropy_terms,
+    formula="-sum p log p",
+    reads="forms",
+    public="entropy",
+    zero_at_equal=False,
+)
+
+
 #: Every divergence klx knows, by name: the built-in ones, then those registered
 #: (:func:`klx.register_divergence`). Written under :data:`_LOCK`, each time as a new
 #: dict, so readers never see one mid-change.
@@ -284,6 +299,9 @@ def register(record: object, *, replace: bool = False) -> Divergence:
                 msg = f"{record.name!r} is one of klx's own divergences; it cannot be replaced."
                 raise ValueError(msg)
             del table[record.name]
+        if ENTROPY.name in (record.name, *record.aliases):  # served as a record, not by name
+            msg = f"the divergence name {ENTROPY.name!r} is taken by 'klx.entropy'; choose another."
+            raise ValueError(msg)
         taken = {n: r.name for r in table.values() for n in (r.name, *r.aliases)}
         for n in (record.name, *record.aliases):
             if n in taken:

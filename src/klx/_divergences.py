@@ -33,9 +33,12 @@ __all__ = [
 ]
 
 
-_HINTS = {
-    "p": ("pass p_form='log_probs'", "pass p_form='probs'"),
-    "q": ("pass q_form='log_probs'", "pass q_form='probs'"),
+#: Validation's advice for each side (what ``check_distribution`` suggests), by name; a
+#: side not listed is not validated (klx.entropy's second side is its first).
+Hints = dict[str, dict[str, str]]
+_HINTS: Hints = {
+    "p": {"hint_log": "pass p_form='log_probs'", "hint_probs": "pass p_form='probs'"},
+    "q": {"hint_log": "pass q_form='log_probs'", "hint_probs": "pass q_form='probs'"},
 }
 
 
@@ -645,21 +648,17 @@ def renyi_divergence(
     return evaluate(call)
 
 
-def evaluate(call: DivergenceCall) -> Array:
-    """Validate (if asked), then compute `call` by an accelerator or the definition."""
+def evaluate(call: DivergenceCall, hints: Hints = _HINTS) -> Array:
+    """Validate (if asked: the sides named in `hints`, with their advice), then compute
+    `call` by an accelerator or the definition."""
     if call.validate:
+        # a record of measures: each entry is checked, not the sums
+        axis = None if call.divergence.measures else call.axis
         for name, x, form in (("p", call.p, call.p_form), ("q", call.q, call.q_form)):
-            hint_log, hint_probs = _HINTS[name]
-            check_distribution(
-                call.xp,
-                name,
-                x,
-                form,
-                axis=None if call.divergence.measures else call.axis,
-                keep_full=call.keep,
-                hint_log=hint_log,
-                hint_probs=hint_probs,
-            )
+            if name in hints:
+                check_distribution(
+                    call.xp, name, x, form, axis=axis, keep_full=call.keep, **hints[name]
+                )
         if call.normalizer is not None and not isinstance(call.normalizer, float):
             check_normalizer_value(call.xp, call.normalizer)
     with numpy_quiet(call.p):
