@@ -299,6 +299,11 @@ def generalized_kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     entry)."""
     with np.errstate(all="ignore"):
         return np.sum(special.kl_div(np.asarray(p, np.float64), np.asarray(q, np.float64)), -1)
+def entropy_rows(p: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """H(P) per distribution with scipy.special.entr, and its scale (the same: entr >= 0)."""
+    with np.errstate(all="ignore"):
+        rows = np.sum(special.entr(p), axis=axis)
+    return rows, np.abs(rows)
 
 
 def cross_entropy_rows(p: np.ndarray, q: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,3 +311,73 @@ def cross_entropy_rows(p: np.ndarray, q: np.ndarray, axis: int) -> tuple[np.ndar
     with np.errstate(all="ignore"):
         rows = -np.sum(special.xlogy(p, q), axis=axis)
     return rows, np.abs(rows)
+
+
+#: Digits of the mpmath references.
+MP_DIGITS = 50
+
+
+def _mp_weights_and_logs(row: np.ndarray, form: str, temperature: float) -> tuple[list, list]:
+    """One distribution given in `form` (its float values taken exactly), as mpmath
+    weights and their logs (``-inf`` where a weight is 0)."""
+    v = [mpmath.mpf(float(a)) for a in row]
+    if form == "probs":
+        return v, [mpmath.log(a) if a > 0 else mpmath.ninf for a in v]
+    if form == "logits":
+        s = [a / mpmath.mpf(float(temperature)) for a in v]
+        if any(mpmath.isnan(a) or a == mpmath.inf for a in s) or all(a == mpmath.ninf for a in s):
+            return [mpmath.nan] * len(s), [mpmath.nan] * len(s)  # no distribution
+        # log1p of the mass beside one maximum: log(sum exp) would need more than 50 digits
+        # to keep a mass of e^-133 next to 1
+        top = max(range(len(s)), key=s.__getitem__)
+        shifted = [a - s[top] for a in s]
+        lse = mpmath.log1p(mpmath.fsum(mpmath.exp(a) for i, a in enumerate(shifted) if i != top))
+        v = [a - lse for a in shifted]
+    return [mpmath.exp(a) for a in v], v
+
+
+def _mp_rows(fn, *arrays: np.ndarray) -> np.ndarray:
+    """``fn(row, ...)`` for each distribution (the last axis) of `arrays`, as float64."""
+    arrays = tuple(np.asarray(a, dtype=np.float64) for a in arrays)
+    out = np.empty(arrays[0].shape[:-1])
+    with mpmath.workdps(MP_DIGITS):
+        for idx in np.ndindex(out.shape):
+            out[idx] = float(fn(*(a[idx] for a in arrays)))
+    return out
+
+
+def mp_entropy_rows(p: np.ndarray, form: str, temperature: float = 1.0) -> np.ndarray:
+    """H(P) per distribution (the last axis) to 50 digits, rounded to float64: 0 log 0 = 0,
+    ``-inf`` for a negative probability (scipy.special.entr's rule), NaN propagates."""
+
+    def row(x):
+        w, logs = _mp_weights_and_logs(x, form, temperature)
+        if any(mpmath.isnan(a) for a in (*w, *logs)):
+            return mpmath.nan
+        if form == "probs" and any(a < 0 for a in w):
+            return mpmath.ninf
+        return -mpmath.fsum(a * b for a, b in zip(w, logs, strict=True) if a != 0)
+
+    return _mp_rows(row, p)
+
+
+def mp_cross_entropy_rows(
+    p: np.ndarray, q: np.ndarray, p_form: str, q_form: str, temperature: float = 1.0
+) -> np.ndarray:
+    """-sum p log q per distribution (the last axis) to 50 digits, rounded to float64: 0
+    where p is 0, ``+inf`` where p > 0 = q or for a negative probability (rel_entr's
+    rules), NaN propagates (also from a side whose weight is 0)."""
+
+    def row(x, y):
+        wp, lp = _mp_weights_and_logs(x, p_form, temperature)
+        wq, lq = _mp_weights_and_logs(y, q_form, temperature)
+        if any(mpmath.isnan(a) for a in (*wp, *lp, *wq, *lq)):
+            return mpmath.nan
+        if (p_form == "probs" and any(a < 0 for a in wp)) or (
+            q_form == "probs" and any(a < 0 for a in wq)
+        ):
+            return mpmath.inf
+        terms = [-a * b for a, b in zip(wp, lq, strict=True) if a != 0]
+        return mpmath.inf if mpmath.inf in terms else mpmath.fsum(terms)
+
+    return _mp_rows(row, p, q)
