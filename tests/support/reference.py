@@ -299,6 +299,8 @@ def generalized_kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     entry)."""
     with np.errstate(all="ignore"):
         return np.sum(special.kl_div(np.asarray(p, np.float64), np.asarray(q, np.float64)), -1)
+
+
 def entropy_rows(p: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """H(P) per distribution with scipy.special.entr, and its scale (the same: entr >= 0)."""
     with np.errstate(all="ignore"):
