@@ -18,7 +18,7 @@ REDUCTIONS = ("none", "sum", "batchmean")
 
 #: Every divergence klx ships (read from its records), its public function, and its reference
 #: per distribution (float64 probabilities along the last axis).
-FUNCTIONS = divergence_cases({"skew_kl": {"alpha": 0.1}})
+FUNCTIONS = divergence_cases({"skew_kl": {"alpha": 0.1}}, logits=True)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

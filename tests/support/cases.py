@@ -128,10 +128,11 @@ def _by_name(p, q, kind, **kwargs):
     return klx.divergence(p, q, kind, **kwargs)
 
 
-def divergence_cases(options=None, closed_form=False):
+def divergence_cases(options=None, closed_form=False, logits=False):
     """``{name: (public function, options, reference rows)}`` for every built-in record
-    (with `closed_form`, those with a closed-form derivative from logits), each with the
-    options in ``options[name]`` (default: none, the record's defaults)."""
+    (with `closed_form`, those with a closed-form derivative from logits; with `logits`,
+    those that take logits: not the records of measures), each with the options in
+    ``options[name]`` (default: none, the record's defaults)."""
     import klx
     from klx._divergence_table import built_in
 
@@ -139,6 +140,8 @@ def divergence_cases(options=None, closed_form=False):
     cases = {}
     for record in built_in():
         if closed_form and record.logits_derivatives is None:
+            continue
+        if logits and record.measures:
             continue
         if record.name not in _REFERENCE_ROWS:
             msg = (
