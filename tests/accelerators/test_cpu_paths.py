@@ -579,3 +579,25 @@ def test_blas_thread_count_moves_a_sum_by_at_most_an_ulp(backend):
     (s1, n1), (s2, n2) = runs
     assert abs(float(s1) - float(s2)) <= np.spacing(float(s1))
     assert n1 == n2
+
+
+@pytest.mark.backends("numpy", "torch", "dask", reason="the NumPy row blocks' KL from logits")
+def test_rows_kl_from_logits_keeps_an_underflowed_p_against_a_zero_of_q(backend):
+    """At T = 1e-45, P's second entry underflows to 0 but is positive, against a -inf logit
+    of Q: the KL is +inf, as the definition says. The row blocks gave 0 (they read the
+    probabilities, which cannot tell it from p = 0); the first-use check caught it, in the
+    dask session, where a test of this temperature happened to come first."""
+    from klx._accel import registry
+    from klx._accel.table import ACCELERATORS
+
+    t = np.array([[2.0, 1.0, -np.inf, 0.5], [0.0, 1.0, 2.0, 3.0]])
+    s = np.array([[1.5, -np.inf, 0.3, 0.5], [3.0, 2.0, 1.0, 0.0]])
+    name = {"numpy": "numpy-rows", "torch": "torch-cpu-rows", "dask": "dask-rows"}[backend.name]
+    (row,) = [r for r in ACCELERATORS if r.name == name]
+    kw = {"p_form": "logits", "q_form": "logits", "temperature": 1e-45}
+    with registry.only(row):
+        got = backend.to_numpy(klx.kl_divergence(backend.asarray(t), backend.asarray(s), **kw))
+    with registry.only(None):
+        want = backend.to_numpy(klx.kl_divergence(backend.asarray(t), backend.asarray(s), **kw))
+    assert got[0] == np.inf
+    np.testing.assert_array_equal(got, want)

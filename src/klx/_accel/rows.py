@@ -122,8 +122,9 @@ def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) ->
     Rows where some P is 0 (a ``-inf`` logit: a masked vocabulary) or subnormal (its few
     bits would make ``p expm1(-d)`` a poor ``q``) take the definition's guarded terms
     instead (:func:`_guarded_rows`). Rows whose value is still not finite (an infinite or
-    NaN logit, or ``expm1`` overflowing where ``q / p > e^88``) are evaluated again by the
-    definition itself.
+    NaN logit, or ``expm1`` overflowing where ``q / p > e^88``), and guarded rows where Q
+    has a ``-inf`` logit (an underflowed P there is still positive: +inf), are evaluated
+    again by the definition itself.
     """
     import numpy as np
 
@@ -134,6 +135,10 @@ def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) ->
     sp, ep, lse_p = _shifted_exp(p, t)
     sq, eq, lse_q = _shifted_exp(q, t)
     guarded = np.min(sp, axis=1) - lse_p < _LOG_TINY[sp.dtype.itemsize]
+    # A weight of P too small for the dtype (a finite logit far below the others) against
+    # a -inf logit of Q: +inf by the definition (p > 0 = q), which reads the logits; the
+    # probabilities here cannot tell it from p = 0. Such rows take the definition.
+    exact = guarded & np.any(sq == -np.inf, axis=1) if guarded.any() else guarded
     d = np.subtract(sp, sq, out=sp)
     d -= (lse_p - lse_q)[:, None]
     w = np.multiply(ep, np.exp(-lse_p)[:, None], out=ep)  # p
@@ -148,7 +153,7 @@ def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) ->
         rows = np.nonzero(guarded)[0]
         qr = eq[rows] * np.exp(-lse_q[rows])[:, None]
         values[rows] = _guarded_rows(w[rows], qr, d[rows], np.empty_like(qr))
-    bad = ~np.isfinite(values)
+    bad = ~np.isfinite(values) | exact
     if bad.any():
         values[bad] = divergence_rows(xp, call, p[bad], q[bad], None if keep is None else keep[bad])
     return values
