@@ -36,7 +36,13 @@ from klx._typing import Array
 if TYPE_CHECKING:
     from klx._typing import DivergenceCall
 
-__all__ = ["js_derivatives", "kl_derivatives", "mix_derivatives", "skew_kl_derivatives"]
+__all__ = [
+    "cross_entropy_derivatives",
+    "js_derivatives",
+    "kl_derivatives",
+    "mix_derivatives",
+    "skew_kl_derivatives",
+]
 
 
 class _Sides(NamedTuple):
@@ -194,3 +200,21 @@ def mix_derivatives(
             back = (1.0 - lam) * xp.where(w.q_zero, 0.0, w.q * (-d - kl))
             c_s = back if c_s is None else c_s + back
     return c_t, c_s
+
+
+def cross_entropy_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    t: Array,
+    s: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """``(c_t, c_s)`` of the cross-entropy ``-sum p log q`` (as :func:`kl_derivatives`):
+    ``c_t = p (-log q + sum(p log q))`` (the softmax transport of ``-log q``), and
+    ``c_s = q - p``, KL's, which differs from it by H(P) alone."""
+    w = _sides(xp, call, t, s)
+    c_t = _transport(xp, call.axis, w.p, -w.lq) if need_t else None
+    return c_t, (w.q - w.p) if need_s else None

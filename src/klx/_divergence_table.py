@@ -423,6 +423,7 @@ for _record in (
         _agnostic.cross_entropy_terms,
         formula="-sum p log q",
         reads="forms",
+        logits_derivatives=closed_forms.cross_entropy_derivatives,
         public="cross_entropy",
         zero_at_equal=False,
     ),

@@ -305,6 +305,10 @@ def test_jax_jit_vmap_grad(backend):
 
 @pytest.mark.slow
 @pytest.mark.backends("torch", reason="torch.compile")
+@pytest.mark.filterwarnings(  # torch's, from the closed-form row's compiled autograd.Function
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
 def test_torch_compile_fullgraph(backend):
     import torch
 
