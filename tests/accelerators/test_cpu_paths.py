@@ -285,7 +285,7 @@ def _logits(shape, seed=1):
 
 
 @pytest.mark.backends("numpy", "torch", "dask", reason="the CPU fast paths of these")
-@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("kind", ["kl", "js", "mix"])
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("q_layout", ["full", "broadcast"])
 def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layout):
@@ -296,8 +296,10 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
     if axis == 0:
         t, s = t.T, s.T
     p, q = backend.asarray(t, "float32"), backend.asarray(s, "float32")
-    f = klx.kl_divergence if kind == "kl" else klx.js_divergence
+    f = {"kl": klx.kl_divergence, "js": klx.js_divergence}.get(kind, klx.divergence)
     kwargs = {"p_form": "logits", "q_form": "logits", "temperature": 2.0, "reduction": "none"}
+    if kind == "mix":  # the forward/reverse mixture, lam = 1/2 (the symmetric KL)
+        kwargs["kind"] = "mix"
     kwargs["where"] = backend.asarray(where)
     chosen, out = _served_by(f, p, q, axis=axis, **kwargs)
     assert chosen == f"{backend.name if backend.name != 'torch' else 'torch-cpu'}-rows"
@@ -307,6 +309,11 @@ def test_rows_any_axis_and_broadcast_match_reference(backend, kind, axis, q_layo
     lq = reference.log_softmax(s32, axis, 2.0)
     if kind == "kl":
         ref, scale = reference.kl_rows_log(np.exp(lp), lq, axis)
+        err = np.max(np.where(where, np.abs(backend.to_numpy(out) - ref) / (scale + 1e-30), 0))
+    elif kind == "mix":
+        fwd, f_scale = reference.kl_rows_log(np.exp(lp), lq, axis)
+        rev, r_scale = reference.kl_rows_log(np.exp(lq), lp, axis)
+        ref, scale = 0.5 * (fwd + rev), 0.5 * (f_scale + r_scale)
         err = np.max(np.where(where, np.abs(backend.to_numpy(out) - ref) / (scale + 1e-30), 0))
     else:
         ref = reference.js_rows(np.exp(lp), np.exp(lq), axis, 0.5)
@@ -601,3 +608,66 @@ def test_rows_kl_from_logits_keeps_an_underflowed_p_against_a_zero_of_q(backend)
         want = backend.to_numpy(klx.kl_divergence(backend.asarray(t), backend.asarray(s), **kw))
     assert got[0] == np.inf
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.backends("numpy", "torch", "dask", reason="the NumPy row blocks' mixture kernel")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 0.5 + 1e-7, 1.0])
+def test_rows_mix_from_logits_against_mpmath(backend, lam, dtype):
+    """The row blocks' own kernel for ``lam KL(P || Q) + (1 - lam) KL(Q || P)`` (forced on
+    a small input) against mpmath, row by row, at weights whose forms differ (1/2: no
+    expm1; near 1/2: a row factor 2 lam - 1 of 2e-7): entries with ``d >= 1`` and far
+    below 0, a sharp pair, P = Q (exactly 0); float64 within 4 ulps of
+    the row (or 1e-15), float32 within 1e-6. Rows of logits 1e-3 apart are as accurate as
+    their float32 / float64 logits allow (1e-2, 1e-9). Zero weights of P (the definition's
+    rows), of Q, a subnormal P, NaN and a masked row: as mpmath, +inf and NaN included."""
+    from klx._accel import registry
+    from klx._accel.table import ACCELERATORS
+
+    rng = np.random.default_rng(11)
+    n, vocab, temperature = 14, 300, 2.0
+    t = rng.normal(scale=2.0, size=(n, vocab))
+    s = t + 0.5 * rng.normal(size=(n, vocab))
+    s[1] = t[1] + 1e-3 * rng.normal(size=vocab)  # near-equal
+    s[2] = t[2]  # P = Q
+    t[3, 0] = 30.0  # P far above Q at one entry: d >= 1
+    t[4, :3] = 25.0
+    s[5, 0] = 30.0  # Q far above P: d far below 0
+    t[6] *= 10.0  # sharp on both sides
+    s[6] *= 10.0
+    t[8, ::7] = -np.inf  # zero weights of P: +inf unless lam = 1
+    s[9, 3] = -np.inf  # a zero of Q under P > 0: +inf unless lam = 0
+    t[10, 4] = np.nan
+    t[11, ::5] = s[11, ::5] = -np.inf  # one vocabulary masked on both sides
+    t[12], s[12] = 0.0, 0.0  # P's other weights subnormal (e^-103)
+    t[12, 1:], s[12, 1:] = -103.0 * temperature, -15.5 * temperature
+    where = np.ones(n, dtype=bool)
+    where[13] = False
+    t, s = t.astype(dtype), s.astype(dtype)
+    name = {"numpy": "numpy-rows", "torch": "torch-cpu-rows", "dask": "dask-rows"}[backend.name]
+    (row,) = [r for r in ACCELERATORS if r.name == name]
+    kw = {"p_form": "logits", "q_form": "logits", "temperature": temperature, "lam": lam}
+    p, q = backend.asarray(t, dtype), backend.asarray(s, dtype)
+    with registry.only(row), np.errstate(all="ignore"):
+        out = klx.divergence(p, q, "mix", reduction="none", where=backend.asarray(where), **kw)
+    assert out.dtype == p.dtype and tuple(out.shape) == (n,)
+    got = backend.to_numpy(out).astype(np.float64)
+    want = reference.mp_mix_rows(t, s, lam, "logits", temperature)
+    want[13] = 0.0
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    assert got[2] == 0.0 and got[13] == 0.0
+    finite = np.isfinite(want)
+    assert np.all(got[finite] >= 0)
+    loose = np.zeros(n, dtype=bool)
+    loose[1] = True
+    err = np.abs(np.where(finite, got, 0.0) - np.where(finite, want, 0.0))
+    if dtype == "float64":
+        ok = (err <= 4 * np.spacing(np.abs(want))) | (err <= 1e-15)
+        near = 1e-9
+    else:
+        ok = err <= 1e-6 * np.abs(want)
+        near = 1e-2
+    bad = np.nonzero(finite & ~loose & ~ok)[0]
+    assert bad.size == 0, (bad, got[bad], want[bad])
+    assert err[1] <= near * want[1]

@@ -383,3 +383,28 @@ def mp_cross_entropy_rows(
         return mpmath.inf if mpmath.inf in terms else mpmath.fsum(terms)
 
     return _mp_rows(row, p, q)
+
+
+def mp_mix_rows(
+    p: np.ndarray, q: np.ndarray, lam: float, form: str, temperature: float = 1.0
+) -> np.ndarray:
+    """``lam KL(P || Q) + (1 - lam) KL(Q || P)`` per distribution (the last axis) to 50
+    digits from two inputs in `form` (logits normalised at 50 digits: the result is that of
+    the given values, not of float64 probabilities rounded from them), rounded to float64.
+    A direction of weight 0 adds nothing, even where infinite; NaN propagates."""
+
+    def row(x, y):
+        wp, lp = _mp_weights_and_logs(x, form, temperature)
+        wq, lq = _mp_weights_and_logs(y, form, temperature)
+        if any(mpmath.isnan(a) for a in (*wp, *lp, *wq, *lq)):
+            return mpmath.nan
+
+        def kl(w, lw, lv):
+            terms = [a * (b - c) for a, b, c in zip(w, lw, lv, strict=True) if a != 0]
+            return mpmath.inf if mpmath.inf in terms else mpmath.fsum(terms)
+
+        fwd = kl(wp, lp, lq) if lam > 0 else 0
+        rev = kl(wq, lq, lp) if lam < 1 else 0
+        return lam * fwd + (1 - lam) * rev
+
+    return _mp_rows(row, p, q)

@@ -7,7 +7,8 @@ Here the distributions are taken a block at a time, so each temporary holds abou
 per distribution. Each block is evaluated by the definition itself
 (:func:`klx._agnostic.divergence_rows`), in NumPy, except KL between two logits inputs
 (distillation's common case), which has its own kernel of the same quantities in about
-half the passes (:func:`_kl_from_logits`; rows it cannot trust go to the definition).
+half the passes (:func:`_kl_from_logits`), and the forward/reverse KL mixture, from the
+same quantities (:func:`_mix_from_logits`); rows they cannot trust go to the definition.
 
 * Any layout and any axis: the distribution axis is moved last (a view); rows are views
   where the batch axes merge (C order, a broadcast ``q`` of shape ``(1, V)``), else each
@@ -85,7 +86,8 @@ def rows_numpy(call: DivergenceCall, p: Any, q: Any, keep: Any, *, threads: bool
     workers = _threads.workers() if threads else 1
     pieces = min(len(starts), 4 * workers if workers > 1 else 1)
     block_call = call._replace(axis=1)
-    fast = call.kind == "kl" and (call.p_form, call.q_form) == ("logits", "logits")
+    logits = (call.p_form, call.q_form) == ("logits", "logits")
+    fast = _FROM_LOGITS.get(call.kind) if logits else None
 
     def share(i: int) -> None:
         import array_api_compat.numpy as xp
@@ -99,8 +101,8 @@ def rows_numpy(call: DivergenceCall, p: Any, q: Any, keep: Any, *, threads: bool
                     pb = _contiguous(pt[r0 - t0 : r1 - t0]).astype(acc, copy=False)
                     qb = _contiguous(qt[r0 - t0 : r1 - t0]).astype(acc, copy=False)
                     kb = None if keep2 is None else keep2[r0:r1]
-                    if fast:
-                        out[r0:r1] = _kl_from_logits(xp, block_call, pb, qb, kb)
+                    if fast is not None:
+                        out[r0:r1] = fast(xp, block_call, pb, qb, kb)
                     else:
                         out[r0:r1] = divergence_rows(xp, block_call, pb, qb, kb)
 
@@ -109,6 +111,22 @@ def rows_numpy(call: DivergenceCall, p: Any, q: Any, keep: Any, *, threads: bool
     else:  # the caller and the pool's threads take the pieces in turn
         share_pieces(pieces, workers, lambda i, _: share(i))
     return out.reshape(batch)
+
+
+def _shifted_pair(call: DivergenceCall, p: Any, q: Any, keep: Any) -> tuple[Any, ...]:
+    """``(p, q, shifted p, shifted q, guarded)`` of two logits blocks: the inputs with the
+    rows that `keep` drops set to 0, :func:`_shifted_exp` of each, and the rows where a
+    weight of P is 0 or subnormal (the definition's to take)."""
+    import numpy as np
+
+    if keep is not None:
+        p = np.where(keep, p, 0.0)
+        q = np.where(keep, q, 0.0)
+    shifted_p = _shifted_exp(p, call.temperature)
+    shifted_q = _shifted_exp(q, call.temperature)
+    s_p, _, lse_p = shifted_p
+    guarded = np.min(s_p, axis=1) - lse_p < _LOG_TINY[s_p.dtype.itemsize]
+    return p, q, shifted_p, shifted_q, guarded
 
 
 def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) -> Any:
@@ -128,13 +146,7 @@ def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) ->
     """
     import numpy as np
 
-    if keep is not None:
-        p = np.where(keep, p, 0.0)
-        q = np.where(keep, q, 0.0)
-    t = call.temperature
-    sp, ep, lse_p = _shifted_exp(p, t)
-    sq, eq, lse_q = _shifted_exp(q, t)
-    guarded = np.min(sp, axis=1) - lse_p < _LOG_TINY[sp.dtype.itemsize]
+    p, q, (sp, ep, lse_p), (sq, eq, lse_q), guarded = _shifted_pair(call, p, q, keep)
     # A weight of P too small for the dtype (a finite logit far below the others) against
     # a -inf logit of Q: +inf by the definition (p > 0 = q), which reads the logits; the
     # probabilities here cannot tell it from p = 0. Such rows take the definition.
@@ -154,6 +166,53 @@ def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) ->
         qr = eq[rows] * np.exp(-lse_q[rows])[:, None]
         values[rows] = _guarded_rows(w[rows], qr, d[rows], np.empty_like(qr))
     bad = ~np.isfinite(values) | exact
+    if bad.any():
+        values[bad] = divergence_rows(xp, call, p[bad], q[bad], None if keep is None else keep[bad])
+    return values
+
+
+def _mix_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) -> Any:
+    """``lam KL(P || Q) + (1 - lam) KL(Q || P)`` of each row of two logits blocks, from the
+    quantities of :func:`_kl_from_logits` (``python -m benchmarks.mix`` times it).
+
+    With ``d = log p - log q`` and ``e = expm1(-d)``, KL's term is ``p (d + e)`` and the
+    reverse one ``q (expm1(d) - d) = -p e - q d``; weighted, ``(2 lam - 1) p e + d (lam p
+    - (1 - lam) q)``, or at ``lam = 1/2`` (the symmetric KL) ``d (p - q) / 2``, with no
+    ``expm1`` at all: ``>= 0`` term by term (``d`` and ``p - q`` share their sign). Near
+    ``d = 0`` the first-order parts cancel to the same absolute error (``d`` times the
+    rounding of ``p``) as KL's ``p (d + e)``, and the rounding of the log-normalisers'
+    difference enters only squared, as there; beyond, no part cancels.
+
+    Rows where a weight of P is 0 or subnormal take the definition (a masked vocabulary, a
+    ``-inf`` logit: +inf unless ``lam`` is 1 or Q is 0 there too), as do rows whose value
+    is not finite (a NaN or infinite logit, ``q = 0 < p``, ``expm1`` overflowing where ``q /
+    p > e^88``).
+    """
+    import numpy as np
+
+    lam = dict(call.options)["lam"]
+    p, q, (sp, ep, lse_p), (sq, eq, lse_q), guarded = _shifted_pair(call, p, q, keep)
+    # -d = log q - log p (its negation is exact: no pass negates d for expm1)
+    nd = np.subtract(sq, sp, out=sq)
+    nd += (lse_p - lse_q)[:, None]
+    k_p, k_q = np.exp(-lse_p), np.exp(-lse_q)  # p = ep k_p, q = eq k_q
+    if lam == 0.5:
+        eq *= (k_q / k_p)[:, None]
+        terms = np.subtract(eq, ep, out=ep)  # (q - p) / k_p
+        terms *= nd
+        values = terms.sum(axis=1) * (0.5 * k_p)
+    else:
+        # a = (2 lam - 1) k_p; the row sum is a * sum(e ep - nd v / a), v = lam p - (1 - lam) q
+        a = (2.0 * lam - 1.0) * k_p
+        e = np.expm1(nd, out=sp)
+        e *= ep
+        eq *= ((1.0 - lam) * k_q / a)[:, None]
+        v = np.multiply(ep, (lam * k_p / a)[:, None], out=ep)
+        v -= eq
+        v *= nd
+        e -= v
+        values = e.sum(axis=1) * a
+    bad = ~np.isfinite(values) | guarded
     if bad.any():
         values[bad] = divergence_rows(xp, call, p[bad], q[bad], None if keep is None else keep[bad])
     return values
@@ -201,6 +260,11 @@ def _shifted_exp(x: Any, temperature: float) -> tuple[Any, Any, Any]:
     rest = e.sum(axis=1)
     e[rows, top] = 1.0
     return s, e, np.log1p(rest)
+
+
+#: The row kernels of their own, by divergence (between two logits inputs); the other
+#: divergences take the definition per block.
+_FROM_LOGITS = {"kl": _kl_from_logits, "mix": _mix_from_logits}
 
 
 def _rows(x: Any, n_rows: int, vocab: int) -> Any:

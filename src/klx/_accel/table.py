@@ -152,8 +152,8 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         dtypes=("float16", "float32", "float64"),
         layout="any",
         min_size=1 << 20,
-        summary="blocks of rows on klx's threads, each by the definition (KL from logits "
-        "by its own kernel of half the passes): bounded memory, any axis or layout",
+        summary="blocks of rows on klx's threads, each by the definition (KL and the KL "
+        "mixture from logits by kernels of their own): bounded memory, any axis or layout",
     ),
     Accelerator(
         "torch-cpu-rows",
