@@ -7,10 +7,13 @@
 the issue's target is at most 1.1x the time of one KL. Timed in alternation with the KL
 on the same inputs (so both see the same machine), each case:
 
-* the row path: ``klx.divergence(zp, zq, "mix")`` against ``klx.kl_divergence(zp, zq)``,
-  logits at T = 2, 'batchmean', torch and NumPy;
-* fused-linear: ``fused_linear_divergence(..., divergence="mix")`` against "kl", forward
-  and backward with respect to the student's hidden states and weights, torch and JAX.
+* the row path: ``klx.divergence(zp, zq, "mix", lam=lam)`` against
+  ``klx.kl_divergence(zp, zq)``, logits at T = 2, 'batchmean', torch and NumPy;
+* fused-linear: ``fused_linear_divergence(..., divergence="mix", lam=lam)`` against "kl",
+  forward and backward with respect to the student's hidden states and weights, torch and
+  JAX;
+
+each at ``lam = 1/2`` (the symmetric KL, the default) and ``lam = 0.3`` (``--lam``).
 
 Prints a markdown table (ratio and whether it meets 1.1) and writes mix.json to --out.
 """
@@ -42,7 +45,7 @@ def _has(lib: str) -> bool:
 
 
 def _row_cases(
-    rows: int, vocab: int
+    rows: int, vocab: int, lam: float
 ) -> list[tuple[str, Callable[[], Any], Callable[[], Any], Any]]:
     import numpy as np
 
@@ -59,8 +62,8 @@ def _row_cases(
     for lib, a, b in libs:
         cases.append(
             (
-                f"{lib} rows {rows}x{vocab}",
-                lambda a=a, b=b: klx.divergence(a, b, "mix", **kw),
+                f"{lib} rows {rows}x{vocab}, lam {lam}",
+                lambda a=a, b=b: klx.divergence(a, b, "mix", lam=lam, **kw),
                 lambda a=a, b=b: klx.kl_divergence(a, b, **kw),
                 synchronizer(lib, "cpu"),
             )
@@ -68,7 +71,9 @@ def _row_cases(
     return cases
 
 
-def _fused_cases(tokens: int, hidden: int, vocab: int) -> list[tuple[str, Any, Any, Any]]:
+def _fused_cases(
+    tokens: int, hidden: int, vocab: int, lam: float
+) -> list[tuple[str, Any, Any, Any]]:
     import numpy as np
 
     rng = np.random.default_rng(1)
@@ -84,13 +89,16 @@ def _fused_cases(tokens: int, hidden: int, vocab: int) -> list[tuple[str, Any, A
         def torch_step(kind: str) -> Any:
             hs = torch.from_numpy(h).requires_grad_(True)
             ws = torch.from_numpy(w_s).requires_grad_(True)
-            loss = klx.fused_linear_divergence(th, tt, hs, ws, divergence=kind, temperature=2.0)
+            opt = {"lam": lam} if kind == "mix" else {}
+            loss = klx.fused_linear_divergence(
+                th, tt, hs, ws, divergence=kind, temperature=2.0, **opt
+            )
             loss.backward()
             return ws.grad
 
         cases.append(
             (
-                f"torch fused {tokens}x{hidden}x{vocab} fwd+bwd",
+                f"torch fused {tokens}x{hidden}x{vocab} fwd+bwd, lam {lam}",
                 lambda: torch_step("mix"),
                 lambda: torch_step("kl"),
                 synchronizer("torch", "cpu"),
@@ -103,15 +111,19 @@ def _fused_cases(tokens: int, hidden: int, vocab: int) -> list[tuple[str, Any, A
         jh, jt, js = jnp.asarray(h), jnp.asarray(w_t), jnp.asarray(w_s)
 
         def jax_step(kind: str) -> Any:
+            opt = {"lam": lam} if kind == "mix" else {}
+
             def loss(hs: Any, ws: Any) -> Any:
-                return klx.fused_linear_divergence(jh, jt, hs, ws, divergence=kind, temperature=2.0)
+                return klx.fused_linear_divergence(
+                    jh, jt, hs, ws, divergence=kind, temperature=2.0, **opt
+                )
 
             return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
         mix, kl = jax_step("mix"), jax_step("kl")
         cases.append(
             (
-                f"jax fused {tokens}x{hidden}x{vocab} jit(value_and_grad)",
+                f"jax fused {tokens}x{hidden}x{vocab} jit(value_and_grad), lam {lam}",
                 lambda: mix(jh, js)[1][1],
                 lambda: kl(jh, js)[1][1],
                 synchronizer("jax", "cpu"),
@@ -123,11 +135,15 @@ def _fused_cases(tokens: int, hidden: int, vocab: int) -> list[tuple[str, Any, A
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument(
+        "--lam", type=float, nargs="+", default=[0.5, 0.3], help="the mixture's weights"
+    )
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for mix.json")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     rows, tokens = (512, 256) if args.quick else (2048, 1024)
-    cases = _row_cases(rows, 32000) + _fused_cases(tokens, 512, 32000)
+    cases = [c for lam in args.lam for c in _row_cases(rows, 32000, lam)]
+    cases += [c for lam in args.lam for c in _fused_cases(tokens, 512, 32000, lam)]
     lines = [
         "| case | mix ms | KL ms | ratio | target | met |",
         "|---|---|---|---|---|---|",

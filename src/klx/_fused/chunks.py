@@ -32,6 +32,9 @@ CHUNK_TEMPORARIES = 16
 #: two logits blocks, overwritten in place, and their exponentials), which is 4: at
 #: V = 32,000 in float32 a chunk of 256 tokens, whose matrix products run at full speed.
 LEAN_TEMPORARIES = 4
+#: The same for its forward/reverse KL mixture: both probabilities, ``d``, and two arrays
+#: of terms.
+LEAN_MIX_TEMPORARIES = 5
 #: The same for JAX's KL chunk with closed-form gradients (:mod:`klx._fused.jax_vjp`): what XLA
 #: keeps of a step beyond the weight gradients it carries, about 6 arrays measured at
 #: 4096 x 512 x 32,000 (102 MiB of XLA temporaries at 128 tokens per chunk); 8, so 128

@@ -34,6 +34,7 @@ import torch
 from klx._fused import torch_cpu_kl
 from klx._fused.chunks import (
     CHUNK_TEMPORARIES,
+    LEAN_MIX_TEMPORARIES,
     LEAN_TEMPORARIES,
     TRITON_TEMPORARIES,
     Flat,
@@ -74,12 +75,14 @@ def fused(call: FusedCall) -> Array | None:
 
 def temporaries(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
     """How many [chunk, vocab] arrays a chunk holds at its peak: :data:`TRITON_TEMPORARIES`
-    where the Triton kernels take it, :data:`LEAN_TEMPORARIES` where
-    :mod:`klx._fused.torch_cpu_kl` does, else :data:`CHUNK_TEMPORARIES`."""
+    where the Triton kernels take it, :data:`LEAN_TEMPORARIES` (KL) or
+    :data:`LEAN_MIX_TEMPORARIES` (the mixture) where :mod:`klx._fused.torch_cpu_kl` does,
+    else :data:`CHUNK_TEMPORARIES`."""
     if _triton_serves(spec, q_hidden):
         return TRITON_TEMPORARIES
-    if closed_form_kl(spec) and torch_cpu_kl.plain_cpu_tensors(q_hidden, q_weight):
-        return LEAN_TEMPORARIES
+    lean = closed_form_kl(spec) or torch_cpu_kl.takes_mix(spec)
+    if lean and torch_cpu_kl.plain_cpu_tensors(q_hidden, q_weight):
+        return LEAN_TEMPORARIES if spec.kind == "kl" else LEAN_MIX_TEMPORARIES
     return CHUNK_TEMPORARIES
 
 
@@ -128,7 +131,9 @@ def _walk(
             zp, zq = logits(xp, part.p, acc), logits(xp, part.q, acc)
         c = cot[r0:r1] if per_token else cot
         want_p, want_q = sums_p.wanted, sums_q.wanted
-        if lean:
+        if lean and spec.kind == "mix":
+            got = torch_cpu_kl.mix_chunk(spec, zp, zq, own, keep, c, want_p, want_q, xp)
+        elif lean:
             got = torch_cpu_kl.kl_chunk(spec, zp, zq, own, keep, c, want_p, want_q)
         elif closed_form(spec) and (not cuda or is_dtensor(zq)):
             # a DTensor on any device: the closed form's all-reduces (autograd of the
@@ -274,6 +279,8 @@ def _rows_no_grad(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: Flat
         own = torch_cpu_kl.owned(f)
 
         def rows_of_logits(zp: Array, zq: Array, keep: Any, labels: Any) -> Array:
+            if spec.kind == "mix":
+                return torch_cpu_kl.mix_chunk(spec, zp, zq, own, keep, 1.0, False, False, xp).rows
             return torch_cpu_kl.kl_rows(spec, zp, zq, own, keep)[0]
 
     with torch.no_grad():
