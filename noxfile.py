@@ -71,6 +71,10 @@ BACKENDS: dict[str, tuple[str, list[str]]] = {
     # MLX through klx's own namespace for it (klx._array_api_mlx); mlx[cpu] on Linux.
     "mlx": ("mlx", []),
 }
+#: Per tests session: peers installed without their dependencies (pinned by `nox -s lock`
+#: too). torchtune's package imports torchao and its data stack; the loss module that
+#: docs/coming-from.md checks against needs only torch.
+NO_DEPS: dict[str, list[str]] = {"torch": ["torchtune"]}
 #: Tools the other sessions install (klx's `dev` extra names them too).
 LINTERS = ["ruff", "mypy", "numpydoc"]
 
@@ -144,6 +148,8 @@ def tests(session: nox.Session, backend: str) -> None:
         session.skip("cupy needs a CUDA device, and this machine has none")
     extra, more = BACKENDS[backend]
     _install(session, "-e", f".[test,{extra}]", *more)
+    if NO_DEPS.get(backend):
+        _install(session, "--no-deps", *NO_DEPS[backend])
     _run_tests(session, backend)
 
 
@@ -165,6 +171,8 @@ def upstream(session: nox.Session, backend: str) -> None:
     more = [torch if m == TORCH else m for m in more]
     if session.venv_backend != "none":
         session.install("--upgrade", "--upgrade-strategy=eager", "-e", f".[test,{extra}]", *more)
+        if NO_DEPS.get(backend):
+            session.install("--upgrade", "--no-deps", *NO_DEPS[backend])
     session.run("pip", "list", "--format=freeze", silent=False)
     _run_tests(session, backend, UPSTREAM)
 
@@ -182,7 +190,10 @@ def lock(session: nox.Session) -> None:
     extras = sorted({extra for extra, _ in BACKENDS.values()} | {"test", "bench", "docs"})
     more = {m for _, ms in BACKENDS.values() for m in ms} - {TORCH}
     more = sorted(more | {pinned("torch"), "nox", *LINTERS})
-    session.run("python", "tools/lock.py", "--out", CONSTRAINTS, f".[{','.join(extras)}]", *more)
+    alone = [f"--no-deps={m}" for ms in NO_DEPS.values() for m in ms]
+    session.run(
+        "python", "tools/lock.py", "--out", CONSTRAINTS, *alone, f".[{','.join(extras)}]", *more
+    )
 
 
 LINTED = ("src", "tests", "benchmarks", "tools", "docs/conf.py", "noxfile.py")

@@ -40,8 +40,11 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def resolve(requirements: list[str], project: str = "klx") -> dict[str, str]:
-    """{name: version} of everything pip would install for the requirements (not klx)."""
+def resolve(
+    requirements: list[str], project: str = "klx", *, no_deps: bool = False
+) -> dict[str, str]:
+    """{name: version} of everything pip would install for the requirements (not klx);
+    with `no_deps`, of the requirements alone."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         cmd = [
@@ -55,6 +58,7 @@ def resolve(requirements: list[str], project: str = "klx") -> dict[str, str]:
             "--quiet",
             "--report",
             str(report),
+            *(["--no-deps"] if no_deps else []),
             *requirements,
         ]
         subprocess.run(cmd, check=True)
@@ -80,8 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("requirements", nargs="+", help="what to resolve, as pip takes them")
     parser.add_argument("--out", type=Path, default=Path("constraints.txt"))
+    parser.add_argument(
+        "--no-deps",
+        action="append",
+        default=[],
+        metavar="REQUIREMENT",
+        help="pinned alone: a package a session installs without its dependencies",
+    )
     args = parser.parse_args(argv)
     pins = resolve(args.requirements)
+    if args.no_deps:
+        pins |= resolve(args.no_deps, no_deps=True)
     args.out.write_text(render(pins))
     print(f"{len(pins)} pins written to {args.out}")
     return 0

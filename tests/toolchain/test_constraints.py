@@ -44,7 +44,7 @@ def test_every_dependency_of_every_extra_is_pinned():
     for extra, requirements in extras.items():
         if extra not in ("all", "dev"):  # those name other extras
             wanted |= _names(requirements)
-    wanted |= {"triton", "optax", "nox", "ruff", "mypy"}  # what noxfile.py adds
+    wanted |= {"triton", "optax", "torchtune", "nox", "ruff", "mypy"}  # what noxfile.py adds
     assert not wanted - set(pins), f"not pinned in constraints.txt: {sorted(wanted - set(pins))}"
 
 
@@ -65,7 +65,9 @@ def test_every_install_takes_the_constraints():
     installs = re.findall(r"session\.install\((.*?)\)", nox_source, re.S)
     constrained = [i for i in installs if '"-c", CONSTRAINTS' in i]
     upgrading = [i for i in installs if '"--upgrade"' in i]  # the upstream session, by design
-    assert len(constrained) == 1 and len(upgrading) == 1 and len(installs) == 2
+    peers = [i for i in upgrading if '"--no-deps"' in i]  # its peers without dependencies
+    assert len(constrained) == 1 and len(upgrading) == 2 and len(installs) == 3
+    assert peers == ['"--upgrade", "--no-deps", *NO_DEPS[backend]']
     assert "_install(session" in nox_source
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install --quiet -c constraints.txt nox" in ci

@@ -43,6 +43,21 @@ NEEDS = (
 )
 
 
+#: Peers a block loads from their installed files (``distribution(NAME)``), and how to get
+#: them: the torch session installs torchtune without its dependencies (noxfile.NO_DEPS).
+PEERS = {"torchtune": "pip install --no-deps torchtune, as the torch nox session does"}
+
+
+def _installed(name: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _blocks() -> list:
     params = []
     for page in PAGES:
@@ -76,6 +91,9 @@ def test_example_runs_as_a_script(code, backend_name, request, tmp_path):
             bk.load(backend_name)
         except ImportError:
             pytest.skip(f"needs {backend_name}, which is not installed")
+    for peer in PEERS:
+        if f'distribution("{peer}")' in code and not _installed(peer):
+            pytest.skip(f"needs {peer}, which is not installed ({PEERS[peer]})")
     script = tmp_path / "example.py"
     script.write_text(code)
     # The checkout's klx first, as the tests see it (PYTHONPATH=src, or the nox install).
