@@ -58,8 +58,9 @@ def _as_given(backend, x: np.ndarray, dtype: str) -> tuple[object, np.ndarray]:
     return a, backend.to_numpy(a)
 
 
-def _assert_close_to_reference(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
-    """The issue's tolerances; infinities and NaN where the reference has them."""
+def _assert_close_to_reference(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
+    """The issue's tolerances; infinities and NaN where the reference has them. Returns the
+    worst error in units of the tolerance (the conformance cell's)."""
     got = np.asarray(got, dtype=np.float64)
     assert got.shape == want.shape
     assert np.array_equal(np.isnan(got), np.isnan(want)), (got, want)
@@ -74,6 +75,8 @@ def _assert_close_to_reference(got: np.ndarray, want: np.ndarray, dtype: str) ->
     err = np.abs(np.where(finite, got, 0.0) - np.where(finite, want, 0.0))
     bad = finite & (err > tol)
     assert not bad.any(), f"rows {np.nonzero(bad)}: {got[bad]} against {want[bad]}"
+    ratio = np.divide(err, tol, out=np.zeros_like(err), where=finite & (tol > 0))
+    return float(np.max(ratio, initial=0.0))
 
 
 # --------------------------------------------------------------------------- mpmath
@@ -81,7 +84,7 @@ def _assert_close_to_reference(got: np.ndarray, want: np.ndarray, dtype: str) ->
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_entropy_against_mpmath(backend, dtype, form):
+def test_entropy_against_mpmath(backend, dtype, form, conformance):
     p, _ = _cases()
     t = TEMPERATURE if form == "logits" else 1.0
     x, exact = _as_given(backend, _given(p, form), dtype)
@@ -89,13 +92,15 @@ def test_entropy_against_mpmath(backend, dtype, form):
     check_array(backend, got, x, dtype, (p.shape[0],))
     want = reference.mp_entropy_rows(exact, form, t)
     assert np.all(np.isfinite(want)) and np.all(want >= 0)
-    _assert_close_to_reference(backend.to_numpy(got), want, dtype)
+    err = _assert_close_to_reference(backend.to_numpy(got), want, dtype)
+    row = f"{backend.id} {dtype} entropy vs mpmath"
+    conformance(row, f"form={form}", err, 1.0, value=backend.to_numpy(got))
 
 
 @pytest.mark.parametrize("q_form", FORMS)
 @pytest.mark.parametrize("p_form", FORMS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cross_entropy_against_mpmath(backend, dtype, p_form, q_form):
+def test_cross_entropy_against_mpmath(backend, dtype, p_form, q_form, conformance):
     p, q = _cases()
     t = TEMPERATURE if "logits" in (p_form, q_form) else 1.0
     x, exact_p = _as_given(backend, _given(p, p_form), dtype)
@@ -104,7 +109,9 @@ def test_cross_entropy_against_mpmath(backend, dtype, p_form, q_form):
     check_array(backend, got, x, dtype, (p.shape[0],))
     want = reference.mp_cross_entropy_rows(exact_p, exact_q, p_form, q_form, t)
     assert np.isinf(want[5]) and np.all(np.isfinite(np.delete(want, 5)))
-    _assert_close_to_reference(backend.to_numpy(got), want, dtype)
+    err = _assert_close_to_reference(backend.to_numpy(got), want, dtype)
+    row = f"{backend.id} {dtype} cross-entropy vs mpmath"
+    conformance(row, f"{p_form}/{q_form}", err, 1.0, value=backend.to_numpy(got))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
