@@ -5,13 +5,15 @@ against the plain formula traced the same way (issue 24).
     python -m benchmarks.traced --quick            # smaller shapes
     python -m benchmarks.traced --smoke            # tiny shapes: does every row trace?
     python -m benchmarks.traced --backends jax --load 1
+    python -m benchmarks.traced --rows "JS from" mixture     # only these rows
 
 Each row is one traced call, values alone and values with gradients (with respect to the
 student's input), timed in one process after compiling (compile time is not counted),
 klx and the formula in alternation (so that both see the same machine):
 klx against the plain formula a user would write without klx, on dense inputs, targets
 with 1/8 exact zeros, masks (``where=``) and a temperature, for kl_div, KL, JS, skew KL
-and TV from logits, the k3 estimator, a top-k sparse teacher and the fused-linear KL
+and TV from logits, the divergence family (the KL mixture, alpha, Rényi, cross-entropy,
+entropy), the k3 estimator, a top-k sparse teacher and the fused-linear KL
 (whose torch call runs eagerly by design: compiled without ``fullgraph``). The ratio is
 klx's median over the formula's; the issue's targets are at most 1.15 for values and 1.2
 with gradients. The formula has no guard (it is NaN at exact zeros against ``-inf``, and
@@ -128,6 +130,33 @@ def k_tv(s: Any, t: Any) -> Any:
     return klx.tv_distance(t, s, p_form="logits", q_form="logits", reduction="batchmean")
 
 
+def k_mix(s: Any, t: Any) -> Any:
+    """0.3 KL(P || Q) + 0.7 KL(Q || P) from logits (the divergence family, issue 26)."""
+    return klx.divergence(
+        t, s, "mix", lam=0.3, p_form="logits", q_form="logits", reduction="batchmean"
+    )
+
+
+def k_alpha(s: Any, t: Any) -> Any:
+    """Amari's alpha-divergence of order 0.5 from logits."""
+    return klx.alpha_divergence(t, s, 0.5, p_form="logits", q_form="logits", reduction="batchmean")
+
+
+def k_renyi(s: Any, t: Any) -> Any:
+    """The Rényi divergence of order 0.5 from logits."""
+    return klx.renyi_divergence(t, s, 0.5, p_form="logits", q_form="logits", reduction="batchmean")
+
+
+def k_cross_entropy(s: Any, t: Any) -> Any:
+    """The cross-entropy -sum p log q of soft labels P against the student's logits."""
+    return klx.cross_entropy(t, s, p_form="logits", q_form="logits", reduction="batchmean")
+
+
+def k_entropy(s: Any) -> Any:
+    """The student's entropy from its logits."""
+    return klx.entropy(s, form="logits", reduction="batchmean")
+
+
 def k_k3(lq: Any, lp: Any) -> Any:
     """Schulman's k3 of KL(P || Q) from per-token log-probabilities, averaged."""
     return klx.kl_estimate(lp, lq, estimator="k3", reduction="batchmean")
@@ -175,6 +204,27 @@ def _formulas(ops: Any) -> dict[str, Callable[..., Any]]:
     def tv(s: Any, t: Any) -> Any:
         return (0.5 * total(ops.abs(exp(lsm(t)) - exp(lsm(s))), -1)).mean()
 
+    def mix(s: Any, t: Any) -> Any:
+        lp, lq = lsm(t), lsm(s)
+        fwd, rev = total(exp(lp) * (lp - lq), -1), total(exp(lq) * (lq - lp), -1)
+        return (0.3 * fwd + 0.7 * rev).mean()
+
+    def alpha(s: Any, t: Any) -> Any:
+        lp, lq = lsm(t), lsm(s)
+        mass = total(exp(0.5 * lp + 0.5 * lq), -1)
+        return ((1.0 - mass) / 0.25).mean()
+
+    def renyi(s: Any, t: Any) -> Any:
+        lp, lq = lsm(t), lsm(s)
+        return (log(total(exp(0.5 * lp + 0.5 * lq), -1)) / -0.5).mean()
+
+    def cross_entropy(s: Any, t: Any) -> Any:
+        return (-total(exp(lsm(t)) * lsm(s), -1)).mean()
+
+    def entropy(s: Any) -> Any:
+        lq = lsm(s)
+        return (-total(exp(lq) * lq, -1)).mean()
+
     def k3(lq: Any, lp: Any) -> Any:
         r = lq - lp
         return (exp(r) - 1.0 - r).mean()
@@ -196,6 +246,11 @@ def _formulas(ops: Any) -> dict[str, Callable[..., Any]]:
         "js": js,
         "skew": skew,
         "tv": tv,
+        "mix": mix,
+        "alpha": alpha,
+        "renyi": renyi,
+        "cross_entropy": cross_entropy,
+        "entropy": entropy,
         "k3": k3,
         "sparse": sparse,
         "fused": fused,
@@ -217,6 +272,11 @@ def _every_row(add: Callable[..., None], f: dict[str, Callable[..., Any]], a: An
     add("JS from logits", k_js, f["js"], (a["s"], a["t"]))
     add("skew KL from logits, alpha 0.1", k_skew, f["skew"], (a["s"], a["t"]))
     add("TV from logits", k_tv, f["tv"], (a["s"], a["t"]))
+    add("KL mixture from logits, lam 0.3", k_mix, f["mix"], (a["s"], a["t"]))
+    add("alpha-divergence from logits, order 0.5", k_alpha, f["alpha"], (a["s"], a["t"]))
+    add("Rényi divergence from logits, order 0.5", k_renyi, f["renyi"], (a["s"], a["t"]))
+    add("cross-entropy from logits", k_cross_entropy, f["cross_entropy"], (a["s"], a["t"]))
+    add("entropy from logits", k_entropy, f["entropy"], (a["s"],))
     add(f"kl_estimate k3, {a['lq_tok'].shape[0]} tokens", k_k3, f["k3"], (a["lq_tok"], a["lp_tok"]))
     k = a["idx"].shape[-1]
     add(f"sparse KL, top-{k} teacher", k_sparse, f["sparse"], (a["s"], a["idx"], a["lpv"]))
@@ -303,7 +363,7 @@ def torch_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Call
 CASES = {"jax": jax_cases, "torch": torch_cases}
 
 
-def measure(backends: list[str], size: str) -> list[dict[str, Any]]:
+def measure(backends: list[str], size: str, only: list[str] | None = None) -> list[dict[str, Any]]:
     import numpy as np
 
     data = _inputs(np, size)
@@ -311,6 +371,8 @@ def measure(backends: list[str], size: str) -> list[dict[str, Any]]:
     rows = []
     for backend in backends:
         for name, (k, f) in CASES[backend](data).items():
+            if only and not any(part in name for part in only):
+                continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 timed = interleaved(
@@ -365,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller shapes")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one timing: a check")
     ap.add_argument("--load", type=int, default=0, help="busy background processes while timing")
+    ap.add_argument(
+        "--rows", nargs="*", default=None, help="only the rows whose name holds one of these"
+    )
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for traced.json")
     args = ap.parse_args(argv)
     import importlib.util
@@ -372,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends or [b for b in CASES if importlib.util.find_spec(b) is not None]
     with busy(args.load):
         size = "smoke" if args.smoke else "quick" if args.quick else "default"
-        rows = measure(backends, size)
+        rows = measure(backends, size, args.rows)
     print(f"load average {load_average():.1f}, {args.load} busy processes", file=sys.stderr)
     print(table(rows))
     out = Path(args.out)

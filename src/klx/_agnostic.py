@@ -289,11 +289,12 @@ def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature:
     pw, qw = xp.exp(lp), xp.exp(lq)
     d = lp - log_q
     terms = _gap(xp, pw, d, qw)
-    constant = xp.zeros_like(terms)  # (no derivative: the values below are constants)
     # P positive but too small for the dtype (a logit 150 below the others in float32):
-    # 0, or +inf against q = 0 (not 0 * inf)
+    # the term p d + q - p is q (it was 0 here, which left the row short of the q of every
+    # such entry: 26% of a float32 KL whose teacher's tail underflows), or +inf against
+    # q = 0 (not 0 * inf)
     vanished = (pw == 0) & ~p_zero
-    terms = xp.where(vanished, xp.where(q_zero, math.inf, constant), terms)
+    terms = xp.where(vanished, xp.where(q_zero, math.inf, qw), terms)
     terms = xp.where(p_zero, xp.where(q_zero, 0.0, qw), terms)
     # a NaN logit (or a +inf one: NaN logs) is NaN, also on a side whose weight is 0
     return xp.where((lp != lp) | (lq != lq), math.nan, terms)
@@ -422,7 +423,12 @@ def skew_kl_terms(
     wq = weighted(xp, q, q_form, axis, temperature)
     zp, zq, u, _ = _mixture_logs(xp, wp, wq, alpha, p_form == q_form == "probs")
     if p_form == q_form == "logits":  # alpha > 0 below
-        gap = wp.w * (expm1(xp, u) - u)
+        # where m > e^64 p the term is m - p - p u with m - p = (1 - alpha)(q - p), nothing
+        # cancelling: no expm1 of a u that overflows it (0 * inf where p's weight
+        # underflowed: a NaN row)
+        far = u > _FAR
+        uf = xp.where(far, 0.0, u)
+        gap = xp.where(far, (1.0 - alpha) * (wq.w - wp.w) - wp.w * u, wp.w * (expm1(xp, uf) - uf))
         only_p = wp.w * (alpha - 1.0 - log_weight(alpha))  # Q is 0: m - p = (alpha - 1) p
         only_q = xp.where(zq, 0.0, (1.0 - alpha) * wq.w)
         terms = xp.where(zp, only_q, xp.where(zq, only_p, gap))
@@ -503,6 +509,8 @@ def mix_terms(
     ``lam = 1``; where Q is 0: ``(1 - lam) p`` plus ``+inf`` unless ``lam = 0``; 0 where
     both are. A negative probability is ``+inf``; NaN propagates.
     """
+    if p_form == q_form == "logits":
+        return _mix_logits_terms(xp, p, q, axis, temperature, lam)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")
@@ -515,6 +523,43 @@ def mix_terms(
     only_p = (1.0 - lam) * wp.w if lam == 0.0 else xp.full_like(wp.w, math.inf)  # Q is 0
     terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, only_q), xp.where(wq.zero, only_p, both))
     return _outside_and_nan(xp, terms, wp, wq)
+
+
+def _mix_logits_terms(
+    xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any, lam: float
+) -> Array:
+    """The mixture's terms between two sets of logits, in one expression of ``d = log p -
+    log q``: with ``p e = p expm1(-d) = q - p``, ``(2 lam - 1) p e + d (lam p - (1 - lam)
+    q)`` (KL's term ``p (d + e)`` weighted by ``lam`` plus the reverse one ``-(p e + q d)``),
+    at ``lam = 1/2`` ``d (p - q) / 2``: one ``expm1`` or none, where the general form takes
+    two (the NumPy row blocks' kernel computes the same). Near P = Q the first-order parts
+    cancel to the absolute error of KL's ``p (d + e)``; where ``d <= -1`` (``expm1(-d)``
+    could overflow) ``p e`` is ``q - p`` as written. Both sides are normalised by the
+    plain log-sum-exp, as KL's terms between logits (:func:`_kl_logits_terms`): its error
+    enters only squared.
+
+    Where P is 0: ``lam q`` plus ``+inf`` unless ``lam = 1``; where Q is 0: ``(1 - lam) p``
+    plus ``+inf`` unless ``lam = 0``; 0 where both are (a weight that underflows is
+    positive: the formula takes it). NaN propagates, also from a side whose weight is 0.
+    Each term is ``>= 0`` (a rounding below is set to 0).
+    """
+    if lam in (0.0, 1.0):  # one direction: KL's own terms
+        return _kl_logits_terms(xp, *((p, q) if lam == 1.0 else (q, p)), axis, temperature)
+    _, _, p_zero, q_zero, lp, lq = plain_logs(xp, p, q, axis, temperature)
+    pw, qw = xp.exp(lp), xp.exp(lq)
+    d = lp - lq
+    if lam == 0.5:
+        both = 0.5 * (d * (pw - qw))
+    else:
+        near = d > -1.0
+        pe = xp.where(near, pw * expm1(xp, -xp.where(near, d, 0.0)), qw - pw)
+        both = (2.0 * lam - 1.0) * pe + d * (lam * pw - (1.0 - lam) * qw)
+    # each term is >= 0; where P and Q differ by a rounding, p - q may take the wrong sign
+    both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
+    only_q = lam * qw if lam == 1.0 else xp.full_like(qw, math.inf)  # P is 0
+    only_p = (1.0 - lam) * pw if lam == 0.0 else xp.full_like(pw, math.inf)  # Q is 0
+    terms = xp.where(p_zero, xp.where(q_zero, 0.0, only_q), xp.where(q_zero, only_p, both))
+    return xp.where((lp != lp) | (lq != lq), math.nan, terms)
 
 
 def _expm1_minus(xp: ModuleType, x: Array) -> Array:
@@ -532,6 +577,28 @@ def _alpha_gap(xp: ModuleType, d: Array, a: float) -> Array:
     if b == 0.0:
         return _expm1_minus(xp, -d) / a
     return (b * _expm1_minus(xp, -d) - _expm1_minus(xp, -b * d)) / (a * b)
+
+
+def _alpha_pair(xp: ModuleType, w: Array, other: Array, d: Array, a: float) -> Array:
+    """The alpha term of a pair, ``[a w + (1 - a) o - w^a o^(1-a)] / (a (1 - a))`` with
+    ``d = log w - log o`` and ``a >= 1/2``: ``w`` times :func:`_alpha_gap`; where ``d <
+    -64`` (``e^-d`` near overflow in float32) as written with ``w^a o^(1-a) = o e^(a d)``
+    (KL's ``w d + o - w`` at ``a = 1``), where ``e^(a d)`` is below 1e-14 and nothing
+    cancels: no ``e^-d`` overflows against a tiny ``w`` (0 * inf where ``w`` underflowed:
+    a NaN row)."""
+    near = d >= -_FAR
+    dn = xp.where(near, d, 0.0)
+    if a == 1.0:
+        far = w * d + (other - w)
+    else:
+        df = xp.where(near, -_FAR, d)
+        far = (a * w + (1.0 - a) * other - other * xp.exp(a * df)) / (a * (1.0 - a))
+    return xp.where(near, w * _alpha_gap(xp, dn, a), far)
+
+
+#: |log-ratio| beyond which the alpha and skew KL terms leave their expm1 forms for the
+#: direct ones (e^64 is far from float32's overflow, e^-32 far below its precision).
+_FAR = 64.0
 
 
 def alpha_terms(
@@ -562,9 +629,9 @@ def alpha_terms(
     wq = weighted(xp, q, q_form, axis, temperature)
     d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")  # finite: from safe values
     if alpha >= 0.5:
-        both = wp.w * _alpha_gap(xp, d, alpha)
+        both = _alpha_pair(xp, wp.w, wq.w, d, alpha)
     else:
-        both = wq.w * _alpha_gap(xp, -d, 1.0 - alpha)
+        both = _alpha_pair(xp, wq.w, wp.w, -d, 1.0 - alpha)
     both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
     only_q = wq.w / alpha if alpha > 0.0 else xp.full_like(wq.w, math.inf)
     only_p = wp.w / (1.0 - alpha) if alpha < 1.0 else xp.full_like(wp.w, math.inf)

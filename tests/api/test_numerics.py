@@ -744,3 +744,65 @@ def test_low_precision_is_computed_in_float32(backend, dtype):
     check_array(backend, est, x_lp, dtype, lp.shape)
     ref = k_values(lp_r, backend.to_numpy(x_lq))["k3"]
     np.testing.assert_allclose(backend.to_numpy(est), ref, rtol=unit, atol=atol)
+
+
+def _underflow_reference(kind: str, option: float, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The row values of float64 probabilities (whose small weights do not underflow)."""
+    if kind == "kl":
+        return reference.kl_rows(p, q, -1)[0]
+    if kind == "js":
+        return reference.js_rows(p, q, -1, option)
+    if kind == "skew_kl":
+        return reference.skew_kl_rows(p, q, -1, option)[0]
+    if kind == "mix":
+        return reference.mix_rows(p, q, option)
+    if kind == "alpha":
+        return reference.alpha_rows(p, q, option)
+    return reference.renyi_rows(p, q, option)
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [
+        ("kl", None),
+        ("js", 0.5),
+        ("skew_kl", 0.1),
+        ("mix", 0.3),
+        ("mix", 0.0),
+        ("alpha", 0.3),
+        ("alpha", 0.7),
+        ("alpha", 2.0),
+        ("alpha", -1.0),
+        ("renyi", 0.5),
+    ],
+)
+def test_float32_logits_whose_tail_underflows(backend, kind, option):
+    """Float32 logits 250 below their maximum at T = 2: weights of e^-125, 0 in float32
+    but positive. Each divergence keeps their limit (a term of q where p vanishes): KL
+    was 26% off (the vanished terms were 0, not q), skew KL and alpha NaN (0 * inf:
+    expm1 of a log-ratio of 125 against a weight of 0). Against the float64 row values,
+    where those weights are still 1e-55; +inf where that value is beyond float32."""
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(7)
+    t = rng.normal(scale=2.0, size=(3, 40)).astype(np.float32)
+    s = (t + 0.5 * rng.normal(size=t.shape)).astype(np.float32)
+    t[0, 1:] -= 250.0  # P's tail underflows
+    s[1, 1:] -= 250.0  # Q's tail underflows
+    opts = (
+        {}
+        if option is None
+        else {"js": {"beta": option}, "skew_kl": {"alpha": option}, "mix": {"lam": option}}.get(
+            kind, {"alpha": option}
+        )
+    )
+    kw = {"p_form": "logits", "q_form": "logits", "temperature": 2.0, **opts}
+    out = klx.divergence(backend.asarray(t, "float32"), backend.asarray(s, "float32"), kind, **kw)
+    check_array(backend, out, backend.asarray(t, "float32"), "float32", (3,))
+    got = backend.to_numpy(out).astype(np.float64)
+    p = softmax(t.astype(np.float64) / 2.0, axis=-1)
+    q = softmax(s.astype(np.float64) / 2.0, axis=-1)
+    want = _underflow_reference(kind, option, p, q)
+    beyond = want > np.finfo(np.float32).max
+    assert np.all(np.isposinf(got[beyond]))
+    np.testing.assert_allclose(got[~beyond], want[~beyond], rtol=2e-6)

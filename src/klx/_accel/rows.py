@@ -191,6 +191,10 @@ def _mix_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) -
     import numpy as np
 
     lam = dict(call.options)["lam"]
+    if lam == 1.0:  # one direction: KL's own kernel
+        return _kl_from_logits(xp, call, p, q, keep)
+    if lam == 0.0:  # KL(Q || P), the mixture of the swapped pair at lam = 1 where it falls back
+        return _kl_from_logits(xp, call._replace(options=(("lam", 1.0),)), q, p, keep)
     p, q, (sp, ep, lse_p), (sq, eq, lse_q), guarded = _shifted_pair(call, p, q, keep)
     # -d = log q - log p (its negation is exact: no pass negates d for expm1)
     nd = np.subtract(sq, sp, out=sq)
@@ -212,6 +216,7 @@ def _mix_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) -
         v *= nd
         e -= v
         values = e.sum(axis=1) * a
+    np.maximum(values, 0.0, out=values)  # >= 0, as each term (a rounding below is not)
     bad = ~np.isfinite(values) | guarded
     if bad.any():
         values[bad] = divergence_rows(xp, call, p[bad], q[bad], None if keep is None else keep[bad])
