@@ -703,7 +703,10 @@ def renyi_finish(
         xp.log1p(-xp.where(near, c, 0.0)),
         top + xp.log(xp.where(near, 1.0, shifted)),
     )
-    return log_s / (alpha - 1.0)
+    # >= 0 for every order; a rounding of S above 1 is not (JAX, whose CPU code flushes a
+    # subnormal order to 0, gave -9.9e-17 at alpha = 2.2e-309, P = Q up to 3e-39)
+    out = log_s / (alpha - 1.0)
+    return xp.where(out < 0.0, 0.0, out)  # (NaN stays NaN)
 
 
 def max_log_ratio_terms(
