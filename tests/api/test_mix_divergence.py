@@ -133,7 +133,7 @@ def test_from_logits_against_mpmath(backend, lam, dtype, conformance):
     err = assert_within_ulps(got[keep], want[keep], dtype)
     conformance(
         f"{backend.id} {dtype} forward/reverse KL mix from logits vs mpmath",
-        f"lam={lam:g}",
+        f"logits, lam={lam:g}",  # (the report keys cells by this: apart from the probs')
         err,
         1.0,
         value=got,
