@@ -13,7 +13,10 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`divergence`, :func:`register_divergence`, :class:`Divergence` -- any divergence by
   name; new ones from one record.
 * :func:`sparse_kl_divergence` -- KL(P || Q) with P known on its top k indices only.
+* :func:`sparse_divergence` -- forward KL, reverse KL or JS on P's, Q's or both top k.
 * :func:`kl_estimate` -- sampled KL estimators for RL (k1, k2, k3; gradient options).
+* :func:`aggregate` -- RL aggregation modes ('token-mean', 'seq-mean-token-mean', ...), which
+  every reducing function takes as its `reduction`.
 * :func:`fused_linear_divergence` -- distillation from hidden states, without the logits.
 * :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
 * :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
@@ -22,6 +25,7 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 from klx import _divergences
 from klx._accel.explain import Dispatch, explain
 from klx._accel.registry import AcceleratorWarning
+from klx._aggregation import aggregate
 from klx._config import (
     accelerators_enabled,
     is_validating,
@@ -35,7 +39,7 @@ from klx._entropy import entropy
 from klx._estimators import kl_estimate
 from klx._fused import fused_linear_divergence
 from klx._kl_div import KLDivMeanWarning, kl_div
-from klx._sparse import sparse_kl_divergence
+from klx._sparse import sparse_divergence, sparse_kl_divergence
 
 __version__ = "0.1.0"
 
@@ -47,6 +51,7 @@ __all__ = [
     "Option",
     "__version__",
     "accelerators_enabled",
+    "aggregate",
     "entropy",
     "explain",
     "fused_linear_divergence",
@@ -55,6 +60,7 @@ __all__ = [
     "kl_estimate",
     "set_accelerators",
     "set_validation",
+    "sparse_divergence",
     "sparse_kl_divergence",
     "validation",
 ]

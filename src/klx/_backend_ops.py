@@ -15,7 +15,14 @@ from klx._backends import by_name, library
 from klx._namespace import library_of
 from klx._typing import Array
 
-__all__ = ["expm1", "stop_gradient", "sum_along", "take_along_axis", "with_derivative"]
+__all__ = [
+    "expm1",
+    "stop_gradient",
+    "sum_along",
+    "take_along_axis",
+    "top_k_indices",
+    "with_derivative",
+]
 
 
 #: 1 / k! for k = 1 .. 11: Taylor coefficients of expm1, whose truncation after x^11 (x^7
@@ -101,6 +108,28 @@ def take_along_axis(xp: ModuleType, x: Array, indices: Array, axis: int) -> Arra
     if lib is None:
         return xp.take_along_axis(x, indices, axis=ax)
     return lib.take_along_axis(xp, x, indices, ax, spread)
+
+
+def top_k_indices(xp: ModuleType, x: Array, k: int) -> Array:
+    """The indices of the `k` largest entries of `x` along its last axis (largest first),
+    which carry no gradient: torch ``topk``, ``jax.lax.top_k``, Dask's ``argtopk``, and a
+    descending ``argsort`` elsewhere (the array API has no top k). The values are read
+    through :func:`stop_gradient`, so no derivative is recorded for the selection.
+    """
+    lib = library(x)
+    name = "" if lib is None else lib.name
+    x = stop_gradient(x)
+    if name == "torch":
+        return x.topk(k, dim=-1).indices
+    if name == "jax":
+        import jax
+
+        return jax.lax.top_k(x, k)[1]
+    if name == "dask":
+        import dask.array as da
+
+        return da.argtopk(x, k, axis=-1)  # type: ignore[no-untyped-call]
+    return xp.argsort(x, axis=-1, descending=True, stable=True)[..., :k]
 
 
 def sum_along(xp: ModuleType, x: Array, axis: int, keepdims: bool = False) -> Array:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from klx._aggregation import AGGREGATIONS, Aggregation, split_reduction
 from klx._backends import LIBRARIES
 from klx._checks import (
     KL_DIV_REDUCTIONS,
@@ -21,7 +22,6 @@ from klx._checks import (
     check_flag,
     check_float,
     check_form,
-    check_normalizer,
     check_reduction,
     check_temperature,
     check_temperature_range,
@@ -34,6 +34,7 @@ from klx._divergence_table import Divergence, lookup
 from klx._dtypes import accumulation_dtype
 from klx._namespace import array_namespace, check_same_device, library_name
 from klx._typing import Array, Shape
+from klx._vocab import align_vocab, check_vocab
 
 __all__ = [
     "DivergenceCall",
@@ -91,6 +92,10 @@ class DivergenceCall(NamedTuple):
     #: What 'batchmean' divides the kept distributions' sum by instead of their count:
     #: a Python float, a 0-d array of `xp`, or None (the count).
     normalizer: float | Array | None = None
+    #: An aggregation mode (``reduction='seq-mean-token-mean'``, ...): the call then computes
+    #: per-distribution values (`reduction` is 'none') and :func:`klx._aggregation.
+    #: aggregate_rows` reduces them; None for the other reductions.
+    aggregation: Aggregation | None = None
 
     @property
     def kind(self) -> str:
@@ -154,6 +159,10 @@ def parse_divergence(
     normalizer: object = None,
     options: Mapping[str, object] | None = None,
     form_names: tuple[str, str] = ("p_form", "q_form"),
+    sequence_axis: object = None,
+    token_budget: object = None,
+    group_ids: object = None,
+    vocab: object = "same",
 ) -> DivergenceCall:
     """Check the arguments of a divergence (raising TypeError / ValueError).
 
@@ -162,11 +171,15 @@ def parse_divergence(
     record (defaults for those not given). `normalizer` is checked by
     :func:`klx._checks.check_normalizer` (with 'batchmean' only). `form_names` are the
     caller's names of `p_form` and `q_form`, which the errors name (``form`` for both in
-    :func:`klx.entropy`).
+    :func:`klx.entropy`). `sequence_axis`, `token_budget` and `group_ids` go with an
+    aggregation mode (:mod:`klx._aggregation`). `vocab` ('same', 'intersect', 'truncate')
+    aligns sides of different sizes along `axis` first (:mod:`klx._vocab`).
     """
     record = lookup(divergence)
     opts = record.option_values(options or {})
     named = [("p", p), ("q", q), ("where", where), *normalizer_array(normalizer)]
+    if group_ids is not None:
+        named.append(("group_ids", group_ids))
     xp = array_namespace(named, xp)
     check_float(xp, "p", p)
     check_float(xp, "q", q)
@@ -180,12 +193,31 @@ def parse_divergence(
         )
         raise ValueError(msg)
     t = check_temperature(temperature, forms, xp, form_names)
-    red = check_reduction(reduction, REDUCTIONS)
-    norm = check_normalizer(xp, normalizer, red)
+    red = check_reduction(reduction, REDUCTIONS + AGGREGATIONS)
     check_same_device(named, xp)
+    p, q = align_vocab(
+        xp,
+        p,
+        q,
+        axis=axis,
+        p_form=forms[0],
+        q_form=forms[1],
+        temperature=t,
+        mode=check_vocab(vocab),
+        measures=record.measures,
+    )
     shape = broadcast_shapes([("p", shape_of(p)), ("q", shape_of(q))])
     ax = normalize_axis(axis, len(shape))
     batch_shape = shape[:ax] + shape[ax + 1 :]
+    red, norm, aggregation = split_reduction(
+        xp,
+        red,
+        batch_shape,
+        sequence_axis=sequence_axis,
+        normalizer=normalizer,
+        token_budget=token_budget,
+        group_ids=group_ids,
+    )
     keep = None
     if where is not None:
         check_where(xp, where, batch_shape)
@@ -229,6 +261,7 @@ def parse_divergence(
         dtype,
         acc,
         norm,
+        aggregation,
     )
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "KL_DIV_REDUCTIONS",
     "REDUCTIONS",
     "broadcast_shapes",
+    "broadcasts_to",
     "check_flag",
     "check_float",
     "check_form",
@@ -269,11 +270,11 @@ def check_normalizer(xp: ModuleType, normalizer: object, reduction: str) -> floa
     """
     if normalizer is None:
         return None
-    if reduction != "batchmean":
+    if reduction in ("none", "sum"):
         msg = (
-            f"`normalizer` replaces the count that reduction='batchmean' divides by, but "
-            f"reduction={reduction!r}; pass reduction='batchmean' with the normalizer, or "
-            "leave normalizer=None."
+            f"`normalizer` replaces the count that reduction='batchmean' (or an aggregation "
+            f"mode such as 'token-mean') divides by, but reduction={reduction!r}; pass "
+            "reduction='batchmean' with the normalizer, or leave normalizer=None."
         )
         raise ValueError(msg)
     if isinstance(normalizer, bool):
@@ -314,6 +315,14 @@ def check_normalizer(xp: ModuleType, normalizer: object, reduction: str) -> floa
     return normalizer
 
 
+def broadcasts_to(shape: Shape, target: Shape) -> bool:
+    """Whether `shape` broadcasts to `target` (a size None, unknown to Dask, matches)."""
+    return len(shape) <= len(target) and all(
+        w == 1 or w == b or w is None or b is None
+        for w, b in zip(reversed(shape), reversed(target), strict=False)
+    )
+
+
 def check_where(xp: ModuleType, where: Any, batch_shape: Shape) -> None:
     """`where` must be boolean and broadcast to the batch shape (the shape without `axis`)."""
     if where.dtype != xp.bool:
@@ -323,11 +332,7 @@ def check_where(xp: ModuleType, where: Any, batch_shape: Shape) -> None:
         )
         raise TypeError(msg)
     shape = tuple(where.shape)
-    ok = len(shape) <= len(batch_shape) and all(
-        w == 1 or w == b or w is None or b is None
-        for w, b in zip(reversed(shape), reversed(batch_shape), strict=False)
-    )
-    if not ok:
+    if not broadcasts_to(shape, batch_shape):
         msg = (
             f"`where` has shape {shape}, which does not broadcast to the batch shape "
             f"{tuple(batch_shape)} (the inputs' shape without `axis`); give one boolean per "

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from klx import _accel, _divergence_table
+from klx._aggregation import aggregate_rows
 from klx._call import DivergenceCall, parse_divergence
 from klx._divergence_table import Divergence, lookup
 from klx._dtypes import as_array, numpy_quiet
@@ -55,7 +56,11 @@ def kl_divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
     normalized: bool = True,
+    vocab: str = "same",
 ) -> Array:
     r"""The Kullback-Leibler divergence KL(P || Q), in the order the formula reads.
 
@@ -92,10 +97,14 @@ def kl_divergence(
         `axis`). Dropped ones contribute nothing, in value (0 under 'none') and in gradient,
         even if they hold NaN or ``-inf``; 'batchmean' averages over the kept ones only,
         and is 0 (with gradient 0) if none is kept.
-    reduction : {'none', 'sum', 'batchmean'}, optional
+    reduction : str, optional
         'none': one value per distribution (the batch shape); 'sum': their sum;
         'batchmean': their sum divided by `normalizer`, or by the number kept (at least 1:
-        an empty or fully masked batch gives 0, not NaN). Default 'none'.
+        an empty or fully masked batch gives 0, not NaN). Default 'none'. Or an RL
+        aggregation mode over per-token values with a sequence axis (verl's
+        ``loss_agg_mode`` names): 'token-mean', 'seq-mean-token-sum',
+        'seq-mean-token-mean', 'seq-mean-token-sum-norm' or 'group-mean-token-mean'
+        (formulas in :func:`klx.aggregate`); sequences without a kept token are left out.
     validate : bool or None, optional
         Check the values first (reads them: a GPU synchronisation): probabilities must be
         non-negative and sum to 1, log-probabilities must be <= 0 and their exp sum to 1.
@@ -108,13 +117,37 @@ def kl_divergence(
         micro-batches of an accumulated step, so that the micro-batches' losses add up to
         the step's mean. A number >= 0, or a 0-d integer or floating array of the
         inputs' library and device (its value is read only in validation mode). A
-        normalizer of 0 (a step without tokens) divides by 1: the result is 0.
+        normalizer of 0 (a step without tokens) divides by 1: the result is 0. With an
+        aggregation mode, the mode's divisor over the whole step: kept tokens
+        ('token-mean'), sequences ('seq-mean-*') or groups ('group-mean-token-mean').
+    sequence_axis : int, optional
+        With an aggregation mode: the axis of the batch shape (the shape without `axis`)
+        along which a sequence's tokens lie. Default -1.
+    token_budget : float, optional
+        With 'seq-mean-token-sum-norm': its constant divisor C (Dr. GRPO's generation
+        budget). Default: the length of the sequence axis.
+    group_ids : int array, optional
+        With 'group-mean-token-mean': one id per sequence (the batch shape without
+        `sequence_axis`).
     normalized : bool, optional
         True (the default): `p` and `q` are distributions. False: non-negative measures,
         taken as they are, and the generalized KL :math:`\sum_i p_i \log(p_i / q_i) - p_i +
         q_i` (SciPy's ``special.kl_div`` summed; also by name, ``"generalized_kl"``); probs
         only (log-probabilities and logits are distributions), and validation checks each
         entry, not the sums. For two distributions both give the KL.
+    vocab : {'same', 'intersect', 'truncate'}, optional
+        When `p` and `q` differ in size along `axis` (a teacher and a student whose
+        embedding tables are padded differently, 151,936 and 152,064 rows: TRL #2215),
+        sharing the ids ``0 .. V-1``, ``V = min(V_p, V_q)``. 'same' (the default): the
+        sizes must match (or one be 1, broadcast); a mismatch is a ValueError naming both.
+        'intersect': each side is normalised over its own whole vocabulary, then its mass
+        on the ids ``>= V`` is one tail bin (0 on the smaller side), and the divergence is
+        that of the coarsened distributions, :math:`\sum_{i<V} p_i \log(p_i / q_i) + p_T
+        \log(p_T / q_T)`: exact, so ``+inf`` where P puts mass ``p_T > 0`` on ids Q does
+        not have. 'truncate': the shared ids only, each side renormalised over them (TRL's
+        slicing of the logits to the shorter vocabulary): the divergence between the
+        conditionals given a shared token, finite where 'intersect' is ``+inf``. See
+        ``docs/distillation.md``.
 
     Returns
     -------
@@ -154,6 +187,17 @@ def kl_divergence(
     >>> klx.kl_divergence(teacher, student, p_form="logits", q_form="logits",
     ...                   temperature=2.0, where=keep, reduction="batchmean")
     array(0.0152...)
+
+    A teacher with one more id than the student (``vocab=``):
+
+    >>> student = np.array([0.25, 0.5, 0.25])
+    >>> klx.kl_divergence(np.array([0.5, 0.25, 0.25, 0.0]), student, vocab="intersect")
+    array(0.1732...)
+    >>> teacher = np.array([0.5, 0.25, 0.125, 0.125])  # mass on the id the student lacks
+    >>> klx.kl_divergence(teacher, student, vocab="intersect")
+    array(inf)
+    >>> klx.kl_divergence(teacher, student, vocab="truncate")  # given a shared id
+    array(0.2325...)
     """
     if not isinstance(normalized, bool):  # (user code is not type-checked)
         msg = f"`normalized` must be True or False, got {normalized!r}."  # type: ignore[unreachable]
@@ -171,6 +215,10 @@ def kl_divergence(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
+        vocab=vocab,
     )
     return evaluate(call)
 
@@ -189,6 +237,9 @@ def js_divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The generalized Jensen-Shannon divergence of P and Q.
 
@@ -213,6 +264,8 @@ def js_divergence(
         The weight of P in the mixture, in [0, 1]. Default 0.5.
     where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -244,6 +297,9 @@ def js_divergence(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
         options={"beta": beta},
     )
     return evaluate(call)
@@ -263,6 +319,9 @@ def skew_kl_divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The skew KL divergence: KL(P || M) against the mixture M = alpha P + (1 - alpha) Q.
 
@@ -289,6 +348,8 @@ def skew_kl_divergence(
         The weight of P in the mixture, in [0, 1]. Default 0.1.
     axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -324,6 +385,9 @@ def skew_kl_divergence(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
         options={"alpha": alpha},
     )
     return evaluate(call)
@@ -342,6 +406,9 @@ def tv_distance(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The total variation distance between P and Q.
 
@@ -361,6 +428,8 @@ def tv_distance(
         As in :func:`kl_divergence`.
     axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -393,6 +462,9 @@ def tv_distance(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
     )
     return evaluate(call)
 
@@ -410,6 +482,9 @@ def cross_entropy(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The cross-entropy of Q against the (soft) labels P: H(P) + KL(P || Q).
 
@@ -435,6 +510,8 @@ def cross_entropy(
         other.
     axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -482,6 +559,9 @@ def cross_entropy(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
     )
     return evaluate(call)
 
@@ -500,6 +580,9 @@ def alpha_divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The alpha-divergence (Amari's) of order `alpha` between P and Q.
 
@@ -526,6 +609,8 @@ def alpha_divergence(
         The order: any finite real number.
     axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -561,6 +646,9 @@ def alpha_divergence(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
         options={"alpha": alpha},
     )
     return evaluate(call)
@@ -580,6 +668,9 @@ def renyi_divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The Rényi divergence of order `alpha` between P and Q.
 
@@ -604,6 +695,8 @@ def renyi_divergence(
         The order: a number >= 0, or ``math.inf``.
     axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -643,6 +736,9 @@ def renyi_divergence(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
         options=options,
     )
     return evaluate(call)
@@ -661,8 +757,15 @@ def evaluate(call: DivergenceCall, hints: Hints = _HINTS) -> Array:
                 )
         if call.normalizer is not None and not isinstance(call.normalizer, float):
             check_normalizer_value(call.xp, call.normalizer)
+        agg = call.aggregation
+        if agg is not None and agg.normalizer is not None and not isinstance(agg.normalizer, float):
+            check_normalizer_value(call.xp, agg.normalizer)
     with numpy_quiet(call.p):
-        return as_array(_accel.evaluate_divergence(call))
+        out = _accel.evaluate_divergence(call)
+        if call.aggregation is not None:
+            keep = None if call.keep is None else call.xp.squeeze(call.keep, axis=call.axis)
+            out = aggregate_rows(call.xp, out, keep, call.aggregation)
+        return as_array(out)
 
 
 def divergence(
@@ -679,6 +782,10 @@ def divergence(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
+    vocab: str = "same",
     **options: float,
 ) -> Array:
     r"""Any divergence klx knows, by its name: ``divergence(p, q, "js", beta=0.3)``.
@@ -696,6 +803,11 @@ def divergence(
         The divergence's name or one of its aliases, or its record. Default 'kl'.
     axis, p_form, q_form, temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
+    vocab : {'same', 'intersect', 'truncate'}, optional
+        Two vocabulary sizes along `axis`, as in :func:`kl_divergence`: the divergence
+        is taken between the aligned distributions.
     **options : float
         The divergence's own parameters (``beta`` of JS, ``alpha`` of skew KL); those
         not given take their defaults. Any other keyword is a TypeError.
@@ -737,7 +849,11 @@ def divergence(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
         options=options,
+        vocab=vocab,
     )
     return evaluate(call)
 
@@ -766,6 +882,7 @@ def register_divergence(record: Divergence, *, replace: bool = False) -> Callabl
     callable
         ``f(p, q, *, axis=-1, p_form='probs', q_form='probs', temperature=1.0,
         where=None, reduction='none', validate=None, xp=None, normalizer=None,
+        sequence_axis=None, token_budget=None, group_ids=None, vocab='same',
         **options)``, named after ``record.public`` (or ``record.name``).
 
     Examples

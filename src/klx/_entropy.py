@@ -38,6 +38,9 @@ def entropy(
     validate: bool | None = None,
     xp: ModuleType | None = None,
     normalizer: float | Array | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""The Shannon entropy of P, in nats.
 
@@ -66,6 +69,8 @@ def entropy(
         Default 'probs'.
     temperature, where, reduction, validate, xp, normalizer : optional
         As in :func:`kl_divergence`.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
@@ -101,6 +106,9 @@ def entropy(
         validate=validate,
         xp=xp,
         normalizer=normalizer,
+        sequence_axis=sequence_axis,
+        token_budget=token_budget,
+        group_ids=group_ids,
         form_names=("form", "form"),
     )
     return evaluate(call, _HINTS)

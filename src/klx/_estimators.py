@@ -7,20 +7,26 @@ import numbers
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from klx._agnostic import reduce_rows, shape_size
-from klx._backend_ops import expm1, stop_gradient, with_derivative
+from klx._aggregation import AGGREGATIONS, Aggregation, aggregate_rows, split_reduction
+from klx._agnostic import log_softmax, reduce_rows, shape_size
+from klx._backend_ops import expm1, stop_gradient, take_along_axis, with_derivative
+from klx._backends import library
 from klx._call import normalizer_array
 from klx._checks import (
     REDUCTIONS,
     broadcast_shapes,
     check_float,
-    check_normalizer,
     check_reduction,
+    check_temperature,
+    check_temperature_range,
     check_where,
+    normalize_axis,
 )
+from klx._config import resolve_validate
 from klx._dtypes import accumulation_dtype, as_array, numpy_quiet
-from klx._namespace import array_namespace, check_same_device
+from klx._namespace import array_namespace, check_same_device, is_concrete
 from klx._typing import Array, Shape
+from klx._validation import _count, _require_concrete, check_distribution
 
 __all__ = ["ESTIMATORS", "GRADIENTS", "k3_from_log_ratio", "kl_estimate"]
 
@@ -38,13 +44,37 @@ _K3_SERIES = tuple(1.0 / math.factorial(j + 2) for j in range(15))
 _K3_SERIES_RADIUS = 0.5
 
 
+class Sampler(NamedTuple):
+    """How the sampler drew the tokens: :func:`klx.kl_estimate` given full logits.
+
+    `tokens` is broadcast to the batch shape and `mask` to the full shape (the
+    vocabulary at `axis`), or None.
+    """
+
+    tokens: Array
+    mask: Array | None
+    #: A float, or a 0-d array of the inputs' library.
+    temperature: Any
+    axis: int
+    vocab: int
+    #: `log_p_old` is over the vocabulary too (else: per token, as the sampler gave it).
+    old_full: bool
+
+
 class EstimateCall(NamedTuple):
-    """A checked call of :func:`klx.kl_estimate`."""
+    """A checked call of :func:`klx.kl_estimate`.
+
+    With `sampler`, `log_p`, `log_q` (and `log_p_old` where ``sampler.old_full``) are
+    over the vocabulary at ``sampler.axis``, and `shape` is the batch shape (one value
+    per sampled token).
+    """
 
     xp: ModuleType
     log_p: Array
     log_q: Array
     log_p_old: Array | None
+    sampler: Sampler | None
+    validate: bool
     estimator: str
     gradient: str
     clamp: float | None
@@ -55,6 +85,8 @@ class EstimateCall(NamedTuple):
     shape: Shape
     dtype: Any
     acc: Any
+    #: An aggregation mode: `reduction` is then 'none' and this reduces the per-token values.
+    aggregation: Aggregation | None = None
 
 
 def kl_estimate(
@@ -64,11 +96,19 @@ def kl_estimate(
     estimator: str = "k3",
     gradient: str = "estimator",
     log_p_old: Array | None = None,
+    tokens: Array | None = None,
+    sampling_mask: Array | None = None,
+    temperature: float | Array = 1.0,
+    axis: int = -1,
     clamp: float | None = None,
     where: Array | None = None,
     reduction: str = "none",
     normalizer: float | Array | None = None,
+    validate: bool | None = None,
     xp: ModuleType | None = None,
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
 ) -> Array:
     r"""A sampled estimate of KL(P || Q) from tokens drawn from P (the policy).
 
@@ -89,13 +129,37 @@ def kl_estimate(
     you pass `clamp`. An infinite log-ratio gives ``inf`` (Q = 0 where P sampled); NaN
     propagates.
 
+    **As the sampler drew the tokens.** Sampling with a temperature :math:`T` and top-k /
+    top-p truncation draws from :math:`\tilde P`, not from P. Given `tokens` (the sampled
+    ids), `log_p` and `log_q` are the full logits (or log-probabilities) over the
+    vocabulary at `axis`, and both are put on the sampler's support, the same for both:
+
+    .. math::
+
+        \log \tilde p(x) = x^P_{t}/T - \log \sum_{v \in M} e^{x^P_v / T},
+        \qquad \log \tilde q(x) = x^Q_{t}/T - \log \sum_{v \in M} e^{x^Q_v / T},
+
+    with :math:`t` the sampled id and :math:`M` the `sampling_mask` at its position (every
+    id when None); the estimator is taken on these per-token log-probabilities, so every
+    statement above holds with :math:`\tilde P, \tilde Q` for P, Q: :math:`E_{\tilde
+    P}[k_1] = E_{\tilde P}[k_3] = \mathrm{KL}(\tilde P \,\|\, \tilde Q)`, the KL between
+    the truncated, tempered distributions, and the gradient options' targets are those
+    of :math:`\tilde P_\theta` (the mask held fixed, as the sampler drew it). `log_p_old`
+    over the vocabulary is put on the same support, so the importance ratio
+    :math:`\tilde\pi_\theta / \tilde\pi_\mathrm{old}` is 1 on-policy; it is always
+    per token, never a sequence's product broadcast over its tokens. A sampled id outside
+    `sampling_mask` has probability 0 under both: its estimate is NaN
+    (:math:`-\infty - (-\infty)`), with finite gradients elsewhere; validation mode raises.
+
     Parameters
     ----------
     log_p : array
-        :math:`\log \pi_\theta(x)` of the sampled tokens under the policy P (any shape).
+        :math:`\log \pi_\theta(x)` of the sampled tokens under the policy P (any shape);
+        with `tokens`, the policy's logits (or log-probabilities) over the vocabulary at
+        `axis`.
     log_q : array
         :math:`\log \pi_\mathrm{ref}(x)` of the same tokens under the reference model Q;
-        broadcast against `log_p`.
+        broadcast against `log_p` (with `tokens`, Q's logits over the same vocabulary).
     estimator : {'k1', 'k2', 'k3'}, optional
         Default 'k3' (verl's 'low_var_kl', OpenRLHF's 'k3').
     gradient : {'estimator', 'straight_through', 'importance'}, optional
@@ -121,7 +185,29 @@ def kl_estimate(
         With ``gradient='importance'`` only: the log-probabilities of the samples under
         the policy that drew them (:math:`\pi_\mathrm{old}`, e.g. before this step's
         updates in PPO/GRPO). The value :math:`\rho k_n` is then an unbiased estimate of
-        KL(P || Q) (k1, k3) from samples of :math:`\pi_\mathrm{old}`.
+        KL(P || Q) (k1, k3) from samples of :math:`\pi_\mathrm{old}`. With `tokens`:
+        either the old policy's logits over the vocabulary (the shape of `log_p`, put on
+        the sampler's support like `log_p`), or the sampler's own log-probabilities of
+        the sampled tokens (the shape of `tokens`), used as given: they must then be of
+        the truncated, tempered distribution (vLLM ``logprobs_mode='processed_logprobs'``
+        with the temperature applied), not the raw ones (TRL issue #4159: a ratio of 2.0
+        at T = 0.6).
+    tokens : array of int, optional
+        The sampled ids, one per position (the shape of `log_p` without `axis`). Given,
+        `log_p` and `log_q` are read as full logits and the estimate is taken on the
+        sampler's support (see above). Ids outside ``[0, V)`` are a ValueError wherever
+        their values can be read; traced, their estimate is NaN. Ids where `where` is
+        False are never read (padding ids such as -100 are fine there).
+    sampling_mask : bool array, optional
+        The ids the sampler could draw at each position (its top-k / top-p / min-p
+        support, as DeepSeek-V3.2 and vLLM's ``return_sampling_mask`` keep it): the shape
+        of `log_p`, or one that broadcasts to it with the whole vocabulary at `axis`.
+        Needs `tokens`.
+    temperature : float or 0-d array, optional
+        The sampler's temperature, dividing the logits of P, Q (and the old policy)
+        before they are renormalised. Default 1; another value needs `tokens`.
+    axis : int, optional
+        The vocabulary axis of the full logits (with `tokens` only). Default -1.
     clamp : float, optional
         Clip each :math:`k_n` to ``[-clamp, clamp]`` (before the gradient option is
         applied; a clipped entry has no gradient of its own). Off by default; verl's
@@ -129,25 +215,43 @@ def kl_estimate(
     where : bool array, optional
         Which tokens to keep, broadcastable to the samples' shape. Dropped tokens
         contribute 0 in value and gradient, even if they hold NaN or ``inf``.
-    reduction : {'none', 'sum', 'batchmean'}, optional
+    reduction : str, optional
         'none': one value per token; 'sum'; 'batchmean': the mean over the kept tokens
-        (0, with gradient 0, if none is kept).
+        (0, with gradient 0, if none is kept); or an RL aggregation mode over sequences
+        ('token-mean', 'seq-mean-token-mean', ...: :func:`klx.aggregate`).
     normalizer : float or 0-d array, optional
         As in :func:`kl_divergence`: with 'batchmean', divide the sum by this number
         instead of the count of kept tokens (e.g. the tokens of all micro-batches of a
-        step; 0 gives 0).
+        step; 0 gives 0); with an aggregation mode, its divisor over the whole step.
+    validate : bool, optional
+        With `tokens`: read the values and raise ValueError for logits that are not a
+        distribution (NaN, ``+inf``), ids outside the vocabulary or outside
+        `sampling_mask` (kept tokens only). None (default) follows
+        :func:`klx.set_validation`. Per-token inputs are not read.
     xp : namespace, optional
         The array namespace; by default that of the arrays.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`kl_divergence`.
 
     Returns
     -------
     array
-        Of the inputs' library, device and promoted dtype (float16 and bfloat16 are
-        computed in float32).
+        One value per sampled token (the shape of the per-token inputs, or of `tokens`)
+        or their reduction, of the inputs' library, device and promoted dtype (float16
+        and bfloat16 are computed in float32).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For options, dtypes and shapes always (`sampling_mask`, a temperature other than
+        1 or `axis` without `tokens`; `tokens` not integer; vocabularies that differ);
+        for ids outside the vocabulary where values can be read; for ids outside
+        `sampling_mask` in validation mode.
 
     See Also
     --------
     kl_divergence : The exact KL when both full distributions are at hand.
+    sparse_kl_divergence : The KL against a teacher known on its top k ids.
 
     Notes
     -----
@@ -155,6 +259,13 @@ def kl_estimate(
     ('kl'), 'k2' ('mse'), 'k3' ('low_var_kl', clamped), and 'k1+' / 'k3+' for the
     straight-through form; OpenRLHF ``compute_approx_kl(log_probs, log_probs_base,
     kl_estimator)`` with 'k1', 'k2', 'k3'; TRL's GRPOTrainer per-token KL is k3.
+    TRL and verl compute the trainer's log-probabilities as ``log_softmax(logits / T)``
+    over the whole vocabulary while vLLM samples from (and, with
+    ``processed_logprobs``, reports) the truncated distribution: the ratio is then off
+    by the kept mass (TRL #6789); pass `sampling_mask` to put both on the sampler's
+    support. TRL's sequence-level importance ratio (``vllm_importance_sampling_mode=
+    'sequence_*'``) broadcast over the tokens adds the other tokens' terms to each
+    token's gradient (TRL #6594); here the ratio is per token.
 
     References
     ----------
@@ -171,6 +282,16 @@ def kl_estimate(
     array([0.0231..., 0.0945..., 0.        ])
     >>> klx.kl_estimate(log_p, log_q, estimator="k1", reduction="batchmean")
     array(-0.0607...)
+
+    As the sampler drew them: full logits over 4 ids, sampled at T = 0.7 from the top 2.
+
+    >>> logits_p = np.array([[2.0, 1.0, 0.0, -1.0], [0.5, 1.5, 1.0, 0.0]])
+    >>> logits_q = np.array([[1.5, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    >>> top2 = np.array([[True, True, False, False], [False, True, True, False]])
+    >>> klx.kl_estimate(
+    ...     logits_p, logits_q, tokens=np.array([0, 2]), sampling_mask=top2, temperature=0.7
+    ... )
+    array([0.0158..., 0.1017...])
     """
     return evaluate_estimate(parse_estimate(**locals()))
 
@@ -182,26 +303,39 @@ def parse_estimate(
     estimator: object,
     gradient: object,
     log_p_old: Array | None,
+    tokens: Array | None,
+    sampling_mask: Array | None,
+    temperature: object,
+    axis: object,
     clamp: object,
     where: Array | None,
     reduction: object,
     normalizer: object,
+    validate: object,
     xp: ModuleType | None,
+    sequence_axis: object = None,
+    token_budget: object = None,
+    group_ids: object = None,
 ) -> EstimateCall:
     """Check the arguments of :func:`kl_estimate` (raising TypeError / ValueError)."""
     named = [("log_p", log_p), ("log_q", log_q), ("where", where)]
     if log_p_old is not None:
         named.append(("log_p_old", log_p_old))
+    if tokens is not None:
+        named.append(("tokens", tokens))
+    if sampling_mask is not None:
+        named.append(("sampling_mask", sampling_mask))
+    if group_ids is not None:
+        named.append(("group_ids", group_ids))
     named += normalizer_array(normalizer)
     xp = array_namespace(named, xp)
     check_float(xp, "log_p", log_p)
     check_float(xp, "log_q", log_q)
     est = _check_choice("estimator", estimator, ESTIMATORS)
     grad = _check_choice("gradient", gradient, GRADIENTS)
-    red = check_reduction(reduction, REDUCTIONS)
-    norm = check_normalizer(xp, normalizer, red)
+    red = check_reduction(reduction, REDUCTIONS + AGGREGATIONS)
+    t = check_temperature(temperature, ("logits",), xp)
     check_same_device(named, xp)
-    shapes = [("log_p", tuple(log_p.shape)), ("log_q", tuple(log_q.shape))]
     if log_p_old is not None:
         if grad != "importance":
             msg = (
@@ -211,18 +345,38 @@ def parse_estimate(
             )
             raise ValueError(msg)
         check_float(xp, "log_p_old", log_p_old)
-        shapes.append(("log_p_old", tuple(log_p_old.shape)))
-    shape = broadcast_shapes(shapes)
+    sampler = None
+    if tokens is None:
+        _no_sampler_without_tokens(sampling_mask, t, axis)
+        shapes = [("log_p", tuple(log_p.shape)), ("log_q", tuple(log_q.shape))]
+        if log_p_old is not None:
+            shapes.append(("log_p_old", tuple(log_p_old.shape)))
+        shape = broadcast_shapes(shapes)
+    else:
+        sampler, shape = _parse_sampler(xp, log_p, log_q, log_p_old, tokens, sampling_mask, t, axis)
+    red, norm, aggregation = split_reduction(
+        xp,
+        red,
+        shape,
+        sequence_axis=sequence_axis,
+        normalizer=normalizer,
+        token_budget=token_budget,
+        group_ids=group_ids,
+    )
     keep = None
     if where is not None:
         check_where(xp, where, shape)
         keep = xp.broadcast_to(where, shape) if tuple(where.shape) != shape else where
     dtype = xp.result_type(log_p, log_q)
+    acc = accumulation_dtype(xp, dtype)
+    check_temperature_range(t, xp.finfo(acc))
     return EstimateCall(
         xp,
         log_p,
         log_q,
         log_p_old,
+        sampler,
+        resolve_validate(validate),
         est,
         grad,
         _check_clamp(clamp),
@@ -231,19 +385,132 @@ def parse_estimate(
         norm,
         shape,
         dtype,
-        accumulation_dtype(xp, dtype),
+        acc,
+        aggregation,
     )
 
 
+def _no_sampler_without_tokens(sampling_mask: Array | None, t: Any, axis: object) -> None:
+    """Per-token inputs: the sampler's options need the full logits and `tokens`."""
+    given = []
+    if sampling_mask is not None:
+        given.append("`sampling_mask`")
+    if not (isinstance(t, float) and t == 1.0):
+        given.append(f"`temperature`={t!r}")
+    if axis != -1:
+        given.append(f"`axis`={axis!r}")
+    if given:
+        msg = (
+            f"{' and '.join(given)} describe(s) the vocabulary, but `tokens` is None, so "
+            "`log_p` and `log_q` are read as the sampled tokens' log-probabilities; pass "
+            "the full logits (or log-probabilities) over the vocabulary as `log_p` and "
+            "`log_q` with `tokens=` (the sampled ids), or leave these options out."
+        )
+        raise ValueError(msg)
+
+
+def _parse_sampler(
+    xp: ModuleType,
+    log_p: Array,
+    log_q: Array,
+    log_p_old: Array | None,
+    tokens: Array,
+    sampling_mask: Array | None,
+    t: Any,
+    axis: object,
+) -> tuple[Sampler, Shape]:
+    """Check the full form of :func:`kl_estimate`; its sampler and batch shape."""
+    if not xp.isdtype(tokens.dtype, "integral"):
+        msg = (
+            f"`tokens` must have an integer dtype (the sampled token ids), got "
+            f"{tokens.dtype}; convert it with `astype` to an integer dtype."
+        )
+        raise TypeError(msg)
+    nd = log_p.ndim
+    ax = normalize_axis(axis, nd)
+    p_shape = tuple(log_p.shape)
+    if tokens.ndim != nd - 1 or log_q.ndim != nd:
+        msg = (
+            f"with `tokens`, `log_p` and `log_q` hold the whole vocabulary along `axis` "
+            f"(one dimension more than `tokens`), got `tokens` of shape "
+            f"{tuple(tokens.shape)}, `log_p` {p_shape} and `log_q` {tuple(log_q.shape)}; "
+            "pass the logits (or log-probabilities) over the vocabulary, not the sampled "
+            "tokens' log-probabilities."
+        )
+        raise ValueError(msg)
+    vocab = p_shape[ax]
+
+    def batch(x: Array) -> Shape:
+        s = tuple(x.shape)
+        return s[:ax] + s[ax + 1 :]
+
+    full: list[tuple[str, Array]] = [("log_q", log_q)]
+    shapes = [("tokens", tuple(tokens.shape)), ("log_p", batch(log_p)), ("log_q", batch(log_q))]
+    old_full = False
+    if log_p_old is not None:
+        if log_p_old.ndim == nd:
+            old_full = True
+            full.append(("log_p_old", log_p_old))
+            shapes.append(("log_p_old", batch(log_p_old)))
+        elif log_p_old.ndim == nd - 1:
+            shapes.append(("log_p_old", tuple(log_p_old.shape)))
+        else:
+            msg = (
+                f"`log_p_old` has shape {tuple(log_p_old.shape)}; with `tokens` of shape "
+                f"{tuple(tokens.shape)} give either the old policy's logits over the "
+                f"vocabulary (the shape of `log_p`, {p_shape}) or the sampler's "
+                "log-probabilities of the sampled tokens (the shape of `tokens`)."
+            )
+            raise ValueError(msg)
+    if sampling_mask is not None:
+        if sampling_mask.dtype != xp.bool:
+            msg = (
+                f"`sampling_mask` must be a boolean array (True where the sampler could "
+                f"draw the token), got dtype {sampling_mask.dtype}; pass e.g. `mask != 0`."
+            )
+            raise TypeError(msg)
+        if sampling_mask.ndim > nd:
+            msg = (
+                f"`sampling_mask` has shape {tuple(sampling_mask.shape)}; give one boolean "
+                f"per vocabulary entry and position, the shape of `log_p` {p_shape} (or "
+                "one that broadcasts to it, with the whole vocabulary along `axis`)."
+            )
+            raise ValueError(msg)
+        # leading axes of size 1, by the broadcasting rules (a (V,) mask for every position)
+        sampling_mask = sampling_mask[(None,) * (nd - sampling_mask.ndim) + (...,)]
+        full.append(("sampling_mask", sampling_mask))
+        shapes.append(("sampling_mask", batch(sampling_mask)))
+    for name, x in full:
+        if x.shape[ax] != vocab:
+            msg = (
+                f"`log_p` has {vocab} vocabulary entries along axis {ax} but `{name}` has "
+                f"{x.shape[ax]}; give both over the same vocabulary."
+            )
+            raise ValueError(msg)
+    shape = broadcast_shapes(shapes)
+    mask = sampling_mask
+    if mask is not None:
+        mask = xp.broadcast_to(mask, (*shape[:ax], vocab, *shape[ax:]))
+    toks = xp.broadcast_to(tokens, shape) if tuple(tokens.shape) != shape else tokens
+    if vocab is None:
+        msg = (
+            "the vocabulary size (the size of `log_p` along `axis`) is unknown (a Dask "
+            "array after boolean indexing); call `.compute_chunk_sizes()` on it first."
+        )
+        raise ValueError(msg)
+    return Sampler(toks, mask, t, ax, vocab, old_full), shape
+
+
 def evaluate_estimate(call: EstimateCall) -> Array:
-    """Compute a checked call of :func:`kl_estimate`."""
+    """Validate (if asked), then compute a checked call of :func:`kl_estimate`."""
     with numpy_quiet(call.log_p):
+        if call.validate and call.sampler is not None:
+            validate_sampled(call, call.sampler)
         return as_array(_estimate(call.xp, call))
 
 
 def _estimate(xp: ModuleType, call: EstimateCall) -> Array:
-    lp = _prepare(xp, call.log_p, call)
-    lq = _prepare(xp, call.log_q, call)
+    lp, lq, old = _per_token(xp, call)
     r = lq - lp  # log q - log p
     if call.estimator == "k3" and call.gradient == "estimator":
         # d k3 / dr = e^r - 1, one expression of r (autodiff of the branches kept masks)
@@ -260,14 +527,106 @@ def _estimate(xp: ModuleType, call: EstimateCall) -> Array:
         k2 = 0.5 * (r_safe * r_safe)
         k = (k2 - stop_gradient(k2)) + stop_gradient(k)
     elif call.gradient == "importance":
-        old = lp if call.log_p_old is None else _prepare(xp, call.log_p_old, call)
+        old = lp if old is None else old
         if call.estimator == "k3" and call.clamp is None:
             k = importance_k3(xp, lp, lq, stop_gradient(old))
         else:
             k = xp.exp(lp - stop_gradient(old)) * k
     count = shape_size(call.shape)
     out = reduce_rows(xp, k, call.reduction, call.keep, count, call.normalizer)
+    if call.aggregation is not None:
+        out = aggregate_rows(xp, out, call.keep, call.aggregation)
     return xp.astype(out, call.dtype, copy=False)
+
+
+def _per_token(xp: ModuleType, call: EstimateCall) -> tuple[Array, Array, Array | None]:
+    """The sampled tokens' log-probabilities under P, Q and the old policy (or None)."""
+    s = call.sampler
+    if s is None:
+        old = None if call.log_p_old is None else _prepare(xp, call.log_p_old, call)
+        return _prepare(xp, call.log_p, call), _prepare(xp, call.log_q, call), old
+    tokens, live = _sampled_ids(xp, call, s)
+    mask = s.mask
+    if mask is not None:
+        mask = xp.moveaxis(mask, s.axis, -1) if s.axis != len(call.shape) else mask
+        drawable = xp.any(mask, axis=-1)
+        live = drawable if live is None else live & drawable
+        # A position whose mask is empty, or that `where` drops, is renormalised over the
+        # whole vocabulary instead (finite, with finite gradients); its value is set apart.
+        safe = drawable if call.keep is None else drawable & call.keep
+        mask = mask | ~xp.expand_dims(safe, axis=-1)
+    column = xp.expand_dims(tokens, axis=-1)
+    lp = _on_support(xp, call.log_p, call, s, column, mask, live)
+    lq = _on_support(xp, call.log_q, call, s, column, mask, live)
+    old = None
+    if call.log_p_old is not None:
+        if s.old_full:
+            old = _on_support(xp, call.log_p_old, call, s, column, mask, live)
+        else:
+            old = _prepare(xp, call.log_p_old, call)
+    return lp, lq, old
+
+
+def _sampled_ids(xp: ModuleType, call: EstimateCall, s: Sampler) -> tuple[Array, Array | None]:
+    """The sampled ids (0 where `where` drops a token), and which are in the vocabulary
+    (None when all are).
+
+    Read now where the values can be read: an id outside ``[0, V)`` is a ValueError.
+    Traced (``jax.jit``, ``torch.compile``) or lazy (Dask), such a token is one the
+    sampler could not draw: 0 stands in for the gather, and its estimate is NaN.
+    """
+    tokens = s.tokens
+    if call.keep is not None:  # padding ids (-100) where nothing is kept
+        tokens = xp.where(call.keep, tokens, xp.zeros_like(tokens))
+    wide = tokens if xp.iinfo(tokens.dtype).bits >= 32 else xp.astype(tokens, xp.int32)
+    outside = (wide < 0) | (wide >= s.vocab)
+    lib = library(tokens)
+    if (lib is None or lib.values_readable(tokens)) and is_concrete(outside):
+        n = _count(xp, outside)
+        if n:
+            msg = (
+                f"`tokens` holds {n} id(s) outside [0, {s.vocab}) (the vocabulary size of "
+                "`log_p` along `axis`); give the sampled ids into that vocabulary (and drop "
+                "padding positions with `where=`)."
+            )
+            raise ValueError(msg)
+        return tokens, None
+    return xp.where(outside, xp.zeros_like(tokens), tokens), ~outside
+
+
+def _on_support(
+    xp: ModuleType,
+    x: Array,
+    call: EstimateCall,
+    s: Sampler,
+    column: Array,
+    mask: Array | None,
+    live: Array | None,
+) -> Array:
+    """``log p~(token)`` of full logits `x`: ``x/T`` renormalised over the sampling mask.
+
+    ``x_tok / T - logsumexp_{v in mask}(x_v / T)``; ``-inf`` for a token outside the
+    mask (or not `live`). Entries outside the mask are ``-inf`` through a ``where``, so
+    their gradient is 0, and a ``-inf`` result passes no gradient back (not NaN).
+    """
+    x = xp.astype(x, call.acc, copy=False)
+    if s.axis != len(call.shape):
+        x = xp.moveaxis(x, s.axis, -1)
+    full = (*call.shape, s.vocab)
+    if tuple(x.shape) != full:
+        x = xp.broadcast_to(x, full)
+    if call.keep is not None:  # dropped positions: a safe row, whatever they hold
+        x = xp.where(xp.expand_dims(call.keep, axis=-1), x, 0.0)
+    if mask is not None:
+        x = xp.where(mask, x, -math.inf)
+    t = s.temperature
+    if not isinstance(t, float):
+        t = xp.astype(t, call.acc, copy=False)
+    tok = take_along_axis(xp, log_softmax(xp, x, -1, t), column, -1)[..., 0]
+    impossible = tok == -math.inf
+    if live is not None:
+        impossible = impossible | ~live
+    return xp.where(impossible, -math.inf, tok)
 
 
 def _prepare(xp: ModuleType, x: Array, call: EstimateCall) -> Array:
@@ -276,6 +635,44 @@ def _prepare(xp: ModuleType, x: Array, call: EstimateCall) -> Array:
     if tuple(x.shape) != call.shape:
         x = xp.broadcast_to(x, call.shape)
     return x if call.keep is None else xp.where(call.keep, x, 0.0)
+
+
+def validate_sampled(call: EstimateCall, s: Sampler) -> None:
+    """Raise ValueError for logits that are not a distribution, and for sampled ids
+    outside the vocabulary or outside the sampling mask (kept tokens only)."""
+    xp = call.xp
+    keep_full = None if call.keep is None else xp.expand_dims(call.keep, axis=s.axis)
+    full = [("log_p", call.log_p), ("log_q", call.log_q)]
+    if s.old_full and call.log_p_old is not None:
+        full.append(("log_p_old", call.log_p_old))
+    for name, x in full:
+        check_distribution(xp, name, x, "logits", axis=s.axis, keep_full=keep_full)
+    _require_concrete("tokens", s.tokens)
+    kept = xp.ones_like(s.tokens, dtype=xp.bool) if call.keep is None else call.keep
+    wide = s.tokens if xp.iinfo(s.tokens.dtype).bits >= 32 else xp.astype(s.tokens, xp.int32)
+    outside = kept & ((wide < 0) | (wide >= s.vocab))
+    n = _count(xp, outside)
+    if n:
+        msg = (
+            f"`tokens` holds {n} id(s) outside [0, {s.vocab}) (the vocabulary size of "
+            "`log_p` along `axis`); give the sampled ids into that vocabulary (and drop "
+            "padding positions with `where=`)."
+        )
+        raise ValueError(msg)
+    if s.mask is None:
+        return
+    mask = xp.moveaxis(s.mask, s.axis, -1) if s.axis != len(call.shape) else s.mask
+    ids = xp.expand_dims(xp.where(kept, s.tokens, xp.zeros_like(s.tokens)), axis=-1)
+    allowed = take_along_axis(xp, xp.astype(mask, xp.int8), ids, -1)[..., 0]
+    n = _count(xp, kept & (allowed == 0))
+    if n:
+        msg = (
+            f"`tokens` holds {n} sampled id(s) outside `sampling_mask`, which the sampler "
+            "could not have drawn (their estimate is NaN); pass the mask the sampler used "
+            "at each position (its top-k / top-p support, over the same vocabulary), or "
+            "drop those positions with `where=`."
+        )
+        raise ValueError(msg)
 
 
 def estimator_values(xp: ModuleType, estimator: str, r: Array) -> Array:

@@ -42,10 +42,15 @@ def test_shapes_that_do_not_broadcast(backend):
     )
     with pytest.raises(ValueError, match=msg):
         klx.kl_div(x, y, reduction="sum")
+    # different sizes along the distributions' axis: the message names the vocab option
     with pytest.raises(
-        ValueError, match=re.escape("`p` has shape (2, 4) and `q` has shape (2, 3)")
+        ValueError, match=re.escape("`p` has 4 entries and `q` has 3 along axis -1")
     ):
         klx.kl_divergence(y, x)
+    with pytest.raises(
+        ValueError, match=re.escape("`p` has shape (2, 4) and `q` has shape (3, 4)")
+    ):
+        klx.kl_divergence(y, backend.asarray(np.full((3, 4), 0.25)))
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+from klx._aggregation import AGGREGATIONS, aggregate_rows, parse_aggregation
 from klx._dtypes import as_array, numpy_quiet
 from klx._fused.chunks import fused_walk, rows_by_chunks
 from klx._fused.parse import FusedCall, parse_fused
@@ -52,6 +53,10 @@ def fused_linear_divergence(
     hard_weight: float = 0.0,
     ignore_index: int = -100,
     xp: ModuleType | None = None,
+    vocab: str = "same",
+    sequence_axis: int | None = None,
+    token_budget: float | None = None,
+    group_ids: Array | None = None,
     **options: float,
 ) -> Array:
     r"""A divergence between two models' output distributions, from their last hidden states.
@@ -107,14 +112,17 @@ def fused_linear_divergence(
     where : bool array, optional
         Which tokens count, broadcastable to the token shape. Dropped tokens contribute
         nothing, and get exactly zero gradient even if their hidden states hold NaN.
-    reduction : {'batchmean', 'sum', 'none'}, optional
+    reduction : str, optional
         'none': one value per token (the token shape); 'sum': their sum; 'batchmean':
         the sum divided by the number of kept tokens (or by `normalizer`). Default
-        'batchmean'.
+        'batchmean'. Or an RL aggregation mode over the token shape ('token-mean',
+        'seq-mean-token-mean', ...: :func:`klx.aggregate`; the per-token values are
+        computed chunk by chunk, then aggregated).
     normalizer : number or 0-d array, optional
         With 'batchmean', divide the sum by this instead of the count of kept tokens
         (gradient accumulation over micro-batches needs the global count). As in the
-        plain functions, a divisor of 0 (nothing kept) gives 0, not NaN.
+        plain functions, a divisor of 0 (nothing kept) gives 0, not NaN. With an
+        aggregation mode, its divisor over the whole step.
     chunk_size : int, optional
         Tokens per chunk. By default the largest whose temporaries fit in
         ``klx._fused_chunks.CHUNK_BYTES`` (128 MiB): ``CHUNK_BYTES // (k * vocab *
@@ -141,6 +149,18 @@ def fused_linear_divergence(
         The label of tokens without a hard term. Default -100.
     xp : namespace, optional
         The array namespace; by default that of the arrays.
+    vocab : {'same', 'intersect', 'truncate'}, optional
+        Where `p_weight` has more or fewer rows than `q_weight` (one tokenizer, embedding
+        tables padded to different sizes: 151,936 and 152,064, TRL #2215): how each
+        chunk's logits are compared over the shared ids ``0 .. V-1``, as in
+        :func:`klx.kl_divergence`. 'intersect': each model's mass on its ids ``>= V`` as
+        one tail bin (exact; ``+inf`` where only the teacher has such mass); 'truncate':
+        both softmaxes renormalised over the shared ids. 'same' (the default): different
+        row counts are a ValueError. Such chunks take the definition's gradients (autodiff
+        of the chunk), not the closed forms or the Triton and CPU fast paths.
+    sequence_axis, token_budget, group_ids : optional
+        With an aggregation mode, as in :func:`klx.kl_divergence` (`sequence_axis` is an
+        axis of the token shape).
     **options : float
         The divergence's own parameters: `beta` of 'js' (the weight of P in the mixture,
         in [0, 1]; default 0.5), `alpha` of 'skew_kl' (the weight of P in the mixture,
@@ -175,6 +195,7 @@ def fused_linear_divergence(
     ...      q_form="logits", temperature=2.0, reduction="batchmean")))
     True
     """
+    mode = reduction if reduction in AGGREGATIONS else None
     call = parse_fused(
         p_hidden,
         p_weight,
@@ -186,16 +207,29 @@ def fused_linear_divergence(
         temperature=temperature,
         softcap=softcap,
         where=where,
-        reduction=reduction,
-        normalizer=normalizer,
+        reduction="none" if mode else reduction,
+        normalizer=None if mode else normalizer,
         chunk_size=chunk_size,
         labels=labels,
         hard_weight=hard_weight,
         ignore_index=ignore_index,
         xp=xp,
         options=options,
+        vocab=vocab,
     )
-    return run(call)
+    agg = parse_aggregation(
+        call.xp,
+        reduction,
+        call.token_shape,
+        sequence_axis=sequence_axis,
+        normalizer=normalizer if mode else None,
+        token_budget=token_budget,
+        group_ids=group_ids,
+    )
+    if agg is None:
+        return run(call)
+    with numpy_quiet(call.flat.q.hidden):
+        return as_array(aggregate_rows(call.xp, run(call), where, agg))
 
 
 def run(call: FusedCall) -> Array:

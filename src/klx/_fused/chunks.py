@@ -20,6 +20,7 @@ from klx._backends import library
 from klx._divergence_table import lookup
 from klx._fused.dtensor import label_mask, rows_like
 from klx._typing import Array
+from klx._vocab import align_vocab
 
 #: The memory budget of one chunk when ``chunk_size=None``: the chunk's rows times the
 #: vocabulary times :data:`CHUNK_TEMPORARIES` arrays of the accumulation dtype fit in it.
@@ -65,6 +66,9 @@ class FusedSpec(NamedTuple):
     ignore_index: int
     #: Its record (:mod:`klx._divergence_table`); None: the registered one named `kind`.
     divergence: Any = None
+    #: 'same', or how two vocabulary sizes are aligned ('intersect', 'truncate': see
+    #: :mod:`klx._vocab`); only where they differ, whose chunks take the definition.
+    vocab: str = "same"
 
     @property
     def record(self) -> Any:
@@ -160,14 +164,19 @@ def cuda_free_bytes(x: Array) -> int | None:
 def closed_form(spec: FusedSpec) -> bool:
     """Whether the divergence has closed-form logits derivatives (its record's
     ``logits_derivatives``): its chunks' gradients come from :mod:`klx._fused.gradients`
-    instead of autodiff of the definition."""
-    return spec.record.logits_derivatives is not None
+    instead of autodiff of the definition. Not for two vocabulary sizes (``spec.vocab``)."""
+    return spec.vocab == "same" and spec.record.logits_derivatives is not None
 
 
 def closed_form_kl(spec: FusedSpec) -> bool:
     """KL without softcap or hard term: the chunks whose gradients torch and JAX write in
-    closed form with the fewest arrays (the budgets below count them)."""
-    return spec.kind == "kl" and spec.softcap is None and spec.hard_weight == 0.0
+    closed form with the fewest arrays (the budgets below count them); one vocabulary."""
+    return (
+        spec.kind == "kl"
+        and spec.softcap is None
+        and spec.hard_weight == 0.0
+        and spec.vocab == "same"
+    )
 
 
 def temporaries_for(spec: FusedSpec, q_hidden: Array, q_weight: Array) -> int:
@@ -245,7 +254,19 @@ def capped(xp: ModuleType, spec: FusedSpec, zp: Array, zq: Array, keep: Array | 
 
 def soft_rows(xp: ModuleType, spec: FusedSpec, zp: Array, zq: Array) -> Array:
     """The divergence per token of two (capped) logits blocks, by its definition
-    (:func:`klx._agnostic.record_rows`)."""
+    (:func:`klx._agnostic.record_rows`), after aligning two vocabulary sizes as
+    ``spec.vocab`` says (:func:`klx._vocab.align_vocab`)."""
+    if spec.vocab != "same":
+        zp, zq = align_vocab(
+            xp,
+            zp,
+            zq,
+            axis=-1,
+            p_form="logits",
+            q_form="logits",
+            temperature=spec.temperature,
+            mode=spec.vocab,
+        )
     return record_rows(
         xp,
         spec.record,

@@ -37,6 +37,7 @@ from klx._fused.chunks import (
 )
 from klx._namespace import array_namespace, check_same_device, is_concrete
 from klx._typing import Array, Shape
+from klx._vocab import check_vocab, mismatch_message
 
 __all__ = ["FusedCall", "parse_fused"]
 
@@ -82,6 +83,7 @@ def parse_fused(
     ignore_index: int,
     xp: ModuleType | None,
     options: Mapping[str, object],
+    vocab: object = "same",
 ) -> FusedCall:
     """Check the arguments of :func:`klx.fused_linear_divergence` (see there)."""
     named = [
@@ -115,6 +117,7 @@ def parse_fused(
         labels,
         hard_weight,
         ignore_index,
+        check_vocab(vocab),
     )
     red = check_reduction(reduction, REDUCTIONS)
     norm = check_normalizer(xp, normalizer, red)
@@ -127,7 +130,8 @@ def parse_fused(
     if chunk_size is None:
         temps = temporaries_for(spec, q_hidden, q_weight)
         free = cuda_free_bytes(q_hidden)
-        chunk = chunk_size_for(n_tokens, vocab, _itemsize(xp, acc), temps, free)
+        widest = max(vocab, _teacher_vocab(p_hidden, p_weight))
+        chunk = chunk_size_for(n_tokens, widest, _itemsize(xp, acc), temps, free)
     else:
         chunk = _check_chunk_size(chunk_size)
     keep = None
@@ -187,8 +191,12 @@ def _check(
     labels: Array | None,
     hard_weight: object,
     ignore_index: object,
+    vocab_mode: str = "same",
 ) -> tuple[FusedSpec, tuple[int, ...]]:
-    """Check shapes and Python options; return the static spec and the token shape."""
+    """Check shapes and Python options; return the static spec and the token shape.
+
+    The teacher's vocabulary may differ in size from the student's (`q_weight`'s rows)
+    with `vocab_mode` 'intersect' or 'truncate'; the spec then carries the mode."""
     record = lookup(divergence)
     opts = record.option_values(options)
     t = check_temperature(_number_temperature(temperature), ("logits",))
@@ -244,7 +252,15 @@ def _check(
             )
             raise ValueError(msg)
         want = (*token_shape, vocab)
-        if tuple(int(s) for s in p_hidden.shape) != want:
+        shape = tuple(int(s) for s in p_hidden.shape)
+        if len(shape) == len(want) and shape[:-1] == token_shape and shape != want:
+            if vocab_mode == "same":
+                what = (
+                    f"`p_hidden` (the teacher's logits, p_weight=None) has {shape[-1]} "
+                    f"entries along its last axis and `q_weight` {vocab} rows"
+                )
+                raise ValueError(mismatch_message(what, shape[-1], vocab))
+        elif shape != want:
             msg = (
                 f"`p_weight` is None, so `p_hidden` must hold the teacher's logits of shape "
                 f"{want} (the student's tokens by the vocabulary), got {tuple(p_hidden.shape)}."
@@ -252,12 +268,9 @@ def _check(
             raise ValueError(msg)
     else:
         _check_2d("p_weight", p_weight, "[vocab, hidden]")
-        if int(p_weight.shape[0]) != vocab:
-            msg = (
-                f"`p_weight` has {int(p_weight.shape[0])} rows and `q_weight` {vocab}; both "
-                "models must share the vocabulary (rows are vocabulary entries)."
-            )
-            raise ValueError(msg)
+        if int(p_weight.shape[0]) != vocab and vocab_mode == "same":
+            what = f"`p_weight` has {int(p_weight.shape[0])} rows and `q_weight` {vocab}"
+            raise ValueError(mismatch_message(what, int(p_weight.shape[0]), vocab))
         if tuple(int(s) for s in p_hidden.shape[:-1]) != token_shape or int(
             p_hidden.shape[-1]
         ) != int(p_weight.shape[1]):
@@ -267,10 +280,11 @@ def _check(
                 "must have q_hidden's token shape and p_weight's hidden size as its last axis."
             )
             raise ValueError(msg)
-    for name, b in (("p_bias", p_bias), ("q_bias", q_bias)):
-        if b is not None and tuple(int(s) for s in b.shape) != (vocab,):
+    p_vocab = _teacher_vocab(p_hidden, p_weight)
+    for name, b, size in (("p_bias", p_bias, p_vocab), ("q_bias", q_bias, vocab)):
+        if b is not None and tuple(int(s) for s in b.shape) != (size,):
             msg = (
-                f"`{name}` must have shape ({vocab},) (one per vocabulary entry), got "
+                f"`{name}` must have shape ({size},) (one per vocabulary entry), got "
                 f"{tuple(b.shape)}."
             )
             raise ValueError(msg)
@@ -281,8 +295,14 @@ def _check(
         if tuple(int(s) for s in labels.shape) != token_shape:
             msg = f"`labels` must have the token shape {token_shape}, got {tuple(labels.shape)}."
             raise ValueError(msg)
-    spec = FusedSpec(record.name, opts, t, cap, hw, int(ignore_index), record)
+    mode = vocab_mode if p_vocab != vocab else "same"
+    spec = FusedSpec(record.name, opts, t, cap, hw, int(ignore_index), record, mode)
     return spec, token_shape
+
+
+def _teacher_vocab(p_hidden: Array, p_weight: Array | None) -> int:
+    """The teacher's vocabulary size: its weight's rows, or its logits' last axis."""
+    return int(p_weight.shape[0] if p_weight is not None else p_hidden.shape[-1])
 
 
 def _matmul_refuses(hidden: Array, weight: Array) -> bool:

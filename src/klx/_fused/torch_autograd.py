@@ -95,6 +95,7 @@ def _triton_serves(spec: FusedSpec, q_hidden: Array) -> bool:
         (spec.kind == "kl" or (spec.kind == "js" and 1.0 / 16.0 <= beta <= 15.0 / 16.0))
         and spec.softcap is None
         and spec.hard_weight == 0.0
+        and spec.vocab == "same"
         and type(q_hidden).__module__ == "torch"
         and type(q_hidden).__name__ == "Tensor"
         and bool(getattr(q_hidden, "is_cuda", False))
@@ -167,7 +168,7 @@ def _autograd_chunk(
     """One chunk's ``sum(rows * c)`` and its logits gradients by autograd of the chunk's
     definition (on CUDA through klx's public function, whose Triton kernels, with their
     backward, serve KL and JS where the registry lets them)."""
-    public = _public_rows(spec) if cuda else None
+    public = _public_rows(spec) if cuda and spec.vocab == "same" else None
     with torch.enable_grad():
         zp.requires_grad_(want_p)
         zq.requires_grad_(want_q)
@@ -269,7 +270,7 @@ def _rows_no_grad(xp: ModuleType, spec: FusedSpec, acc: Any, chunk: int, f: Flat
     serves, else by the definition."""
     rows_of_logits = None
     cuda = _on_cuda(f.q.hidden)
-    if cuda:
+    if cuda and spec.vocab == "same":
         public = _public_rows(spec)
 
         def rows_of_logits(zp: Array, zq: Array, keep: Any, labels: Any) -> Array:

@@ -190,8 +190,14 @@ _LOG_SAFE = {4: -87.33654475055310898657 + 8.0, 8: -708.39641853226410622 + 8.0}
 
 
 def takes_mix(spec: FusedSpec) -> bool:
-    """The forward/reverse KL mixture without softcap or hard term (:func:`mix_chunk`)."""
-    return spec.kind == "mix" and spec.softcap is None and spec.hard_weight == 0.0
+    """The forward/reverse KL mixture without softcap or hard term, one vocabulary
+    (:func:`mix_chunk`)."""
+    return (
+        spec.kind == "mix"
+        and spec.softcap is None
+        and spec.hard_weight == 0.0
+        and spec.vocab == "same"
+    )
 
 
 def _guard(spec: FusedSpec, zp: Array, zq: Array) -> Array:
