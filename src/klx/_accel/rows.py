@@ -149,8 +149,11 @@ def _kl_from_logits(xp: Any, call: DivergenceCall, p: Any, q: Any, keep: Any) ->
     p, q, (sp, ep, lse_p), (sq, eq, lse_q), guarded = _shifted_pair(call, p, q, keep)
     # A weight of P too small for the dtype (a finite logit far below the others) against
     # a -inf logit of Q: +inf by the definition (p > 0 = q), which reads the logits; the
-    # probabilities here cannot tell it from p = 0. Such rows take the definition.
-    exact = guarded & np.any(sq == -np.inf, axis=1) if guarded.any() else guarded
+    # probabilities here cannot tell it from p = 0. Such rows take the definition. Where
+    # P's logit is -inf too (a vocabulary masked on both sides) P is exactly 0: term 0.
+    exact = guarded
+    if guarded.any():
+        exact = guarded & np.any((sq == -np.inf) & (sp != -np.inf), axis=1)
     d = np.subtract(sp, sq, out=sp)
     d -= (lse_p - lse_q)[:, None]
     w = np.multiply(ep, np.exp(-lse_p)[:, None], out=ep)  # p
