@@ -426,3 +426,23 @@ def test_sparse_divergences_take_the_modes(backend, mode):
     rows, _ = reference.sparse_rows(idx, lp, q, True)
     want = reference_aggregate(rows, mask, mode, groups=groups)
     np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-10)
+
+
+@pytest.mark.backends("jax", reason="jax.vmap")
+def test_modes_map_under_vmap(backend):
+    """One loss per step, mapped over a leading axis of steps (jax.vmap)."""
+    import jax
+
+    rng = np.random.default_rng(15)
+    p = rng.dirichlet(np.ones(7), size=(3, 4, 5))  # (steps, sequences, tokens, vocab)
+    q = rng.dirichlet(np.ones(7), size=(3, 4, 5))
+    mask = rng.random((3, 4, 5)) < 0.6
+    mask[1, 2] = False
+    rows, _ = reference.kl_rows(p, q, -1)
+
+    def loss(p, q, m):
+        return klx.kl_divergence(p, q, where=m, reduction="seq-mean-token-mean")
+
+    got = jax.vmap(loss)(backend.asarray(p), backend.asarray(q), backend.asarray(mask))
+    want = [reference_aggregate(rows[i], mask[i], "seq-mean-token-mean") for i in range(3)]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)

@@ -481,3 +481,20 @@ def test_sparse_vocab_errors():
         klx.sparse_kl_divergence(idx, lp, student, vocab="truncate")
     with pytest.raises(ValueError, match="`vocab` must be one of"):
         klx.sparse_kl_divergence(idx, lp, student, vocab="union")
+
+
+@pytest.mark.backends("jax", reason="jax.vmap")
+def test_intersect_maps_under_vmap(backend):
+    import jax
+
+    rng = np.random.default_rng(32)
+    t = rng.normal(size=(3, 4, 12))
+    s = rng.normal(size=(3, 4, 10))
+
+    def kl(a, b):
+        return klx.kl_divergence(a, b, p_form="logits", q_form="logits", vocab="truncate")
+
+    got = jax.vmap(kl)(backend.asarray(t), backend.asarray(s))
+    p = np.exp(log_softmax(t[..., :10], axis=-1))
+    q = np.exp(log_softmax(s, axis=-1))
+    np.testing.assert_allclose(np.asarray(got), rel_entr(p, q).sum(-1), rtol=1e-12)
