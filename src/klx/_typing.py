@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     from klx._call import DivergenceCall, KLDivCall
     from klx._estimators import EstimateCall
-    from klx._sparse import SparseCall
+    from klx._sparse_call import SparseCall
 
 __all__ = [
     "Array",
