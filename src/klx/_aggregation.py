@@ -41,7 +41,7 @@ from klx._checks import (
     check_where,
     shape_of,
 )
-from klx._dtypes import as_array
+from klx._dtypes import accumulation_dtype, as_array
 from klx._namespace import array_namespace, check_same_device
 from klx._typing import Array, Shape
 
@@ -195,6 +195,12 @@ def aggregate_rows(xp: ModuleType, rows: Array, keep: Array | None, agg: Aggrega
     ``jax.jit`` and ``torch.compile`` and stays lazy on Dask.
     """
     ax = agg.sequence_axis
+    dtype = rows.dtype  # counted and summed in float32 for float16 / bfloat16 (65504 tokens)
+    rows = xp.astype(rows, accumulation_dtype(xp, dtype), copy=False)
+    return xp.astype(_aggregate(xp, rows, keep, agg, ax), dtype, copy=False)
+
+
+def _aggregate(xp: ModuleType, rows: Array, keep: Array | None, agg: Aggregation, ax: int) -> Array:
     if keep is not None:
         rows = xp.where(keep, rows, 0.0)
         ones = xp.where(keep, xp.ones_like(rows), xp.zeros_like(rows))
@@ -383,7 +389,7 @@ def _sequence_axis(axis: object, ndim: int) -> int:
     if not -ndim <= a < ndim:
         msg = (
             f"`sequence_axis` {a} is out of range for per-token values of {ndim} dimension(s) "
-            f"(the batch shape); use -{ndim} <= sequence_axis < {ndim}."
+            f"(one per token); use -{ndim} <= sequence_axis < {ndim}."
         )
         raise ValueError(msg)
     return a % ndim

@@ -48,8 +48,10 @@ def sparse_values(xp: ModuleType, call: SparseCall) -> tuple[Array, Masses | Non
     # S is the whole vocabulary (every index known): no tail bin, exactly. (Traced, an
     # index out of range is not seen: k = V indices with one of them dead have no tail
     # either.)
+    # With vocab='intersect' an index beyond the full side's vocabulary is dead: k = V
+    # indices then need not cover it (the `covered` test below decides, per row).
     counts = (call.p.size, call.q.size)
-    whole = call.vocab is not None and call.vocab in counts
+    whole = call.vocab is not None and call.vocab in counts and call.vocab_mode == "same"
     mass_p = mass_q = None
     if totals and not whole:
         mass_p = logsumexp(xp, log_p) - total_p  # the log of P's mass on S

@@ -446,3 +446,27 @@ def test_modes_map_under_vmap(backend):
     got = jax.vmap(loss)(backend.asarray(p), backend.asarray(q), backend.asarray(mask))
     want = [reference_aggregate(rows[i], mask[i], "seq-mean-token-mean") for i in range(3)]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+
+
+def test_half_precision_counts_past_65504_tokens(backend):
+    """float16 counts overflow at 65504: the modes count and sum in float32 (as
+    'batchmean' does), so 70000 tokens of one KL average to that KL, not to 0. (One
+    sequence: the three modes are the mean over its tokens.)"""
+    if "float16" not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no float16")
+    n = 70000
+    p = np.zeros((1, n, 2))
+    q = np.zeros((1, n, 2))
+    q[..., 0] = 1.0
+    q1 = np.exp(1.0) / (np.exp(1.0) + 1.0)
+    want = 0.5 * np.log(0.5 / q1) + 0.5 * np.log(0.5 / (1.0 - q1))
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        got = klx.kl_divergence(
+            backend.asarray(p, "float16"),
+            backend.asarray(q, "float16"),
+            p_form="logits",
+            q_form="logits",
+            reduction=mode,
+        )
+        check_array(backend, got, backend.asarray(p, "float16"), "float16", ())
+        np.testing.assert_allclose(float(backend.to_numpy(got)), want, rtol=2e-3)

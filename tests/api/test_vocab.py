@@ -498,3 +498,23 @@ def test_intersect_maps_under_vmap(backend):
     p = np.exp(log_softmax(t[..., :10], axis=-1))
     q = np.exp(log_softmax(s, axis=-1))
     np.testing.assert_allclose(np.asarray(got), rel_entr(p, q).sum(-1), rtol=1e-12)
+
+
+def test_intersect_with_k_equal_to_the_student_vocabulary(backend):
+    """k = V_q indices, one of them an id the student lacks: S does not cover the
+    vocabulary, so the tail bins stay (not the renormalised value)."""
+    lp = log_softmax(np.array([2.0, 1.0, 0.5, -1.0, 0.0, 1.5]))  # teacher, 6 ids
+    student = np.array([0.3, -0.2, 0.1, 0.4])  # 4 ids
+    idx = np.array([0, 1, 2, 5])
+    got, masses = klx.sparse_kl_divergence(
+        backend.asarray(idx),
+        backend.asarray(lp[idx]),
+        backend.asarray(student),
+        vocab="intersect",
+        return_mass=True,
+    )
+    want = _sparse_reference(idx[None], lp[idx][None], student[None], "intersect", True)[0]
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-12)
+    q = np.exp(log_softmax(student))
+    np.testing.assert_allclose(backend.to_numpy(masses["p_mass"]), np.exp(lp[:3]).sum(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(masses["q_mass"]), q[:3].sum(), rtol=1e-12)
