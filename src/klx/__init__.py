@@ -18,6 +18,8 @@ PyTorch, JAX, CuPy, Dask and array-api-strict arrays on any device, eagerly or u
 * :func:`aggregate` -- RL aggregation modes ('token-mean', 'seq-mean-token-mean', ...), which
   every reducing function takes as its `reduction`.
 * :func:`fused_linear_divergence` -- distillation from hidden states, without the logits.
+* :func:`token_stats`, :func:`fused_linear_token_stats` -- per-token RL statistics
+  (log-probability, entropy, KL to a reference, log-sum-exp), from logits or hidden states.
 * :func:`validation`, :func:`set_validation` -- catch the classic mistakes loudly.
 * :func:`explain`, :func:`set_accelerators` -- which fast path serves a call; turn them off.
 """
@@ -38,8 +40,10 @@ from klx._divergences import *  # noqa: F403  (each divergence's function: its _
 from klx._entropy import entropy
 from klx._estimators import kl_estimate
 from klx._fused import fused_linear_divergence
+from klx._fused.token_stats import fused_linear_token_stats
 from klx._kl_div import KLDivMeanWarning, kl_div
 from klx._sparse import sparse_divergence, sparse_kl_divergence
+from klx._token_stats import token_stats
 
 __version__ = "0.1.0"
 
@@ -55,6 +59,7 @@ __all__ = [
     "entropy",
     "explain",
     "fused_linear_divergence",
+    "fused_linear_token_stats",
     "is_validating",
     "kl_div",
     "kl_estimate",
@@ -62,6 +67,7 @@ __all__ = [
     "set_validation",
     "sparse_divergence",
     "sparse_kl_divergence",
+    "token_stats",
     "validation",
 ]
 # A divergence's public function is exported by its own module's __all__ (so adding one
