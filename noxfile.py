@@ -118,6 +118,8 @@ def _run_tests(session: nox.Session, backend: str, results: str = CONFORMANCE) -
             for m in (
                 "_fused/torch_autograd",
                 "_fused/torch_cpu_kl",
+                "_fused/token_stats_torch",
+                "_accel/token_stats_torch",
                 "_fused/jax_vjp",
                 "_torch_derivative",
                 "_array_api_mlx",

@@ -128,7 +128,7 @@ def top_k_indices(xp: ModuleType, x: Array, k: int) -> Array:
     if name == "dask":
         import dask.array as da
 
-        return da.argtopk(x, k, axis=-1)  # type: ignore[no-untyped-call]
+        return da.argtopk(x, k, axis=-1)  # type: ignore[no-untyped-call, unused-ignore]
     return xp.argsort(x, axis=-1, descending=True, stable=True)[..., :k]
 
 

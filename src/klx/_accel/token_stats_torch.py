@@ -220,7 +220,7 @@ def cotangents(
     dz *= p
     if "logprob" in by:
         g_y = by["logprob"][1] / t
-        safe = torch.where(ignored, 0, flat_labels).to(torch.int64)  # type: ignore[arg-type]
+        safe = torch.where(ignored, 0, flat_labels).to(torch.int64)  # type: ignore[arg-type, unused-ignore]
         dz.scatter_add_(-1, col(safe), col(g_y).to(dz.dtype))
     if drop is not None:
         dz[drop] = 0.0

@@ -138,7 +138,7 @@ def _backward_walk(
     out: list[Array | None] = [None] * _ARRAYS
     for i, parts in h_parts.items():
         x = arrays[i]
-        out[i] = torch.cat(parts) if parts else torch.zeros_like(x)  # type: ignore[arg-type]
+        out[i] = torch.cat(parts) if parts else torch.zeros_like(x)  # type: ignore[arg-type, unused-ignore]
     for i, s in sums.items():
         out[i] = s.to(arrays[i].dtype)  # type: ignore[union-attr]
     return tuple(out)
