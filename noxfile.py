@@ -112,7 +112,14 @@ def _run_tests(session: nox.Session, backend: str, results: str = CONFORMANCE) -
         # The kernel modules import torch/triton or cupy, which this session has not; so do
         # fused_linear_divergence's torch and JAX modules, the autograd.Functions and the MLX
         # namespace.
-        accel = ("triton_common", "triton_kl", "triton_distill", "cupy_kl", "torch_closed_form")
+        accel = (
+            "triton_common",
+            "triton_kl",
+            "triton_distill",
+            "triton_token_stats",
+            "cupy_kl",
+            "torch_closed_form",
+        )
         kernels = [f"--ignore=src/klx/_accel/{m}.py" for m in accel] + [
             f"--ignore=src/klx/{m}.py"
             for m in (

@@ -420,15 +420,22 @@ def stats_rows(
     The math is :func:`stats_values` (values) and :func:`stats_cotangents` (gradients);
     the libraries with a faster way to run it take it here: torch (an autograd Function
     with the closed-form gradient, eager and inside ``torch.compile``; in-place passes on
-    CPU tensors), JAX (a ``jax.custom_jvp``), NumPy (in-place passes); others, the values
-    by :func:`stats_values` as they are.
+    CPU tensors; eager CUDA tensors' values by the Triton row kernel of
+    :mod:`klx._accel.triton_token_stats`), JAX (a ``jax.custom_jvp``), NumPy (in-place
+    passes); others, the values by :func:`stats_values` as they are.
     """
     lib = library(z)
     name = None if lib is None else lib.name
     if name == "torch":
-        from klx._accel import token_stats_torch
+        from klx._accel import gates, token_stats_torch
 
-        rows: tuple[Array, ...] = token_stats_torch.rows(xp, spec, z, labels, reference, keep)
+        rows: tuple[Array, ...]
+        if gates.token_stats_refusal(z, reference, spec.temperature, spec.reference_form) is None:
+            from klx._accel import triton_token_stats
+
+            rows = triton_token_stats.rows(xp, spec, z, labels, reference, keep)
+        else:
+            rows = token_stats_torch.rows(xp, spec, z, labels, reference, keep)
         return rows
     if name == "jax":
         from klx._accel import token_stats_jax

@@ -164,3 +164,35 @@ def test_distillation_kernels_compile(backend, arch, dtype):
         compiled = _compile(fn, signature, flags, arch)
         if dtype != "float64":
             assert _vector_loads(compiled.asm["ptx"]), fn.__name__
+
+
+@pytest.mark.backends("torch", reason="compiles the Triton kernels, which take torch tensors")
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_token_stats_kernel_compiles(backend, arch, dtype):
+    """klx.token_stats' row kernel (float32 or float64 rows: half inputs are cast first),
+    with and without labels, dropped rows and the reference's KL."""
+    from klx._accel import triton_token_stats as k
+
+    t = DTYPES[dtype]
+    signature = {
+        "z_ptr": f"*{t}",
+        "r_ptr": f"*{t}",
+        "label_ptr": "*i64",
+        "drop_ptr": "*u8",
+        "out_ptr": f"*{t}",
+        "scal_ptr": f"*{t}",
+        "n": "i32",
+        "vocab": "i32",
+        "sz": "i32",
+        "sr": "i32",
+    }
+    for labels, drop, kl in ((True, True, True), (False, False, False), (True, False, True)):
+        flags = {
+            "BLOCK": k.BLOCK_V,
+            "LABELS": labels,
+            "DROP": drop,
+            "KL": kl,
+            "F64": dtype == "float64",
+        }
+        _compile(k._stats_kernel, signature, flags, arch)

@@ -18,7 +18,14 @@ from klx._config import accelerators_enabled
 from klx._namespace import library_of
 from klx._typing import Array, Call
 
-__all__ = ["DEVICE_ALIASES", "Context", "context", "device_type", "refusal"]
+__all__ = [
+    "DEVICE_ALIASES",
+    "Context",
+    "context",
+    "device_type",
+    "refusal",
+    "token_stats_refusal",
+]
 
 
 #: Test hook: device types seen as others (e.g. {'cpu': 'cuda'} routes CPU tensors to the
@@ -159,3 +166,35 @@ def _importable(module: str) -> bool:
     if found is None:
         found = _IMPORTABLE[module] = importlib.util.find_spec(module) is not None
     return found
+
+
+def token_stats_refusal(
+    z: Array, reference: Array | None, temperature: object, reference_form: str
+) -> str | None:
+    """Why the Triton row kernel of :func:`klx.token_stats`
+    (:mod:`klx._accel.triton_token_stats`) may not serve torch logits `z` (None: it may):
+    eager CUDA tensors of float32 / float64, a Python float temperature, a reference (if
+    any) given as logits."""
+    if not accelerators_enabled():
+        return "accelerators are off (KLX_ACCELERATORS=0 or klx.set_accelerators(False))"
+    if device_type("torch", z) != "cuda":
+        return "serves cuda tensors only"
+    adapter = by_name("torch")
+    arrays = (z,) if reference is None else (z, reference)
+    traced = adapter.trace(*arrays, device="cuda")
+    if traced is not None:
+        return traced.why
+    cls = adapter.base_type()
+    if any(type(a) is not cls or adapter.lazily_negated(a) for a in arrays):
+        return "a tensor subclass or a lazily negated view"
+    if _dtype_name(z.dtype) not in ("float32", "float64"):
+        return f"serves float32 and float64 (the accumulation dtypes), not {z.dtype}"
+    if not isinstance(temperature, float):
+        return "the temperature is an array (a traced or learned one), not a number"
+    if reference is not None and reference_form != "logits":
+        return f"serves a reference given as logits, not {reference_form!r}"
+    if _size(z) == 0:
+        return "no tokens or an empty vocabulary"
+    if not _importable("triton"):
+        return "needs triton, which is not installed"
+    return None
