@@ -1,5 +1,5 @@
 """Eager NumPy arrays and torch CPU tensors: :func:`klx.token_stats`'s values in about
-half the passes of the array-API definition (:func:`klx._token_stats.stats_values`).
+half the passes of the array-API definition (:func:`klx._token_stats_math.stats_values`).
 
 The same math, on temporaries this module owns, overwritten in place (``out=`` and
 augmented assignment, which NumPy and torch share): the shifted logits ``s = (z - m) /
@@ -19,7 +19,7 @@ import math
 from types import ModuleType
 
 from klx._backend_ops import take_along_axis
-from klx._token_stats import RowParts, StatsSpec, stats_values
+from klx._token_stats_math import RowParts, StatsSpec, stats_values
 from klx._typing import Array
 
 __all__ = ["rows", "values"]
@@ -74,7 +74,7 @@ class _Native:
 def _normaliser(
     ops: _Native, xp: ModuleType, x: Array, t: float, drop: Array | None
 ) -> tuple[Array, Array, Array, Array]:
-    """:func:`klx._token_stats.log_normaliser` of rows [n, vocab]: ``(m, s, exp(s),
+    """:func:`klx._token_stats_math.log_normaliser` of rows [n, vocab]: ``(m, s, exp(s),
     lse(s))`` with ``s`` and ``exp(s)`` new arrays, dropped rows' ``s`` 0."""
     m, at = ops.max_at(x)
     s = x - m
@@ -98,7 +98,7 @@ def values(
     reference: Array | None,
     keep: Array | None,
 ) -> tuple[tuple[Array, ...], RowParts]:
-    """:func:`klx._token_stats.stats_values` of concrete arrays of `nx` (numpy or torch,
+    """:func:`klx._token_stats_math.stats_values` of concrete arrays of `nx` (numpy or torch,
     whose namespace is `xp`), a Python float temperature: the same values, and the row
     parts of the closed-form gradient."""
     ops = _Native(nx)

@@ -1,6 +1,6 @@
 """JAX for :func:`klx.token_stats`: the array-API definition's values
-(:func:`klx._token_stats.stats_values`) with their derivative in closed form
-(:func:`klx._token_stats.stats_tangents`), a ``jax.custom_jvp``: ``jax.grad`` takes its
+(:func:`klx._token_stats_math.stats_values`) with their derivative in closed form
+(:func:`klx._token_stats_math.stats_tangents`), a ``jax.custom_jvp``: ``jax.grad`` takes its
 transpose (one expression of the softmax per statistic, instead of autodiff of every
 guard), forward mode (``jax.jvp``, ``jacfwd``) takes it directly, inside ``jax.jit`` and
 outside; ``jax.vmap`` batches it. The softmax is recomputed from the logits in the
@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from klx._token_stats import StatsSpec, stats_tangents, stats_values
+from klx._token_stats_math import StatsSpec, stats_tangents, stats_values
 from klx._typing import Array
 
 __all__ = ["rows"]

@@ -2,9 +2,9 @@
 
 * Values without a gradient: on plain CPU tensors outside ``torch.compile`` the in-place
   passes of :mod:`klx._accel.token_stats_eager`; elsewhere (CUDA, traced) the array-API
-  definition (:func:`klx._token_stats.stats_values`), which inductor fuses.
+  definition (:func:`klx._token_stats_math.stats_values`), which inductor fuses.
 * With a gradient: a :class:`torch.autograd.Function` whose forward is the same values
-  and whose backward is :func:`klx._token_stats.stats_cotangents` (one expression of
+  and whose backward is :func:`klx._token_stats_math.stats_cotangents` (one expression of
   the softmax: ``p (g_lse - g_y - g_H (log p + H) + g_KL (d - KL)) + g_y onehot``), eager
   and inside ``torch.compile`` (which traces it). It saves the inputs (no copy) and the
   per-token row parts, and recomputes the softmax in the backward: no [tokens, vocab]
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from klx._namespace import in_torch_func
-from klx._token_stats import RowParts, StatsSpec, stats_cotangents, stats_values
+from klx._token_stats_math import RowParts, StatsSpec, stats_cotangents, stats_values
 from klx._typing import Array
 
 __all__ = ["StatsRows", "rows"]
@@ -156,7 +156,7 @@ def cotangents(
     values: Any,
     grads: tuple[Array, ...],
 ) -> tuple[Array, Array | None]:
-    """:func:`klx._token_stats.stats_cotangents` of CPU tensors (reference logits, a
+    """:func:`klx._token_stats_math.stats_cotangents` of CPU tensors (reference logits, a
     Python float temperature), in place on three [tokens, vocab] temporaries: ``log p``
     (which becomes the gradient), ``p`` and ``log q`` (which becomes the reference's).
     The per-token factors, divided by T, are folded into two fused multiply-adds."""

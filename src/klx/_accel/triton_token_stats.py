@@ -10,13 +10,13 @@ online, rescaled whenever ``M`` grows:
 
 * ``c``, the count of entries at the maximum (``s == 0``), and ``R``, the mass beside
   them, so the log-sum-exp of ``s`` is ``L = log1p(R + (c - 1))`` (exact for nearly
-  one-hot rows, as :func:`klx._token_stats.log_normaliser`);
+  one-hot rows, as :func:`klx._token_stats_math.log_normaliser`);
 * ``A = sum e s`` (terms ``<= 0``: rescaling adds ``-delta S``, of the same sign), so the
   entropy is ``L - A / S``, ``S = R + c``;
 * the reference's ``M_q`` and ``L_q`` the same way.
 
 The label's logit is one load. The second pass ('kl' only) takes the terms of
-:func:`klx._token_stats.kl_terms_from_logs` with ``d = (s - s_q) - (L - L_q)``:
+:func:`klx._token_stats_math.kl_terms_from_logs` with ``d = (s - s_q) - (L - L_q)``:
 ``p (d + expm1(-d))`` (>= 0, by a series near 0) where ``d > -1``, ``p d + q - p``
 beyond, ``q`` where P is 0, ``+inf`` where P underflowed against Q = 0: the
 definition's value in the kernel, so no row is taken again and nothing syncs. Equal rows
@@ -24,7 +24,7 @@ give d = 0 and a KL of exactly 0. A row of ``-inf`` logits (either side) is NaN,
 definition's ``-inf - -inf``; NaN propagates. Dropped tokens (``where``, ``ignore_index``)
 are 0 and labels out of range NaN (by ``torch.where`` on the host).
 
-Per row it writes the statistics and the :class:`klx._token_stats.RowParts` (``M``,
+Per row it writes the statistics and the :class:`klx._token_stats_math.RowParts` (``M``,
 ``L``, ``M_q``, ``L_q``) that the closed-form backward
 (:class:`klx._accel.token_stats_torch.StatsRows`) reads: it recomputes p from the logits
 with torch operations. The dispatcher (:func:`klx._token_stats.stats_rows`, gated by
@@ -51,7 +51,7 @@ from klx._accel.token_stats_torch import rows as torch_rows
 from klx._accel.triton_common import LAUNCH, device_guard, scalars
 from klx._accel.triton_distill import _expm1, _log1p, _zero
 from klx._namespace import in_torch_func
-from klx._token_stats import RowParts, StatsSpec
+from klx._token_stats_math import RowParts, StatsSpec
 from klx._typing import Array
 
 __all__ = ["BLOCK_V", "rows", "values"]
@@ -94,7 +94,7 @@ def _online(x, m, rest, count, t):
 
 @triton.jit
 def _kl_terms(s, sq, lse, lse_q):
-    """:func:`klx._token_stats.kl_terms_from_logs` of shifted logits ``s``, ``sq``."""
+    """:func:`klx._token_stats_math.kl_terms_from_logs` of shifted logits ``s``, ``sq``."""
     NEG_INF: tl.constexpr = float("-inf")
     p = tl.exp(s - lse)
     q = tl.exp(sq - lse_q)
@@ -188,7 +188,7 @@ def values(
     reference: Array | None,
     keep: Array | None,
 ) -> tuple[tuple[Array, ...], RowParts]:
-    """:func:`klx._token_stats.stats_values` of torch tensors (float32 or float64, a
+    """:func:`klx._token_stats_math.stats_values` of torch tensors (float32 or float64, a
     Python float temperature, a reference as logits) by the kernel: the statistics of
     `spec` and the row parts of the closed-form gradient. No value is read on the host."""
     names = spec.names

@@ -25,63 +25,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 from klx._backends import library
 from klx._checks import check_float, check_temperature, check_temperature_range, check_where
 from klx._dtypes import accumulation_dtype, numpy_quiet
 from klx._fused.chunks import (
     CHUNK_TEMPORARIES,
-    Side,
     chunk_size_for,
     cuda_free_bytes,
-    logits,
-    safe_rows,
 )
 from klx._fused.parse import _check_chunk_size, _matmul_refuses, _number_temperature
+from klx._fused.token_stats_chunks import TokenArrays, chunk_stats
 from klx._namespace import array_namespace, check_same_device, in_torch_func
 from klx._token_stats import (
-    StatsSpec,
     check_ignore_index,
     check_labels,
     check_stats,
-    stats_rows,
 )
+from klx._token_stats_math import StatsSpec
 from klx._typing import Array
 
-__all__ = ["TokenArrays", "chunk_stats", "fused_linear_token_stats"]
-
-
-class TokenArrays(NamedTuple):
-    """The policy's and the reference's output layers, the tokens flattened to one axis
-    (the reference's fields None without a reference; its weight None where its hidden
-    states are its logits), and the kept tokens and labels [tokens] (or None)."""
-
-    hidden: Array
-    weight: Array
-    bias: Array | None
-    ref_hidden: Array | None
-    ref_weight: Array | None
-    ref_bias: Array | None
-    keep: Array | None
-    labels: Array | None
-
-    def differentiable(self) -> tuple[Array | None, ...]:
-        """The six arrays that may carry a gradient."""
-        return self[:6]
-
-    def rows(self, r0: int, r1: int) -> TokenArrays:
-        """Tokens ``r0:r1`` (the weights and biases are every chunk's)."""
-
-        def cut(x: Array | None) -> Array | None:
-            return None if x is None else x[r0:r1, ...]
-
-        return self._replace(
-            hidden=cut(self.hidden),
-            ref_hidden=cut(self.ref_hidden),
-            keep=cut(self.keep),
-            labels=cut(self.labels),
-        )
+__all__ = ["fused_linear_token_stats"]
 
 
 def fused_linear_token_stats(
@@ -329,17 +294,6 @@ def _check_shapes(
             )
             raise ValueError(msg)
     return token_shape, vocab
-
-
-def chunk_stats(xp: ModuleType, spec: StatsSpec, acc: Any, a: TokenArrays) -> tuple[Array, ...]:
-    """The statistics of one chunk `a` of tokens, in `spec`'s order: its logits (the
-    dropped tokens' hidden states set to 0 first), then :func:`stats_rows`."""
-    z = logits(xp, Side(safe_rows(xp, a.hidden, a.keep), a.weight, a.bias), acc)
-    zr = None
-    if a.ref_hidden is not None:
-        side = Side(safe_rows(xp, a.ref_hidden, a.keep), a.ref_weight, a.ref_bias)
-        zr = logits(xp, side, acc)
-    return stats_rows(xp, spec, z, a.labels, zr, a.keep)
 
 
 def _walk(

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from klx._fused.token_stats import TokenArrays, chunk_stats
-from klx._token_stats import StatsSpec
+from klx._fused.token_stats_chunks import TokenArrays, chunk_stats
+from klx._token_stats_math import StatsSpec
 from klx._typing import Array
 
 __all__ = ["walk"]
