@@ -308,7 +308,8 @@ def aggregate(
     normalizer : float or 0-d array, optional
         The mode's divisor counted over the whole step (every micro-batch and rank),
         instead of in this call: kept tokens ('token-mean', 'batchmean'), sequences with a
-        kept token ('seq-mean-*'), or groups with a kept token ('group-mean-token-mean').
+        kept token (the 'seq-mean-...' modes), or groups with a kept token
+        ('group-mean-token-mean').
         With it, the micro-batches' results add up to the whole batch's, in value and
         gradient. 0 gives 0.
     token_budget : float, optional

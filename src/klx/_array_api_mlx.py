@@ -133,6 +133,20 @@ def clip(x: Array, /, min: Any = None, max: Any = None) -> Array:
     return mx.clip(x, min, max)
 
 
+def permute_dims(x: Array, /, axes: tuple[int, ...]) -> Array:
+    return mx.transpose(x, axes)
+
+
+def argsort(
+    x: Array, /, *, axis: int = -1, descending: builtins.bool = False, stable: builtins.bool = True
+) -> Array:
+    out = mx.argsort(x, axis=axis)
+    if descending:  # ties in reverse order of index: as good for a top k
+        ax = axis % x.ndim
+        out = out[(slice(None),) * ax + (slice(None, None, -1),)]
+    return out
+
+
 def take(x: Array, indices: Array, /, *, axis: int | None = None) -> Array:
     return mx.take(x, indices, axis=axis)
 

@@ -119,7 +119,7 @@ def kl_divergence(
         inputs' library and device (its value is read only in validation mode). A
         normalizer of 0 (a step without tokens) divides by 1: the result is 0. With an
         aggregation mode, the mode's divisor over the whole step: kept tokens
-        ('token-mean'), sequences ('seq-mean-*') or groups ('group-mean-token-mean').
+        ('token-mean'), sequences (the 'seq-mean-...' modes) or groups ('group-mean-token-mean').
     sequence_axis : int, optional
         With an aggregation mode: the axis of the batch shape (the shape without `axis`)
         along which a sequence's tokens lie. Default -1.

@@ -117,7 +117,7 @@ def sparse_divergence(
 
         p_T = 1 - \sum_{i \in S} p_i, \qquad q_T = 1 - \sum_{i \in S} q_i,
 
-    and the result is, over the |S| + 1 bins B,
+    and the result is, over the :math:`|S| + 1` bins B,
 
     .. math::
 
