@@ -270,13 +270,7 @@ def stats_cotangents(
     if "kl" in by:
         kl, g_kl = by["kl"]
         assert reference is not None  # ('kl' needs one)
-        if spec.reference_form == "logits":
-            sr = reference - parts.ref_m
-            log_q = (sr if plain_t else sr / t) - parts.ref_lse
-        elif spec.reference_form == "log_probs":
-            log_q = reference
-        else:
-            log_q = xp.log(reference)
+        log_q = _reference_log_q(xp, spec, reference, parts, t, plain_t)
         lq = xp.where(p == 0, 0.0, log_q)
         g_kl = col(g_kl)
         c = c + g_kl * (lp - lq - col(kl))
@@ -358,13 +352,7 @@ def stats_tangents(
         else:
             assert reference is not None  # ('kl' needs one)
             kl = xp.expand_dims(by["kl"], axis=-1)
-            if spec.reference_form == "logits":
-                sr = reference - parts.ref_m
-                log_q = (sr if plain_t else sr / t) - parts.ref_lse
-            elif spec.reference_form == "log_probs":
-                log_q = reference
-            else:
-                log_q = xp.log(reference)
+            log_q = _reference_log_q(xp, spec, reference, parts, t, plain_t)
             lq = xp.where(p == 0, 0.0, log_q)
             value = sum_along(xp, p * (lp - lq - kl) * scaled, -1)
             if dref is not None and spec.reference_form == "logits":
@@ -378,3 +366,22 @@ def stats_tangents(
             value = xp.where(drop, 0.0, value)
         out.append(value)
     return tuple(out)
+
+
+def _reference_log_q(
+    xp: ModuleType,
+    spec: StatsSpec,
+    reference: Array,
+    parts: RowParts,
+    t: Any,
+    plain_t: bool,
+) -> Array:
+    """The reference's log-probabilities from the saved row parts, for both derivatives."""
+    if spec.reference_form == "logits":
+        sr = reference - parts.ref_m
+        log_q = (sr if plain_t else sr / t) - parts.ref_lse
+    elif spec.reference_form == "log_probs":
+        log_q = reference
+    else:
+        log_q = xp.log(reference)
+    return log_q
