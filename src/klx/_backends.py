@@ -44,12 +44,22 @@ def loaded(module: str, *path: str) -> Any:
     A module is in ``sys.modules`` from the moment another thread starts importing it, and a
     class it has not defined yet has no instances: an ``isinstance`` test can skip it.
     """
-    obj = sys.modules.get(module)
+    obj = _LOADED.get(module)
+    if obj is None:
+        obj = sys.modules.get(module)
+        if obj is None:
+            return None
+        _LOADED[module] = obj
     for name in path:
         if obj is None:
             return None
         obj = getattr(obj, name, None)
     return obj
+
+
+#: The modules :func:`loaded` has found (once imported, a module stays): read before
+#: ``sys.modules``, whose every key a ``torch.compile`` trace that reads it guards on.
+_LOADED: dict[str, Any] = {}
 
 
 class Trace(NamedTuple):
@@ -848,6 +858,9 @@ LIBRARIES: tuple[Library, ...] = (
 #: The same, by name.
 BY_NAME: dict[str, Library] = {lib.name: lib for lib in LIBRARIES}
 _ARRAY_TYPES = tuple((lib, *lib.array_type) for lib in LIBRARIES)
+#: The adapter of each type :func:`library` has met (an ``isinstance`` test depends on the
+#: type alone), None for a type that is not an array.
+_BY_TYPE: dict[type, Library | None] = {}
 
 
 class _Other(Library):
@@ -865,15 +878,25 @@ _OTHERS: dict[str, Library] = {}
 
 
 def library(x: Any) -> Library | None:
-    """The adapter of `x`'s library, or None if `x` is not an array."""
+    """The adapter of `x`'s library, or None if `x` is not an array.
+
+    Each array type met is remembered (:data:`_BY_TYPE`), so that a call traced by
+    ``torch.compile`` reads a small dict, not ``sys.modules``: dynamo guards the compiled
+    code on every key of a dict it reads (about 2800 for ``sys.modules``), which cost each
+    compiled klx call about 1 ms, and recompiled it whenever a module was imported."""
+    kind = type(x)
+    if kind in _BY_TYPE:
+        return _BY_TYPE[kind]
     for lib, module, attr in _ARRAY_TYPES:  # is_array, inline: this runs on every call
         mod = sys.modules.get(module)
         cls = getattr(mod, attr, None) if mod is not None else None
         if cls is not None and isinstance(x, cls):
+            _BY_TYPE[kind] = lib
             return lib
     if isinstance(x, (bool, int, float, complex)) or not hasattr(x, "__array_namespace__"):
+        _BY_TYPE[kind] = None  # (a type whose instances may differ is not met in practice)
         return None
-    return by_name(type(x).__module__.split(".")[0])
+    return by_name(kind.__module__.split(".")[0])
 
 
 def by_name(name: str) -> Library:

@@ -50,6 +50,8 @@ _QUIET = contextlib.nullcontext()
 
 def as_array(out: Any) -> Any:
     """NumPy reductions return scalars (``numpy.float64``); klx returns 0-d arrays."""
+    if type(out).__module__ != "numpy":  # (no read of sys.modules: see _backends.library)
+        return out
     np = sys.modules.get("numpy")
     generic = getattr(np, "generic", None)  # None while another thread imports NumPy
     if generic is not None and isinstance(out, generic):
