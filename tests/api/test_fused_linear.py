@@ -14,7 +14,7 @@ import pytest
 from scipy import special
 
 import klx
-from support.asserts import cuda_route
+from support.asserts import check_array, cuda_route
 
 # --------------------------------------------------------------------------- reference
 
@@ -424,6 +424,30 @@ def test_torch_compile_falls_back_to_eager(backend):
     out.backward()
     _close(backend.to_numpy(out), 2.0 * ref, 1e-5, "value")
     _close(backend.to_numpy(t["q_weight"].grad), 2.0 * ref_grads["q_weight"], 1e-4, "d/d W")
+
+
+@pytest.mark.slow
+@pytest.mark.backends("torch", reason="torch.compile")
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_torch_compile_traces_values_without_gradients(backend, kind):
+    """With no gradient wanted, torch.compile traces the chunks (fullgraph: no graph
+    break) and inductor fuses them; the value is the float64 reference's."""
+    import torch
+
+    arrays, kwargs = make_case("full", seed=7)
+    ref, _ = ref_for(kind, arrays, kwargs)
+    kw = klx_kwargs(kind, backend, kwargs, 4)
+    t = {k: backend.asarray(v, "float32") for k, v in arrays.items()}
+
+    def value(p_hidden, p_weight, q_hidden, q_weight, p_bias, q_bias):
+        return klx.fused_linear_divergence(
+            p_hidden, p_weight, q_hidden, q_weight, p_bias=p_bias, q_bias=q_bias, **kw
+        )
+
+    torch._dynamo.reset()
+    out = torch.compile(value, fullgraph=True)(**t)
+    check_array(backend, out, t["q_hidden"], "float32", ())
+    _close(backend.to_numpy(out), ref, 1e-5, "value")
 
 
 # --------------------------------------------------------------------------- memory

@@ -21,7 +21,8 @@ A chunk's logits gradient comes from, in order:
 * any other divergence: autograd of the chunk's definition.
 
 Under :func:`torch.compile` the call runs eagerly (``torch.compiler.disable``: a graph
-break), since the walk over chunks is a Python loop around autograd.
+break), since the walk over chunks is a Python loop around autograd; without gradients
+it is not called there (:func:`klx._fused.api.run` traces the generic chunks).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def fused(call: FusedCall) -> Array | None:
     ``vmap``: there the generic chunks serve (plain torch ops the transforms trace; the
     closed-form backward's autograd.Function has no setup_context, and its value checks
     cannot read batched tensors), and memory grows as autodiff keeps each chunk.
-    ``torch.compile`` still runs the call eagerly."""
+    ``torch.compile`` runs the call eagerly where a gradient is wanted (without, it traces
+    the generic chunks: :func:`klx._fused.api.run`)."""
     if in_torch_func():
         return None
     return torch_fused(
