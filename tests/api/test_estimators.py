@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -365,3 +366,130 @@ def test_importance_k3_overflowing_value_is_inf_not_nan(backend):
         and torch.isfinite(lp.grad).all()
         and torch.isfinite(lq.grad).all()
     )
+
+
+#: Log-ratios r = log q - log p for k3 against mpmath: near 0 (where e^r - 1 - r cancels),
+#: both sides of the series' edge (|r| = 1/2), far, and beyond float32's exponent range.
+K3_RATIOS = [0.0, 1e-8, -1e-8, 1e-4, -1e-4, 0.3, -0.3, 0.5, -0.5, 0.6, -0.6]
+K3_RATIOS += [3.0, -5.0, -12.0, 30.0, -30.0, 100.0, -100.0]
+
+
+def _k3_case(dtype):
+    """log_p, log_q (as given in `dtype`, rounded) for K3_RATIOS, then the edges: log q =
+    -inf (r = -inf), log p = -inf (r = +inf), log q = +inf, NaN in log p."""
+    n = len(K3_RATIOS)
+    lp = -np.linspace(0.5, 3.0, n)
+    lq = lp + np.array(K3_RATIOS)
+    lp = np.r_[lp, -1.0, -np.inf, -2.0, np.nan]
+    lq = np.r_[lq, -np.inf, -1.0, np.inf, -1.0]
+    return lp.astype(dtype), lq.astype(dtype)
+
+
+def _k3_mpmath(r, clamp=None):
+    """k3 = e^r - 1 - r and its derivative e^r - 1 in mpmath (60 digits) at the float
+    log-ratios `r`; clipped to `clamp` (derivative 0 beyond), inf and NaN as the limits."""
+    values, derivatives = [], []
+    for x in r:
+        if np.isnan(x):
+            v = d = math.nan
+        elif np.isinf(x):
+            v, d = math.inf, (math.inf if x > 0 else -1.0)
+        else:
+            with mpmath.workdps(60):
+                m = mpmath.mpf(float(x))
+                v, d = float(mpmath.expm1(m) - m), float(mpmath.expm1(m))
+        if clamp is not None and v > clamp:
+            v, d = clamp, 0.0
+        values.append(v)
+        derivatives.append(d)
+    return np.array(values), np.array(derivatives)
+
+
+def _assert_ulps(got, want, dtype, ulps, what):
+    got = np.asarray(got, dtype=np.float64)
+    same = np.isnan(got) == np.isnan(want)
+    assert same.all(), (what, got, want)
+    big = np.finfo(dtype).max
+    over = np.abs(want) > big  # beyond the dtype's range: +-inf
+    assert (got[over] == np.sign(want[over]) * np.inf).all(), (what, got[over], want[over])
+    ok = ~np.isnan(want) & ~over
+    err = np.abs(got[ok] - want[ok]) / np.maximum(np.abs(want[ok]), np.finfo(dtype).tiny)
+    bound = np.broadcast_to(ulps, want.shape)[ok] * np.finfo(dtype).eps
+    assert (err <= bound).all(), (what, err / np.finfo(dtype).eps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clamp", [None, 10.0], ids=["plain", "clamp"])
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.backends("torch", "jax", reason="torch.compile and jax.jit, with autodiff")
+@pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+def test_k3_value_and_derivative_against_mpmath(backend, dtype, traced, clamp):
+    """Issue 24: k3 as one series, one exponential and selects against constants, its
+    derivative as k3 + r, against mpmath: float32 r near 0 (1e-8, 1e-4, where e^r - 1 - r
+    cancels), the series' edge, +-30, +-100 (beyond float32's range), log-probabilities
+    of -inf and +inf, NaN; eager, inside torch.compile(fullgraph=True) on a CPU, and
+    jax.jit. With `clamp` a clipped entry's derivative is 0: it was NaN (0 * e^r) where
+    e^r overflows (r = 100 in float32, r = +inf)."""
+    lp_np, lq_np = _k3_case(dtype)
+    r = lq_np.astype(np.float64) - lp_np.astype(np.float64)  # the log-ratio klx sees
+    r = r.astype(dtype).astype(np.float64)  # rounded to the dtype, as computed
+    want, dwant = _k3_mpmath(r, clamp)
+
+    def f(lq, lp):
+        return klx.kl_estimate(lp, lq, estimator="k3", clamp=clamp)
+
+    def loss(lq, lp):
+        return klx.kl_estimate(lp, lq, estimator="k3", clamp=clamp, reduction="sum")
+
+    lq, lp = backend.asarray(lq_np, dtype), backend.asarray(lp_np, dtype)
+    if backend.name == "torch":
+        import torch
+
+        value, total = f, loss
+        if traced:
+            torch._dynamo.reset()
+            value = torch.compile(f, fullgraph=True)
+            total = torch.compile(loss, fullgraph=True)
+        got = backend.to_numpy(value(lq, lp))
+        a, b = lq.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+        total(a, b).backward()
+        g_q, g_p = backend.to_numpy(a.grad), backend.to_numpy(b.grad)
+    else:
+        import jax
+
+        value, grad = f, jax.grad(loss, argnums=(0, 1))
+        if traced:
+            value, grad = jax.jit(value), jax.jit(grad)
+        got = backend.to_numpy(value(lq, lp))
+        g_q, g_p = (backend.to_numpy(g) for g in grad(lq, lp))
+    # the value to 2 ulps (near 0 and at the series' edge alike); the derivative to 2
+    # ulps, and to the rounding of |r| in k3 + r below -1/2 (|r| / 2 ulps: 15 at -30)
+    _assert_ulps(got, want, dtype, 2, "value")
+    slack = np.where(r < -0.5, np.minimum(np.abs(np.nan_to_num(r)), 40.0) / 2, 0.0) + 2
+    for name, g, sign in (("d/dlog_q", g_q, 1.0), ("d/dlog_p", g_p, -1.0)):
+        got_d = np.asarray(g, dtype=np.float64)
+        finite = ~np.isinf(r)  # d/dlog_p at log p = -inf: autodiff of -inf - x
+        _assert_ulps(got_d[finite], sign * dwant[finite], dtype, 2 + slack[finite], name)
+        edges = np.isinf(r) & (name == "d/dlog_q")
+        np.testing.assert_array_equal(got_d[edges], dwant[edges])
+
+
+def test_k3_tiny_log_ratio_rounds_once(backend):
+    """k3 = r^2 / 2 below float64's normal range (r = 6.3e-160: 2e-319) is rounded once:
+    r^2 formed first was rounded into the subnormals (1.99464e-319 for 1.99467e-319)."""
+    if "float64" not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no float64")
+    if backend.name == "jax":
+        pytest.skip("XLA's CPU code flushes subnormal results to 0")
+    r = np.array([6.316124357648773e-160, 1e-155, -3e-158])
+    zeros = np.zeros_like(r)
+    got = backend.to_numpy(
+        klx.kl_estimate(backend.asarray(zeros, "float64"), backend.asarray(r, "float64"))
+    )
+    with mpmath.workdps(400):
+        want = [float(mpmath.expm1(mpmath.mpf(x)) - mpmath.mpf(x)) for x in r]
+    np.testing.assert_array_equal(got, want)
