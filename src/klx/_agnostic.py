@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from klx._backend_ops import expm1, sum_along
+from klx._backend_ops import at_least, expm1, sum_along
 from klx._typing import Array
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ __all__ = [
     "js_terms",
     "kl_div",
     "kl_terms",
+    "log1p_rest",
     "log_softmax",
     "log_weight",
     "mask_rows",
@@ -104,15 +105,41 @@ def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> 
     shifted = x - xp.max(x, axis=axis, keepdims=True)
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
-    top = shifted == 0
+    return shifted - log1p_rest(xp, shifted, axis)
+
+
+def log1p_rest(xp: ModuleType, shifted: Array, axis: int, keepdims: bool = True) -> Array:
+    """``log(sum(exp(shifted)))`` along `axis` for `shifted` whose maximum is exactly 0:
+    ``log1p`` of the mass besides one maximal entry, whose ties are counted exactly (the
+    log-sum-exp of :func:`log_softmax` and of the sparse forms' full sides).
+    """
     # exp(s) - 1 (exactly 0, as s is exactly 0) at the maxima, exp(s) elsewhere: the
     # gradient of the maximum then cancels whichever way a library splits it between ties.
     # (exp(s) - 1 has every derivative of expm1(s), and at s = 0 its exact value: one
-    # exponential pass, not two.)
+    # exponential pass, not two.) The maxima are found by arithmetic, ``floor(max(s,
+    # -1/2)) + 1``: 1 there, 0 elsewhere (s < 0, -inf included), derivative 0; not by ``s
+    # == 0`` and a `where`: XLA's CPU code fuses a reduction with the arithmetic that
+    # feeds it, but writes a comparison's or a `where`'s array out first (and its `sign`
+    # runs slower than `exp`). The tie count is ``n - 1 + sum(floor(max(s, -1/4)))`` (the
+    # same maxima; exact in float32 up to n = 2^24): no array, not even a constant one,
+    # is shared between the two sums or with the caller's (XLA writes a shared one out).
     e = xp.exp(shifted)
-    rest = sum_along(xp, xp.where(top, e - 1.0, e), axis, keepdims=True)
-    ties = xp.sum(xp.astype(top, shifted.dtype), axis=axis, keepdims=True) - 1.0
-    return shifted - xp.log1p(rest + ties)
+    top = xp.floor(at_least(xp, shifted, -0.5)) + 1.0
+    rest = sum_along(xp, e - top, axis, keepdims=keepdims)
+    n = shifted.shape[axis]
+    if isinstance(n, int) and n <= 1 << 24:
+        low = xp.floor(at_least(xp, shifted, -0.25))  # 0 at the maxima, -1 elsewhere
+        ties = xp.sum(low, axis=axis, keepdims=keepdims) + (n - 1.0)
+    else:  # (a size Dask does not know yet, or too large to count from n exactly)
+        top = xp.floor(at_least(xp, shifted, -0.25)) + 1.0
+        ties = xp.sum(top, axis=axis, keepdims=keepdims) - 1.0
+    return xp.log1p(rest + ties)
+
+
+#: A floor for log-probabilities below the log of every positive float (float64's
+#: smallest is e^-745.1): ``max(log p, floor)`` changes only entries whose p is 0, where
+#: ``p * max(log p, floor)`` is then 0, not ``0 * -inf``: by arithmetic, not a `where`.
+LOG_FLOOR = -1024.0
 
 
 def as_log(xp: ModuleType, x: Array, form: str, axis: int, temperature: Any) -> Array:
@@ -272,10 +299,10 @@ def plain_logs(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) 
 
 
 def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> Array:
-    """KL terms between two sets of logits: ``p (d + expm1(-d))``, ``d = log p - log q``.
+    """KL terms between two sets of logits: ``p d + q - p``, ``d = log p - log q``.
 
-    That is ``p d + q - p``, ``>= 0`` term by term, with no cancellation; where ``d <=
-    -1`` (where ``expm1(-d)`` could overflow) it is taken in that form. Both sides are
+    That is ``p g(-d)`` with ``g(x) = e^x - 1 - x``, ``>= 0`` term by term, with no
+    cancellation (a series near ``d = 0``, :func:`_gap`). Both sides are
     normalised by the plain log-sum-exp: its error c in ``log p - log q`` enters the sum
     as ``c^2 / 2`` only (its first-order part sums to ``sum p - sum q = 0``), so it serves
     where a one-sided KL would need the exact :func:`log_softmax` (float32 ``[20, 0, 0,
@@ -319,6 +346,8 @@ def js_terms(
     no ``log(beta)`` rounding to bias every term. A term is a Jensen gap, ``>= 0`` in exact
     arithmetic, so a negative rounding error is set to 0: the JS is never negative.
     """
+    if p_form == q_form == "logits" and _MIDDLE <= beta <= 1.0 - _MIDDLE:
+        return _js_logits_terms(xp, plain_logs(xp, p, q, axis, temperature), beta)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     zp, zq, u, v = _mixture_logs(xp, wp, wq, beta, p_form == q_form == "probs")
@@ -419,6 +448,8 @@ def skew_kl_terms(
     if alpha == 0.0:
         # M is Q: KL's own terms (+inf for p > 0 = q).
         return kl_terms(xp, p, q, p_form=p_form, q_form=q_form, axis=axis, temperature=temperature)
+    if p_form == q_form == "logits" and _MIDDLE <= alpha <= 1.0 - _MIDDLE:
+        return _mix_w_skew_terms(xp, plain_logs(xp, p, q, axis, temperature), alpha)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     zp, zq, u, _ = _mixture_logs(xp, wp, wq, alpha, p_form == q_form == "probs")
@@ -437,6 +468,166 @@ def skew_kl_terms(
     return _outside_and_nan(xp, terms, wp, wq)
 
 
+#: The logits-logits JS and skew KL (weights in [_MIDDLE, 1 - _MIDDLE]) take their Taylor
+#: series in r = log(q / p) for |r| <= _MIX_W_NEAR; the direct forms beyond.
+_MIX_W_NEAR = 0.5
+#: Where the smaller side's weight ``t = e^-|r|`` is above this, ``log(m / small)`` is the
+#: log taken directly for a smaller side of weight above 1/2 (see :func:`_mix_w_logs`).
+_MIX_W_SIDE = 0.125
+#: ``-|r|`` is read at least this (``t`` times it: 0, not ``0 * -inf``, where a weight is 0).
+_MIX_W_CLIP = 1000.0
+
+
+def _mix_w_series(kind: str, w: float, wide: bool) -> tuple[float, ...]:
+    """Taylor coefficients (from ``r^2``) in ``r = log(q / p)`` of a logits-logits term over
+    ``p``, for the mixture ``M = w P + (1 - w) Q`` with ``s = m / p = w + (1 - w) e^r``:
+
+    * ``kind='js'``: ``beta KL(P || M) + (1 - beta) KL(Q || M)``'s ``F(r) = (1 - w) e^r r -
+      s log s`` (``w = beta``);
+    * ``kind='skew'``: skew KL's (with ``m - p`` added) ``G(r) = s - 1 - log s`` (``w =
+      alpha``).
+
+    Both are 0 with a zero derivative at ``r = 0``, so their series start at ``r^2`` (``w (1
+    - w) / 2`` and ``(1 - w)^2 / 2``): nothing cancels near ``P = Q``. Computed in Python
+    floats at each call or trace (60 us; not cached: Dynamo warns of ``lru_cache``), ``log
+    s`` by the recurrence ``k g_k = k s_k - sum(j g_j s_(k-j))`` (for a weight in [1/16,
+    15/16] what cancels in ``F`` is within a factor 100 of the coefficient, far below what
+    reaches the sum), cut where the rest, at ``|r| =``
+    :data:`_MIX_W_NEAR`, is below a quarter of the dtype's rounding of the smaller of
+    ``F(+-R)`` (`wide`: float64; singularities at ``|r| >= pi``, so the coefficients fall
+    by 3 or more a degree: 8 to 11 terms in float32, 16 to 19 in float64).
+    """
+    n, radius, b = 22, _MIX_W_NEAR, 1.0 - w
+    e = [b / math.factorial(k) for k in range(n + 1)]  # (1 - w) e^r; s = w + (1 - w) e^r
+    g = [0.0] * (n + 1)  # log s
+    for k in range(1, n + 1):
+        acc = k * e[k]
+        for j in range(1, k):
+            acc -= j * g[j] * e[k - j]
+        g[k] = acc / k  # k g_k = k s_k - sum(j g_j s_(k-j)), s = 1 + ...
+    c = [0.0] * (n + 1)
+    for k in range(2, n + 1):
+        if kind == "skew":
+            c[k] = e[k] - g[k]
+        else:  # F' = (1 - w) e^r (r - log s): F_k = sum(e_j (r - g)_(k-1-j)) / k
+            acc = e[k - 2] - sum(e[j] * g[k - 1 - j] for j in range(k - 1))
+            c[k] = acc / k
+    edge = min(abs(sum(ck * (sign * radius) ** k for k, ck in enumerate(c))) for sign in (1, -1))
+    tol, tail = edge * (2.0**-55 if wide else 2.0**-26), 0.0
+    for last in range(n, 1, -1):
+        tail += abs(c[last]) * radius**last
+        if tail >= tol:  # c[2 .. last] are needed
+            return tuple(c[2 : last + 1])
+    raise AssertionError("series too short")  # pragma: no cover (weights in the middle)
+
+
+class _MixWLogs(NamedTuple):
+    """The pieces of a logits-logits mixture term (:func:`_mix_w_logs`), each side scaled
+    by the larger weight ``hi = max(p, q)``."""
+
+    hi: Array  # max(p, q)
+    r: Array  # log(q / p): 0 where both weights are 0
+    big_p: Array  # P is the larger side (r <= 0)
+    t: Array  # e^-|r| = min(p, q) / hi: 0 exactly where the smaller weight is 0
+    ws: Array | float  # the mixture's weight of the smaller side (w or 1 - w)
+    lb: Array  # log(m / hi)
+    ls: Array  # log(m / min(p, q))
+
+
+def _mix_w_logs(xp: ModuleType, logs: PlainLogs, w: float, both: bool = True) -> _MixWLogs:
+    """:class:`_MixWLogs` of ``M = w P + (1 - w) Q`` (``0 < w < 1``) from two plain
+    log-softmaxes: two ``exp`` and one ``log`` per element.
+
+    With ``t = e^-|r|`` and ``ws`` the smaller side's weight, ``m / hi = 1 + ws (t - 1)``
+    and ``m / min(p, q) = 1 + (1 - ws) (1 / t - 1)``: one log is taken, the other is it
+    ``-+ |r|``. That is ``log(1 + ws (t - 1))`` (``m / hi`` is in ``[1 - ws, 1]``: its
+    rounding is an absolute error of eps / 2 in the log, as the inputs' own; ``log1p``
+    costs more in the vectorised CPU code), but where ``ws > 1/2`` and ``t >``
+    :data:`_MIX_W_SIDE`: there ``m`` is close to ``min(p, q)``, and ``log(m / min(p, q))``
+    is taken directly (as the difference it lost up to 50 ulps at ``|r| = 1/2``). Beyond
+    ``|r| = 1/2`` either way is within a few ulps of the logs' inputs. Not `both`: only
+    where P is the smaller side is ``log(m / min(p, q))`` read (skew KL's), and only
+    there is it taken directly (where ``w > 1/2``). Where a log is taken directly it is
+    ``log1p``.
+    """
+    log_p, log_q, p_zero, q_zero = logs.log_p, logs.log_q, logs.p_zero, logs.q_zero
+    r = xp.where(p_zero & q_zero, 0.0, log_q - log_p)  # (NaN stays NaN)
+    big_p = r <= 0.0
+    hi = xp.exp(xp.where(big_p, log_p, log_q))
+    a = -xp.abs(r)
+    t = xp.exp(a)
+    ac = xp.where(a < -_MIX_W_CLIP, -_MIX_W_CLIP, a)  # finite where t is 0
+    if w == 0.5:
+        lb = xp.log(0.5 * t + 0.5)
+        return _MixWLogs(hi, r, big_p, t, 0.5, lb, lb - ac)
+    w_big_p = 1.0 - w  # the smaller side's weight where P is the larger (Q's)
+    # (0-d arrays of t's dtype: torch's where makes Python floats float32 tensors)
+    ws = xp.where(big_p, xp.asarray(w_big_p, dtype=t.dtype), xp.asarray(w, dtype=t.dtype))
+    x = ws * (t - 1.0)
+    if not (both or w > 0.5):
+        lb = xp.log(1.0 + x)
+        return _MixWLogs(hi, r, big_p, t, ws, lb, lb - ac)
+    side = (t > _MIX_W_SIDE) & (big_p if w_big_p > 0.5 else ~big_p)
+    ts = xp.where(side, t, 1.0)  # (no division by a t that underflowed)
+    wb = w if w_big_p > 0.5 else w_big_p  # 1 - ws where `side` holds
+    log = xp.log1p(xp.where(side, wb * ((1.0 - ts) / ts), x))
+    lb = xp.where(side, log + ac, log)
+    ls = xp.where(side, log, log - ac)
+    return _MixWLogs(hi, r, big_p, t, ws, lb, ls)
+
+
+def _mix_w_near(xp: ModuleType, m: _MixWLogs, kind: str, w: float) -> tuple[Array, Array]:
+    """Where ``|r| <=`` :data:`_MIX_W_NEAR`, and ``p / hi`` times the Taylor series there
+    (:func:`_mix_w_series`; 0 elsewhere, from a safe ``r``)."""
+    coefficients = _mix_w_series(kind, w, m.r.dtype == xp.float64)
+    near = xp.abs(m.r) <= _MIX_W_NEAR
+    rn = xp.where(near, m.r, 0.0)
+    series = xp.zeros_like(rn) + coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        series = series * rn + c
+    return near, xp.where(m.big_p, 1.0, m.t) * (series * (rn * rn))
+
+
+def _js_logits_terms(xp: ModuleType, logs: PlainLogs, beta: float) -> Array:
+    """JS terms between two sets of logits (their :class:`PlainLogs`), ``beta`` in
+    ``[1/16, 15/16]``.
+
+    Each is ``p F(r)``, ``r = log(q / p)``, ``F(r) = (1 - beta) e^r r - s log s``, ``s = m /
+    p``: a Jensen gap, ``>= 0``, 0 with a zero derivative at ``r = 0``. Near it (``|r| <=
+    1/2``) a Taylor polynomial in ``r`` (Python-float coefficients, :func:`_mix_w_series`);
+    beyond, ``-(beta p u + (1 - beta) q v)`` with ``u, v = log(m / p), log(m / q)`` of
+    :func:`_mix_w_logs` (within 20 ulps of mpmath from ``r`` in float32 and float64): two
+    ``exp`` and one ``log`` per element, where the ``expm1`` / ``log1p`` pairs took four
+    (five with inductor's ``exp(x) - 1``). Where a weight is 0 the other side's term is
+    ``-(1 - ws) log(1 - ws)`` by itself (``t = 0``); where both are, 0 (``hi = 0``). NaN
+    propagates through ``r``.
+
+    The plain log-sum-exp suffices, as for KL (:func:`_kl_logits_terms`): an error ``c``
+    in ``r`` changes the sum by ``c (1 - beta) KL(Q || M)`` at first order, ``c`` of the
+    JS.
+    """
+    m = _mix_w_logs(xp, logs, beta)
+    near, series = _mix_w_near(xp, m, "js", beta)
+    direct = -(m.ws * m.t * m.ls + (1.0 - m.ws) * m.lb)
+    return m.hi * xp.where(near, series, direct)
+
+
+def _mix_w_skew_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
+    """Skew KL terms ``p (s - 1 - log s)`` (``s = m / p``, ``m - p`` added, see
+    :func:`skew_kl_terms`) between two sets of logits, ``alpha`` in ``[1/16, 15/16]``:
+    the Taylor polynomial in ``r`` for ``|r| <= 1/2`` (:func:`_mix_w_series`), beyond
+    ``m - p - p log(m / p)`` from :func:`_mix_w_logs`. Where P is the smaller side that is
+    ``hi ((1 - alpha) (1 - t) - t log(m / p))``: ``(1 - alpha) q`` where P is 0 or
+    underflows; where P is the larger, ``hi (ws (t - 1) - log(m / p))``: ``p (alpha - 1 -
+    log alpha)`` where Q is 0.
+    """
+    m = _mix_w_logs(xp, logs, alpha, both=False)
+    near, series = _mix_w_near(xp, m, "skew", alpha)
+    c = (1.0 - alpha) * (1.0 - m.t)  # m - p over hi where P is the smaller, p - m where not
+    direct = xp.where(m.big_p, -c - m.lb, c - m.t * m.ls)
+    return m.hi * xp.where(near, series, direct)
+
+
 def tv_terms(
     xp: ModuleType,
     p: Array,
@@ -449,21 +640,67 @@ def tv_terms(
 ) -> Array:
     """Pointwise terms ``|p - q| / 2`` of the total variation distance; NaN propagates.
 
-    Where ``p = q`` the derivative of ``|x|`` is the library's own choice of subgradient
-    (0 in torch, 1 in JAX): finite, never NaN.
+    Logits are normalised by the plain log-sum-exp (:func:`_plain_log_softmax`, one pass
+    fewer than the exact :func:`log_softmax`): the terms read probabilities, each within a
+    few ulps of its value either way (the mass a plain log-sum-exp rounds away beside a
+    nearly one-hot maximum shifts every probability by less than an ulp), and ``p - q``
+    is rounded as it is from any log-softmax. Where ``p = q`` the derivative of ``|x|`` is
+    a subgradient (0 in the closed form, :func:`klx._closed_forms.tv_derivatives`, and
+    torch; 1 in JAX's autodiff): finite, never NaN.
     """
-    wp = probabilities(xp, p, p_form, axis, temperature)
-    wq = probabilities(xp, q, q_form, axis, temperature)
+    wp, wq = (
+        xp.exp(_plain_log_softmax(xp, x, axis, temperature))
+        if form == "logits"
+        else probabilities(xp, x, form, axis, temperature)
+        for x, form in ((p, p_form), (q, q_form))
+    )
     return 0.5 * xp.abs(wp - wq)
 
 
 def _gap(xp: ModuleType, w: Array, d: Array, other: Array) -> Array:
-    """``w d + other - w`` (``w = p``, ``other = q``, ``d = log p - log q``), as
-    ``w (d + expm1(-d))`` where ``d > -1``: ``>= 0``, and free of cancellation near ``d =
-    0``; beyond, where ``expm1(-d)`` could overflow, as written."""
-    small = d > -1.0
-    ds = xp.where(small, d, 0.0)
-    return xp.where(small, w * (ds + expm1(xp, -ds)), w * d + (other - w))
+    """``w d + other - w`` (``w = p``, ``other = q``, ``d = log p - log q``), as ``w g(-d)``
+    with ``g(x) = e^x - 1 - x``: ``>= 0`` term by term.
+
+    Near ``d = 0`` (``|d| <= 1/2``) ``g`` is its Taylor series, summed by Horner from
+    ``x^2 / 2`` (``_G_SERIES``, 8 terms in float32 and below, 14 in float64): exact to the
+    dtype's rounding, with nothing that cancels, and no transcendental function, so a
+    traced call pays a few multiply-adds where ``d + expm1(-d)`` cost an ``expm1`` (on a
+    CPU inside torch.compile, klx's own polynomial and an ``exp``: inductor takes
+    ``expm1(x)`` as ``exp(x) - 1``, wrong near 0). Beyond, ``w d + (other - w)`` as
+    written: ``g(-d)`` is about 0.1 of the larger of ``w`` and ``other`` or more there, so
+    the subtraction loses a few bits at most (about 20 ulps at ``|d| = 1/2``), against the
+    ``d`` whose own rounding (``|log p|`` ulps) every form inherits.
+    """
+    near = xp.abs(d) <= _G_RADIUS
+    x = -xp.where(near, d, 0.0)  # the untaken branch at a safe value
+    coefficients = _G_SERIES_64 if d.dtype == xp.float64 else _G_SERIES
+    series = xp.zeros_like(x) + coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        series = series * x + c
+    return xp.where(near, w * (series * (x * x)), w * d + (other - w))
+
+
+#: ``1 / (k + 2)!`` for k = 0 .. 7: ``g(x) = e^x - 1 - x = x^2 sum(x^k / (k + 2)!)``, whose
+#: sum truncated after ``x^7`` is within 3e-9 of itself for ``|x| <= 1/2`` (below float32's
+#: rounding); in float64, to ``x^13`` (left out: below 1e-17).
+_G_SERIES = tuple(1.0 / math.factorial(k + 2) for k in range(8))
+_G_SERIES_64 = tuple(1.0 / math.factorial(k + 2) for k in range(14))
+_G_RADIUS = 0.5
+
+
+def _g_parts(xp: ModuleType, x: Array) -> tuple[Array, Array]:
+    """The even and odd parts of ``g(x) = e^x - 1 - x`` for ``|x| <= 1/2`` (``g(x)`` is
+    their sum, ``g(-x)`` their difference), each a Horner series in ``x^2``: both
+    directions of a pair for the multiply-adds of one."""
+    x2 = x * x
+    coefficients = _G_SERIES_64 if x.dtype == xp.float64 else _G_SERIES
+    parts = []
+    for terms in (coefficients[0::2], coefficients[1::2]):
+        series = xp.zeros_like(x2) + terms[-1]
+        for c in reversed(terms[:-1]):
+            series = series * x2 + c
+        parts.append(series * x2)
+    return parts[0], parts[1] * x
 
 
 def generalized_kl_terms(
@@ -477,7 +714,7 @@ def generalized_kl_terms(
     temperature: Any = 1.0,
 ) -> Array:
     """Pointwise terms ``p log(p / q) - p + q`` of the KL between non-negative measures
-    (:func:`scipy.special.kl_div`'s), as ``p (d + expm1(-d))`` (:func:`_gap`): ``>= 0``,
+    (:func:`scipy.special.kl_div`'s), as ``p g(-d)`` (:func:`_gap`): ``>= 0``,
     exact near ``p = q``. ``q`` where P is 0; ``+inf`` where only Q is; a negative entry is
     ``+inf``; NaN propagates. Probabilities only (the record's ``measures``)."""
     wp = weighted(xp, p, p_form, axis, temperature)
@@ -529,14 +766,13 @@ def _mix_logits_terms(
     xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any, lam: float
 ) -> Array:
     """The mixture's terms between two sets of logits, in one expression of ``d = log p -
-    log q``: with ``p e = p expm1(-d) = q - p``, ``(2 lam - 1) p e + d (lam p - (1 - lam)
-    q)`` (KL's term ``p (d + e)`` weighted by ``lam`` plus the reverse one ``-(p e + q d)``),
-    at ``lam = 1/2`` ``d (p - q) / 2``: one ``expm1`` or none, where the general form takes
-    two (the NumPy row blocks' kernel computes the same). Near P = Q the first-order parts
-    cancel to the absolute error of KL's ``p (d + e)``; where ``d <= -1`` (``expm1(-d)``
-    could overflow) ``p e`` is ``q - p`` as written. Both sides are normalised by the
-    plain log-sum-exp, as KL's terms between logits (:func:`_kl_logits_terms`): its error
-    enters only squared.
+    log q``: ``(2 lam - 1) (q - p) + d (lam p - (1 - lam) q)`` (KL's term ``p d + q - p``
+    weighted by ``lam`` plus the reverse one), at ``lam = 1/2`` ``d (p - q) / 2``. Near
+    P = Q (``|d| <= 1/2``) it is ``lam p g(-d) + (1 - lam) q g(d)`` with ``g(x) = e^x - 1 -
+    x``, both from one series (:func:`_g_parts`): every part ``>= 0``, nothing cancels, no
+    ``expm1`` (an ``exp`` and a polynomial inside torch.compile on a CPU). Both sides are
+    normalised by the plain log-sum-exp, as KL's terms between logits
+    (:func:`_kl_logits_terms`): its error enters only squared.
 
     Where P is 0: ``lam q`` plus ``+inf`` unless ``lam = 1``; where Q is 0: ``(1 - lam) p``
     plus ``+inf`` unless ``lam = 0``; 0 where both are (a weight that underflows is
@@ -551,9 +787,13 @@ def _mix_logits_terms(
     if lam == 0.5:
         both = 0.5 * (d * (pw - qw))
     else:
-        near = d > -1.0
-        pe = xp.where(near, pw * expm1(xp, -xp.where(near, d, 0.0)), qw - pw)
-        both = (2.0 * lam - 1.0) * pe + d * (lam * pw - (1.0 - lam) * qw)
+        # near P = Q, lam p g(-d) + (1 - lam) q g(d), g's even and odd parts by one series
+        # in d^2 (no expm1, nothing cancels); beyond |d| = 1/2 the expression as written
+        near = xp.abs(d) <= _G_RADIUS
+        even, odd = _g_parts(xp, -xp.where(near, d, 0.0))
+        close = lam * (pw * (even + odd)) + (1.0 - lam) * (qw * (even - odd))
+        far = (2.0 * lam - 1.0) * (qw - pw) + d * (lam * pw - (1.0 - lam) * qw)
+        both = xp.where(near, close, far)
     # each term is >= 0; where P and Q differ by a rounding, p - q may take the wrong sign
     both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
     only_q = lam * qw if lam == 1.0 else xp.full_like(qw, math.inf)  # P is 0
@@ -601,6 +841,89 @@ def _alpha_pair(xp: ModuleType, w: Array, other: Array, d: Array, a: float) -> A
 _FAR = 64.0
 
 
+def _alpha_series(a: float, wide: bool) -> tuple[float, tuple[float, ...], bool]:
+    """The radius and Taylor coefficients of ``H(d) = [a e^(b d) + b e^(-a d) - 1] / (a b)``,
+    ``b = 1 - a``, ``a >= 1/2``: the alpha term of a pair over its ``p^a q^b`` (``d = log p
+    - log q``). ``H(d) = sum_k h_k d^k``, ``h_k = (b^(k-1) - (-a)^(k-1)) / k!`` from ``k =
+    2`` (``h_2 = 1/2``: nothing of first order, so nothing cancels near ``d = 0``).
+
+    Computed once per order in Python (float64), cut where the rest is below the dtype's
+    rounding (`wide`: float64) at the radius ``min(1, 1 / a)``; at ``a = 1/2`` the odd
+    coefficients are 0 and those returned are of ``d^2, d^4, ...`` (`even`).
+    """
+    b = 1.0 - a
+    radius = min(1.0, 1.0 / a)
+    tol = (2.0**-56 if wide else 2.0**-27) * 0.5 * radius**2
+    coeffs = []
+    for k in range(2, 80):
+        coeffs.append((b ** (k - 1) - (-a) ** (k - 1)) / math.factorial(k))
+        # the rest is below 3/2 of its first term's bound (each term's bound shrinks by
+        # radius * max(a, |b|) / (j + 1) <= 1/3 from the next)
+        nxt = (abs(b) ** k + a**k) * radius ** (k + 1) / math.factorial(k + 1)
+        if 1.5 * nxt < tol:
+            break
+    even = a == 0.5
+    return radius, tuple(coeffs[::2] if even else coeffs), even
+
+
+def _alpha_poly(xp: ModuleType, d: Array, series: tuple[float, tuple[float, ...], bool]) -> Array:
+    """``H(d)`` of :func:`_alpha_series` by Horner's rule (in ``d^2`` where it is even)."""
+    _, coeffs, even = series
+    d2 = d * d
+    x = d2 if even else d
+    acc = coeffs[-1] * x + coeffs[-2]
+    for c in reversed(coeffs[:-2]):
+        acc = acc * x + c
+    return acc * d2
+
+
+def _alpha_logits_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
+    """The alpha-divergence's terms between two sets of logits (their :class:`PlainLogs`).
+
+    Near ``p = q`` (``|d| <= R``, ``d = log p - log q``) each pair's term is ``p^a q^b
+    H(d)``, a polynomial with Python-float coefficients (:func:`_alpha_series`) whose
+    first term is ``d^2 / 2``: no cancellation, and one ``exp`` per element where an
+    ``expm1`` pair took two or four (inductor computes ``expm1`` as ``exp(x) - 1``).
+    Beyond, the term as written, ``[a p + b q - p^a q^b] / (a b)``, whose parts do not
+    cancel there. At order 1/2 (the Hellinger distance's) the written form is ``2 (sqrt p
+    - sqrt q)^2`` and ``p^a q^b = sqrt p sqrt q``: two exponentials per element, and the
+    zero weights need no mask (``2 q`` where P is 0, ``2 p`` where Q is 0).
+
+    Orders within 1/4 of 1 (or of 0) keep :func:`_alpha_pair`'s ``expm1`` forms, whose
+    division by ``a b`` cancels nothing. Both sides are normalised by the plain
+    log-sum-exp, as KL's terms between logits (:func:`_kl_logits_terms`): its error enters
+    only squared. Zero weights, signs and NaN as :func:`alpha_terms`.
+    """
+    log_p, log_q, p_zero, q_zero, lp, lq = logs
+    wide = log_p.dtype == xp.float64
+    if alpha == 0.5:
+        series = _alpha_series(0.5, wide)
+        r, s = xp.exp(0.5 * log_p), xp.exp(0.5 * log_q)  # 0 where a weight is 0
+        d = log_p - log_q  # NaN or infinite where a weight is 0: not near
+        near = xp.abs(d) <= series[0]
+        dn = xp.where(near, d, 0.0)
+        gap = r - s
+        return xp.where(near, (r * s) * _alpha_poly(xp, dn, series), 2.0 * (gap * gap))
+    a, w_l, o_l = (alpha, lp, lq) if alpha >= 0.5 else (1.0 - alpha, lq, lp)
+    b = 1.0 - a
+    d = w_l - o_l  # finite: from safe logs
+    w, o = xp.exp(w_l), xp.exp(o_l)
+    if abs(b) >= 0.25:
+        series = _alpha_series(a, wide)
+        near = xp.abs(d) <= series[0]
+        dn = xp.where(near, d, 0.0)
+        e = xp.exp(a * w_l + b * o_l)
+        both = xp.where(near, e * _alpha_poly(xp, dn, series), (a * w + b * o - e) / (a * b))
+    else:
+        both = _alpha_pair(xp, w, o, d, a)
+    both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
+    pw, qw = (w, o) if alpha >= 0.5 else (o, w)
+    only_q = qw / alpha if alpha > 0.0 else xp.full_like(qw, math.inf)
+    only_p = pw / (1.0 - alpha) if alpha < 1.0 else xp.full_like(pw, math.inf)
+    terms = xp.where(p_zero, xp.where(q_zero, 0.0, only_q), xp.where(q_zero, only_p, both))
+    return xp.where((lp != lp) | (lq != lq), math.nan, terms)
+
+
 def alpha_terms(
     xp: ModuleType,
     p: Array,
@@ -623,8 +946,11 @@ def alpha_terms(
 
     Where P is 0: ``q / alpha`` for ``alpha > 0``, ``+inf`` for ``alpha <= 0`` (``0^alpha``
     is infinite); where Q is 0: ``p / (1 - alpha)`` for ``alpha < 1``, ``+inf`` above; 0
-    where both are. A negative probability is ``+inf``; NaN propagates.
+    where both are. A negative probability is ``+inf``; NaN propagates. Between two sets
+    of logits: :func:`_alpha_logits_terms`.
     """
+    if p_form == q_form == "logits":
+        return _alpha_logits_terms(xp, plain_logs(xp, p, q, axis, temperature), alpha)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     d = _log_ratio(xp, wp, wq, p_form == q_form == "probs")  # finite: from safe values
@@ -664,7 +990,12 @@ def renyi_terms(
 
     ``p^a`` is 0 where P is 0 (``a > 0``); ``q^(1-a)`` is 0 where Q is 0 for ``a < 1`` and
     ``+inf`` for ``a > 1``. At ``alpha = 1`` only the first is used.
+
+    Between two sets of logits (``alpha > 0``) all three start from the plain
+    log-softmaxes (:func:`_renyi_logits_terms`).
     """
+    if p_form == q_form == "logits" and alpha > 0.0:
+        return _renyi_logits_terms(xp, plain_logs(xp, p, q, axis, temperature), axis, alpha)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     if alpha == 0.0:
@@ -680,6 +1011,30 @@ def renyi_terms(
     top = xp.max(e, axis=axis, keepdims=True)
     top = xp.where((top == math.inf) | (top == -math.inf), 0.0, top)
     shifted = _outside_and_nan(xp, xp.exp(e - top), wp, wq)
+    return gaps, shifted, xp.broadcast_to(top, shifted.shape)
+
+
+def _renyi_logits_terms(
+    xp: ModuleType, logs: PlainLogs, axis: int, alpha: float
+) -> tuple[Array, Array, Array]:
+    """:func:`renyi_terms` between two sets of logits (their :class:`PlainLogs`, ``alpha >
+    0``): the alpha terms of :func:`_alpha_logits_terms`, and ``e = a log p + (1 - a) log
+    q`` from the same logs (``-inf`` where a weight is 0 for ``a < 1``, read off the logs
+    themselves; ``+inf`` where Q is 0 for ``a > 1``). NaN propagates through ``e`` and
+    its maximum."""
+    log_p, log_q, p_zero, q_zero, lp, lq = logs
+    if alpha < 1.0:
+        e = alpha * log_p + (1.0 - alpha) * log_q  # -inf where either weight is 0
+    else:
+        e = alpha * lp + (1.0 - alpha) * lq  # finite: safe logs
+        q_zero_e = math.inf if alpha > 1.0 else -math.inf
+        e = xp.where(p_zero, -math.inf, xp.where(q_zero, q_zero_e, e))
+    top = xp.max(e, axis=axis, keepdims=True)
+    top = xp.where((top == math.inf) | (top == -math.inf), 0.0, top)
+    shifted = xp.exp(e - top)
+    gaps = _alpha_logits_terms(xp, logs, alpha)
+    if alpha >= 1.0:  # (below 1 a NaN log is a NaN e)
+        shifted = xp.where((lp != lp) | (lq != lq), math.nan, shifted)
     return gaps, shifted, xp.broadcast_to(top, shifted.shape)
 
 
@@ -745,14 +1100,35 @@ def cross_entropy_terms(
     ``p > 0 = q``, ``+inf`` for a negative probability, NaN propagates (also from a side
     whose weight is 0). Each term of a distribution is ``>= 0`` (``log q <= 0``), so their
     sum loses nothing to cancellation; from logits, ``log q`` is the exact
-    :func:`log_softmax`.
+    :func:`log_softmax`, and P the plain log-sum-exp's (:func:`_plain_log_softmax`, one
+    pass fewer): each ``p`` within a few ulps either way (the mass a plain log-sum-exp
+    rounds away beside a nearly one-hot maximum shifts every ``p`` by less than an ulp),
+    and no term is a difference.
     """
+    if p_form != "probs" and q_form != "probs":
+        return _cross_entropy_log_terms(xp, p, q, p_form, q_form, axis, temperature)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     # 0 - p log q: +0, not -0, where q is 1 (a one-hot P against itself)
     terms = xp.where(wp.zero, 0.0, 0.0 - wp.w * wq.log_w)
     terms = xp.where(wq.zero & ~wp.zero, math.inf, terms)
     return _outside_and_nan(xp, terms, wp, wq)
+
+
+def _cross_entropy_log_terms(
+    xp: ModuleType, p: Array, q: Array, p_form: str, q_form: str, axis: int, temperature: Any
+) -> Array:
+    """:func:`cross_entropy_terms` of two sides in log space, in one fused expression:
+    ``0 - p log q`` on a safe ``log q`` (0 where Q is 0), then 0 where both are 0 and
+    ``+inf`` where only Q is (also where ``p`` underflows: ``log p`` finite); NaN from
+    either side (``log q``'s through the product, also where P is 0)."""
+    log_p = _plain_log_softmax(xp, p, axis, temperature) if p_form == "logits" else p
+    log_q = as_log(xp, q, q_form, axis, temperature)
+    q_zero = log_q == -math.inf
+    terms = 0.0 - xp.exp(log_p) * xp.where(q_zero, 0.0, log_q)  # +0 where q is 1
+    only_q = xp.where(log_p == -math.inf, xp.zeros_like(log_p), math.inf)  # Q is 0: 0 or +inf
+    terms = xp.where(q_zero, only_q, terms)
+    return xp.where(log_p != log_p, math.nan, terms)
 
 
 def entropy_terms(
@@ -773,6 +1149,13 @@ def entropy_terms(
     ``log p`` is the exact :func:`log_softmax`, which keeps the mass beside the maximum of
     a nearly one-hot distribution: its small entropy is that mass's terms.
     """
+    if p_form != "probs":
+        log_p = as_log(xp, p, p_form, axis, temperature)
+        # log p floored (LOG_FLOOR), so that p = 0 (log p = -inf) gives 0 * floor = 0: the
+        # same values as a `where` on log p = -inf (NaN stays NaN), and finite
+        # derivatives, by arithmetic alone, which XLA's CPU code fuses into the sum (a
+        # `where` it writes out first: another pass over the distribution).
+        return 0.0 - xp.exp(log_p) * at_least(xp, log_p, LOG_FLOOR)  # +0 where p is 0 or 1
     wp = weighted(xp, p, p_form, axis, temperature)
     terms = xp.where(wp.zero, 0.0, 0.0 - wp.w * wp.log_w)  # +0 where p is 1
     if wp.outside is not None:

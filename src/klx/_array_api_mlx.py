@@ -34,10 +34,11 @@ float16, bfloat16, float32, float64 = mx.float16, mx.bfloat16, mx.float32, mx.fl
 finfo, isdtype, result_type = mx.finfo, mx.isdtype, mx.result_type
 
 # Elementwise functions and manipulation with the standard's signatures already.
-abs, sqrt, tanh = (
+abs, sqrt, tanh, floor = (
     mx.abs,
     mx.sqrt,
     mx.tanh,
+    mx.floor,
 )
 isnan, isinf, isfinite, logaddexp = mx.isnan, mx.isinf, mx.isfinite, mx.logaddexp
 maximum, minimum, where, matmul = mx.maximum, mx.minimum, mx.where, mx.matmul

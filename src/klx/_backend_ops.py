@@ -16,6 +16,7 @@ from klx._namespace import library_of
 from klx._typing import Array
 
 __all__ = [
+    "at_least",
     "expm1",
     "stop_gradient",
     "sum_along",
@@ -177,3 +178,14 @@ def _chunk_sum(block: Array, axis: tuple[int, ...], keepdims: bool) -> Array:
 #: The axis length from which :func:`sum_along` halves first (NumPy's own pairwise block
 #: is 128 entries; 64 keeps any sequential run at most that long).
 _PAIRWISE_FROM = 64
+
+
+def at_least(xp: ModuleType, x: Array, low: float) -> Array:
+    """``max(x, low)`` elementwise, `low` a Python float: ``xp.clip(x, min=low)`` (arithmetic
+    that XLA's CPU code fuses into the reduction reading it, where it writes a `where`'s
+    array out first), but ``xp.maximum`` against a 0-d array on Dask, whose
+    array-api-compat ``clip`` refuses an array of unknown size (a NaN in its shape)."""
+    lib = library(x)
+    if lib is not None and lib.name == "dask":
+        return xp.maximum(x, xp.asarray(low, dtype=x.dtype))
+    return xp.clip(x, min=low)

@@ -30,18 +30,23 @@ import math
 from types import ModuleType
 from typing import TYPE_CHECKING, NamedTuple
 
-from klx._agnostic import plain_logs
+from klx._agnostic import _MIDDLE, _mix_w_logs, _MixWLogs, plain_logs
+from klx._backend_ops import expm1
 from klx._typing import Array
 
 if TYPE_CHECKING:
     from klx._typing import DivergenceCall
 
 __all__ = [
+    "alpha_derivatives",
     "cross_entropy_derivatives",
+    "entropy_derivatives",
     "js_derivatives",
     "kl_derivatives",
     "mix_derivatives",
+    "renyi_derivatives",
     "skew_kl_derivatives",
+    "tv_derivatives",
 ]
 
 
@@ -113,6 +118,26 @@ def _mixture(xp: ModuleType, w: _Sides, weight: float) -> Array:
     return xp.where(w.p_zero, b, xp.where(w.q_zero, a, mixed))
 
 
+def _mix_w_sides(
+    xp: ModuleType, call: DivergenceCall, t: Array, s: Array, weight: float, both: bool
+) -> tuple[_MixWLogs, Array, Array, Array]:
+    """For a weight in [1/16, 15/16]: the value's :func:`klx._agnostic._mix_w_logs`, ``p``,
+    ``q`` and ``u = log(m / p)`` (note the sign: ``log(p / m)`` is ``-u``): two ``exp`` and
+    one ``log`` per element besides the log-softmaxes, where :func:`_mixture` took four
+    (``p``, ``q`` and ``logaddexp``'s ``exp`` and ``log1p``). Finite wherever the logits
+    are: ``p = 0`` exactly where P is 0 (``t = 0``), and the logs are finite there."""
+    m = _mix_w_logs(xp, plain_logs(xp, t, s, call.axis, call.temperature), weight, both)
+    small = m.hi * m.t
+    p = xp.where(m.big_p, m.hi, small)
+    q = xp.where(m.big_p, small, m.hi)
+    return m, p, q, xp.where(m.big_p, m.lb, m.ls)
+
+
+def _mix_w_transport(xp: ModuleType, axis: int, w: Array, g: Array) -> Array:
+    """:func:`_transport` of a finite `g` (no ``where``): ``w (g - sum(w g))``."""
+    return w * (g - xp.sum(w * g, axis=axis, keepdims=True))
+
+
 def _zeros(xp: ModuleType, w: _Sides, need_t: bool, need_s: bool) -> tuple[Array | None, ...]:
     zero = xp.zeros_like(w.p)
     return (zero if need_t else None), (zero if need_s else None)
@@ -130,6 +155,12 @@ def js_derivatives(
 ) -> tuple[Array | None, Array | None]:
     """``(c_t, c_s)`` of JS with weight ``beta`` (as :func:`kl_derivatives`)."""
     weight = dict(call.options)["beta"]
+    if _MIDDLE <= weight <= 1.0 - _MIDDLE:  # c_t = -beta p (u - sum(p u)), v likewise
+        m, p, q, u = _mix_w_sides(xp, call, t, s, weight, True)
+        v = xp.where(m.big_p, m.ls, m.lb)  # log(m / q)
+        c_t = -weight * _mix_w_transport(xp, call.axis, p, u) if need_t else None
+        c_s = (weight - 1.0) * _mix_w_transport(xp, call.axis, q, v) if need_s else None
+        return c_t, c_s
     w = _sides(xp, call, t, s)
     if weight in (0.0, 1.0):  # JS of one side against itself: 0
         return _zeros(xp, w, need_t, need_s)  # type: ignore[return-value]
@@ -157,6 +188,13 @@ def skew_kl_derivatives(
         return c_t, (w.q - w.p) if need_s else None
     if weight == 1.0:  # KL(P || P): 0
         return _zeros(xp, w, need_t, need_s)  # type: ignore[return-value]
+    if _MIDDLE <= weight <= 1.0 - _MIDDLE:
+        m, p, q, u = _mix_w_sides(xp, call, t, s, weight, False)
+        # p / m = (p / hi) / (m / hi), m / hi = 1 + ws (t - 1) >= 1/16
+        rho = xp.where(m.big_p, 1.0, m.t) / (m.ws * (m.t - 1.0) + 1.0)
+        c_t = _mix_w_transport(xp, call.axis, p, 1.0 - u - weight * rho) if need_t else None
+        c_s = (weight - 1.0) * _mix_w_transport(xp, call.axis, q, rho) if need_s else None
+        return c_t, c_s
     u = w.lp - _mixture(xp, w, weight)  # log(p / m), where p > 0
     r = xp.where(w.p_zero, 0.0, xp.exp(xp.where(w.p_zero, 0.0, u)))  # p / m
     c_t = _transport(xp, call.axis, w.p, u + 1.0 - weight * r) if need_t else None
@@ -218,3 +256,226 @@ def cross_entropy_derivatives(
     w = _sides(xp, call, t, s)
     c_t = _transport(xp, call.axis, w.p, -w.lq) if need_t else None
     return c_t, (w.q - w.p) if need_s else None
+
+
+def tv_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    t: Array,
+    s: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """``(c_t, c_s)`` of the total variation ``sum |p - q| / 2`` (as
+    :func:`kl_derivatives`): with ``g = sign(p - q) / 2``, ``c_t = p (g - sum(p g))``
+    and ``c_s = -q (g - sum(q g))``. Where ``p = q`` (two zeros included) ``g`` is 0, the
+    subgradient torch's ``abs`` takes: finite, also at ``P = Q``.
+
+    The sign is read from the logs, floored (:data:`klx._agnostic.LOG_FLOOR`: two zeros
+    give 0) and scaled by 2^100 into ``[-1, 1]``, not from ``p - q``: no exponential of
+    a side whose derivative is not needed (and XLA's CPU code runs `sign` slower than
+    `exp`). A log difference below 2^-100 is a tie of the rounded probabilities too,
+    where any ``g`` in ``[-1/2, 1/2]`` is a subgradient.
+    """
+    from klx._agnostic import LOG_FLOOR
+
+    w = plain_logs(xp, t, s, call.axis, call.temperature)
+    d = xp.clip(w.log_p, min=LOG_FLOOR) - xp.clip(w.log_q, min=LOG_FLOOR)
+    g = 0.5 * xp.clip(xp.clip(d * 2.0**100, min=-1.0), max=1.0)
+    axis = call.axis
+    c_t = c_s = None
+    if need_t:
+        p = xp.exp(w.log_p)
+        c_t = p * (g - xp.sum(p * g, axis=axis, keepdims=True))
+    if need_s:
+        q = xp.exp(w.log_q)
+        c_s = q * (xp.sum(q * g, axis=axis, keepdims=True) - g)
+    return c_t, c_s
+
+
+def entropy_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    t: Array,
+    s: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """``(c_t, c_s)`` of the entropy ``-sum p log p`` (as :func:`kl_derivatives`), whose
+    call passes P as both sides: ``c = p (sum(p log p) - log p)`` on the second, none on
+    the first (zeros for JAX, whose rule multiplies both; None for torch's autograd).
+
+    With ``s`` the shifted logits, ``e = exp(s)`` and ``Z = sum(e)``, that is ``c = (e /
+    Z) (A - s)``, ``A = sum(e s) / Z``: the log-normaliser cancels, and ``e`` serves both
+    sums (one exponential fewer than through ``log p``). ``s`` is floored
+    (:data:`klx._agnostic.LOG_FLOOR`), so that ``e s`` is 0 where P is (``s = -inf``), by
+    arithmetic, not a `where`.
+    """
+    from klx._agnostic import LOG_FLOOR
+    from klx._backends import library
+
+    axis = call.axis
+    shifted = s - xp.max(s, axis=axis, keepdims=True)
+    temperature = call.temperature
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        shifted = shifted / temperature
+    e = xp.exp(shifted)
+    z = xp.sum(e, axis=axis, keepdims=True)
+    floored = xp.clip(shifted, min=LOG_FLOOR)
+    mean = xp.sum(e * floored, axis=axis, keepdims=True) / z
+    c = (e / z) * (mean - floored)
+    lib = library(c)
+    first = None if (lib is not None and lib.name == "torch") or not need_t else xp.zeros_like(c)
+    return first, (c if need_s else None)
+
+
+def _alpha_psi(xp: ModuleType, x: Array, c: float) -> Array:
+    """``(1 - e^(-c x)) / c``, ``x`` itself at ``c = 0`` (its limit): accurate for any
+    small `c` (``1 / c`` at ``x = +inf`` for ``c > 0``)."""
+    if c == 0.0:
+        return x
+    return expm1(xp, -c * x) / -c
+
+
+def _psi_weights(xp: ModuleType, w: Array, zero: Array, lw: Array, lo: Array, c: float) -> Array:
+    """``v = w psi(d, c)`` with ``psi(d, c) = (1 - e^(-c d)) / c`` (``d = log w - log o``,
+    ``d`` itself at ``c = 0``), 0 where `zero` (whose ``w`` is 0): ``-w expm1(-c d) /
+    c``, accurate near ``d = 0``; where ``-c d > 60``, whose ``e^(-c d)`` may overflow,
+    ``(w - w^(1 - c) o^c) / c`` from the logs (`lw`, `lo`: safe, 0 where a weight is 0;
+    nothing cancels there)."""
+    d = lw - lo
+    if c == 0.0:
+        return xp.where(zero, 0.0, w * d)
+    x = -c * d
+    big = x > 60.0
+    near = -w * (expm1(xp, xp.where(big, 0.0, x)) / c)
+    far = (w - xp.exp((1.0 - c) * lw + c * lo)) / c
+    return xp.where(zero, 0.0, xp.where(big, far, near))
+
+
+def _transported(xp: ModuleType, axis: int, w: Array, v: Array) -> Array:
+    """``v - w sum(v)``: the softmax transport ``w (g - sum(w g))`` of ``g = v / w``.
+
+    In this form, as KL's ``p (d - sum(p d))``, the rounding of the log-normalisers'
+    difference (the same in every ``d`` of a row) cancels to first order; as ``(p S -
+    p^a q^b) / b`` with the value's ``S`` it stayed, about 1e-3 of a float32 gradient
+    entry of a peaked row (p = q = 0.99 at its top)."""
+    return v - w * xp.sum(v, axis=axis, keepdims=True)
+
+
+def _sides_and_zeros(
+    xp: ModuleType, call: DivergenceCall, t: Array, s: Array
+) -> tuple[_Sides, Array, Array]:
+    """The sides, and where each weight is 0 or the other is (``p^a q^b`` is 0 there for
+    orders in (0, 1))."""
+    w = _sides(xp, call, t, s)
+    return w, w.p_zero, w.q_zero
+
+
+def alpha_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    t: Array,
+    s: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """``(c_t, c_s)`` of the alpha-divergence of order ``a`` (``b = 1 - a``; as
+    :func:`kl_derivatives`).
+
+    With ``d = log p - log q``, ``dA/dp = -(q / p)^b / b``: its transport through the
+    softmax is ``c_t = p (g - sum(p g))`` with ``g = psi(d, b) = (1 - e^(-b d)) / b``
+    (the constant ``-1/b`` drops out; ``d`` itself at ``b = 0``, KL's ``p (d - KL)``),
+    and ``c_s`` the same of ``q`` with ``psi(-d, a)`` (:func:`_psi_weights`,
+    :func:`_transported`). Where Q is 0 under P (orders in (0, 1)) ``p psi = p / b``, the
+    derivative of ``p^a 0^b = 0``; an infinite value (orders outside (0, 1), a weight 0
+    against the other's power below 0) has derivatives 0: finite, so that a ``where``
+    may drop its row.
+    """
+    a = dict(call.options)["alpha"]
+    b = 1.0 - a
+    w = _sides(xp, call, t, s)
+    infinite = xp.expand_dims(rows, axis=call.axis) == math.inf
+    c_t = c_s = None
+    if need_t:
+        v = _psi_weights(xp, w.p, w.p_zero, w.lp, _other_log(xp, w.lq, w.q_zero, b), b)
+        c_t = _transported(xp, call.axis, w.p, v)
+    if need_s:
+        v = _psi_weights(xp, w.q, w.q_zero, w.lq, _other_log(xp, w.lp, w.p_zero, a), a)
+        c_s = _transported(xp, call.axis, w.q, v)
+    return _finite(xp, infinite, c_t), _finite(xp, infinite, c_s)
+
+
+def _other_log(xp: ModuleType, lo: Array, zero: Array, c: float) -> Array:
+    """The other side's safe log, ``-inf``-like where its weight is 0 for ``c > 0``
+    (``o^c = 0``: ``psi = 1 / c``), by a large negative stand-in (finite: no NaN in
+    untaken branches); as given for ``c <= 0`` (the value is then infinite there)."""
+    if c <= 0.0:
+        return lo
+    return xp.where(zero, -1e30 / c, lo)
+
+
+def _finite(xp: ModuleType, infinite: Array, c: Array | None) -> Array | None:
+    """`c` with 0 on the rows whose value is infinite: finite derivatives, which a
+    ``where`` that drops the row keeps finite (``0 * inf`` is NaN)."""
+    return None if c is None else xp.where(infinite, 0.0, c)
+
+
+def renyi_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    t: Array,
+    s: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """``(c_t, c_s)`` of Rényi's divergence ``R = log(S) / (a - 1)`` of order ``a``,
+    ``S = sum p^a q^b`` (``b = 1 - a``; as :func:`kl_derivatives`).
+
+    ``dR = dS / (S (a - 1))``: the alpha-divergence's transports (:func:`alpha_derivatives`)
+    times ``a / S``, ``S = e^(-b R)`` from the value (`rows`; a relative error, which no
+    difference amplifies). Where ``|b R| > 30`` (``1 / S`` could overflow, and ``P`` and
+    the tilted ``p^a q^b / S`` are far apart: nothing cancels) the same as ``c_t = a (p -
+    w) / b`` and ``c_s = q - w`` with ``w = exp(a log p + b log q + b R)``. At ``a = 1``
+    KL's ``p (d - KL)``; at ``a = 0``, 0 (``-log Q(P > 0)`` has no derivative). An
+    infinite ``R`` (no common support, or Q 0 under P for orders ``>= 1``) has
+    derivatives 0.
+    """
+    a = dict(call.options)["alpha"]
+    b = 1.0 - a
+    w = _sides(xp, call, t, s)
+    if a == 0.0:
+        return _zeros(xp, w, need_t, need_s)  # type: ignore[return-value]
+    big_r = xp.expand_dims(rows, axis=call.axis)
+    infinite = (big_r == math.inf) | (big_r == -math.inf)
+    br = b * xp.where(infinite, 0.0, big_r)
+    far = xp.abs(br) > 30.0
+    scale = a * xp.exp(xp.where(far, 0.0, br))  # a / S
+    tilted = xp.exp(a * w.lp + b * w.lq + br)
+    # 0 where a weight of 0 has a positive power (elsewhere its row is infinite)
+    zero = _either(w.p_zero if a > 0.0 else None, w.q_zero if b > 0.0 else None)
+    if zero is not None:
+        tilted = xp.where(zero, 0.0, tilted)
+    c_t = c_s = None
+    if need_t:
+        v = _psi_weights(xp, w.p, w.p_zero, w.lp, _other_log(xp, w.lq, w.q_zero, b), b)
+        direct = (a / b) * (w.p - tilted) if b != 0.0 else v
+        c_t = xp.where(far, direct, scale * _transported(xp, call.axis, w.p, v))
+    if need_s:
+        v = _psi_weights(xp, w.q, w.q_zero, w.lq, _other_log(xp, w.lp, w.p_zero, a), a)
+        c_s = xp.where(far, w.q - tilted, scale * _transported(xp, call.axis, w.q, v))
+    return _finite(xp, infinite, c_t), _finite(xp, infinite, c_s)
+
+
+def _either(a: Array | None, b: Array | None) -> Array | None:
+    if a is None:
+        return b
+    return a if b is None else a | b

@@ -266,6 +266,7 @@ ENTROPY = Divergence(
     _agnostic.entropy_terms,
     formula="-sum p log p",
     reads="forms",
+    logits_derivatives=closed_forms.entropy_derivatives,
     public="entropy",
     zero_at_equal=False,
 )
@@ -416,6 +417,7 @@ for _record in (
         formula="1/2 sum |p - q|",
         aliases=("tvd",),
         reads="forms",
+        logits_derivatives=closed_forms.tv_derivatives,
         public="tv_distance",
     ),
     Divergence(
@@ -454,6 +456,7 @@ for _record in (
         options=(Option("alpha", 0.5, alpha_order, "any real; 1: KL(P || Q), 0: KL(Q || P)"),),
         reads="forms",
         public="alpha_divergence",
+        logits_derivatives=closed_forms.alpha_derivatives,
     ),
     Divergence(
         "renyi",
@@ -464,6 +467,7 @@ for _record in (
         finish=_agnostic.renyi_finish,
         combine=("sum", "sum", "max"),
         public="renyi_divergence",
+        logits_derivatives=closed_forms.renyi_derivatives,
     ),
     Divergence(
         "renyi_inf",

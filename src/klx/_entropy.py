@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from klx._backends import library
 from klx._call import parse_divergence
 from klx._divergence_table import ENTROPY
 from klx._divergences import Hints, evaluate
@@ -96,7 +97,10 @@ def entropy(
     call = parse_divergence(
         ENTROPY,
         p,
-        p,
+        # P again, as a view: torch.compile cannot trace the closed-form row's
+        # autograd.Function given one tensor twice (its derivative reads the second);
+        # not an array: as given, for the checks' message
+        p[...] if library(p) is not None else p,
         axis=axis,
         p_form=form,
         q_form=form,

@@ -9,7 +9,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from klx._aggregation import aggregate_rows
-from klx._agnostic import js_terms, kl_terms, mask_rows, reduce_rows, shape_size
+from klx._agnostic import js_terms, kl_terms, log1p_rest, mask_rows, reduce_rows, shape_size
 from klx._backend_ops import expm1, stop_gradient, take_along_axis, top_k_indices
 from klx._backends import library
 from klx._namespace import is_concrete
@@ -247,7 +247,7 @@ def _on_indices(
         m = _finite_max(xp, x)
         shifted = x - m if temperature == 1.0 else (x - m) / temperature
         shifted_s = x_s - m if temperature == 1.0 else (x_s - m) / temperature
-        return shifted_s - _log1p_rest(xp, shifted, keepdims=True), 0.0
+        return shifted_s - log1p_rest(xp, shifted, -1), 0.0
     if form == "log_probs":
         return x_s, logsumexp(xp, x) if total else 0.0
     zero = x_s == 0  # log 0 = -inf, with a gradient of 0 (not 0 / 0) through the log
@@ -263,24 +263,13 @@ def logsumexp(xp: ModuleType, x: Array) -> Array:
     not to that of 1 (what a tail ``1 - e^lse`` near 0 needs).
     """
     m = _finite_max(xp, x)
-    return _log1p_rest(xp, x - m) + xp.squeeze(m, axis=-1)
+    return log1p_rest(xp, x - m, -1, keepdims=False) + xp.squeeze(m, axis=-1)
 
 
 def _finite_max(xp: ModuleType, x: Array) -> Array:
     """The maximum over the last axis (kept), 0 where it is not finite."""
     m = xp.max(x, axis=-1, keepdims=True)
     return xp.where(xp.isfinite(m), m, 0.0)
-
-
-def _log1p_rest(xp: ModuleType, shifted: Array, keepdims: bool = False) -> Array:
-    """``log(sum(exp(shifted)))`` over the last axis for `shifted` whose maximum is 0:
-    ``log1p`` of the mass beside one maximal entry (``exp - 1``, exactly 0, at the
-    maxima, whose ties are counted), as :func:`klx._agnostic.log_softmax` does."""
-    top = shifted == 0
-    e = xp.exp(shifted)
-    rest = xp.sum(xp.where(top, e - 1.0, e), axis=-1, keepdims=keepdims)
-    ties = xp.sum(xp.astype(top, shifted.dtype), axis=-1, keepdims=keepdims) - 1.0
-    return xp.log1p(rest + ties)
 
 
 def used(xp: ModuleType, keep: Array, shape: Shape) -> Array:

@@ -137,3 +137,16 @@ def test_namespace_is_accurate_where_mlx_is_not(backend, mx):
     s = rng.uniform(-1, 1, 100000).astype(np.float32)
     total = float(_np(xm.sum(mx.array(s))))
     assert abs(total - s.astype(np.float64).sum()) <= 2.0**-24 * abs(total)
+
+
+def test_exact_log_softmax_on_mlx(backend, mx):
+    """Cross-entropy and entropy from logits take the exact log-softmax, whose maxima klx
+    finds with ``floor`` (in klx's MLX namespace), against SciPy in float64."""
+    t = np.array([[1.0, 2.0, 0.0, -1.0], [20.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    s = np.array([[0.5, 2.0, 1.0, -1.0], [19.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    lp = special.log_softmax(t.astype(np.float64), -1)
+    lq = special.log_softmax(s.astype(np.float64), -1)
+    ce = klx.cross_entropy(mx.array(t), mx.array(s), p_form="logits", q_form="logits")
+    np.testing.assert_allclose(np.array(ce), -(np.exp(lp) * lq).sum(-1), rtol=2e-6)
+    ent = klx.entropy(mx.array(t), form="logits")
+    np.testing.assert_allclose(np.array(ent), -(np.exp(lp) * lp).sum(-1), rtol=2e-5)

@@ -433,6 +433,30 @@ def test_dask_unknown_chunk_sizes(backend):
         klx.kl_divergence(pu, qu, axis=0)
 
 
+@pytest.mark.backends("dask", reason="Dask arrays of unknown chunk sizes")
+def test_dask_unknown_chunk_sizes_exact_log_softmax(backend):
+    """The exact log-softmax (cross-entropy and entropy from logits, a one-sided KL) and
+    the entropy of log-probabilities on rows of unknown count: array-api-compat's Dask
+    ``clip`` refuses a NaN in the shape, which klx's floors do not use there."""
+    import dask.array as da
+    from scipy.special import log_softmax
+
+    rng = np.random.default_rng(14)
+    t, s = rng.normal(size=(10, 7)), rng.normal(size=(10, 7))
+    keep = t[:, 0] > -0.5
+    mask = da.from_array(keep, chunks=4)
+    tu, su = da.from_array(t, chunks=(4, 7))[mask], da.from_array(s, chunks=(4, 7))[mask]
+    assert math.isnan(tu.shape[0])
+    lp, lq = log_softmax(t[keep], -1), log_softmax(s[keep], -1)
+    p = np.exp(lp)
+    ce = klx.cross_entropy(tu, su, p_form="logits", q_form="logits")
+    np.testing.assert_allclose(ce.compute(), -(p * lq).sum(-1), rtol=1e-12)
+    ent = klx.entropy(da.log(da.exp(tu) / da.exp(tu).sum(-1, keepdims=True)), form="log_probs")
+    np.testing.assert_allclose(ent.compute(), -(p * lp).sum(-1), rtol=1e-12)
+    kl = klx.kl_divergence(da.exp(tu) / da.exp(tu).sum(-1, keepdims=True), su, q_form="logits")
+    np.testing.assert_allclose(kl.compute(), (p * (lp - lq)).sum(-1), rtol=1e-12)
+
+
 # ------------------------------------------------------------------ 12. torch.compile
 
 
@@ -806,3 +830,84 @@ def test_float32_logits_whose_tail_underflows(backend, kind, option):
     beyond = want > np.finfo(np.float32).max
     assert np.all(np.isposinf(got[beyond]))
     np.testing.assert_allclose(got[~beyond], want[~beyond], rtol=2e-6)
+
+
+def _edge_logits(seed: int, spread: float, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two (6, 48) logits whose log-ratios are about +-`spread` (within 20%)."""
+    rng = np.random.default_rng(seed)
+    t = 2.0 * rng.normal(size=(6, 48))
+    sign = rng.choice([-1.0, 1.0], size=t.shape)
+    s = t + sign * spread * (1.0 + 0.2 * rng.random(size=t.shape))
+    np_dtype = np.float32 if dtype == "float32" else np.float64
+    return t.astype(np_dtype), s.astype(np_dtype)
+
+
+def _assert_edge(got: np.ndarray, want: np.ndarray, dtype: str, spread: float) -> None:
+    """Within what the inputs allow: the rounding of d (``|log p|`` ulps) alone gives 2e-4
+    (float32) and 2e-10 (float64) at 1e-3 apart (as with expm1 before the series)."""
+    near = spread < 0.1
+    tol = (3e-4 if near else 2e-6) if dtype == "float32" else (1e-9 if near else 1e-12)
+    err = np.max(np.abs(got - want) / want)
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("spread", [1e-3, 0.3, 0.5, 0.7, 2.0])
+def test_kl_from_logits_across_the_series_edge(backend, xp, dtype, spread):
+    """KL between logits sums ``p g(-d)`` (``g(x) = e^x - 1 - x``) as a Taylor series for
+    ``|d| <= 1/2`` and as ``p d + q - p`` beyond: rows whose log-ratios sit on either side
+    of that edge agree with mpmath (of the same rounded inputs) as the inputs allow."""
+    t, s = _edge_logits(11, spread, dtype)
+    want = np.array(
+        [_mp_kl(_mp_log_softmax(a), _mp_log_softmax(b)) for a, b in zip(t, s, strict=True)]
+    )
+    a, b = backend.asarray(t, dtype), backend.asarray(s, dtype)
+    got = klx.kl_divergence(a, b, p_form="logits", q_form="logits")
+    check_array(backend, got, a, dtype, (6,))
+    _assert_edge(backend.to_numpy(got), want, dtype, spread)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("spread", [1e-3, 0.3, 0.5, 0.7, 2.0])
+def test_mixture_from_logits_across_the_series_edge(backend, xp, dtype, spread):
+    """The KL mixture between logits, ``lam p g(-d) + (1 - lam) q g(d)`` by one series in
+    ``d^2`` for ``|d| <= 1/2`` and as written beyond, against mpmath on both sides of the
+    edge."""
+    from scipy.special import log_softmax
+
+    t, s = _edge_logits(13, spread, dtype)
+    p = np.exp(log_softmax(t.astype(np.float64), -1))
+    q = np.exp(log_softmax(s.astype(np.float64), -1))
+    want = reference.mix_rows(p, q, 0.3)
+    a, b = backend.asarray(t, dtype), backend.asarray(s, dtype)
+    got = klx.divergence(a, b, "mix", lam=0.3, p_form="logits", q_form="logits")
+    check_array(backend, got, a, dtype, (6,))
+    _assert_edge(backend.to_numpy(got), want, dtype, spread)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("torch", reason="torch.compile's CPU code")
+@pytest.mark.parametrize("spread", [0.3, 0.5, 0.7])
+def test_kl_from_logits_series_edge_inside_torch_compile(backend, spread):
+    """The same edge inside torch.compile on a CPU, where the series is what inductor runs
+    (its own expm1 is exp(x) - 1)."""
+    import torch
+
+    rng = np.random.default_rng(12)
+    t = 2.0 * rng.normal(size=(6, 48))
+    sign = rng.choice([-1.0, 1.0], size=t.shape)
+    s = (t + sign * spread * (1.0 + 0.2 * rng.random(size=t.shape))).astype(np.float32)
+    t = t.astype(np.float32)
+    want = np.array(
+        [_mp_kl(_mp_log_softmax(a), _mp_log_softmax(b)) for a, b in zip(t, s, strict=True)]
+    )
+
+    def f(a, b):
+        return klx.kl_divergence(a, b, p_form="logits", q_form="logits")
+
+    torch._dynamo.reset()
+    a, b = backend.asarray(t, "float32"), backend.asarray(s, "float32")
+    got = torch.compile(f, fullgraph=True)(a, b)
+    check_array(backend, got, a, "float32", (6,))
+    err = np.max(np.abs(backend.to_numpy(got) - want) / want)
+    assert err < 2e-6, err

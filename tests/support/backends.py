@@ -183,3 +183,18 @@ def load(name: str) -> list[Backend]:
 def cuda_available() -> bool:
     """Whether a CUDA device is present, without importing a framework."""
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/proc/driver/nvidia"))
+
+
+def traced(backend: Backend, fn: Any) -> Any:
+    """`fn` as the backend traces it (``jax.jit``, ``torch.compile(fullgraph=True)`` after a
+    dynamo reset), or `fn` itself for a backend that does not trace."""
+    if backend.name == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend.name == "torch":
+        import torch
+
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=True)
+    return fn

@@ -46,20 +46,34 @@ def jax_rows(call: DivergenceCall) -> Any:
     def rows_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
         t, s, k = primals
         dt, ds, _ = tangents
+        # A side without a tangent (the teacher's, for jax.grad of the student) comes as a
+        # symbolic zero: its c is not computed (the mixture's c_t costs a row sum more).
+        need_t, need_s = not _symbolic_zero(dt), not _symbolic_zero(ds)
         out = rows(t, s, k)
+        if not (need_t or need_s):
+            return out, jnp.zeros_like(out)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, "logits"), mask_rows(xp, s, k, "logits")
-        c_t, c_s = derivatives(xp, call, t, s, out)
-        tangent = jnp.sum(c_t * dt + c_s * ds, axis=axis) / temperature
+        c_t, c_s = derivatives(xp, call, t, s, out, need_t=need_t, need_s=need_s)
+        parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
+        tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
+        tangent = tangent / temperature
         if has_keep:
             tangent = jnp.where(jnp.squeeze(k, axis=axis), tangent, 0.0)
         return out, tangent
 
-    rows.defjvp(rows_jvp)
+    rows.defjvp(rows_jvp, symbolic_zeros=True)
     p = xp.astype(call.p, call.acc, copy=False)
     q = xp.astype(call.q, call.acc, copy=False)
     keep = call.keep if has_keep else jnp.zeros((), dtype=bool)
     return rows(p, q, keep)
+
+
+def _symbolic_zero(tangent: Any) -> bool:
+    """Whether a ``custom_jvp`` tangent is JAX's symbolic zero (no tangent for that input)."""
+    import jax
+
+    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
 def torch_rows(call: DivergenceCall) -> Any:
