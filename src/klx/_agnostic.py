@@ -87,10 +87,20 @@ def _plain_log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any) ->
     """``log_softmax`` with the plain log-sum-exp ``log(sum(exp(s)))``: it rounds away a
     mass below float's epsilon next to the maximum (which the exact :func:`log_softmax`
     keeps), so it serves only where that error is harmless (see :func:`kl_terms`)."""
-    shifted = x - xp.max(x, axis=axis, keepdims=True)
+    _, shifted, log_sum = _plain_normaliser(xp, x, axis, temperature)
+    return shifted - log_sum
+
+
+def _plain_normaliser(
+    xp: ModuleType, x: Array, axis: int, temperature: Any
+) -> tuple[Array, Array, Array]:
+    """``max x``, ``(x - max x) / T`` and the log of its exponentials' sum, as
+    :func:`_plain_log_softmax` takes them."""
+    top = xp.max(x, axis=axis, keepdims=True)
+    shifted = x - top
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
-    return shifted - xp.log(sum_along(xp, xp.exp(shifted), axis, keepdims=True))
+    return top, shifted, xp.log(sum_along(xp, xp.exp(shifted), axis, keepdims=True))
 
 
 def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> Array:
@@ -289,13 +299,24 @@ class PlainLogs(NamedTuple):
 def plain_logs(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> PlainLogs:
     """:class:`PlainLogs` of two logits inputs: what KL's terms between logits and their
     closed-form derivatives (``klx._closed_forms``) start from."""
-    log_p = _plain_log_softmax(xp, p, axis, temperature)
-    log_q = _plain_log_softmax(xp, q, axis, temperature)
+    return _plain_logs_and_rows(xp, p, q, axis, temperature)[0]
+
+
+def _plain_logs_and_rows(
+    xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any
+) -> tuple[PlainLogs, tuple[Array, Array, Array, Array]]:
+    """:func:`plain_logs`, and each side's row constants (its maximum and the log of its
+    shifted exponentials' sum, :func:`_plain_normaliser`): for a caller that needs them
+    too (torch.compile does not merge a second computation of the same reductions)."""
+    p_top, p_shifted, p_log_sum = _plain_normaliser(xp, p, axis, temperature)
+    q_top, q_shifted, q_log_sum = _plain_normaliser(xp, q, axis, temperature)
+    log_p = p_shifted - p_log_sum
+    log_q = q_shifted - q_log_sum
     p_zero = log_p == -math.inf
     q_zero = log_q == -math.inf
     lp = xp.where(p_zero, 0.0, log_p)  # safe values where a weight is 0
     lq = xp.where(q_zero, 0.0, log_q)
-    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq)
+    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq), (p_top, p_log_sum, q_top, q_log_sum)
 
 
 def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> Array:
@@ -777,7 +798,7 @@ def _mix_logits_terms(
     Where P is 0: ``lam q`` plus ``+inf`` unless ``lam = 1``; where Q is 0: ``(1 - lam) p``
     plus ``+inf`` unless ``lam = 0``; 0 where both are (a weight that underflows is
     positive: the formula takes it). NaN propagates, also from a side whose weight is 0.
-    Each term is ``>= 0`` (a rounding below is set to 0).
+    Each term is ``>= 0`` (at ``lam = 1/2`` a rounding below is set to 0).
     """
     if lam in (0.0, 1.0):  # one direction: KL's own terms
         return _kl_logits_terms(xp, *((p, q) if lam == 1.0 else (q, p)), axis, temperature)
@@ -785,7 +806,9 @@ def _mix_logits_terms(
     pw, qw = xp.exp(lp), xp.exp(lq)
     d = lp - lq
     if lam == 0.5:
-        both = 0.5 * (d * (pw - qw))
+        # d and p - q have one sign, but where P and Q differ by a rounding p - q may take
+        # the wrong one: the term is >= 0 (a max, not a `where`, NaN stays NaN)
+        both = at_least(xp, 0.5 * (d * (pw - qw)), 0.0)
     else:
         # near P = Q, lam p g(-d) + (1 - lam) q g(d), g's even and odd parts by one series
         # in d^2 (no expm1, nothing cancels); beyond |d| = 1/2 the expression as written
@@ -793,9 +816,11 @@ def _mix_logits_terms(
         even, odd = _g_parts(xp, -xp.where(near, d, 0.0))
         close = lam * (pw * (even + odd)) + (1.0 - lam) * (qw * (even - odd))
         far = (2.0 * lam - 1.0) * (qw - pw) + d * (lam * pw - (1.0 - lam) * qw)
+        # no clamp at 0: each part of `close` is >= 0, and beyond |d| = 1/2 the term is at
+        # least 0.09 max(p, q), far above the rounding of `far`'s parts. (Inductor writes
+        # an array that two operations read out, when it holds an exp: the clamp's `where`
+        # made three such passes, 3.4x the formula's time inside torch.compile.)
         both = xp.where(near, close, far)
-    # each term is >= 0; where P and Q differ by a rounding, p - q may take the wrong sign
-    both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
     only_q = lam * qw if lam == 1.0 else xp.full_like(qw, math.inf)  # P is 0
     only_p = (1.0 - lam) * pw if lam == 0.0 else xp.full_like(pw, math.inf)  # Q is 0
     terms = xp.where(p_zero, xp.where(q_zero, 0.0, only_q), xp.where(q_zero, only_p, both))
@@ -886,8 +911,11 @@ def _alpha_logits_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
     ``expm1`` pair took two or four (inductor computes ``expm1`` as ``exp(x) - 1``).
     Beyond, the term as written, ``[a p + b q - p^a q^b] / (a b)``, whose parts do not
     cancel there. At order 1/2 (the Hellinger distance's) the written form is ``2 (sqrt p
-    - sqrt q)^2`` and ``p^a q^b = sqrt p sqrt q``: two exponentials per element, and the
-    zero weights need no mask (``2 q`` where P is 0, ``2 p`` where Q is 0).
+    - sqrt q)^2`` and ``p^a q^b = exp((log p + log q) / 2)``: three exponentials per
+    element (each read once: inductor writes out an array with an ``exp`` that two
+    operations read, as ``sqrt p sqrt q`` and ``sqrt p - sqrt q`` did, and a torch.compile
+    of Rényi's value took 2.1x the formula's time, 1.4x now), and the zero weights need no
+    mask (``2 q`` where P is 0, ``2 p`` where Q is 0).
 
     Orders within 1/4 of 1 (or of 0) keep :func:`_alpha_pair`'s ``expm1`` forms, whose
     division by ``a b`` cancels nothing. Both sides are normalised by the plain
@@ -903,7 +931,8 @@ def _alpha_logits_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
         near = xp.abs(d) <= series[0]
         dn = xp.where(near, d, 0.0)
         gap = r - s
-        return xp.where(near, (r * s) * _alpha_poly(xp, dn, series), 2.0 * (gap * gap))
+        both = xp.exp(0.5 * (log_p + log_q))
+        return xp.where(near, both * _alpha_poly(xp, dn, series), 2.0 * (gap * gap))
     a, w_l, o_l = (alpha, lp, lq) if alpha >= 0.5 else (1.0 - alpha, lq, lp)
     b = 1.0 - a
     d = w_l - o_l  # finite: from safe logs
@@ -916,7 +945,7 @@ def _alpha_logits_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
         both = xp.where(near, e * _alpha_poly(xp, dn, series), (a * w + b * o - e) / (a * b))
     else:
         both = _alpha_pair(xp, w, o, d, a)
-    both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
+    both = at_least(xp, both, 0.0)  # a rounding below 0 (NaN stays NaN): one read of `both`
     pw, qw = (w, o) if alpha >= 0.5 else (o, w)
     only_q = qw / alpha if alpha > 0.0 else xp.full_like(qw, math.inf)
     only_p = pw / (1.0 - alpha) if alpha < 1.0 else xp.full_like(pw, math.inf)
@@ -958,7 +987,7 @@ def alpha_terms(
         both = _alpha_pair(xp, wp.w, wq.w, d, alpha)
     else:
         both = _alpha_pair(xp, wq.w, wp.w, -d, 1.0 - alpha)
-    both = xp.where(both < 0.0, 0.0, both)  # (NaN stays NaN)
+    both = at_least(xp, both, 0.0)  # a rounding below 0 (NaN stays NaN): one read of `both`
     only_q = wq.w / alpha if alpha > 0.0 else xp.full_like(wq.w, math.inf)
     only_p = wp.w / (1.0 - alpha) if alpha < 1.0 else xp.full_like(wp.w, math.inf)
     terms = xp.where(wp.zero, xp.where(wq.zero, 0.0, only_q), xp.where(wq.zero, only_p, both))
@@ -995,7 +1024,16 @@ def renyi_terms(
     log-softmaxes (:func:`_renyi_logits_terms`).
     """
     if p_form == q_form == "logits" and alpha > 0.0:
-        return _renyi_logits_terms(xp, plain_logs(xp, p, q, axis, temperature), axis, alpha)
+        from klx._backends import library
+
+        logs, rows = _plain_logs_and_rows(xp, p, q, axis, temperature)
+        top = None
+        lib = library(p)
+        if alpha < 1.0 and lib is not None and lib.name == "torch":
+            # inductor writes ``e`` out for its maximum and reads it back twice (a torch.compile
+            # call 1.6x slower); XLA fuses that maximum and runs the logits' one slower
+            top = _renyi_logits_top(xp, p, q, rows, axis, temperature, alpha)
+        return _renyi_logits_terms(xp, logs, axis, alpha, top)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
     if alpha == 0.0:
@@ -1014,14 +1052,42 @@ def renyi_terms(
     return gaps, shifted, xp.broadcast_to(top, shifted.shape)
 
 
+def _renyi_logits_top(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    rows: tuple[Array, Array, Array, Array],
+    axis: int,
+    temperature: Any,
+    alpha: float,
+) -> Array:
+    """The shift ``M`` of :func:`renyi_terms` between logits of order ``a`` in (0, 1),
+    without a pass over ``e = a log p + b log q`` (``b = 1 - a``): with ``log p = (p - max
+    p) / T - L_p`` (`rows`, :func:`_plain_logs_and_rows`), ``max e = (max(a p + b q) - a max p - b
+    max q) / T - a L_p - b L_q``, whose row maximum reads the logits alone, so a tracer
+    takes it in the pass that finds ``max p`` and ``max q`` (and ``e`` is then read once).
+    Any ``M`` near ``max e`` serves (``log S = M + log(sum exp(e - M))``): its rounding
+    changes nothing but the last bits of that sum. 0 where it is not finite (every ``e``
+    is ``-inf``; logits whose ``a p + b q`` overflows): as ``e <= 0`` at these orders,
+    nothing overflows then; a NaN row stays NaN through ``e``."""
+    b = 1.0 - alpha
+    p_top, p_log_sum, q_top, q_log_sum = rows
+    mixed = xp.max(alpha * p + b * q, axis=axis, keepdims=True) - (alpha * p_top + b * q_top)
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        mixed = mixed / temperature
+    top = mixed - (alpha * p_log_sum + b * q_log_sum)
+    return xp.where(xp.abs(top) < math.inf, top, 0.0)  # (NaN too: not below inf)
+
+
 def _renyi_logits_terms(
-    xp: ModuleType, logs: PlainLogs, axis: int, alpha: float
+    xp: ModuleType, logs: PlainLogs, axis: int, alpha: float, top: Array | None = None
 ) -> tuple[Array, Array, Array]:
     """:func:`renyi_terms` between two sets of logits (their :class:`PlainLogs`, ``alpha >
     0``): the alpha terms of :func:`_alpha_logits_terms`, and ``e = a log p + (1 - a) log
     q`` from the same logs (``-inf`` where a weight is 0 for ``a < 1``, read off the logs
-    themselves; ``+inf`` where Q is 0 for ``a > 1``). NaN propagates through ``e`` and
-    its maximum."""
+    themselves; ``+inf`` where Q is 0 for ``a > 1``), shifted by `top`
+    (:func:`_renyi_logits_top`) or, where that is None, by the maximum of ``e``. NaN
+    propagates through ``e`` (and its maximum)."""
     log_p, log_q, p_zero, q_zero, lp, lq = logs
     if alpha < 1.0:
         e = alpha * log_p + (1.0 - alpha) * log_q  # -inf where either weight is 0
@@ -1029,10 +1095,11 @@ def _renyi_logits_terms(
         e = alpha * lp + (1.0 - alpha) * lq  # finite: safe logs
         q_zero_e = math.inf if alpha > 1.0 else -math.inf
         e = xp.where(p_zero, -math.inf, xp.where(q_zero, q_zero_e, e))
-    top = xp.max(e, axis=axis, keepdims=True)
-    top = xp.where((top == math.inf) | (top == -math.inf), 0.0, top)
-    shifted = xp.exp(e - top)
+    if top is None:
+        top = xp.max(e, axis=axis, keepdims=True)
+        top = xp.where((top == math.inf) | (top == -math.inf), 0.0, top)
     gaps = _alpha_logits_terms(xp, logs, alpha)
+    shifted = xp.exp(e - top)
     if alpha >= 1.0:  # (below 1 a NaN log is a NaN e)
         shifted = xp.where((lp != lp) | (lq != lq), math.nan, shifted)
     return gaps, shifted, xp.broadcast_to(top, shifted.shape)
