@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from klx._backend_ops import at_least, expm1, sum_along
+from klx._backend_ops import at_least, bare_log_serves, expm1, sum_along
 from klx._typing import Array
 
 if TYPE_CHECKING:
@@ -270,18 +270,41 @@ def _kl_log_q_terms(xp: ModuleType, wp: Weighted, log_q: Array) -> Array:
     the target, as torch's does, and keeps no mask of the input (inductor stores a bool
     tensor on the CPU at 1/30 of a float's speed).
     """
-    terms = wp.w * (wp.log_w - log_q)  # safe p: 1 where P is 0 or negative
     undefined = log_q != log_q
     constant = xp.zeros_like(log_q)  # (no derivative: the values below are constants)
+    if wp.outside is not None:
+        return _kl_probs_log_q_terms(xp, wp.given, log_q, undefined, constant)
+    terms = wp.w * (wp.log_w - log_q)  # safe p: 1 where P is 0
     # P is 0, or positive with a weight that underflowed (log p = -150 in float32): the
     # term is 0, or +inf against q = 0 (not 0 * inf), NaN where log q is.
     vanished = wp.zero | (wp.w == 0)
     infinite = (log_q == -math.inf) & ~wp.zero
     fixed = xp.where(infinite, math.inf, constant)
-    terms = xp.where(vanished, xp.where(undefined, math.nan, fixed), terms)
-    if wp.outside is not None:  # a negative probability: +inf, as rel_entr
-        terms = xp.where(wp.outside, xp.where(undefined, math.nan, constant + math.inf), terms)
-    return terms
+    return xp.where(vanished, xp.where(undefined, math.nan, fixed), terms)
+
+
+def _kl_probs_log_q_terms(
+    xp: ModuleType, p: Array, log_q: Array, undefined: Array, constant: Array
+) -> Array:
+    """:func:`_kl_log_q_terms` of probabilities `p` as given: ``p (log p - log q)`` where
+    ``p > 0`` (``+inf`` against ``log q = -inf`` by itself, NaN where either is); where
+    ``p <= 0`` a constant, 0 (``p = 0``) or ``+inf`` (``p < 0``, as rel_entr), NaN where
+    ``log q`` is. ``p <= 0`` is False for a NaN ``p``, which then goes through the log.
+
+    Three comparisons and three selects per element (``torch.nn.functional.kl_div``'s
+    ``xlogy`` takes two and two), none before the ``log`` inside torch.compile on a CPU
+    where P carries no derivative (:func:`klx._backend_ops.bare_log_serves`): the
+    weight of a probability never underflows, so none of the log forms' masks is needed
+    (inside torch.compile on a CPU, where the loop runs at the speed of its arithmetic,
+    they and the select before the log took kl_div to 1.8x the formula's time, 0.9x now).
+    """
+    if bare_log_serves(p):  # NaN or -inf where p <= 0: the where below replaces it
+        terms = p * (xp.log(p) - log_q)
+    else:
+        safe = xp.where(p <= 0.0, 1.0, p)
+        terms = safe * (xp.log(safe) - log_q)
+    fixed = xp.where(undefined, math.nan, xp.where(p < 0.0, constant + math.inf, constant))
+    return xp.where(p <= 0.0, fixed, terms)
 
 
 class PlainLogs(NamedTuple):

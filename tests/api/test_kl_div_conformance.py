@@ -111,3 +111,64 @@ def test_kl_div_agrees_with_torch_to_one_ulp(backend, dtype, reduction, log_targ
     scale = np.maximum(np.broadcast_to(scale, ours.shape)[finite], np.finfo(np.float64).tiny)
     units = np.abs(ours[finite].astype(np.float64) - theirs[finite]) / (ulp * scale)
     assert units.max() <= 1.0, f"klx and F.kl_div differ by {units.max():.2f} ulp of the scale"
+
+
+def _special_values(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(log Q, P), one special value per row: exact zeros of P (under finite and ``-inf``
+    log Q), ``q = 0`` under ``p > 0``, NaN log Q (under ``p > 0`` and ``p = 0``), NaN and
+    negative P, a subnormal P, and a dense row."""
+    log_q, p = kl_div_case("random")
+    log_q, p = log_q[:7, :6].copy(), p[:7, :6].copy()
+    p[0, :2] = 0.0  # zeros under finite log q
+    p[1, :2], log_q[1, :2] = 0.0, -np.inf  # zeros under q = 0
+    log_q[2, 3] = -np.inf  # q = 0 under p > 0: +inf
+    log_q[3, 1], p[3, 2], log_q[3, 2] = np.nan, 0.0, np.nan  # NaN under p > 0 and p = 0
+    p[4, 0], p[4, 1] = np.nan, -0.25  # NaN and negative P
+    p[5, 2] = 1e-40 if dtype == "float32" else 1e-310  # subnormal
+    return log_q, p
+
+
+@pytest.mark.filterwarnings(  # torch's, from inductor's compiled autograd graph
+    "ignore::UserWarning"
+)
+@pytest.mark.backends("torch", reason="torch.compile(fullgraph=True) on the CPU")
+@pytest.mark.parametrize("target_grad", [False, True], ids=["target", "target_with_grad"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kl_div_inside_torch_compile_matches_reference(backend, dtype, target_grad):
+    """Inside torch.compile the terms read ``log p`` without a safe stand-in where the target
+    carries no derivative (klx._backend_ops.bare_log_serves), with one where it does: both
+    match the float64 reference term by term (zeros, ``-inf``, NaN, negative and subnormal
+    targets), and their derivatives are finite where the reference's are: ``-p`` in log Q
+    (torch's), ``log p - log q + 1`` in P where ``p > 0``, 0 where ``p = 0``."""
+    import torch
+
+    log_q, p = _special_values(dtype)
+    inp = backend.asarray(log_q, dtype).requires_grad_(True)
+    tgt = backend.asarray(p, dtype).requires_grad_(target_grad)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def both(x, y):
+        return klx.kl_div(x, y, reduction="none"), klx.kl_div(x, y, reduction="sum")
+
+    terms, total = both(inp, tgt)
+    x64, y64 = backend.to_numpy(inp.detach()), backend.to_numpy(tgt.detach())
+    for got, reduction in ((terms, "none"), (total, "sum")):
+        check_array(backend, got, inp, dtype, (7, 6) if reduction == "none" else ())
+        ref, scale = reference.kl_div(x64, y64, reduction, log_target=False)
+        err = reference.rel_error(backend.to_numpy(got.detach()), ref, scale)
+        assert err <= reference.TOL[dtype], (reduction, err, backend.to_numpy(got.detach()), ref)
+
+    # derivatives of the finite terms' sum: -p in log q, log p - log q + 1 in p > 0
+    keep = torch.isfinite(terms.detach())
+    torch.where(keep, terms, 0.0).sum().backward()
+    fine = np.isfinite(backend.to_numpy(terms.detach()))
+    want_x = np.where(fine, -y64, 0.0)
+    np.testing.assert_allclose(backend.to_numpy(inp.grad)[fine], want_x[fine], rtol=1e-6)
+    if target_grad:
+        with np.errstate(all="ignore"):
+            want_y = np.where(y64 > 0, np.log(y64) - x64 + 1.0, 0.0)
+        got_y = backend.to_numpy(tgt.grad)
+        assert np.all(np.isfinite(got_y[fine])), got_y
+        ok = fine & (y64 > 1e-30)  # (a subnormal's log is rounded in its own way)
+        np.testing.assert_allclose(got_y[ok], want_y[ok], rtol=1e-5)
