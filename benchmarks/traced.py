@@ -9,15 +9,15 @@ against the plain formula traced the same way (issue 24).
 
 Each row is one traced call, values alone and values with gradients (with respect to the
 student's input), timed in one process after compiling (compile time is not counted),
-klx and the formula in alternation (so that both see the same machine):
-klx against the plain formula a user would write without klx, on dense inputs, targets
-with 1/8 exact zeros, masks (``where=``) and a temperature, for kl_div, KL, JS, skew KL
-and TV from logits, the divergence family (the KL mixture, alpha, Rényi, cross-entropy,
-entropy), the k3 estimator, a top-k sparse teacher and the fused-linear KL
-(whose torch call runs eagerly by design: compiled without ``fullgraph``). The ratio is
-klx's median over the formula's; the issue's targets are at most 1.15 for values and 1.2
-with gradients. The formula has no guard (it is NaN at exact zeros against ``-inf``, and
-loses every digit near P = Q), so a ratio below 1 is not expected. Prints a Markdown
+klx and the formula in alternation (so that both see the same machine): klx against the
+plain formula a user would write without klx, on dense inputs, targets with 1/8 exact
+zeros, masks (``where=``) and a temperature, for kl_div, KL of probabilities, KL, JS,
+skew KL and TV from logits, the divergence family (the KL mixture, alpha, Rényi,
+cross-entropy, entropy), the k3 estimator, a top-k sparse teacher and the fused-linear
+KL (whose torch call runs eagerly by design: compiled without ``fullgraph``). The ratio
+is klx's median over the formula's; the issue's targets are at most 1.15 for values and
+1.2 with gradients. The formula has no guard (it is NaN at exact zeros against ``-inf``,
+and loses every digit near P = Q), so a ratio below 1 is not expected. Prints a Markdown
 table and writes traced.json to --out. ``--smoke``: tiny shapes, one timing each (a
 check that every row traces, not a measurement).
 """
@@ -75,6 +75,7 @@ def _inputs(np: Any, size: str) -> dict[str, Any]:
     f32 = np.float32
     return {
         "x": np.log(q).astype(f32),
+        "q": q.astype(f32),
         "y": p.astype(f32),
         "y0": p0.astype(f32),
         "t": t.astype(f32),
@@ -97,6 +98,11 @@ def _inputs(np: Any, size: str) -> dict[str, Any]:
 def k_kl_div(x: Any, y: Any) -> Any:
     """klx's call: the same code for every library."""
     return klx.kl_div(x, y, reduction="batchmean")
+
+
+def k_probs(q: Any, p: Any) -> Any:
+    """KL(P || Q) of two probability arrays by the math-first call, Q first (its gradient)."""
+    return klx.kl_divergence(p, q, reduction="batchmean")
 
 
 def k_logits(s: Any, t: Any, temperature: float = 1.0, mask: Any = None) -> Any:
@@ -183,6 +189,9 @@ def _formulas(ops: Any) -> dict[str, Callable[..., Any]]:
     def kl_div(x: Any, y: Any) -> Any:
         return ops.kl_div(x, y)
 
+    def probs(q: Any, p: Any) -> Any:
+        return total(p * (log(p) - log(q)), -1).mean()
+
     def logits(s: Any, t: Any, temperature: float = 1.0, mask: Any = None) -> Any:
         lp, lq = lsm(t / temperature), lsm(s / temperature)
         rows = total(exp(lp) * (lp - lq), -1)
@@ -242,6 +251,7 @@ def _formulas(ops: Any) -> dict[str, Callable[..., Any]]:
 
     return {
         "kl_div": kl_div,
+        "probs": probs,
         "logits": logits,
         "js": js,
         "skew": skew,
@@ -262,6 +272,7 @@ def _every_row(add: Callable[..., None], f: dict[str, Callable[..., Any]], a: An
     The first argument of each call is the one differentiated (the student's)."""
     add(f"kl_div batchmean {tuple(a['x'].shape)}", k_kl_div, f["kl_div"], (a["x"], a["y"]))
     add("kl_div, 1/8 zero targets", k_kl_div, f["kl_div"], (a["x"], a["y0"]))
+    add(f"KL of probabilities {tuple(a['q'].shape)}", k_probs, f["probs"], (a["q"], a["y"]))
     add(f"KL from logits {tuple(a['t'].shape)}", k_logits, f["logits"], (a["s"], a["t"]))
     add(
         "KL from logits, T = 2, masked",
