@@ -245,6 +245,8 @@ def kl_terms(
     """
     if p_form == q_form == "logits":
         return _kl_logits_terms(xp, p, q, axis, temperature)
+    if p_form == q_form == "probs" and bare_log_serves(p) and bare_log_serves(q):
+        return _kl_probs_terms_bare(xp, p, q)
     wp = weighted(xp, p, p_form, axis, temperature)
     if q_form != "probs":
         return _kl_log_q_terms(xp, wp, as_log(xp, q, q_form, axis, temperature))
@@ -255,6 +257,21 @@ def kl_terms(
     terms = xp.where(wp.zero, 0.0, wp.w * d)
     terms = xp.where(infinite, math.inf, terms)
     return _outside_and_nan(xp, terms, wp, wq)
+
+
+def _kl_probs_terms_bare(xp: ModuleType, p: Array, q: Array) -> Array:
+    """:func:`kl_terms` of two probability arrays, the same values, where no derivative is
+    taken (:func:`klx._backend_ops.bare_log_serves`): the logs and the ``log1p`` read
+    `p` and `q` as they are, not safe stand-ins chosen by a select before them (inductor's
+    ``log`` is a function call, and a select feeding it costs as much as the rest of the
+    loop), and the special values are selected after them: 0 where P is 0, ``+inf``
+    where only Q is and where either is negative, NaN where either is."""
+    close = (p > 0.5 * q) & (p < 2.0 * q)  # (False wherever either is 0 or NaN)
+    d = xp.where(close, xp.log1p((p - q) / q), xp.log(p) - xp.log(q))
+    terms = xp.where(p == 0, 0.0, p * d)
+    terms = xp.where((q == 0) & (p != 0), math.inf, terms)
+    terms = xp.where((p < 0) | (q < 0), math.inf, terms)
+    return xp.where((p != p) | (q != q), math.nan, terms)
 
 
 def _kl_log_q_terms(xp: ModuleType, wp: Weighted, log_q: Array) -> Array:

@@ -43,6 +43,7 @@ __all__ = [
     "entropy_derivatives",
     "js_derivatives",
     "kl_derivatives",
+    "kl_probs_derivatives",
     "mix_derivatives",
     "renyi_derivatives",
     "skew_kl_derivatives",
@@ -107,6 +108,33 @@ def kl_derivatives(
         kl = xp.sum(xp.where(w.p_zero, 0.0, w.p * (w.lp - w.log_q)), axis=call.axis, keepdims=True)
         c_t = xp.where(w.p_zero, 0.0, w.p * (d - kl))
     return c_t, (w.q - w.p) if need_s else None
+
+
+def kl_probs_derivatives(
+    xp: ModuleType,
+    call: DivergenceCall,
+    p: Array,
+    q: Array,
+    rows: Array,
+    *,
+    need_t: bool = True,
+    need_s: bool = True,
+) -> tuple[Array | None, Array | None]:
+    """The derivatives of KL(P || Q) between two probability arrays in the probabilities
+    themselves: ``log(p / q) + 1`` in ``p``, ``-p / q`` in ``q`` (None where not needed).
+
+    0 wherever the definition's term is a constant, as autodiff of the definition gives:
+    where ``p = 0`` (the term is 0), ``q = 0`` under ``p > 0`` (``+inf``), either is
+    negative (``+inf``) or NaN. Autodiff of the definition read every guard's mask (its
+    ``log1p`` form near ``p = q`` and the ``where``s of the special values), which
+    inductor stored as bool arrays: a compiled gradient 12x the formula's time.
+    """
+    ok = (p > 0.0) & (q > 0.0)  # (False for NaN)
+    ps = xp.where(ok, p, 1.0)
+    qs = xp.where(ok, q, 1.0)
+    c_p = xp.where(ok, xp.log(ps) - xp.log(qs) + 1.0, 0.0) if need_t else None
+    c_q = xp.where(ok, -ps / qs, 0.0) if need_s else None
+    return c_p, c_q
 
 
 def _mixture(xp: ModuleType, w: _Sides, weight: float) -> Array:

@@ -123,6 +123,9 @@ class Divergence:
         Its derivatives from logits in closed form, ``f(xp, call, t, s, rows, *, need_t,
         need_s)`` (see :mod:`klx._closed_forms`); the closed-form accelerators serve
         only records that have one.
+    probs_derivatives : callable, optional
+        The same between two probability arrays (the derivatives in the probabilities
+        themselves), for the closed-form accelerators' probabilities rows.
     public : str
         The name of its own public function, if it has one (for the docs and
         :func:`klx.explain`).
@@ -144,9 +147,32 @@ class Divergence:
     finish: Callable[..., Array] | None = None
     combine: str | tuple[str, ...] = "sum"
     logits_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = None
+    probs_derivatives: Callable[..., tuple[Array | None, Array | None]] | None = None
     public: str = ""
     measures: bool = False
     zero_at_equal: bool = True
+
+    def derivatives_from(
+        self, p_form: str, q_form: str
+    ) -> Callable[..., tuple[Array | None, Array | None]] | None:
+        """Return its closed-form derivatives between two arrays of these forms.
+
+        Parameters
+        ----------
+        p_form, q_form : str
+            The forms of the two arrays: 'logits' and 'logits', or 'probs' and 'probs'.
+
+        Returns
+        -------
+        callable or None
+            :attr:`logits_derivatives` or :attr:`probs_derivatives`; None for other forms
+            or where the record gives none.
+        """
+        if p_form == q_form == "logits":
+            return self.logits_derivatives
+        if p_form == q_form == "probs":
+            return self.probs_derivatives
+        return None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -391,6 +417,7 @@ for _record in (
         formula="sum p log(p / q)",
         reads="forms",
         logits_derivatives=closed_forms.kl_derivatives,
+        probs_derivatives=closed_forms.kl_probs_derivatives,
         public="kl_divergence",
     ),
     Divergence(

@@ -198,6 +198,39 @@ def test_jax_kl_from_logits_derivatives_in_closed_form(backend):
     assert both.shape == (2,) and float(both[0]) == float(both[1])
 
 
+def _torch_value_and_grads(backend, f, x, y, traced):
+    """``f(x, y)`` and the derivatives of its sum in both inputs, eagerly or inside
+    torch.compile(fullgraph=True), as NumPy arrays."""
+    import torch
+
+    run = f
+    if traced:
+        torch._dynamo.reset()
+        run = torch.compile(f, fullgraph=True)
+    a = backend.asarray(x).requires_grad_(True)
+    b = backend.asarray(y).requires_grad_(True)
+    out = run(a, b)
+    out.sum().backward()
+    return backend.to_numpy(out.detach()), backend.to_numpy(a.grad), backend.to_numpy(b.grad)
+
+
+def _closed_form_and_definition(backend, f, x, y, value_and_grads, traced):
+    """Check that the closed-form row serves ``f(x, y)``; its ``value_and_grads`` (traced
+    if asked), and the definition's (eager, with the accelerators off)."""
+    row = "torch-closed-form" if backend.name == "torch" else "jax-closed-form"
+    probe = backend.asarray(x)
+    if backend.name == "torch":
+        probe = probe.requires_grad_(True)
+    assert klx.explain(f, probe, backend.asarray(y)).chosen == row
+    got = value_and_grads(traced)
+    klx.set_accelerators(False)
+    try:
+        want = value_and_grads(False)
+    finally:
+        klx.set_accelerators(True)
+    return got, want
+
+
 #: The divergences whose records have a closed-form derivative from logits.
 CLOSED_FORMS = divergence_cases({"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}}, closed_form=True)
 
@@ -250,34 +283,16 @@ def test_closed_form_derivatives_match_finite_differences(backend, kind, traced)
 
     def value_and_grads(use):
         if backend.name == "torch":
-            import torch
-
-            run = f
-            if use:
-                torch._dynamo.reset()
-                run = torch.compile(f, fullgraph=True)
-            a = backend.asarray(t).requires_grad_(True)
-            b = backend.asarray(s).requires_grad_(True)
-            out = run(a, b)
-            out.backward()
-            return out.item(), backend.to_numpy(a.grad), backend.to_numpy(b.grad)
+            out, ga, gb = _torch_value_and_grads(backend, f, t, s, use)
+            return float(out), ga, gb
         import jax
 
         vg = jax.value_and_grad(f, argnums=(0, 1))
         out, (ga, gb) = (jax.jit(vg) if use else vg)(backend.asarray(t), backend.asarray(s))
         return float(out), np.asarray(ga), np.asarray(gb)
 
-    row = "torch-closed-form" if backend.name == "torch" else "jax-closed-form"
-    probe = backend.asarray(t)
-    if backend.name == "torch":
-        probe = probe.requires_grad_(True)
-    assert klx.explain(f, probe, backend.asarray(s)).chosen == row
-    value, g_t, g_s = value_and_grads(traced)
-    klx.set_accelerators(False)
-    try:
-        want_value, want_t, want_s = value_and_grads(False)
-    finally:
-        klx.set_accelerators(True)
+    got, want = _closed_form_and_definition(backend, f, t, s, value_and_grads, traced)
+    (value, g_t, g_s), (want_value, want_t, want_s) = got, want
     if not traced and backend.name == "torch":
         assert value == want_value  # the definition's value, to the bit
     # (JAX stages the custom_jvp's function as one computation: XLA may fuse its rounding)
@@ -391,3 +406,82 @@ def test_sparse_and_estimate_torch_compile_fullgraph(backend):
     (g_c,) = torch.autograd.grad(sum(compiled), z)
     (g_e,) = torch.autograd.grad(sum(eager), z)
     np.testing.assert_allclose(g_c.numpy(), g_e.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.backends("torch", "jax", reason="closed-form derivatives: torch and JAX rows")
+@pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+def test_kl_of_probabilities_derivatives_in_closed_form(backend, traced):
+    """Issue 24: KL(P || Q) between two probability arrays takes its derivatives in closed
+    form (``-p / q`` in Q, ``log(p / q) + 1`` in P; autodiff of the definition kept every
+    guard's mask, 12x the formula's gradient inside torch.compile). Against those formulas
+    in float64 NumPy, eagerly and traced, with zeros of P (also under zeros of Q), Q = 0
+    under P > 0 and a negative P (infinite rows), a NaN Q under P = 0 (a NaN row;
+    derivatives 0 at these entries, as the definition's constants), a dropped
+    distribution and near-equal rows; the value is the definition's; second derivatives
+    are ``p / q^2`` and ``-1 / q``."""
+    rng = np.random.default_rng(11)
+    p, q = rng.dirichlet(np.ones(6), size=6), rng.dirichlet(np.ones(6), size=6)
+    p[0, :2] = 0.0  # zeros of P under positive Q
+    p[1, 0] = q[1, 0] = 0.0  # both zero
+    q[2, 3] = 0.0  # Q = 0 under P > 0: an infinite row
+    p[1, 3], q[1, 3] = 0.0, np.nan  # NaN propagates, also where P is 0
+    p[3, 1] = -0.1  # outside the domain
+    q[4] = p[4] * (1 + 1e-4 * rng.normal(size=6))  # near P = Q
+    keep_np = np.array([True, True, True, True, True, False])
+    p[5] = np.nan  # a dropped distribution's garbage
+    keep = backend.asarray(keep_np)
+
+    def f(a, b):
+        return klx.kl_divergence(a, b, where=keep, reduction="none")
+
+    def value_and_grads(use):
+        if backend.name == "torch":  # (a NaN sum: every row's upstream derivative is 1)
+            return _torch_value_and_grads(backend, f, p, q, use)
+        import jax
+        import jax.numpy as jnp
+
+        def total(a, b):
+            v = f(a, b)
+            return jnp.sum(v), v
+
+        vg = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)
+        (_, out), (ga, gb) = (jax.jit(vg) if use else vg)(backend.asarray(p), backend.asarray(q))
+        return np.asarray(out), np.asarray(ga), np.asarray(gb)
+
+    got, want = _closed_form_and_definition(backend, f, p, q, value_and_grads, traced)
+    (value, g_p, g_q), want_value = got, want[0]
+    np.testing.assert_allclose(value, want_value, rtol=1e-14)  # the definition's value
+    if backend.name == "torch" and traced:  # and without gradients (no stand-in logs)
+        import torch
+
+        torch._dynamo.reset()
+        bare = torch.compile(f, fullgraph=True)(backend.asarray(p), backend.asarray(q))
+        np.testing.assert_allclose(backend.to_numpy(bare), want_value, rtol=1e-14)
+    assert value[2] == value[3] == np.inf and value[1] != value[1]  # q = 0, p < 0; NaN
+    assert np.all(np.isfinite(value[[0, 4]])) and value[5] == 0.0
+    ok = (p > 0) & (q > 0) & keep_np[:, None]
+    with np.errstate(all="ignore"):
+        want_p = np.where(ok, np.log(p / q) + 1.0, 0.0)
+        want_q = np.where(ok, -p / q, 0.0)
+    np.testing.assert_allclose(g_p, want_p, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(g_q, want_q, rtol=1e-12, atol=0)
+    if backend.name == "torch" and not traced:  # second order: autograd of the closed form
+        import torch
+
+        a = backend.asarray(p).requires_grad_(True)
+        b = backend.asarray(q).requires_grad_(True)
+        out = f(a, b)
+        (gb,) = torch.autograd.grad(out.sum(), b, create_graph=True)
+        hq, hp = torch.autograd.grad(gb.sum(), (b, a))
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(
+                backend.to_numpy(hq), np.where(ok, p / q**2, 0.0), rtol=1e-12
+            )
+            np.testing.assert_allclose(
+                backend.to_numpy(hp), np.where(ok, -1.0 / q, 0.0), rtol=1e-12
+            )

@@ -132,8 +132,9 @@ def refusal(row: Accelerator, call: Call, ctx: Context) -> str | None:
     if isinstance(call, DivergenceCall):  # a row of operation 'divergence'
         if row.kinds and call.kind not in row.kinds:
             return f"serves {', '.join(row.kinds)}, not {call.kind!r}"
-        if row.closed_form and call.divergence.logits_derivatives is None:
-            return f"{call.kind!r} has no closed-form derivative (its record gives none)"
+        if row.closed_form and call.divergence.derivatives_from(call.p_form, call.q_form) is None:
+            forms = f"{call.p_form} and {call.q_form}"
+            return f"{call.kind!r} has no closed-form derivative from {forms} (its record: none)"
         if row.forms and (call.p_form, call.q_form) not in row.forms:
             return f"serves forms {row.forms}, not {(call.p_form, call.q_form)}"
         if call.axis != a.ndim - 1 and row.layout != "any":

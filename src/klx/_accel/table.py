@@ -185,13 +185,14 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "klx._accel.traced:jax_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
         closed_form=True,
-        forms=(("logits", "logits"),),
+        forms=(("logits", "logits"), ("probs", "probs")),
         layout="any",
         traces=("jax",),
         autograd=True,
         probe=False,
         summary="the definition's value with its derivative in closed form (a "
-        "jax.custom_jvp; KL: (q - p) / T and p (d - KL) / T), inside jax.jit and outside "
+        "jax.custom_jvp; KL from logits: (q - p) / T and p (d - KL) / T, from "
+        "probabilities: -p / q and log(p / q) + 1), inside jax.jit and outside "
         "(it is the definition, so it needs no first-use check)",
     ),
     Accelerator(
@@ -217,14 +218,15 @@ ACCELERATORS: tuple[Accelerator, ...] = (
         "klx._accel.traced:torch_rows",
         dtypes=("float16", "bfloat16", "float32", "float64"),
         closed_form=True,
-        forms=(("logits", "logits"),),
+        forms=(("logits", "logits"), ("probs", "probs")),
         layout="any",
         traces=("torch.compile",),
         autograd=True,
         probe=False,
         summary="the definition's value with its derivative in closed form (a "
-        "torch.autograd.Function recomputing the log-softmaxes; KL: (q - p) / T and "
-        "p (d - KL) / T), eager and inside torch.compile; without gradients the definition",
+        "torch.autograd.Function recomputing the log-softmaxes; KL from logits: (q - p) / T "
+        "and p (d - KL) / T, from probabilities: -p / q and log(p / q) + 1), eager and "
+        "inside torch.compile; without gradients the definition",
     ),
 )
 

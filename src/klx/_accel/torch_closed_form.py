@@ -44,8 +44,9 @@ class FromLogitsRows(torch.autograd.Function):
         t, s, rows, keep = ctx.saved_tensors
         xp, call = ctx.xp, ctx.call
         if keep is not None:  # the definition's stand-in rows; their derivative is 0 below
-            t, s = mask_rows(xp, t, keep, "logits"), mask_rows(xp, s, keep, "logits")
-        c_t, c_s = call.divergence.logits_derivatives(
+            t, s = mask_rows(xp, t, keep, call.p_form), mask_rows(xp, s, keep, call.p_form)
+        derivatives = call.divergence.derivatives_from(call.p_form, call.q_form)
+        c_t, c_s = derivatives(
             xp, call, t, s, rows, need_t=ctx.needs_input_grad[0], need_s=ctx.needs_input_grad[1]
         )
         scale = torch.unsqueeze(g, call.axis) / call.temperature

@@ -1,6 +1,7 @@
 """Rows that serve traced calls as well as eager ones: the divergences whose record has a
-closed-form derivative (KL, JS and skew KL today) between two sets of logits, each with
-that derivative (:mod:`klx._closed_forms`), for JAX and for torch.
+closed-form derivative between two sets of logits (KL, JS, skew KL, TV, the family's) or
+two probability arrays (KL), each with that derivative (:mod:`klx._closed_forms`), for
+JAX and for torch.
 
 The value is the array-API definition's (:func:`klx._agnostic.divergence_rows`), to the
 bit; only the derivative differs: one fused expression of the two softmaxes instead of
@@ -29,14 +30,16 @@ __all__ = ["jax_rows", "torch_rows"]
 
 
 def jax_rows(call: DivergenceCall) -> Any:
-    """Per-distribution values of a JAX call from two logits inputs, with a closed-form JVP."""
+    """Per-distribution values of a JAX call from two logits (or probability) inputs, with a
+    closed-form JVP."""
     import jax
     import jax.numpy as jnp
 
     xp, axis, temperature = call.xp, call.axis, call.temperature
     has_keep = call.keep is not None
-    derivatives = call.divergence.logits_derivatives
+    derivatives = call.divergence.derivatives_from(call.p_form, call.q_form)
     assert derivatives is not None  # the row's closed_form gate refuses a record without
+    form = call.p_form
 
     def value(t: Any, s: Any, k: Any) -> Any:
         return divergence_rows(xp, call, t, s, k if has_keep else None)
@@ -53,7 +56,7 @@ def jax_rows(call: DivergenceCall) -> Any:
         if not (need_t or need_s):
             return out, jnp.zeros_like(out)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
-            t, s = mask_rows(xp, t, k, "logits"), mask_rows(xp, s, k, "logits")
+            t, s = mask_rows(xp, t, k, form), mask_rows(xp, s, k, form)
         c_t, c_s = derivatives(xp, call, t, s, out, need_t=need_t, need_s=need_s)
         parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
         tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
