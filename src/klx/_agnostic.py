@@ -87,20 +87,17 @@ def _plain_log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any) ->
     """``log_softmax`` with the plain log-sum-exp ``log(sum(exp(s)))``: it rounds away a
     mass below float's epsilon next to the maximum (which the exact :func:`log_softmax`
     keeps), so it serves only where that error is harmless (see :func:`kl_terms`)."""
-    _, shifted, log_sum = _plain_normaliser(xp, x, axis, temperature)
+    shifted, log_sum = _plain_normaliser(xp, x, axis, temperature)
     return shifted - log_sum
 
 
-def _plain_normaliser(
-    xp: ModuleType, x: Array, axis: int, temperature: Any
-) -> tuple[Array, Array, Array]:
-    """``max x``, ``(x - max x) / T`` and the log of its exponentials' sum, as
+def _plain_normaliser(xp: ModuleType, x: Array, axis: int, temperature: Any) -> tuple[Array, Array]:
+    """``(x - max x) / T`` and the log of its exponentials' sum, as
     :func:`_plain_log_softmax` takes them."""
-    top = xp.max(x, axis=axis, keepdims=True)
-    shifted = x - top
+    shifted = x - xp.max(x, axis=axis, keepdims=True)
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
-    return top, shifted, xp.log(sum_along(xp, xp.exp(shifted), axis, keepdims=True))
+    return shifted, xp.log(sum_along(xp, xp.exp(shifted), axis, keepdims=True))
 
 
 def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> Array:
@@ -345,18 +342,23 @@ def plain_logs(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) 
 def _plain_logs_and_rows(
     xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any
 ) -> tuple[PlainLogs, tuple[Array, Array, Array, Array]]:
-    """:func:`plain_logs`, and each side's row constants (its maximum and the log of its
-    shifted exponentials' sum, :func:`_plain_normaliser`): for a caller that needs them
+    """:func:`plain_logs`, and each side's shifted logits ``(x - max x) / T`` and the log
+    of their exponentials' sum (:func:`_plain_normaliser`): for a caller that needs them
     too (torch.compile does not merge a second computation of the same reductions)."""
-    p_top, p_shifted, p_log_sum = _plain_normaliser(xp, p, axis, temperature)
-    q_top, q_shifted, q_log_sum = _plain_normaliser(xp, q, axis, temperature)
+    p_shifted, p_log_sum = _plain_normaliser(xp, p, axis, temperature)
+    q_shifted, q_log_sum = _plain_normaliser(xp, q, axis, temperature)
     log_p = p_shifted - p_log_sum
     log_q = q_shifted - q_log_sum
     p_zero = log_p == -math.inf
     q_zero = log_q == -math.inf
     lp = xp.where(p_zero, 0.0, log_p)  # safe values where a weight is 0
     lq = xp.where(q_zero, 0.0, log_q)
-    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq), (p_top, p_log_sum, q_top, q_log_sum)
+    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq), (
+        p_shifted,
+        p_log_sum,
+        q_shifted,
+        q_log_sum,
+    )
 
 
 def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> Array:
@@ -838,7 +840,7 @@ def _mix_logits_terms(
     Where P is 0: ``lam q`` plus ``+inf`` unless ``lam = 1``; where Q is 0: ``(1 - lam) p``
     plus ``+inf`` unless ``lam = 0``; 0 where both are (a weight that underflows is
     positive: the formula takes it). NaN propagates, also from a side whose weight is 0.
-    Each term is ``>= 0`` (at ``lam = 1/2`` a rounding below is set to 0).
+    Each term is ``>= 0`` (a rounding below is set to 0).
     """
     if lam in (0.0, 1.0):  # one direction: KL's own terms
         return _kl_logits_terms(xp, *((p, q) if lam == 1.0 else (q, p)), axis, temperature)
@@ -856,11 +858,13 @@ def _mix_logits_terms(
         even, odd = _g_parts(xp, -xp.where(near, d, 0.0))
         close = lam * (pw * (even + odd)) + (1.0 - lam) * (qw * (even - odd))
         far = (2.0 * lam - 1.0) * (qw - pw) + d * (lam * pw - (1.0 - lam) * qw)
-        # no clamp at 0: each part of `close` is >= 0, and beyond |d| = 1/2 the term is at
-        # least 0.09 max(p, q), far above the rounding of `far`'s parts. (Inductor writes
-        # an array that two operations read out, when it holds an exp: the clamp's `where`
-        # made three such passes, 3.4x the formula's time inside torch.compile.)
-        both = xp.where(near, close, far)
+        # each part of `close` is >= 0, and beyond |d| = 1/2 the term is at least 0.09
+        # max(p, q), above the rounding of `far`'s parts, but not where p and q are
+        # subnormal (a few bits, which no longer match d): clamped at 0 by a maximum, not
+        # by `where(both < 0, 0, both)`, whose two reads of `both` (an array with an exp)
+        # made inductor write three arrays out, 3.4x the formula's time inside
+        # torch.compile
+        both = at_least(xp, xp.where(near, close, far), 0.0)  # (NaN stays NaN)
     only_q = lam * qw if lam == 1.0 else xp.full_like(qw, math.inf)  # P is 0
     only_p = (1.0 - lam) * pw if lam == 0.0 else xp.full_like(pw, math.inf)  # Q is 0
     terms = xp.where(p_zero, xp.where(q_zero, 0.0, only_q), xp.where(q_zero, only_p, both))
@@ -1072,7 +1076,7 @@ def renyi_terms(
         if alpha < 1.0 and lib is not None and lib.name == "torch":
             # inductor writes ``e`` out for its maximum and reads it back twice (a torch.compile
             # call 1.6x slower); XLA fuses that maximum and runs the logits' one slower
-            top = _renyi_logits_top(xp, p, q, rows, axis, temperature, alpha)
+            top = _renyi_logits_top(xp, rows, axis, alpha)
         return _renyi_logits_terms(xp, logs, axis, alpha, top)
     wp = weighted(xp, p, p_form, axis, temperature)
     wq = weighted(xp, q, q_form, axis, temperature)
@@ -1093,29 +1097,22 @@ def renyi_terms(
 
 
 def _renyi_logits_top(
-    xp: ModuleType,
-    p: Array,
-    q: Array,
-    rows: tuple[Array, Array, Array, Array],
-    axis: int,
-    temperature: Any,
-    alpha: float,
+    xp: ModuleType, rows: tuple[Array, Array, Array, Array], axis: int, alpha: float
 ) -> Array:
     """The shift ``M`` of :func:`renyi_terms` between logits of order ``a`` in (0, 1),
-    without a pass over ``e = a log p + b log q`` (``b = 1 - a``): with ``log p = (p - max
-    p) / T - L_p`` (`rows`, :func:`_plain_logs_and_rows`), ``max e = (max(a p + b q) - a max p - b
-    max q) / T - a L_p - b L_q``, whose row maximum reads the logits alone, so a tracer
-    takes it in the pass that finds ``max p`` and ``max q`` (and ``e`` is then read once).
-    Any ``M`` near ``max e`` serves (``log S = M + log(sum exp(e - M))``): its rounding
-    changes nothing but the last bits of that sum. 0 where it is not finite (every ``e``
-    is ``-inf``; logits whose ``a p + b q`` overflows): as ``e <= 0`` at these orders,
-    nothing overflows then; a NaN row stays NaN through ``e``."""
+    without a pass over ``e = a log p + b log q`` (``b = 1 - a``): with ``log p = s_p -
+    L_p``, ``s_p = (p - max p) / T`` (`rows`, :func:`_plain_logs_and_rows`), ``max e =
+    max(a s_p + b s_q) - a L_p - b L_q``, whose row maximum needs no log-sum-exp, so a
+    tracer takes it in the pass that sums ``exp(s_p)`` and ``exp(s_q)`` (and ``e`` is
+    then read once). The shifted logits are exact differences, so ``M`` is ``max e`` to
+    the rounding of ``e`` itself (from the raw logits it lost ulp(logit) / T: 0 or
+    ``+inf`` for logits near 1e10). 0 where it is not finite (every ``e`` is ``-inf``): as
+    ``e <= 0`` at these orders, nothing overflows then; a NaN row stays NaN through
+    ``e``."""
+    p_shifted, p_log_sum, q_shifted, q_log_sum = rows
     b = 1.0 - alpha
-    p_top, p_log_sum, q_top, q_log_sum = rows
-    mixed = xp.max(alpha * p + b * q, axis=axis, keepdims=True) - (alpha * p_top + b * q_top)
-    if not (isinstance(temperature, float) and temperature == 1.0):
-        mixed = mixed / temperature
-    top = mixed - (alpha * p_log_sum + b * q_log_sum)
+    top = xp.max(alpha * p_shifted + b * q_shifted, axis=axis, keepdims=True)
+    top = top - (alpha * p_log_sum + b * q_log_sum)
     return xp.where(xp.abs(top) < math.inf, top, 0.0)  # (NaN too: not below inf)
 
 

@@ -124,16 +124,21 @@ def kl_probs_derivatives(
     themselves: ``log(p / q) + 1`` in ``p``, ``-p / q`` in ``q`` (None where not needed).
 
     0 wherever the definition's term is a constant, as autodiff of the definition gives:
-    where ``p = 0`` (the term is 0), ``q = 0`` under ``p > 0`` (``+inf``), either is
-    negative (``+inf``) or NaN. Autodiff of the definition read every guard's mask (its
+    where ``p = 0`` (the term is 0), ``q = 0`` under ``p > 0`` (``+inf``) or either is
+    negative (``+inf``); NaN where either is NaN (as autodiff of the definition, whose
+    safe values keep the NaN). Autodiff of the definition read every guard's mask (its
     ``log1p`` form near ``p = q`` and the ``where``s of the special values), which
     inductor stored as bool arrays: a compiled gradient 12x the formula's time.
     """
     ok = (p > 0.0) & (q > 0.0)  # (False for NaN)
+    undefined = (p != p) | (q != q)
     ps = xp.where(ok, p, 1.0)
     qs = xp.where(ok, q, 1.0)
-    c_p = xp.where(ok, xp.log(ps) - xp.log(qs) + 1.0, 0.0) if need_t else None
-    c_q = xp.where(ok, -ps / qs, 0.0) if need_s else None
+    c_p = c_q = None
+    if need_t:
+        c_p = xp.where(undefined, math.nan, xp.where(ok, xp.log(ps) - xp.log(qs) + 1.0, 0.0))
+    if need_s:
+        c_q = xp.where(undefined, math.nan, xp.where(ok, -ps / qs, 0.0))
     return c_p, c_q
 
 

@@ -262,3 +262,37 @@ def test_gradients_of_peaked_rows(backend, kind, alpha):
         got = backend.to_numpy(got).astype(np.float64)
         scale = np.abs(want).max(axis=-1, keepdims=True)
         assert np.max(np.abs(got - want) / scale) < 2e-5
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.7])
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_renyi_of_large_logits(backend, alpha, traced):
+    """Logits near 1e10 (float32 spacing 1024) and, divided by T = 0.01, near 1e7: the
+    shift of Rényi's far form (torch: from the shifted logits, not the raw ones, whose
+    rounding, ulp(logit) / T, overflowed exp and gave 0 or +inf) keeps the value mpmath's."""
+    t = np.array([[1e10, 1e10 - 16384.0, 1e10 - 4096.0], [1e5, 1e5 - 64.0, 1e5 - 80.0]])
+    s = np.array([[1e10 - 16384.0, 1e10, 1e10 - 8192.0], [1e5 - 48.0, 1e5, 1e5 - 96.0]])
+    a, b = backend.asarray(t, "float32"), backend.asarray(s, "float32")
+    et, es = backend.to_numpy(a).astype(np.float64), backend.to_numpy(b).astype(np.float64)
+    temps = (1.0, 0.01)
+
+    def f(x, y):
+        rows = [
+            klx.renyi_divergence(
+                x[i : i + 1, ...],
+                y[i : i + 1, ...],
+                alpha,
+                p_form="logits",
+                q_form="logits",
+                temperature=temps[i],
+                reduction="sum",
+            )
+            for i in range(2)
+        ]
+        return rows[0], rows[1]
+
+    got = (traced_by(backend, f) if traced else f)(a, b)
+    got = np.array([float(backend.to_numpy(g)) for g in got])
+    scale = np.array(temps)[:, None]
+    want = _mp_rows("renyi", alpha, et / scale, es / scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

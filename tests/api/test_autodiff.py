@@ -420,8 +420,8 @@ def test_kl_of_probabilities_derivatives_in_closed_form(backend, traced):
     form (``-p / q`` in Q, ``log(p / q) + 1`` in P; autodiff of the definition kept every
     guard's mask, 12x the formula's gradient inside torch.compile). Against those formulas
     in float64 NumPy, eagerly and traced, with zeros of P (also under zeros of Q), Q = 0
-    under P > 0 and a negative P (infinite rows), a NaN Q under P = 0 (a NaN row;
-    derivatives 0 at these entries, as the definition's constants), a dropped
+    under P > 0 and a negative P (infinite rows: derivatives 0 at these entries, as the
+    definition's constants), a NaN Q under P = 0 (a NaN row, NaN derivatives), a dropped
     distribution and near-equal rows; the value is the definition's; second derivatives
     are ``p / q^2`` and ``-1 / q``."""
     rng = np.random.default_rng(11)
@@ -465,9 +465,10 @@ def test_kl_of_probabilities_derivatives_in_closed_form(backend, traced):
     assert value[2] == value[3] == np.inf and value[1] != value[1]  # q = 0, p < 0; NaN
     assert np.all(np.isfinite(value[[0, 4]])) and value[5] == 0.0
     ok = (p > 0) & (q > 0) & keep_np[:, None]
+    undefined = (np.isnan(p) | np.isnan(q)) & keep_np[:, None]
     with np.errstate(all="ignore"):
-        want_p = np.where(ok, np.log(p / q) + 1.0, 0.0)
-        want_q = np.where(ok, -p / q, 0.0)
+        want_p = np.where(undefined, np.nan, np.where(ok, np.log(p / q) + 1.0, 0.0))
+        want_q = np.where(undefined, np.nan, np.where(ok, -p / q, 0.0))
     np.testing.assert_allclose(g_p, want_p, rtol=1e-12, atol=0)
     np.testing.assert_allclose(g_q, want_q, rtol=1e-12, atol=0)
     if backend.name == "torch" and not traced:  # second order: autograd of the closed form

@@ -163,3 +163,35 @@ def test_logits_traced_values_and_gradients(backend, kind, w, case):
         # float32 against float64: the log-softmaxes' rounding, of the gradient's scale
         tol = 1e-3 if case == "near" else 2e-5  # near: measured 2e-4 (r is 1e-3)
         assert np.max(np.abs(got - ref)) <= tol * max(np.max(np.abs(ref)), 1e-3)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("lam", [0.1, 0.5, 0.8])
+def test_kl_mixture_of_subnormal_weights_is_not_negative(backend, lam, traced):
+    """The KL mixture between logits whose weights are subnormal (float64 log-probabilities
+    near -745): their few bits no longer match ``d``, and the direct form's parts rounded
+    below 0 (-5e-324 at lam 0.1 before the clamp came back as a maximum). Never negative,
+    and within one subnormal step of mpmath's (itself below 1e-320)."""
+    from support.backends import traced as traced_by
+
+    if "float64" not in backend.dtypes:
+        pytest.skip(f"{backend.name} has no float64")
+    t = np.array([[0.0, -744.2], [0.0, -745.0], [0.0, -744.6]])
+    s = np.array([[0.0, -745.0], [0.0, -744.2], [0.0, -740.0]])
+
+    def f(a, b):
+        return klx.divergence(a, b, "mix", lam=lam, p_form="logits", q_form="logits")
+
+    a, b = backend.asarray(t, "float64"), backend.asarray(s, "float64")
+    got = backend.to_numpy((traced_by(backend, f) if traced else f)(a, b)).astype(np.float64)
+    assert np.all(got >= 0.0), got
+    with mpmath.workdps(40):
+        want = []
+        for x, y in zip(t, s, strict=True):
+            lp, lq = _mp_log_softmax(x), _mp_log_softmax(y)
+            row = mpmath.mpf(0)
+            for u, v in zip(lp, lq, strict=True):
+                p, q = mpmath.exp(u), mpmath.exp(v)
+                row += lam * p * (u - v) + (1 - lam) * q * (v - u)
+            want.append(float(row))
+    assert np.all(np.abs(got - np.asarray(want)) <= 1e-320), (got, want)
