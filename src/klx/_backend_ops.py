@@ -70,6 +70,7 @@ def bare_log_serves(x: Array) -> bool:
     """
     if not _inductor_cpu(x):
         return False
+    # (not the adapter's records_gradients: Dynamo cannot trace is_inference_mode_enabled)
     torch = sys.modules["torch"]
     return not (torch.is_grad_enabled() and x.requires_grad)
 
