@@ -1,6 +1,6 @@
 """Everything a GPU can show about klx, in one command and one report (issue 22, item 12).
 
-    python -m benchmarks.gpu_check              # on a machine with one NVIDIA GPU (~10 min)
+    python -m benchmarks.gpu_check              # on a machine with one NVIDIA GPU (~10-15 min)
     python -m benchmarks.gpu_check --smoke      # CPU smoke mode: tiny sizes, Triton interpreted
 
 Run from the checkout (this package puts its ``src`` first on ``sys.path``). It needs
@@ -27,6 +27,10 @@ failed, else 0. Checks:
   weight gradient's error against float64, for the default chunk size and others;
 * ``cupy``: the CuPy ``kl_div`` reduction at 8192 x 128256 float32: time against the
   read bound, and its value against float64;
+* ``traced``: every row of ``python -m benchmarks.traced`` on the GPU (klx inside
+  ``torch.compile(fullgraph=True)`` and ``jax.jit`` against the plain formula traced the
+  same way, values and gradients; issue 24's targets, 1.15 and 1.2): each ratio, and the
+  rows over their target;
 * ``jax_tf32``: JAX's fused-linear KL in float32 under the default matmul precision and
   under 'highest', against float64.
 """
@@ -505,6 +509,40 @@ def check_cupy(ctx: Context) -> dict[str, Any]:
     }
 
 
+#: The rows the smoke run times: one of ``kl_div`` and one between logits (the plumbing);
+#: on a GPU, every row.
+TRACED_SMOKE_ROWS = ("kl_div batchmean", "KL from logits (")
+
+
+def check_traced(ctx: Context) -> dict[str, Any]:
+    """klx traced against the plain formula traced the same way, on the device: the
+    table of ``python -m benchmarks.traced --device cuda`` (issue 24's GPU targets)."""
+    from benchmarks import traced
+
+    installed = [b for b in traced.CASES if importlib.util.find_spec(b) is not None]
+    skipped = {b: why for b in installed if (why := traced.unavailable(b, ctx.device))}
+    backends = [b for b in installed if b not in skipped]
+    if not backends:
+        return {"status": "skipped", "reason": "; ".join(skipped.values()) or "no tracer"}
+    rows = traced.measure(
+        backends,
+        "smoke" if ctx.smoke else "default",
+        list(TRACED_SMOKE_ROWS) if ctx.smoke else None,
+        ctx.device,
+    )
+    return {
+        "status": "ok",
+        "device": ctx.device,
+        "backends": backends,
+        "skipped": skipped,
+        "met": sum(r["met"] for r in rows),
+        "rows": len(rows),
+        "over": [f"{r['backend']} {r['case']}: {r['ratio']:.2f}" for r in rows if not r["met"]],
+        "table": traced.table(rows),
+        "cells": rows,
+    }
+
+
 def check_jax_tf32(ctx: Context) -> dict[str, Any]:
     """JAX's fused-linear KL in float32 under the default and 'highest' matmul precision."""
     if importlib.util.find_spec("jax") is None:
@@ -557,6 +595,7 @@ CHECKS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "cuda_graph": check_cuda_graph,
     "fused_linear": check_fused_linear,
     "cupy": check_cupy,
+    "traced": check_traced,
     "jax_tf32": check_jax_tf32,
 }
 
@@ -604,7 +643,11 @@ def markdown(report: dict[str, Any]) -> str:
     for name, result in report.items():
         lines.append(f"| {name} | {result['status']} | {result['seconds']} |")
     for name, result in report.items():
-        lines += ["", f"## {name}", "", "```json", json.dumps(result, indent=1, default=str), "```"]
+        lines += ["", f"## {name}", ""]
+        if "table" in result:  # a Markdown table of its own (the traced check's)
+            lines += [result["table"], ""]
+            result = {k: v for k, v in result.items() if k != "table"}
+        lines += ["```json", json.dumps(result, indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ against the plain formula traced the same way (issue 24).
     python -m benchmarks.traced --smoke            # tiny shapes: does every row trace?
     python -m benchmarks.traced --backends jax --load 1
     python -m benchmarks.traced --rows "JS from" mixture     # only these rows
+    python -m benchmarks.traced --device cuda      # on the GPU (torch's and JAX's first)
 
 Each row is one traced call, values alone and values with gradients (with respect to the
 student's input), timed in one process after compiling (compile time is not counted),
@@ -19,7 +20,9 @@ is klx's median over the formula's; the issue's targets are at most 1.15 for val
 1.2 with gradients. The formula has no guard (it is NaN at exact zeros against ``-inf``,
 and loses every digit near P = Q), so a ratio below 1 is not expected. Prints a Markdown
 table and writes traced.json to --out. ``--smoke``: tiny shapes, one timing each (a
-check that every row traces, not a measurement).
+check that every row traces, not a measurement). ``--device cuda`` times the same calls
+on the first CUDA device (torch's, and JAX's GPU; the issue's GPU targets are the same);
+``python -m benchmarks.gpu_check`` runs it so on a GPU machine.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ SIZES = {
 BUDGET = {"default": (4.0, 60), "quick": (2.0, 30), "smoke": (0.01, 2)}
 #: The targets: klx / formula at most this, for values and for values with gradients.
 TARGETS = {"value": 1.15, "grad": 1.2}
+#: Where a run can time the calls: the CPU, or the first CUDA device.
+DEVICES = ("cpu", "cuda")
 
 
 def _inputs(np: Any, size: str) -> dict[str, Any]:
@@ -301,12 +306,15 @@ def _every_row(add: Callable[..., None], f: dict[str, Callable[..., Any]], a: An
     )
 
 
-def jax_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """name -> (klx, formula), each a jitted call on JAX arrays."""
+def jax_cases(
+    data: dict[str, Any], device: str = "cpu"
+) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (klx, formula), each a jitted call on JAX arrays on `device`."""
     import jax
     import jax.numpy as jnp
 
-    arrays = {k: jnp.asarray(v) for k, v in data.items()}
+    where = jax_device(device)
+    arrays = {k: jax.device_put(v, where) for k, v in data.items()}
 
     class Ops:
         log_softmax = staticmethod(lambda x: jax.nn.log_softmax(x, -1))
@@ -329,13 +337,16 @@ def jax_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Callab
     return cases
 
 
-def torch_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """name -> (klx, formula), each torch.compile(fullgraph=True) of the same call (the
-    fused-linear call runs eagerly by design, a graph break: compiled without fullgraph)."""
+def torch_cases(
+    data: dict[str, Any], device: str = "cpu"
+) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (klx, formula), each torch.compile(fullgraph=True) of the same call on
+    `device` (the fused-linear call runs eagerly by design, a graph break: compiled
+    without fullgraph)."""
     import torch
     import torch.nn.functional as F
 
-    arrays = {k: torch.from_numpy(v) for k, v in data.items()}
+    arrays = {k: torch.from_numpy(v).to(device) for k, v in data.items()}
 
     class Ops:
         log_softmax = staticmethod(lambda x: torch.log_softmax(x, -1))
@@ -374,21 +385,53 @@ def torch_cases(data: dict[str, Any]) -> dict[str, tuple[Callable[[], Any], Call
 CASES = {"jax": jax_cases, "torch": torch_cases}
 
 
-def measure(backends: list[str], size: str, only: list[str] | None = None) -> list[dict[str, Any]]:
+def jax_device(device: str) -> Any:
+    """JAX's first device of the kind `device` names ('cuda': its first GPU)."""
+    import jax
+
+    try:
+        return jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    except RuntimeError as exc:  # no such backend in this jax installation
+        msg = f"JAX sees no {device} device ({exc}); install jax[cuda12] for its GPU"
+        raise RuntimeError(msg) from exc
+
+
+def unavailable(backend: str, device: str) -> str | None:
+    """Why `backend` cannot time calls on `device` here, or None if it can."""
+    if device == "cpu":
+        return None
+    if backend == "torch":
+        import torch
+
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+    try:
+        jax_device(device)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def measure(
+    backends: list[str], size: str, only: list[str] | None = None, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Every row of the table on each backend, timed on `device` ('cpu' or 'cuda')."""
     import numpy as np
 
+    if device not in DEVICES:
+        msg = f"`device` must be one of {', '.join(DEVICES)}, not {device!r}"
+        raise ValueError(msg)
     data = _inputs(np, size)
     budget, runs = BUDGET[size]
     rows = []
     for backend in backends:
-        for name, (k, f) in CASES[backend](data).items():
+        for name, (k, f) in CASES[backend](data, device).items():
             if only and not any(part in name for part in only):
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 timed = interleaved(
                     {"klx": k, "formula": f},
-                    _sync(backend),
+                    _sync(backend, device),
                     budget_s=budget,
                     min_rounds=min(5, runs),
                     max_rounds=runs,
@@ -400,6 +443,7 @@ def measure(backends: list[str], size: str, only: list[str] | None = None) -> li
             rows.append(
                 {
                     "backend": "jax.jit" if backend == "jax" else "torch.compile",
+                    "device": device,
                     "case": name,
                     "klx_ms": tk * 1e3,
                     "formula_ms": tf * 1e3,
@@ -412,9 +456,14 @@ def measure(backends: list[str], size: str, only: list[str] | None = None) -> li
     return rows
 
 
-def _sync(backend: str) -> Callable[[Any], None]:
+def _sync(backend: str, device: str) -> Callable[[Any], None]:
+    """What waits for a call's result: JAX's dispatch is asynchronous, and so is CUDA's."""
     if backend == "jax":
         return lambda out: out.block_until_ready()
+    if device == "cuda":
+        import torch
+
+        return lambda _: torch.cuda.synchronize()
     return lambda _: None
 
 
@@ -425,8 +474,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         mark = "" if r["met"] else " (over)"
+        where = "" if r.get("device", "cpu") == "cpu" else f" on {r['device']}"
         lines.append(
-            f"| {r['backend']} | {r['case']} | {r['klx_ms']:.2f} | {r['formula_ms']:.2f} "
+            f"| {r['backend']}{where} | {r['case']} | {r['klx_ms']:.2f} | {r['formula_ms']:.2f} "
             f"| {r['ratio']:.2f}{mark} | {r['target']} |"
         )
     return "\n".join(lines)
@@ -441,14 +491,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rows", nargs="*", default=None, help="only the rows whose name holds one of these"
     )
+    ap.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="time on the CPU or the first CUDA device"
+    )
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for traced.json")
     args = ap.parse_args(argv)
     import importlib.util
 
     backends = args.backends or [b for b in CASES if importlib.util.find_spec(b) is not None]
+    missing = {b: why for b in backends if (why := unavailable(b, args.device))}
+    for backend, why in missing.items():
+        print(f"traced: {backend} skipped: {why}", file=sys.stderr)
+    backends = [b for b in backends if b not in missing]
+    if not backends:
+        print(f"traced: no backend can run on {args.device} here", file=sys.stderr)
+        return 2
     with busy(args.load):
         size = "smoke" if args.smoke else "quick" if args.quick else "default"
-        rows = measure(backends, size, args.rows)
+        rows = measure(backends, size, args.rows, args.device)
     print(f"load average {load_average():.1f}, {args.load} busy processes", file=sys.stderr)
     print(table(rows))
     out = Path(args.out)

@@ -42,4 +42,13 @@ def test_gpu_check_smoke_mode_runs_every_check(backend, tmp_path):
             assert name in gpu_only or "reason" in result, (name, result)
     # the kernels served the smoke run (CPU tensors on the CUDA paths, interpreted)
     assert {c["path"] for c in report["near_equal"]["cells"]} == {"triton-rows-from-logits"}
-    assert (tmp_path / "gpu_check.md").read_text().startswith("# klx GPU check")
+    # klx traced against the plain formula (issue 24): the smoke rows, on the CPU here
+    traced = report["traced"]
+    assert traced["device"] == "cpu" and "torch" in traced["backends"]
+    assert traced["rows"] == len(traced["cells"]) == 4 * len(traced["backends"])
+    assert traced["met"] == sum(c["met"] for c in traced["cells"])
+    assert len(traced["over"]) == traced["rows"] - traced["met"]
+    assert {c["device"] for c in traced["cells"]} == {"cpu"}
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert text.startswith("# klx GPU check")
+    assert "\n| traced call | case | klx ms | formula ms | ratio | target |\n" in text
