@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "Normaliser",
+    "Normalisers",
     "Weighted",
     "alpha_terms",
     "cross_entropy_terms",
@@ -54,6 +56,7 @@ __all__ = [
     "max_log_ratio_terms",
     "mix_terms",
     "plain_logs",
+    "plain_normaliser",
     "probabilities",
     "record_rows",
     "reduce_rows",
@@ -91,13 +94,49 @@ def _plain_log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any) ->
     return shifted - log_sum
 
 
-def _plain_normaliser(xp: ModuleType, x: Array, axis: int, temperature: Any) -> tuple[Array, Array]:
+def _plain_normaliser(
+    xp: ModuleType, x: Array, axis: int, temperature: Any, given: Normaliser | None = None
+) -> tuple[Array, Array]:
     """``(x - max x) / T`` and the log of its exponentials' sum, as
-    :func:`_plain_log_softmax` takes them."""
-    shifted = x - xp.max(x, axis=axis, keepdims=True)
+    :func:`_plain_log_softmax` takes them; from the `given` maximum and log-sum of the same
+    `x` (:func:`plain_normaliser`) where there are some."""
+    if given is not None:
+        return _shifted(xp, x, given.top, temperature), given.log_sum
+    shifted = _shifted(xp, x, xp.max(x, axis=axis, keepdims=True), temperature)
+    return shifted, _log_sum(xp, shifted, axis)
+
+
+def _shifted(xp: ModuleType, x: Array, top: Array, temperature: Any) -> Array:
+    shifted = x - top
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
-    return shifted, xp.log(sum_along(xp, xp.exp(shifted), axis, keepdims=True))
+    return shifted
+
+
+def _log_sum(xp: ModuleType, shifted: Array, axis: int) -> Array:
+    return xp.log(sum_along(xp, xp.exp(shifted), axis, keepdims=True))
+
+
+class Normaliser(NamedTuple):
+    """A logits input's maximum along the axis and the log of its shifted exponentials'
+    sum (:func:`plain_normaliser`), each of size 1 there."""
+
+    top: Array
+    log_sum: Array
+
+
+class Normalisers(NamedTuple):
+    """Both sides' :class:`Normaliser` (``DivergenceCall.normalisers``)."""
+
+    p: Normaliser
+    q: Normaliser
+
+
+def plain_normaliser(xp: ModuleType, x: Array, axis: int, temperature: Any) -> Normaliser:
+    """The :class:`Normaliser` of logits `x`: what :func:`plain_logs` computes when it is
+    given none."""
+    top = xp.max(x, axis=axis, keepdims=True)
+    return Normaliser(top, _log_sum(xp, _shifted(xp, x, top, temperature), axis))
 
 
 def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> Array:
@@ -333,10 +372,23 @@ class PlainLogs(NamedTuple):
     lq: Array
 
 
-def plain_logs(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> PlainLogs:
+def plain_logs(
+    xp: ModuleType,
+    p: Array,
+    q: Array,
+    axis: int,
+    temperature: Any,
+    given: Normalisers | None = None,
+) -> PlainLogs:
     """:class:`PlainLogs` of two logits inputs: what KL's terms between logits and their
-    closed-form derivatives (``klx._closed_forms``) start from."""
-    return _plain_logs_and_rows(xp, p, q, axis, temperature)[0]
+    closed-form derivatives (``klx._closed_forms``) start from; each side's maximum and
+    log-sum from `given` where it is not None (:func:`plain_normaliser` of the same
+    inputs)."""
+    return _logs_of(
+        xp,
+        _plain_normaliser(xp, p, axis, temperature, None if given is None else given.p),
+        _plain_normaliser(xp, q, axis, temperature, None if given is None else given.q),
+    )
 
 
 def _plain_logs_and_rows(
@@ -345,20 +397,22 @@ def _plain_logs_and_rows(
     """:func:`plain_logs`, and each side's shifted logits ``(x - max x) / T`` and the log
     of their exponentials' sum (:func:`_plain_normaliser`): for a caller that needs them
     too (torch.compile does not merge a second computation of the same reductions)."""
-    p_shifted, p_log_sum = _plain_normaliser(xp, p, axis, temperature)
-    q_shifted, q_log_sum = _plain_normaliser(xp, q, axis, temperature)
-    log_p = p_shifted - p_log_sum
-    log_q = q_shifted - q_log_sum
+    p_sides = _plain_normaliser(xp, p, axis, temperature)
+    q_sides = _plain_normaliser(xp, q, axis, temperature)
+    return _logs_of(xp, p_sides, q_sides), (*p_sides, *q_sides)
+
+
+def _logs_of(
+    xp: ModuleType, p_sides: tuple[Array, Array], q_sides: tuple[Array, Array]
+) -> PlainLogs:
+    """:class:`PlainLogs` from each side's shifted logits and log-sum."""
+    log_p = p_sides[0] - p_sides[1]
+    log_q = q_sides[0] - q_sides[1]
     p_zero = log_p == -math.inf
     q_zero = log_q == -math.inf
     lp = xp.where(p_zero, 0.0, log_p)  # safe values where a weight is 0
     lq = xp.where(q_zero, 0.0, log_q)
-    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq), (
-        p_shifted,
-        p_log_sum,
-        q_shifted,
-        q_log_sum,
-    )
+    return PlainLogs(log_p, log_q, p_zero, q_zero, lp, lq)
 
 
 def _kl_logits_terms(xp: ModuleType, p: Array, q: Array, axis: int, temperature: Any) -> Array:

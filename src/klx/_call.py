@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from klx._aggregation import AGGREGATIONS, Aggregation, split_reduction
 from klx._backends import LIBRARIES
@@ -35,6 +35,9 @@ from klx._dtypes import accumulation_dtype
 from klx._namespace import array_namespace, check_same_device, library_name
 from klx._typing import Array, Shape
 from klx._vocab import align_vocab, check_vocab
+
+if TYPE_CHECKING:
+    from klx._agnostic import Normalisers
 
 __all__ = [
     "DivergenceCall",
@@ -96,6 +99,11 @@ class DivergenceCall(NamedTuple):
     #: per-distribution values (`reduction` is 'none') and :func:`klx._aggregation.
     #: aggregate_rows` reduces them; None for the other reductions.
     aggregation: Aggregation | None = None
+    #: Each side's maximum and log-sum-exp along `axis`, for two logits inputs
+    #: (:func:`klx._agnostic.plain_normaliser`): set where the closed-form derivatives are
+    #: taken inside torch.compile (:class:`klx._accel.torch_closed_form.FromLogitsRows`),
+    #: None elsewhere (they are computed from the logits).
+    normalisers: Normalisers | None = None
 
     @property
     def kind(self) -> str:

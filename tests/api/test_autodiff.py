@@ -236,6 +236,56 @@ CLOSED_FORMS = divergence_cases({"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}}
 
 
 @pytest.mark.slow
+@pytest.mark.backends("torch", reason="torch.compile's backward of the closed-form row")
+@pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+@pytest.mark.parametrize("kind", ["js", "skew_kl", "tv", "alpha", "renyi"])
+def test_compiled_transports_take_each_distributions_incoming_gradient(backend, kind):
+    """Inside torch.compile the derivatives that are transports run in the backward, from
+    the forward's log-sum-exps and the logits made to depend on the incoming gradient
+    (klx._accel.torch_closed_form._in_one_pass). Per distribution ('none'), with a
+    temperature: each distribution's gradient is its incoming one times central finite
+    differences of the float64 reference, and an infinite incoming gradient gives
+    infinities of the derivative's signs there, as eagerly (``c * inf``), not NaN."""
+    import torch
+
+    fn, options, ref_rows = CLOSED_FORMS[kind]
+    rng = np.random.default_rng(11)
+    t, s = 1.5 * rng.normal(size=(3, 7)), 1.5 * rng.normal(size=(3, 7))
+    temperature = 0.7
+    incoming = np.array([2.0, -0.5, np.inf])
+
+    def f(a, b):
+        return fn(a, b, p_form="logits", q_form="logits", temperature=temperature, **options)
+
+    def reference_rows(tt, ss):
+        p = np.exp(reference.log_softmax(tt, -1, temperature))
+        q = np.exp(reference.log_softmax(ss, -1, temperature))
+        return ref_rows(p, q)
+
+    torch._dynamo.reset()
+    a = backend.asarray(t).requires_grad_(True)
+    b = backend.asarray(s).requires_grad_(True)
+    out = torch.compile(f, fullgraph=True)(a, b)
+    assert out.shape == (3,) and out.dtype == torch.float64
+    out.backward(torch.as_tensor(incoming))
+    h = 1e-6
+    for got, x, is_t in ((a.grad.numpy(), t, True), (b.grad.numpy(), s, False)):
+        fd = np.empty_like(x)
+        for i, j in np.ndindex(*x.shape):
+            up, down = x.copy(), x.copy()
+            up[i, j] += h
+            down[i, j] -= h
+            rows_up = reference_rows(up, s) if is_t else reference_rows(t, up)
+            rows_down = reference_rows(down, s) if is_t else reference_rows(t, down)
+            fd[i, j] = (rows_up[i] - rows_down[i]) / (2 * h)
+        np.testing.assert_allclose(got[:2], incoming[:2, None] * fd[:2], rtol=1e-5, atol=1e-9)
+        assert np.all(got[2] == np.sign(fd[2]) * np.inf), (kind, got[2], fd[2])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CLOSED_FORMS))
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
 @pytest.mark.backends("torch", "jax", reason="closed-form derivatives: torch and JAX rows")

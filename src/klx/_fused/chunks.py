@@ -81,6 +81,12 @@ class FusedSpec(NamedTuple):
         serves as the call of a record's ``logits_derivatives``)."""
         return -1
 
+    @property
+    def normalisers(self) -> None:
+        """None: a chunk's derivatives compute its log-sum-exps (as a call of a record's
+        ``logits_derivatives``, ``DivergenceCall.normalisers``)."""
+        return None
+
 
 class Side(NamedTuple):
     """One model's output layer: its hidden states [tokens, hidden] (or, without a
