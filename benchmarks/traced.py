@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: the checkout's root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import importlib.util
 import json
 import warnings
 from collections.abc import Callable
@@ -400,6 +401,8 @@ def unavailable(backend: str, device: str) -> str | None:
     """Why `backend` cannot time calls on `device` here, or None if it can."""
     if device == "cpu":
         return None
+    if importlib.util.find_spec(backend) is None:
+        return f"{backend} is not installed"
     if backend == "torch":
         import torch
 
@@ -496,8 +499,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(benchmarks.OUT), help="folder for traced.json")
     args = ap.parse_args(argv)
-    import importlib.util
-
     backends = args.backends or [b for b in CASES if importlib.util.find_spec(b) is not None]
     missing = {b: why for b in backends if (why := unavailable(b, args.device))}
     for backend, why in missing.items():

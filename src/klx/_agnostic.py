@@ -126,7 +126,7 @@ class Normaliser(NamedTuple):
 
 
 class Normalisers(NamedTuple):
-    """Both sides' :class:`Normaliser` (``DivergenceCall.normalisers``)."""
+    """Both sides' :class:`Normaliser` (``DivergenceCall.logits_normalisers``)."""
 
     p: Normaliser
     q: Normaliser

@@ -103,7 +103,7 @@ class DivergenceCall(NamedTuple):
     #: (:func:`klx._agnostic.plain_normaliser`): set where the closed-form derivatives are
     #: taken inside torch.compile (:class:`klx._accel.torch_closed_form.FromLogitsRows`),
     #: None elsewhere (they are computed from the logits).
-    normalisers: Normalisers | None = None
+    logits_normalisers: Normalisers | None = None
 
     @property
     def kind(self) -> str:

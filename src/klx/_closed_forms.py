@@ -68,7 +68,7 @@ class _Sides(NamedTuple):
 
 def _sides(xp: ModuleType, call: DivergenceCall, t: Array, s: Array) -> _Sides:
     log_p, log_q, p_zero, q_zero, lp, lq = plain_logs(
-        xp, t, s, call.axis, call.temperature, call.normalisers
+        xp, t, s, call.axis, call.temperature, call.logits_normalisers
     )
     return _Sides(xp.exp(log_p), xp.exp(log_q), lp, lq, p_zero, q_zero, log_q, log_p)
 
@@ -162,7 +162,7 @@ def _mix_w_sides(
     (``p``, ``q`` and ``logaddexp``'s ``exp`` and ``log1p``). Finite wherever the logits
     are: ``p = 0`` exactly where P is 0 (``t = 0``), and the logs are finite there."""
     m = _mix_w_logs(
-        xp, plain_logs(xp, t, s, call.axis, call.temperature, call.normalisers), weight, both
+        xp, plain_logs(xp, t, s, call.axis, call.temperature, call.logits_normalisers), weight, both
     )
     small = m.hi * m.t
     p = xp.where(m.big_p, m.hi, small)
@@ -318,7 +318,7 @@ def tv_derivatives(
     """
     from klx._agnostic import LOG_FLOOR
 
-    w = plain_logs(xp, t, s, call.axis, call.temperature, call.normalisers)
+    w = plain_logs(xp, t, s, call.axis, call.temperature, call.logits_normalisers)
     d = xp.clip(w.log_p, min=LOG_FLOOR) - xp.clip(w.log_q, min=LOG_FLOOR)
     g = 0.5 * xp.clip(xp.clip(d * 2.0**100, min=-1.0), max=1.0)
     axis = call.axis

@@ -242,7 +242,7 @@ CLOSED_FORMS = divergence_cases({"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}}
     ":DeprecationWarning"
 )
 @pytest.mark.parametrize("kind", ["js", "skew_kl", "tv", "alpha", "renyi"])
-def test_compiled_transports_take_each_distributions_incoming_gradient(backend, kind):
+def test_compiled_transports_take_each_distributions_incoming_gradient(backend, kind, monkeypatch):
     """Inside torch.compile the derivatives that are transports run in the backward, from
     the forward's log-sum-exps and the logits made to depend on the incoming gradient
     (klx._accel.torch_closed_form._in_one_pass). Per distribution ('none'), with a
@@ -283,6 +283,20 @@ def test_compiled_transports_take_each_distributions_incoming_gradient(backend, 
             fd[i, j] = (rows_up[i] - rows_down[i]) / (2 * h)
         np.testing.assert_allclose(got[:2], incoming[:2, None] * fd[:2], rtol=1e-5, atol=1e-9)
         assert np.all(got[2] == np.sign(fd[2]) * np.inf), (kind, got[2], fd[2])
+    # That path served: made to read the student's logits off by 1, the gradient moves.
+    from klx._accel import torch_closed_form
+
+    one_pass = torch_closed_form._in_one_pass
+
+    def off_by_one(xp, call, tt, ss, scale):
+        call, tt, ss = one_pass(xp, call, tt, ss, scale)
+        return call, tt, ss + 1.0
+
+    monkeypatch.setattr(torch_closed_form, "_in_one_pass", off_by_one)
+    torch._dynamo.reset()
+    b2 = backend.asarray(s).requires_grad_(True)
+    torch.compile(f, fullgraph=True)(backend.asarray(t), b2).backward(torch.ones(3))
+    assert not np.allclose(b2.grad.numpy(), fd, rtol=1e-3)  # fd: the student's, above
 
 
 @pytest.mark.slow

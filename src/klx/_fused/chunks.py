@@ -82,9 +82,9 @@ class FusedSpec(NamedTuple):
         return -1
 
     @property
-    def normalisers(self) -> None:
+    def logits_normalisers(self) -> None:
         """None: a chunk's derivatives compute its log-sum-exps (as a call of a record's
-        ``logits_derivatives``, ``DivergenceCall.normalisers``)."""
+        ``logits_derivatives``, ``DivergenceCall.logits_normalisers``)."""
         return None
 
 
