@@ -1113,7 +1113,8 @@ def renyi_terms(
        distribution (0 where that is not finite): ``S = e^M sum exp(e - M)``, which serves
        where ``S`` is far from 1 (``1 - a (1 - a) A`` would cancel, or ``A`` overflow where
        ``S`` itself does not fit the dtype: ``q / p`` beyond ``e^(709 / (a - 1))``).
-    3. ``M``, broadcast along the distribution.
+    3. ``M``, of size 1 along the axis (its maximum there is itself; broadcast along the
+       distribution, XLA's CPU code wrote it out in full to take that maximum).
 
     ``p^a`` is 0 where P is 0 (``a > 0``); ``q^(1-a)`` is 0 where Q is 0 for ``a < 1`` and
     ``+inf`` for ``a > 1``. At ``alpha = 1`` only the first is used.
@@ -1147,7 +1148,7 @@ def renyi_terms(
     top = xp.max(e, axis=axis, keepdims=True)
     top = xp.where((top == math.inf) | (top == -math.inf), 0.0, top)
     shifted = _outside_and_nan(xp, xp.exp(e - top), wp, wq)
-    return gaps, shifted, xp.broadcast_to(top, shifted.shape)
+    return gaps, shifted, top
 
 
 def _renyi_logits_top(
@@ -1193,7 +1194,7 @@ def _renyi_logits_terms(
     shifted = xp.exp(e - top)
     if alpha >= 1.0:  # (below 1 a NaN log is a NaN e)
         shifted = xp.where((lp != lp) | (lq != lq), math.nan, shifted)
-    return gaps, shifted, xp.broadcast_to(top, shifted.shape)
+    return gaps, shifted, top
 
 
 def renyi_finish(

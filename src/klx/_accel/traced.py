@@ -57,7 +57,10 @@ def jax_rows(call: DivergenceCall) -> Any:
             return out, jnp.zeros_like(out)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, form), mask_rows(xp, s, k, form)
-        c_t, c_s = derivatives(xp, call, t, s, out, need_t=need_t, need_s=need_s)
+        # rows None: a derivative that reads the value computes what it needs of it, so
+        # that jax.grad does not compute the value (the compiler merges the two where
+        # jax.value_and_grad does)
+        c_t, c_s = derivatives(xp, call, t, s, None, need_t=need_t, need_s=need_s)
         parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
         tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
         tangent = tangent / temperature
