@@ -726,7 +726,10 @@ def _js_logits_terms(xp: ModuleType, logs: PlainLogs, beta: float) -> Array:
     m = _mix_w_logs(xp, logs, beta)
     near, series = _mix_w_near(xp, m, "js", beta)
     direct = -(m.ws * m.t * m.ls + (1.0 - m.ws) * m.lb)
-    return m.hi * xp.where(near, series, direct)
+    # (the select last: as hi * where(...), XLA's CPU code wrote out both factors for the
+    # sum's fusion; so, one array: jax.jit's JS value 0.77x -> 0.67x, skew KL's 1.62x ->
+    # 1.38x the formula's)
+    return xp.where(near, m.hi * series, m.hi * direct)
 
 
 def _mix_w_skew_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
@@ -742,7 +745,7 @@ def _mix_w_skew_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
     near, series = _mix_w_near(xp, m, "skew", alpha)
     c = (1.0 - alpha) * (1.0 - m.t)  # m - p over hi where P is the smaller, p - m where not
     direct = xp.where(m.big_p, -c - m.lb, c - m.t * m.ls)
-    return m.hi * xp.where(near, series, direct)
+    return xp.where(near, m.hi * series, m.hi * direct)
 
 
 def tv_terms(
