@@ -278,12 +278,33 @@ def mix_derivatives(
             back = (1.0 - lam) * (w.p - w.q)
             c_t = back if c_t is None else c_t + back
         if need_s:
-            kl = xp.sum(
-                xp.where(w.q_zero, 0.0, w.q * (w.lq - w.log_p)), axis=call.axis, keepdims=True
-            )
-            back = (1.0 - lam) * xp.where(w.q_zero, 0.0, w.q * (-d - kl))
+            back = (1.0 - lam) * _reverse_kl_transport(xp, call.axis, w, d)
             c_s = back if c_s is None else c_s + back
     return c_t, c_s
+
+
+def _reverse_kl_transport(xp: ModuleType, axis: int, w: _Sides, d: Array) -> Array:
+    """KL(Q || P)'s ``c_s = q (-d - KL(Q || P))``, 0 where Q is 0; ``-inf`` where Q is
+    positive on a row where P is 0 under Q (its KL is ``+inf``).
+
+    Two forms of it, each its tracer's best: torch's reads the safe logs (inductor
+    computes it beside the value, in its loops); the others' one ``g = log q - log p``
+    (``+inf`` where P is 0 under Q), which the sum and the product both read, capped at
+    the dtype's largest float in the product: reading the safe logs, XLA's CPU code wrote
+    each out in full (seven arrays of the 512 x 32000 gradient, now five; jax.grad
+    1.74x -> 1.49x the formula's), and torch.compile took 1.2x -> 1.3x (in the
+    backward) to 2x (in the forward) with this form.
+    """
+    from klx._backends import library
+
+    lib = library(w.q)
+    if lib is not None and lib.name == "torch":
+        kl = xp.sum(xp.where(w.q_zero, 0.0, w.q * (w.lq - w.log_p)), axis=axis, keepdims=True)
+        return xp.where(w.q_zero, 0.0, w.q * (-d - kl))
+    g = xp.where(w.q_zero, 0.0, w.log_q - w.log_p)
+    kl = xp.sum(w.q * g, axis=axis, keepdims=True)
+    big = float(xp.finfo(g.dtype).max)
+    return xp.where(w.q_zero, 0.0, w.q * (xp.clip(g, max=big) - kl))
 
 
 def cross_entropy_derivatives(

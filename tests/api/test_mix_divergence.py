@@ -194,6 +194,54 @@ def test_gradients_match_autodiff_of_the_formula(backend, lam):
         np.testing.assert_allclose(gt, w, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.backends("torch", "jax", reason="closed-form gradients, eager and traced")
+@pytest.mark.parametrize("lam", [0.3, 0.7])
+@pytest.mark.filterwarnings(  # torch's, from its compiled autograd.Function
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning"
+)
+def test_student_gradient_where_the_teacher_has_zeros(backend, lam):
+    """The student's gradient where the teacher's logits are ``-inf``: on a row where P is
+    0 under Q > 0 (KL(Q || P) is +inf) ``-inf`` wherever Q is positive; where both are 0
+    at the same entries, finite, autodiff of the textbook formula over the other entries
+    (float64), and 0 at those entries."""
+    import torch
+
+    rng = np.random.default_rng(8)
+    zp, zq = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    zp[1, ::3] = -np.inf  # P is 0 under Q > 0
+    zp[2, 1::2] = zq[2, 1::2] = -np.inf  # both 0
+    want = np.zeros_like(zq)
+    for row, keep in ((0, slice(None)), (2, slice(0, None, 2))):
+        a = torch.tensor(zp[row, keep])
+        b = torch.tensor(zq[row, keep], requires_grad=True)
+        _textbook(torch, torch.log_softmax(a, -1), torch.log_softmax(b, -1), lam).backward()
+        want[row, keep] = b.grad.numpy()
+    want[1] = -np.inf
+
+    def mine(a, b):
+        return klx.divergence(a, b, "mix", lam=lam, p_form="logits", q_form="logits").sum()
+
+    if backend.name == "torch":
+
+        def grad(f):
+            b = torch.tensor(zq, requires_grad=True)
+            f(torch.tensor(zp), b).backward()
+            return b.grad.numpy()
+
+        got = [grad(mine), grad(torch.compile(mine, fullgraph=True))]
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        args = (jnp.asarray(zp), jnp.asarray(zq))
+        g = jax.grad(mine, argnums=1)
+        got = [np.asarray(g(*args)), np.asarray(jax.jit(g)(*args))]
+    for g in got:
+        np.testing.assert_array_equal(g[1], want[1])
+        np.testing.assert_allclose(g[[0, 2]], want[[0, 2]], rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.backends("numpy", "torch", "jax", reason="fused_linear_divergence's own paths")
 @pytest.mark.parametrize("lam", [0.0, 0.5, 0.8])
 def test_fused_linear_value_and_gradients(backend, lam):
