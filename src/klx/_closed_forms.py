@@ -17,10 +17,10 @@ where ``g`` is D's derivative in the probabilities of that side (``w = p`` or ``
   p sum(...)``, ``c_s = -(1 - alpha) (q r - q sum(q r))``.
 
 Each takes the values ``rows`` where its caller has them at no cost (torch's autograd
-saves them) and None where it does not: JAX's rule passes None, so that ``jax.grad``
-computes no more of the value than a derivative reads (Rényi's ``S``, the alpha-divergence's
-infinite rows outside (0, 1)), and ``jax.value_and_grad``'s compiler merges that part with
-the value's own.
+saves them) and None where it does not: JAX's rule passes None (to these, not to a
+registered record's), so that ``jax.grad`` computes no more of the value than a
+derivative reads (Rényi's ``S``, the alpha-divergence's infinite rows outside (0, 1)), and
+``jax.value_and_grad``'s compiler merges that part with the value's own.
 
 ``p log p`` is read as 0 where ``p = 0`` (so is every term of a side whose weight is 0),
 and the logs of the mixture are ``logaddexp`` forms, finite wherever ``m > 0``. Autodiff

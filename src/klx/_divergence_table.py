@@ -121,9 +121,8 @@ class Divergence:
         'max' (Rényi's order infinity); one per array where `terms` gives several.
     logits_derivatives : callable, optional
         Its derivatives from logits in closed form, ``f(xp, call, t, s, rows, *, need_t,
-        need_s)`` (see :mod:`klx._closed_forms`; `rows` the values, or None where the
-        caller has not computed them); the closed-form accelerators serve only records
-        that have one.
+        need_s)`` (see :mod:`klx._closed_forms`); the closed-form accelerators serve
+        only records that have one.
     probs_derivatives : callable, optional
         The same between two probability arrays (the derivatives in the probabilities
         themselves), for the closed-form accelerators' probabilities rows.

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from klx._agnostic import divergence_rows, mask_rows
+from klx._divergence_table import BUILT_IN
 
 if TYPE_CHECKING:
     from klx._typing import DivergenceCall
@@ -40,6 +41,7 @@ def jax_rows(call: DivergenceCall) -> Any:
     derivatives = call.divergence.derivatives_from(call.p_form, call.q_form)
     assert derivatives is not None  # the row's closed_form gate refuses a record without
     form = call.p_form
+    own = call.divergence.name in BUILT_IN  # (a registered record cannot take their names)
 
     def value(t: Any, s: Any, k: Any) -> Any:
         return divergence_rows(xp, call, t, s, k if has_keep else None)
@@ -57,10 +59,10 @@ def jax_rows(call: DivergenceCall) -> Any:
             return out, jnp.zeros_like(out)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, form), mask_rows(xp, s, k, form)
-        # rows None: a derivative that reads the value computes what it needs of it, so
-        # that jax.grad does not compute the value (the compiler merges the two where
-        # jax.value_and_grad does)
-        c_t, c_s = derivatives(xp, call, t, s, None, need_t=need_t, need_s=need_s)
+        # klx's own closed forms take rows=None: one that reads the value computes what it
+        # needs of it, so that jax.grad does not compute the value (XLA merges the two
+        # where jax.value_and_grad computes both); a registered record's get the values
+        c_t, c_s = derivatives(xp, call, t, s, None if own else out, need_t=need_t, need_s=need_s)
         parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
         tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
         tangent = tangent / temperature
