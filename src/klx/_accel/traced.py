@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from klx._agnostic import divergence_rows, mask_rows
-from klx._divergence_table import BUILT_IN
+from klx._divergence_table import BUILT_IN, ENTROPY
 
 if TYPE_CHECKING:
     from klx._typing import DivergenceCall
@@ -41,7 +41,8 @@ def jax_rows(call: DivergenceCall) -> Any:
     derivatives = call.divergence.derivatives_from(call.p_form, call.q_form)
     assert derivatives is not None  # the row's closed_form gate refuses a record without
     form = call.p_form
-    own = call.divergence.name in BUILT_IN  # (a registered record cannot take their names)
+    # (a registered record cannot take these names)
+    own = call.divergence.name in (*BUILT_IN, ENTROPY.name)
 
     def value(t: Any, s: Any, k: Any) -> Any:
         return divergence_rows(xp, call, t, s, k if has_keep else None)
