@@ -726,9 +726,9 @@ def _js_logits_terms(xp: ModuleType, logs: PlainLogs, beta: float) -> Array:
     m = _mix_w_logs(xp, logs, beta)
     near, series = _mix_w_near(xp, m, "js", beta)
     direct = -(m.ws * m.t * m.ls + (1.0 - m.ws) * m.lb)
-    # (the select last: as hi * where(...), XLA's CPU code wrote out both factors for the
-    # sum's fusion; so, one array: jax.jit's JS value 0.77x -> 0.67x, skew KL's 1.62x ->
-    # 1.38x the formula's)
+    # (the select last: as hi * where(...), XLA's CPU code wrote both factors out for the
+    # sum's fusion; with the select last it writes one array; benchmarks/RESULTS.md, fifth
+    # round)
     return xp.where(near, m.hi * series, m.hi * direct)
 
 
@@ -749,10 +749,11 @@ def _mix_w_skew_terms(xp: ModuleType, logs: PlainLogs, alpha: float) -> Array:
 
     lib = library(m.hi)
     if lib is not None and lib.name == "torch":
-        # `hi` read once: read by both branches, inductor wrote it and one more array out
-        # (a torch.compile of the value 1.3x -> 2.3x the formula's, one thread)
+        # `hi` once, outside the select: with `hi` in both branches inductor wrote `hi`
+        # and one more array out (a torch.compile of the value 1.3x -> 2.3x the formula's,
+        # one thread)
         return m.hi * xp.where(near, series, direct)
-    # the select last (as :func:`_js_logits_terms`): jax.jit 1.62x -> 1.38x
+    # the select last, as :func:`_js_logits_terms` (benchmarks/RESULTS.md, fifth round)
     return xp.where(near, m.hi * series, m.hi * direct)
 
 
@@ -1124,8 +1125,8 @@ def renyi_terms(
        distribution (0 where that is not finite): ``S = e^M sum exp(e - M)``, which serves
        where ``S`` is far from 1 (``1 - a (1 - a) A`` would cancel, or ``A`` overflow where
        ``S`` itself does not fit the dtype: ``q / p`` beyond ``e^(709 / (a - 1))``).
-    3. ``M``, of size 1 along the axis (its maximum there is itself; broadcast along the
-       distribution, XLA's CPU code wrote it out in full to take that maximum).
+    3. ``M``, of size 1 along the axis (the record's maximum along the axis returns it
+       unchanged; broadcast, XLA's CPU code wrote it out in full before that maximum).
 
     ``p^a`` is 0 where P is 0 (``a > 0``); ``q^(1-a)`` is 0 where Q is 0 for ``a < 1`` and
     ``+inf`` for ``a > 1``. At ``alpha = 1`` only the first is used.

@@ -233,9 +233,10 @@ def skew_kl_derivatives(
         return _zeros(xp, w, need_t, need_s)  # type: ignore[return-value]
     if _MIDDLE <= weight <= 1.0 - _MIDDLE:
         m, p, q, u = _mix_w_sides(xp, call, t, s, weight, False)
-        # p / m = (p / hi) / (m / hi), m / hi = 1 + ws (t - 1) >= 1/16, each side's weight
-        # and p / hi written out (as a select of constants, XLA's CPU code wrote them out
-        # in full and read them back: jax.grad took 1.7x the formula's, now 1.05x)
+        # p / m = (p / hi) / (m / hi), m / hi = 1 + ws (t - 1) >= 1/16, with each side's
+        # weight a constant in its own branch (as a select of constants, and with the
+        # constant 1, XLA's CPU code wrote them out in full and read them back;
+        # benchmarks/RESULTS.md, fifth round)
         tm = m.t - 1.0
         rho = xp.where(m.big_p, 1.0 / ((1.0 - weight) * tm + 1.0), m.t / (weight * tm + 1.0))
         c_t = _mix_w_transport(xp, call.axis, p, 1.0 - u - weight * rho) if need_t else None
@@ -292,8 +293,8 @@ def _reverse_kl_transport(xp: ModuleType, axis: int, w: _Sides, d: Array) -> Arr
     (``+inf`` where P is 0 under Q), which the sum and the product both read, capped at
     the dtype's largest float in the product: reading the safe logs, XLA's CPU code wrote
     each out in full (seven arrays of the 512 x 32000 gradient, now five; jax.grad
-    1.74x -> 1.49x the formula's, CPU time in one process), and torch.compile took 1.2x
-    -> 1.3x (in the backward) to 2x (in the forward) with this form.
+    1.74x -> 1.42x the formula's, benchmarks/RESULTS.md, fifth round), and torch.compile
+    took 1.2x -> 1.3x (in the backward) to 2x (in the forward) with this form.
     """
     from klx._backends import library
 
@@ -512,7 +513,8 @@ def renyi_derivatives(
     ``dR = dS / (S (a - 1))``: the alpha-divergence's transports (:func:`alpha_derivatives`)
     times ``a / S``, ``S = e^(-b R)`` from the value (`rows`; a relative error, which no
     difference amplifies) or, where `rows` is None, from the value's own power sum
-    (:func:`_renyi_log_s`: without the alpha terms the value needs near ``S = 1``). Where
+    (:func:`_renyi_log_s`: without the alpha terms the value needs near ``S = 1``; at
+    order 1, the value itself). Where
     ``|b R| > 30`` (``1 / S`` could overflow, and ``P`` and the tilted ``p^a q^b / S`` are
     far apart: nothing cancels) the same as ``c_t = a (p - w) / b`` and ``c_s = q - w``
     with ``w = exp(a log p + b log q + b R)``. At ``a = 1``
@@ -557,9 +559,9 @@ def _renyi_log_s(xp: ModuleType, call: DivergenceCall, t: Array, s: Array, a: fl
     terms, summed as the value sums them: where the value is computed too (a
     ``jax.value_and_grad``), the compiler computes them once; where it is not (``jax.grad``),
     the value's alpha terms are not computed at all. A relative error of a few ulps in
-    ``S``, as ``e^(-b R)`` has. ``-inf`` where no ``e`` is finite below ``+inf`` (orders
-    below 1 without common support), ``+inf`` where one is ``+inf`` (orders above 1, Q 0
-    under P)."""
+    ``S``, as ``e^(-b R)`` has. ``-inf`` where every ``e`` is ``-inf`` (orders below 1
+    without common support; with no ``log(0)`` for autodiff to meet), ``+inf`` where one
+    is ``+inf`` (orders above 1, Q 0 under P)."""
     from klx._agnostic import renyi_terms
     from klx._backend_ops import sum_along
 

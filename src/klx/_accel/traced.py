@@ -61,8 +61,9 @@ def jax_rows(call: DivergenceCall) -> Any:
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, form), mask_rows(xp, s, k, form)
         # klx's own closed forms take rows=None: one that reads the value computes what it
-        # needs of it, so that jax.grad does not compute the value (XLA merges the two
-        # where jax.value_and_grad computes both); a registered record's get the values
+        # needs of it, so that jax.grad computes only that (all of it for the alpha-
+        # divergence outside (0, 1) and Rényi at order 1; XLA merges the two where
+        # jax.value_and_grad computes both); a registered record's get the values
         c_t, c_s = derivatives(xp, call, t, s, None if own else out, need_t=need_t, need_s=need_s)
         parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
         tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
