@@ -514,11 +514,10 @@ def renyi_derivatives(
     times ``a / S``, ``S = e^(-b R)`` from the value (`rows`; a relative error, which no
     difference amplifies) or, where `rows` is None, from the value's own power sum
     (:func:`_renyi_log_s`: without the alpha terms the value needs near ``S = 1``; at
-    order 1, the value itself). Where
-    ``|b R| > 30`` (``1 / S`` could overflow, and ``P`` and the tilted ``p^a q^b / S`` are
-    far apart: nothing cancels) the same as ``c_t = a (p - w) / b`` and ``c_s = q - w``
-    with ``w = exp(a log p + b log q + b R)``. At ``a = 1``
-    KL's ``p (d - KL)``; at ``a = 0``, 0 (``-log Q(P > 0)`` has no derivative). An
+    order 1, the value itself). Where ``|b R| > 30`` (``1 / S`` could overflow, and ``P``
+    and the tilted ``p^a q^b / S`` are far apart: nothing cancels) the same as ``c_t = a
+    (p - w) / b`` and ``c_s = q - w`` with ``w = exp(a log p + b log q + b R)``. At ``a =
+    1`` KL's ``p (d - KL)``; at ``a = 0``, 0 (``-log Q(P > 0)`` has no derivative). An
     infinite ``R`` (no common support, or Q 0 under P for orders ``>= 1``) has
     derivatives 0.
     """

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from klx._agnostic import divergence_rows, mask_rows
 from klx._divergence_table import BUILT_IN, ENTROPY
+from klx._namespace import is_concrete
 
 if TYPE_CHECKING:
     from klx._typing import DivergenceCall
@@ -60,11 +61,13 @@ def jax_rows(call: DivergenceCall) -> Any:
             return out, jnp.zeros_like(out)
         if has_keep:  # the definition's stand-in rows (their derivative is dropped below)
             t, s = mask_rows(xp, t, k, form), mask_rows(xp, s, k, form)
-        # klx's own closed forms take rows=None: one that reads the value computes what it
-        # needs of it, so that jax.grad computes only that (all of it for the alpha-
-        # divergence outside (0, 1) and Rényi at order 1; XLA merges the two where
-        # jax.value_and_grad computes both); a registered record's get the values
-        c_t, c_s = derivatives(xp, call, t, s, None if own else out, need_t=need_t, need_s=need_s)
+        # Traced (jax.jit), klx's own closed forms take rows=None: one that reads the value
+        # computes what it needs of it, so that jax.grad computes only that (all of it for
+        # the alpha-divergence outside (0, 1) and Rényi at order 1; XLA merges the two
+        # where jax.value_and_grad computes both). Eagerly the value is at hand (computed
+        # above, not to be computed twice); a registered record's always get it.
+        given = None if own and not is_concrete(out) else out
+        c_t, c_s = derivatives(xp, call, t, s, given, need_t=need_t, need_s=need_s)
         parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
         tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
         tangent = tangent / temperature
