@@ -231,8 +231,89 @@ def _closed_form_and_definition(backend, f, x, y, value_and_grads, traced):
     return got, want
 
 
+def _check_central_differences(reference_value, t, s, g_t, g_s, keep, h=1e-6):
+    """Each finite entry of the kept distributions of `g_t` and `g_s` (the derivatives in
+    `t` and `s`) against central differences of the float64 ``reference_value(t, s)``."""
+    for got, x, is_t in ((g_t, t, True), (g_s, s, False)):
+        for i, j in np.argwhere(np.isfinite(x) & keep[:, None]):
+            up, down = x.copy(), x.copy()
+            up[i, j] += h
+            down[i, j] -= h
+            args_up = (up, s) if is_t else (t, up)
+            args_down = (down, s) if is_t else (t, down)
+            fd = (reference_value(*args_up) - reference_value(*args_down)) / (2 * h)
+            np.testing.assert_allclose(got[i, j], fd, rtol=1e-5, atol=1e-9)
+
+
 #: The divergences whose records have a closed-form derivative from logits.
 CLOSED_FORMS = divergence_cases({"js": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}}, closed_form=True)
+
+
+@pytest.mark.parametrize("kind", [*CLOSED_FORMS, "registered"])
+@pytest.mark.backends("jax", reason="jax.jit of the closed-form rows")
+def test_jax_jit_drops_distributions_holding_nan_and_infinities(backend, kind):
+    """Inside jax.jit the closed-form row computes the value on the inputs as given: a
+    dropped distribution's value is discarded by a select, its derivative masked in the
+    rule (issue 24). Per distribution ('none'), one that `where` drops is 0 whatever it
+    holds (NaN, +inf and -inf logits), and so are its gradients, under any incoming
+    gradient; the kept ones match the float64 reference and central finite differences of
+    it. 'registered': a copy of the Rényi record under another name, whose derivatives
+    read the value (klx's own records recompute what they need of it)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from klx import _divergence_table
+
+    name = kind
+    if kind == "registered":
+        record = dataclasses.replace(
+            _divergence_table.lookup("renyi"), name="renyi_copy", aliases=(), public=""
+        )
+        klx.register_divergence(record)
+        name = "renyi"
+    fn, options, ref_rows = CLOSED_FORMS[name]
+    rng = np.random.default_rng(29)
+    t, s = 1.5 * rng.normal(size=(6, 5)), 1.5 * rng.normal(size=(6, 5))
+    t[1] = np.nan  # dropped distributions' garbage
+    t[2, 3], s[2] = np.inf, -np.inf
+    s[4], t[4] = np.nan, -np.inf
+    t[5, 1] = s[5, 1] = -np.inf  # (kept) a masked vocabulary entry in both
+    keep = np.array([True, False, False, True, False, True])
+    incoming = jnp.asarray([2.0, 1.0, -3.0, -0.5, 4.0, 1.5])
+    temperature = 1.3
+
+    def f(a, b):
+        common = {"p_form": "logits", "q_form": "logits", "temperature": temperature}
+        common |= {"where": jnp.asarray(keep), "reduction": "none", **options}
+        if kind == "registered":
+            return klx.divergence(a, b, "renyi_copy", **common)
+        return fn(a, b, **common)
+
+    def reference_rows(tt, ss):
+        p = np.exp(reference.log_softmax(tt[keep], -1, temperature))
+        q = np.exp(reference.log_softmax(ss[keep], -1, temperature))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return ref_rows(p, q)
+
+    try:
+        a, b = jnp.asarray(t), jnp.asarray(s)
+        assert klx.explain(f, a, b).chosen == "jax-closed-form"
+        rows = jax.jit(f)(a, b)
+        weighted = jax.grad(lambda x, y: jnp.sum(incoming * f(x, y)), argnums=(0, 1))
+        g_t, g_s = jax.jit(weighted)(a, b)
+    finally:
+        if kind == "registered":
+            _divergence_table.unregister("renyi_copy")
+    assert rows.dtype == jnp.float64 and rows.shape == (6,)
+    rows, g_t, g_s = np.asarray(rows), np.asarray(g_t), np.asarray(g_s)
+    np.testing.assert_array_equal(rows[~keep], 0.0)
+    np.testing.assert_allclose(rows[keep], reference_rows(t, s), rtol=1e-12)
+    assert np.all(g_t[~keep] == 0.0) and np.all(g_s[~keep] == 0.0), kind
+    assert np.all(np.isfinite(g_t)) and np.all(np.isfinite(g_s))
+    weights = np.asarray(incoming)[keep]
+    _check_central_differences(lambda a, b: reference_rows(a, b) @ weights, t, s, g_t, g_s, keep)
 
 
 @pytest.mark.slow
@@ -367,16 +448,7 @@ def test_closed_form_derivatives_match_finite_differences(backend, kind, traced)
     assert np.all(g_t[~keep_np] == 0) and np.all(g_s[~keep_np] == 0)
     if t[0, 4] == -np.inf:
         assert g_t[0, 4] == 0.0  # no mass of P there, in value and derivative
-    h = 1e-6
-    for got, x, is_t in ((g_t, t, True), (g_s, s, False)):
-        for i, j in np.argwhere(np.isfinite(x) & keep_np[:, None]):
-            up, down = x.copy(), x.copy()
-            up[i, j] += h
-            down[i, j] -= h
-            args_up = (up, s) if is_t else (t, up)
-            args_down = (down, s) if is_t else (t, down)
-            fd = (reference_value(*args_up) - reference_value(*args_down)) / (2 * h)
-            np.testing.assert_allclose(got[i, j], fd, rtol=1e-5, atol=1e-9)
+    _check_central_differences(reference_value, t, s, g_t, g_s, keep_np)
     if backend.name == "torch" and not traced:  # second order: autograd of the closed form
         import torch
 

@@ -46,7 +46,12 @@ def jax_rows(call: DivergenceCall) -> Any:
     own = call.divergence.name in (*BUILT_IN, ENTROPY.name)
 
     def value(t: Any, s: Any, k: Any) -> Any:
-        return divergence_rows(xp, call, t, s, k if has_keep else None)
+        # Traced, a dropped distribution needs no stand-in here: its value is discarded by
+        # a select (klx._agnostic.reduce_rows) and its derivative is the rule's, which
+        # takes the stand-ins and is masked. XLA's CPU code wrote the stand-ins' selects
+        # out in full before the maximum (see benchmarks/RESULTS.md, issue 24's sixth round).
+        stand_in = has_keep and is_concrete(t)
+        return divergence_rows(xp, call, t, s, k if stand_in else None)
 
     rows = jax.custom_jvp(value)  # (called, not as a decorator: typed where JAX is not)
 
@@ -66,7 +71,12 @@ def jax_rows(call: DivergenceCall) -> Any:
         # the alpha-divergence outside (0, 1) and Rényi at order 1; XLA merges the two
         # where jax.value_and_grad computes both). Eagerly the value is at hand (computed
         # above, not to be computed twice); a registered record's always get it.
-        given = None if own and not is_concrete(out) else out
+        traced = not is_concrete(out)
+        given = None if own and traced else out
+        if given is not None and has_keep and traced:
+            # The value above took no stand-ins (NaN where a dropped row holds garbage, and
+            # 0 * NaN in the transpose): a registered record's get the stand-ins' values.
+            given = divergence_rows(xp, call, t, s, None)
         c_t, c_s = derivatives(xp, call, t, s, given, need_t=need_t, need_s=need_s)
         parts = [c * d for c, d in ((c_t, dt), (c_s, ds)) if c is not None]
         tangent = jnp.sum(parts[0] if len(parts) == 1 else parts[0] + parts[1], axis=axis)
