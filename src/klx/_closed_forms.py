@@ -393,9 +393,10 @@ def entropy_derivatives(
         shifted = shifted / temperature
     e = xp.exp(shifted)
     z = xp.sum(e, axis=axis, keepdims=True)
-    floored = xp.clip(shifted, min=LOG_FLOOR)
-    mean = xp.sum(e * floored, axis=axis, keepdims=True) / z
-    c = (e / z) * (mean - floored)
+    mean = xp.sum(e * xp.clip(shifted, min=LOG_FLOOR), axis=axis, keepdims=True) / z
+    # The floor again, at twice the depth (every e > 0 has s above both): the same
+    # values, but not the same array, which XLA's CPU code wrote out to share it
+    c = (e / z) * (mean - xp.clip(shifted, min=2.0 * LOG_FLOOR))
     lib = library(c)
     first = None if (lib is not None and lib.name == "torch") or not need_t else xp.zeros_like(c)
     return first, (c if need_s else None)
