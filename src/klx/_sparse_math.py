@@ -267,8 +267,14 @@ def logsumexp(xp: ModuleType, x: Array) -> Array:
 
 
 def _finite_max(xp: ModuleType, x: Array) -> Array:
-    """The maximum over the last axis (kept), 0 where it is not finite."""
-    m = xp.max(x, axis=-1, keepdims=True)
+    """The maximum over the last axis (kept), 0 where it is not finite; a constant for
+    autodiff.
+
+    A shift of the logits, of which the log-softmax is free (the derivative through it
+    is ``sum(softmax) - 1 = 0``): autodiff through the maximum wrote an array marking
+    the maxima, 1/7 of jax.grad's time (issue 24, benchmarks/RESULTS.md).
+    """
+    m = stop_gradient(xp.max(x, axis=-1, keepdims=True))
     return xp.where(xp.isfinite(m), m, 0.0)
 
 
