@@ -166,16 +166,16 @@ def log1p_rest(xp: ModuleType, shifted: Array, axis: int, keepdims: bool = True)
     ``log1p`` of the mass besides one maximal entry, whose ties are counted exactly (the
     log-sum-exp of :func:`log_softmax` and of the sparse forms' full sides).
     """
-    # exp(s) - 1 (exactly 0, as s is exactly 0) at the maxima, exp(s) elsewhere: the
-    # gradient of the maximum then cancels whichever way a library splits it between ties.
-    # (exp(s) - 1 has every derivative of expm1(s), and at s = 0 its exact value: one
-    # exponential pass, not two.) The maxima are found by arithmetic, ``floor(max(s,
-    # -1/2)) + 1``: 1 there, 0 elsewhere (s < 0, -inf included), derivative 0; not by ``s
-    # == 0`` and a `where`: XLA's CPU code fuses a reduction with the arithmetic that
-    # feeds it, but writes a comparison's or a `where`'s array out first (and its `sign`
-    # runs slower than `exp`). The tie count is ``n - 1 + sum(floor(max(s, -1/4)))`` (the
-    # same maxima; exact in float32 up to n = 2^24): no array, not even a constant one,
-    # is shared between the two sums or with the caller's (XLA writes a shared one out).
+    # exp(s) - 1 (exactly 0, as s is exactly 0) at the maxima, exp(s) elsewhere: the derivative in
+    # `shifted` is exp(s) at every entry, ties included (the indicator's is 0), so the log-sum-exp's
+    # is the softmax; every caller shifts by a maximum held constant for autodiff. (exp(s) - 1 has
+    # every derivative of expm1(s), and at s = 0 its exact value: one exponential pass, not two.)
+    # The maxima are found by arithmetic, ``floor(max(s, -1/2)) + 1``: 1 there, 0 elsewhere (s < 0,
+    # -inf included), derivative 0; not by ``s == 0`` and a `where`: XLA's CPU code fuses a
+    # reduction with the arithmetic that feeds it, but writes a comparison's or a `where`'s array
+    # out first (and its `sign` runs slower than `exp`). The tie count is ``n - 1 + sum(floor(max(s,
+    # -1/4)))`` (the same maxima; exact in float32 up to n = 2^24): no array, not even a constant
+    # one, is shared between the two sums or with the caller's (XLA writes a shared one out).
     e = xp.exp(shifted)
     top = xp.floor(at_least(xp, shifted, -0.5)) + 1.0
     rest = sum_along(xp, e - top, axis, keepdims=keepdims)
