@@ -17,6 +17,7 @@ from scipy import special
 import klx
 from klx import _divergence_table
 from support.asserts import check_array
+from support.autodiff import value_and_grads
 
 
 def hellinger_terms(xp, p, q):
@@ -378,6 +379,25 @@ def test_float32_gradient_from_logits_to_rounding(registered, backend):
     want = q * (g - np.sum(q * g, -1, keepdims=True))
     err = np.max(np.abs(got - want)) / np.max(np.abs(want))
     assert err < 5e-7, err
+
+
+@pytest.mark.backends("torch", "jax", reason="autodiff of a registered divergence")
+def test_gradient_at_tied_maxima(registered, backend):
+    """Through klx's log-softmax, whose maximum is a constant for autodiff, logits tied
+    at their maximum (two, three, every one) get the analytic gradient, float64."""
+    zp = np.array(
+        [[0.3, -1.0, 2.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 1.0, 0.5, 1.0]]
+    )
+    zq = np.array([[2.0, 2.0, -1.0, 0.0, 2.0], [3.0, 3.0, 0.0, -2.0, 1.0], [0.7] * 5])
+    fn = registered["hellinger_sq"]
+
+    def total(b):
+        return fn(backend.asarray(zp), b, p_form="logits", q_form="logits", reduction="sum")
+
+    _, got = value_and_grads(backend, total, zq)
+    p, q = special.softmax(zp, -1), special.softmax(zq, -1)
+    g = 0.5 * (1.0 - np.sqrt(p / q))
+    np.testing.assert_allclose(got, q * (g - np.sum(q * g, -1, keepdims=True)), atol=1e-15)
 
 
 @pytest.mark.backends("jax", reason="jax.jit and jax.grad of a registered divergence")

@@ -374,6 +374,32 @@ def test_sparse_gradient_with_respect_to_student_logits(backend, tail, k):
         np.testing.assert_allclose(g[keep], dense[keep], atol=1e-12)
 
 
+@pytest.mark.parametrize("tail", [True, False], ids=["tail", "renormalised"])
+@pytest.mark.backends("torch", "jax", reason="gradients need autograd")
+def test_sparse_gradient_at_tied_maxima(backend, tail):
+    """The student's maximum is a constant for autodiff (the log-softmax does not depend
+    on the shift): where two or three logits tie at the maximum, the gradient is still
+    the closed form's, entry for entry (jax.jit and torch autograd, float64)."""
+    rng = np.random.default_rng(16)
+    temperature = 1.5
+    idx, lp, s, _ = top_k_case(rng, (3,), 8, 3, temperature)
+    top = s.max(-1)
+    s[0, [2, 5]] = top[0] + 1.0  # two maxima
+    s[1, [0, 3, 7]] = top[1] + 0.5  # three
+    s[2, :] = 0.25  # every logit a maximum
+    q = np.exp(log_softmax(s / temperature, axis=-1))
+    x_idx, x_lp = backend.asarray(idx), backend.asarray(lp)
+
+    def loss(z):
+        return klx.sparse_kl_divergence(
+            x_idx, x_lp, z, tail=tail, temperature=temperature, reduction="sum"
+        )
+
+    _, g = value_and_grads(backend, loss, s)
+    ref = _student_grad(idx, lp, q, tail, np.ones(3, dtype=bool), temperature)
+    np.testing.assert_allclose(g, ref, atol=1e-14)
+
+
 @pytest.mark.backends("jax", reason="jax.jit and jax.vmap")
 def test_sparse_jax_jit_vmap(backend):
     import jax
